@@ -1,0 +1,154 @@
+"""Run a network only as far as its deepest tap, applying a small "head" module to each tapped activation.
+
+Two routes give the same answer:
+
+* **FX** (preferred): the model is traced, every node after the deepest tap is pruned, and each head is inserted
+  *immediately* after its node. Running the head before any later in-place op (``ReLU(inplace=True)``,
+  ``out += identity``) means a tap sees exactly what the plain forward produced at that node.
+* **hooks** (fallback for untraceable models): forward hooks run the heads as modules finish, and the forward is
+  abandoned by an exception once the deepest tap has fired.
+
+Node naming follows torchvision's feature extraction: qualified module paths, with ``_1``, ``_2`` ... for the second and
+later calls of a reused module (ResNet's shared ``relu``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Mapping
+
+import torch
+from torch import fx, nn
+
+__all__ = ["fx_node_names", "tapped_fx", "TappedHooks", "hook_call_order", "describe_fx_nodes"]
+
+
+def _timm_fx():
+    # timm's wrappers know which timm modules must stay leaves during tracing; they work for torchvision models too.
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    return create_feature_extractor, get_graph_node_names
+
+
+def fx_node_names(model: nn.Module) -> list[str]:
+    """Eval-mode FX node names in forward order (raises if the model cannot be traced)."""
+    _, get_graph_node_names = _timm_fx()
+    _, names = get_graph_node_names(model)
+    return [n for n in names if n != "x"]
+
+
+def _op_label(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None]:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return type(module).__name__, module
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target)), None
+    return str(node.target), None
+
+
+def tapped_fx(model: nn.Module, heads: Mapping[str, nn.Module]) -> fx.GraphModule:
+    """A GraphModule returning ``{name: heads[name](activation at node name)}``, pruned after the deepest node."""
+    create_feature_extractor, _ = _timm_fx()
+    gm = create_feature_extractor(model, return_nodes={name: name for name in heads})
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    targets: dict[str, fx.Node] = dict(output.args[0])
+    new_outputs = {}
+    for i, (name, head) in enumerate(heads.items()):
+        node = targets[name]
+        attr = f"_cnncodes_head_{i}"
+        gm.add_submodule(attr, head)
+        with gm.graph.inserting_after(node):
+            new_outputs[name] = gm.graph.call_module(attr, (node,))
+    output.args = (new_outputs,)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def describe_fx_nodes(model: nn.Module, names: list[str]) -> dict[str, tuple[str, nn.Module | None]]:
+    """``{name: (op label, module or None)}`` for FX node names."""
+    create_feature_extractor, _ = _timm_fx()
+    gm = create_feature_extractor(model, return_nodes={name: name for name in names})
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return {name: _op_label(gm, node) for name, node in dict(output.args[0]).items()}
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook to skip the rest of the network."""
+
+
+def hook_call_order(model: nn.Module, x: torch.Tensor, fn: Callable[[str, nn.Module, object], None]) -> None:
+    """Run ``model(x)`` calling ``fn(tap_name, module, output)`` as every sub-module finishes, in completion order."""
+    counts: dict[str, int] = defaultdict(int)
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            k = counts[name]
+            counts[name] += 1
+            fn(name if k == 0 else f"{name}_{k}", module, output)
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class TappedHooks(nn.Module):
+    """Hook-based equivalent of :func:`tapped_fx` for models FX cannot trace.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network (hooks are attached only during :meth:`forward` and always removed).
+    heads : mapping of tap name to module
+        Tap names as produced by :func:`hook_call_order`.
+    order : list of str
+        All tap names in forward order; the last selected one is where the forward stops.
+    """
+
+    def __init__(self, model: nn.Module, heads: Mapping[str, nn.Module], order: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.heads = nn.ModuleDict({f"h{i}": h for i, h in enumerate(heads.values())})
+        self._keys = {name: f"h{i}" for i, name in enumerate(heads)}
+        self._last = max(heads, key=order.index)
+        modules = dict(model.named_modules())
+        # "layer1.0.relu_1" is the second call of module "layer1.0.relu"
+        self._bases = {name if name in modules else name.rsplit("_", 1)[0] for name in heads}
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        results: dict[str, object] = {}
+        counts: dict[str, int] = defaultdict(int)
+        handles = []
+
+        def make_hook(name: str):
+            def hook(module: nn.Module, args: object, output: object) -> None:
+                k = counts[name]
+                counts[name] += 1
+                tap = name if k == 0 else f"{name}_{k}"
+                if tap in self._keys:
+                    results[tap] = self.heads[self._keys[tap]](output)
+                    if tap == self._last:
+                        raise _StopForward
+
+            return hook
+
+        try:
+            for name, module in self.model.named_modules():
+                if name in self._bases:
+                    handles.append(module.register_forward_hook(make_hook(name)))
+            try:
+                self.model(x)
+            except _StopForward:
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+        return results

@@ -1,0 +1,140 @@
+"""The ``cnncodes`` command line. Thin by design: each command parses arguments and makes one library call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from . import __version__
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", help="model spec: efficientnet_lite0, resnet50[:WEIGHTS], timm:NAME")
+    else:
+        p.add_argument("--model", default="efficientnet_lite0", help="model spec (default: %(default)s)")
+    p.add_argument("--weights", metavar="PATH", help="local .pth/.safetensors state_dict instead of downloading")
+    p.add_argument("--input-size", type=int, metavar="N", help="input side in pixels (default: the model's)")
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .backbones import load_backbone
+    from .taps import list_taps
+
+    backbone = load_backbone(args.model, weights=args.weights, input_size=args.input_size)
+    catalogue = list_taps(backbone)
+    records = catalogue.to_records(args.pool.split(","), args.dtype)
+    if args.json:
+        print(json.dumps({"model": backbone.describe(), "mode": catalogue.mode, "taps": records}, indent=1))
+        return 0
+    pools = args.pool.split(",")
+    print(f"{backbone.spec} at {catalogue.input_size}px: {len(records)} taps ({catalogue.mode}); "
+          f"* = stage tap (--layers stages); relu = applied at extraction because the network did not rectify")  # fmt: skip
+    header = f"{'':1} {'#':>3}  {'name':<28} {'op':<18} {'post-act':<8} {'relu':<5} {'shape':<16}"
+    header += "".join(f" {('dims ' + p):>10}" for p in pools) + f" {'KiB/img':>8}"
+    print(header)
+    for r in records:
+        shape = "x".join(str(s) for s in r["shape"])
+        line = f"{'*' if r['stage_tap'] else '':1} {r['index']:>3}  {r['name']:<28} {r['op'][:18]:<18} "
+        line += f"{'yes' if r['post_activation'] else '-':<8} {'-' if r['rectified'] else 'relu':<5} {shape:<16}"
+        line += "".join(f" {r['dims'][p]:>10}" for p in pools)
+        line += f" {sum(r['bytes_per_image'].values()) / 1024:>8.1f}"
+        print(line)
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import extract
+
+    store = extract(
+        args.source,
+        out=args.out,
+        model=args.model,
+        layers=args.layers,
+        pool=args.pool,
+        weights=args.weights,
+        input_size=args.input_size,
+        relu=not args.no_relu,
+        dtype=args.dtype,
+        views=args.views,
+        seed=args.seed,
+        augment=args.augment,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        amp=not args.no_amp,
+        on_error=args.on_error,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"wrote {store.rows} rows x {len(store.arrays)} arrays to {store.path} ({len(store.errors)} images skipped)")
+    for err in store.errors[:20]:
+        print(f"  skipped {err['path']}: {err['reason']}")
+    if len(store.errors) > 20:
+        print(f"  ... {len(store.errors) - 20} more in {store.path / 'manifest.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnncodes", description="CNN codes + linear probes: which layer of a frozen CNN works best for your images?")
+    parser.add_argument("--version", action="version", version=f"cnncodes {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("layers", help="list the taps of a model in forward order")
+    _add_model_args(p, positional=True)
+    p.add_argument("--pool", default="avg,avg2", help="poolings to size (default: %(default)s)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_layers)
+
+    p = sub.add_parser("extract", help="extract CNN codes from images into a code store")
+    p.add_argument("source", help="ImageFolder dir, path,label CSV, unlabeled dir, or demo:digits")
+    _add_model_args(p)
+    p.add_argument("--layers", default="stages", help="tap names or stages|rectified|all|last:K (default: %(default)s)")
+    p.add_argument("--pool", default="avg", help="poolings: avg,max,avgK,maxK,none (default: %(default)s)")
+    p.add_argument("--out", required=True, help="store directory")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--no-relu", action="store_true", help="keep raw values at taps the network did not rectify")
+    p.add_argument("--views", type=int, default=0, metavar="K", help="augmented views per image (default: 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the augmented views")
+    p.add_argument("--augment", default="crop,flip", help="view augmentations: crop,flip,color (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:INDEX")
+    p.add_argument("--no-amp", action="store_true", help="run CUDA in float32")
+    p.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="bad images: record and skip, or stop")
+    p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_extract)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .backbones import BackboneError
+    from .sources import ImageDecodeError, SourceError
+    from .store import StoreError
+    from .taps import TapSelectionError
+
+    return (BackboneError, SourceError, StoreError, TapSelectionError, ImageDecodeError, ValueError, KeyError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cnncodes`` script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("\ncnncodes: interrupted. Work done so far is saved; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        print(f"cnncodes {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""`extract`: run a frozen backbone once over images and fill a code store.
+
+This is the one place that joins IO and compute: images come from :mod:`cnncodes.sources`, codes from
+:class:`~cnncodes.extractor.CodeExtractor`, and rows go to :class:`~cnncodes.store.StoreWriter` on a background thread
+so disk writes overlap the next forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .backbones import DEFAULT_MODEL, Backbone, load_backbone
+from .extractor import CodeExtractor
+from .pooling import Pooling
+from .preprocess import Preprocessing, parse_augment, plain_transform, render_views, view_transform
+from .sources import ImageDecodeError, ImageSource, open_source
+from .store import ArraySpec, CodeStore, StoreWriter, versions
+
+__all__ = ["extract", "resolve_device", "ImageViews"]
+
+_DTYPES = ("float16", "float32")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; validates ``cuda:i``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:INDEX.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here; use --device cpu (or auto).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
+    return dev
+
+
+class ImageViews(Dataset):
+    """Image ``i`` -> (views tensor (1+K, 3, S, S), image index, error reason or ``""``).
+
+    A bad image yields zeros and its reason instead of raising, so one file never kills a long run and rows stay
+    aligned with images.
+    """
+
+    def __init__(self, source: ImageSource, pre: Preprocessing, views: int, seed: int, augment: Sequence[str], start: int = 0) -> None:
+        self.source = source
+        self.pre = pre
+        self.views = views
+        self.seed = seed
+        self.augment = tuple(augment)
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.source) - self.start
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        index = self.start + i
+        if not hasattr(self, "_plain"):  # built lazily so worker processes build their own
+            self._plain = plain_transform(self.pre)
+            self._aug = view_transform(self.pre, self.augment) if self.views else None
+        try:
+            image = self.source.load(index)
+            return render_views(image, index, self.views, self.seed, self._plain, self._aug), index, ""
+        except ImageDecodeError as exc:
+            size = self.pre.input_size
+            return torch.zeros(self.views + 1, 3, size, size), index, exc.reason
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not fight the forward pass for cores
+
+
+def _default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type == "cuda" else min(4, max(0, cores // 2))
+
+
+def extract(
+    source: Any,
+    *,
+    out: str | os.PathLike,
+    model: str | nn.Module | Backbone = DEFAULT_MODEL,
+    layers: str | Iterable[str] = "stages",
+    pool: str | Sequence[str | Pooling] = "avg",
+    weights: str | os.PathLike | None = None,
+    preprocessing: Preprocessing | None = None,
+    input_size: int | None = None,
+    relu: bool = True,
+    dtype: str = "float16",
+    views: int = 0,
+    seed: int = 0,
+    augment: str | Sequence[str] = "crop,flip",
+    labels: Any = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    amp: bool = True,
+    on_error: str = "skip",
+    max_pixels: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CodeStore:
+    """Extract CNN codes from images into a memory-mapped code store.
+
+    One forward pass per batch serves every requested tap and pooling, and the network stops after the deepest tap.
+    Rerunning the same call after a crash resumes from the last committed batch; the finished store is identical to
+    one from an uninterrupted run.
+
+    Parameters
+    ----------
+    source : str, path, ndarray, Dataset or ImageSource
+        An ImageFolder directory, a ``path,label`` CSV, an unlabeled folder, uint8 images (N, H, W[, 3]), a torch
+        Dataset, or ``"demo:digits"``.
+    out : path
+        Store directory.
+    model : str, nn.Module or Backbone, default="efficientnet_lite0"
+        Model spec (see :func:`cnncodes.load_backbone`).
+    layers : str or list of str, default="stages"
+        Taps: names, ``stages``, ``rectified``, ``all``, ``last:K``.
+    pool : str or list, default="avg"
+        Poolings, e.g. ``"avg,avg4"``.
+    weights, preprocessing, input_size
+        Passed to :func:`cnncodes.load_backbone`.
+    relu : bool, default=True
+        Rectify taps the network did not rectify itself (recorded per array); ``False`` keeps raw values.
+    dtype : {"float16", "float32"}, default="float16"
+    views : int, default=0
+        Augmented views per image stored after the plain view.
+    seed : int, default=0
+        Seed of the augmented views; a view's pixels depend only on (seed, image, view).
+    augment : str or list, default="crop,flip"
+        Augmentations combined in a view: ``crop`` (random resized crop), ``flip``, ``color``.
+    labels : array-like, optional
+        Labels for an array source.
+    batch_size : int, default=64
+        Images per forward pass (with views: rows per pass, rounded down to whole images).
+    workers : int, optional
+        DataLoader decoding processes; default depends on the device and core count.
+    device : str, default="auto"
+        ``auto``, ``cpu``, ``cuda``, ``cuda:1``.
+    amp : bool, default=True
+        On CUDA, run the network in bfloat16 (float16 where bf16 is unsupported); codes are pooled in float32.
+    on_error : {"skip", "raise"}, default="skip"
+        Bad images are recorded in the manifest's ``errors`` and left out, or stop the run naming the file.
+    max_pixels : int, optional
+        Reject larger images as decompression bombs (default: Pillow's limit).
+    overwrite : bool, default=False
+        Replace a store made with other settings.
+    progress : bool, default=True
+        Show a progress bar with images/s and ETA.
+
+    Returns
+    -------
+    CodeStore
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}; use one of {_DTYPES}.")
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error={on_error!r}; use 'skip' (record and continue) or 'raise'.")
+    if batch_size < 1 or views < 0:
+        raise ValueError(f"need batch_size >= 1 and views >= 0, got batch_size={batch_size}, views={views}.")
+    augment = parse_augment(augment)
+    dev = resolve_device(device)
+    images = open_source(source, labels=labels, max_pixels=max_pixels)
+    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights=weights, preprocessing=preprocessing, input_size=input_size)
+    extractor = CodeExtractor(backbone, layers, pool, relu=relu)
+
+    specs = [
+        ArraySpec(t.name, p.name, t.code_dims(p), dtype, rectified=relu or t.rectified, relu_applied=extractor.relu_applied[t.name])
+        for t in extractor.taps
+        for p in extractor.poolings
+    ]
+    config = {
+        "model": backbone.describe(),
+        "arrays": [[s.tap, s.pooling, s.dtype, s.relu_applied] for s in specs],
+        "views": views,
+        "seed": seed if views else None,
+        "augment": list(augment) if views else None,
+        "source": images.description,
+        "n_images": len(images),
+    }
+    info = {
+        "model": backbone.describe(),
+        "tap_mode": extractor.catalogue.mode,
+        "seed": seed,
+        "augment": list(augment),
+        "batch_size": batch_size,
+        "versions": versions(),
+    }
+    writer = StoreWriter(
+        out, arrays=specs, sources=images.ids, labels=images.labels, classes=images.classes, views=views,
+        config=config, info=info, overwrite=overwrite,
+    )  # fmt: skip
+    try:
+        if writer.already_complete:
+            return CodeStore(out)
+        _run(extractor, images, writer, backbone.preprocessing, specs, dev, views, seed, augment, batch_size, workers, amp, on_error, progress)
+        return writer.finalize()
+    finally:
+        writer.close()
+
+
+def _run(
+    extractor: CodeExtractor,
+    images: ImageSource,
+    writer: StoreWriter,
+    pre: Preprocessing,
+    specs: list[ArraySpec],
+    dev: torch.device,
+    views: int,
+    seed: int,
+    augment: Sequence[str],
+    batch_size: int,
+    workers: int | None,
+    amp: bool,
+    on_error: str,
+    progress: bool,
+) -> None:
+    per_image = views + 1
+    start_image = writer.rows_done // per_image
+    if start_image >= len(images):
+        return
+    images_per_batch = max(1, batch_size // per_image)
+    cuda = dev.type == "cuda"
+    loader = DataLoader(
+        ImageViews(images, pre, views, seed, augment, start=start_image),
+        batch_size=images_per_batch,
+        shuffle=False,
+        num_workers=_default_workers(dev) if workers is None else workers,
+        pin_memory=cuda,
+        worker_init_fn=_worker_init,
+    )
+    net = extractor.to(dev, memory_format=torch.channels_last)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if cuda and amp
+        else nullcontext()
+    )
+    store_dtype = getattr(torch, specs[0].dtype)
+    pending: deque[Future] = deque()
+    bar = tqdm(total=writer.rows_total, initial=writer.rows_done, unit="img", unit_scale=True, disable=not progress, desc="extract", dynamic_ncols=True)
+    row = writer.rows_done
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-writer") as pool, torch.inference_mode():
+        try:
+            for batch, index, reasons in loader:
+                errors = [
+                    {"path": images.ids[int(i)], "reason": r, "image": int(i)} for i, r in zip(index, reasons) if r
+                ]
+                if errors and on_error == "raise":
+                    raise ImageDecodeError(errors[0]["path"], errors[0]["reason"])
+                x = batch.flatten(0, 1).to(dev, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    codes = net(x)
+                host = {s.file: codes[s.tap][s.pooling].to(store_dtype).to("cpu", non_blocking=cuda) for s in specs}
+                if cuda:
+                    torch.cuda.current_stream().synchronize()
+                n = x.shape[0]
+                pending.append(pool.submit(_write, writer, row, host, row + n, errors))
+                row += n
+                while len(pending) > 2:  # bound host memory; surfaces writer errors early
+                    pending.popleft().result()
+                bar.update(n)
+        finally:
+            # Commit everything computed so far, even when interrupted: nothing done is lost.
+            while pending:
+                pending.popleft().result()
+            bar.close()
+
+
+def _write(writer: StoreWriter, start: int, host: dict[str, torch.Tensor], end: int, errors: list[dict[str, Any]]) -> None:
+    writer.write(start, {k: v.numpy() for k, v in host.items()})
+    writer.commit(end, errors)

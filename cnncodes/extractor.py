@@ -1,0 +1,96 @@
+"""CodeExtractor: a tensor-in, codes-out module. One forward serves every tap and pooling; nothing touches the disk."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _graph
+from .backbones import Backbone
+from .pooling import Pooling, parse_poolings
+from .taps import TapCatalogue, TapInfo, list_taps
+
+__all__ = ["CodeExtractor", "TapHead"]
+
+
+class TapHead(nn.Module):
+    """Rectify (optionally) and pool one activation into ``{pooling name: (B, D) float32}``."""
+
+    def __init__(self, poolings: Sequence[Pooling], relu: bool) -> None:
+        super().__init__()
+        self.poolings = list(poolings)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.dtype in (torch.float16, torch.bfloat16):  # pool AMP activations in float32
+            x = x.float()
+        if self.relu:
+            x = F.relu(x)  # never in place: the network may still need the raw tensor
+        out = {}
+        for p in self.poolings:
+            code = p(x).float()
+            # `none` and vector taps can be views of the network's tensor; a later in-place op would change them.
+            out[p.name] = code.clone() if code.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else code
+        return out
+
+
+class CodeExtractor(nn.Module):
+    """Compute CNN codes for a batch of preprocessed images.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    taps : str or iterable of str
+        A selection understood by :meth:`TapCatalogue.select` (``"stages"``, names, ``"last:2"``...).
+    poolings : str or sequence
+        E.g. ``"avg,avg4"``.
+    relu : bool, default=True
+        Rectify taps the network did not rectify itself; ``False`` keeps raw values.
+    catalogue : TapCatalogue, optional
+        Reuse an existing catalogue (it fixes the input size and the fx/hooks mode).
+
+    Attributes
+    ----------
+    taps : list of TapInfo
+        Selected taps in forward order.
+    poolings : list of Pooling
+    relu_applied : dict of str to bool
+        Per tap: whether a ReLU is applied on top of the network's output.
+
+    Examples
+    --------
+    >>> codes = CodeExtractor(backbone, "stages", "avg")(images)  # doctest: +SKIP
+    >>> codes["blocks.5.0.bn1"]["avg"].shape  # doctest: +SKIP
+    torch.Size([8, 672])
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        taps: str | Iterable[str] = "stages",
+        poolings: str | Sequence[str | Pooling] = "avg",
+        relu: bool = True,
+        catalogue: TapCatalogue | None = None,
+    ) -> None:
+        super().__init__()
+        self.catalogue = catalogue or list_taps(backbone)
+        self.taps: list[TapInfo] = self.catalogue.select(taps)
+        self.poolings = parse_poolings(poolings)
+        self.relu_applied = {t.name: bool(relu and not t.rectified) for t in self.taps}
+        heads = {t.name: TapHead(self.poolings, self.relu_applied[t.name]) for t in self.taps}
+        if self.catalogue.mode == "fx":
+            self.net: nn.Module = _graph.tapped_fx(backbone.model, heads)
+        else:
+            self.net = _graph.TappedHooks(backbone.model, heads, self.catalogue.names)
+        self.net.eval()
+
+    def forward(self, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """``{tap: {pooling: (B, D) float32 tensor}}`` on the images' device."""
+        return self.net(images)
+
+    def code_dims(self) -> dict[tuple[str, str], int]:
+        """``{(tap, pooling): D}`` in output order."""
+        return {(t.name, p.name): t.code_dims(p) for t in self.taps for p in self.poolings}

@@ -1,0 +1,171 @@
+"""Image preprocessing: the plain view and the seeded augmentation views.
+
+A :class:`Preprocessing` travels with every backbone, lands in every store manifest and every probe bundle, so a code
+is always reproducible from the description alone. Augmented views are seeded per ``(seed, image, view)`` so their
+pixels never depend on batch size, worker count or the point a run was resumed from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+__all__ = ["Preprocessing", "AUGMENTATIONS", "plain_transform", "view_transform", "view_seed"]
+
+_INTERPOLATIONS = {
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+    "nearest": v2.InterpolationMode.NEAREST,
+    "lanczos": v2.InterpolationMode.LANCZOS,
+}
+
+#: Augmentations a view may combine (``--augment crop,flip``).
+AUGMENTATIONS = ("crop", "flip", "color")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes a normalized tensor for a backbone.
+
+    Parameters
+    ----------
+    input_size : int
+        Side of the square crop fed to the network.
+    resize_size : int
+        The shorter image side is resized to this before the center crop (``resize_size >= input_size``).
+    mean, std : tuple of 3 floats
+        Per-channel normalization applied to pixels scaled to [0, 1].
+    interpolation : {"bilinear", "bicubic", "nearest", "lanczos"}
+        Resampling filter used by resize and random-resized-crop.
+
+    Examples
+    --------
+    >>> Preprocessing(input_size=224, resize_size=256, mean=(0.5,) * 3, std=(0.5,) * 3).with_input_size(96).resize_size
+    110
+    """
+
+    input_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation={self.interpolation!r} is not supported; use one of {sorted(_INTERPOLATIONS)}."
+            )
+        if self.input_size < 8 or self.resize_size < self.input_size:
+            raise ValueError(
+                f"need 8 <= input_size <= resize_size, got input_size={self.input_size}, "
+                f"resize_size={self.resize_size}."
+            )
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise ValueError(f"{name} must have 3 values (R, G, B), got {value!r}.")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    def with_input_size(self, input_size: int | None) -> "Preprocessing":
+        """Same preprocessing at another input size, keeping the resize/crop ratio."""
+        if input_size is None or input_size == self.input_size:
+            return self
+        ratio = self.resize_size / self.input_size
+        return Preprocessing(
+            input_size=int(input_size),
+            resize_size=int(math.floor(input_size * ratio)),
+            mean=self.mean,
+            std=self.std,
+            interpolation=self.interpolation,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (used in manifests and bundles)."""
+        out = asdict(self)
+        out.pop("extra")
+        out["mean"] = list(self.mean)
+        out["std"] = list(self.std)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            input_size=int(data["input_size"]),
+            resize_size=int(data["resize_size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            interpolation=str(data["interpolation"]),
+        )
+
+
+def _to_normalized(pre: Preprocessing) -> list[v2.Transform]:
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+
+
+def plain_transform(pre: Preprocessing) -> v2.Compose:
+    """Resize the shorter side, center-crop, scale and normalize: the un-augmented view."""
+    interp = _INTERPOLATIONS[pre.interpolation]
+    return v2.Compose(
+        [v2.Resize(pre.resize_size, interpolation=interp, antialias=True), v2.CenterCrop(pre.input_size)]
+        + _to_normalized(pre)
+    )
+
+
+def parse_augment(augment: str | Sequence[str]) -> tuple[str, ...]:
+    """Validate an augmentation list such as ``"crop,flip"``."""
+    names = tuple(a.strip() for a in (augment.split(",") if isinstance(augment, str) else augment) if a.strip())
+    unknown = [a for a in names if a not in AUGMENTATIONS]
+    if unknown or not names:
+        raise ValueError(
+            f"augment={augment!r}: unknown or empty augmentation {unknown}; combine any of {list(AUGMENTATIONS)}, "
+            "for example --augment crop,flip."
+        )
+    return names
+
+
+def view_transform(pre: Preprocessing, augment: str | Sequence[str] = ("crop", "flip")) -> v2.Compose:
+    """The random transform of an augmented view; seed it with :func:`view_seed` for reproducible pixels."""
+    names = parse_augment(augment)
+    interp = _INTERPOLATIONS[pre.interpolation]
+    steps: list[v2.Transform] = []
+    if "crop" in names:
+        steps.append(v2.RandomResizedCrop(pre.input_size, scale=(0.25, 1.0), interpolation=interp, antialias=True))
+    else:
+        steps += [v2.Resize(pre.resize_size, interpolation=interp, antialias=True), v2.CenterCrop(pre.input_size)]
+    if "flip" in names:
+        steps.append(v2.RandomHorizontalFlip())
+    if "color" in names:
+        steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3))
+    return v2.Compose(steps + _to_normalized(pre))
+
+
+def view_seed(seed: int, image_index: int, view: int) -> int:
+    """A 63-bit seed that depends only on ``(seed, image_index, view)``."""
+    state = np.random.SeedSequence([int(seed), int(image_index), int(view)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def render_views(
+    image: Image.Image,
+    image_index: int,
+    n_views: int,
+    seed: int,
+    plain: v2.Compose,
+    augmented: v2.Compose | None,
+) -> torch.Tensor:
+    """Stack the plain view and ``n_views`` seeded augmented views of one image: tensor (1 + n_views, 3, S, S)."""
+    views = [plain(image)]
+    for view in range(1, n_views + 1):
+        # fork_rng keeps the global generator untouched, so user code and other views are unaffected.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(view_seed(seed, image_index, view))
+            views.append(augmented(image))  # type: ignore[misc]
+    return torch.stack(views)

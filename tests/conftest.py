@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny networks and tiny seeded images, so the suite runs in minutes on two CPU cores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cnncodes import Preprocessing, load_backbone
+
+
+class TinyNet(nn.Module):
+    """A small CNN with the traps real networks have: in-place ReLUs, one ReLU module reused, a residual `+=`."""
+
+    def __init__(self, width: int = 8, delay: float = 0.0) -> None:
+        super().__init__()
+        self.delay = delay
+        self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv_a = nn.Conv2d(width, width, 3, padding=1)
+        self.conv_b = nn.Conv2d(width, width, 3, padding=1)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(2 * width, 5)
+        with torch.no_grad():  # non-trivial BN statistics so pre-activation values are clearly signed
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delay:
+            import time
+
+            time.sleep(self.delay)
+        x = self.relu(self.bn(self.stem(x)))
+        y = self.conv_b(self.relu(self.conv_a(x)))
+        y += x
+        y = self.relu(y)
+        z = self.act(self.down(y))
+        return self.head(z.mean((2, 3)))
+
+
+TINY_PRE = Preprocessing(input_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def make_tiny_backbone(delay: float = 0.0):
+    torch.manual_seed(0)
+    return load_backbone(TinyNet(delay=delay), preprocessing=TINY_PRE)
+
+
+@pytest.fixture
+def tiny_backbone():
+    return make_tiny_backbone()
+
+
+def make_images(n: int = 24, size: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    base = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    base[..., labels % 3] //= 4  # a learnable colour cue per class
+    return base, labels
+
+
+@pytest.fixture
+def tiny_images():
+    return make_images()
