@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -13,9 +15,8 @@ from cnncodes import Preprocessing, load_backbone
 class TinyNet(nn.Module):
     """A small CNN with the traps real networks have: in-place ReLUs, one ReLU module reused, a residual `+=`."""
 
-    def __init__(self, width: int = 8, delay: float = 0.0) -> None:
+    def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.delay = delay
         self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
@@ -29,10 +30,6 @@ class TinyNet(nn.Module):
             self.bn.running_var.uniform_(0.5, 2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.delay:
-            import time
-
-            time.sleep(self.delay)
         x = self.relu(self.bn(self.stem(x)))
         y = self.conv_b(self.relu(self.conv_a(x)))
         y += x
@@ -45,8 +42,12 @@ TINY_PRE = Preprocessing(input_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), st
 
 
 def make_tiny_backbone(delay: float = 0.0):
+    """The tiny backbone; ``delay`` seconds of sleep per forward make a run slow enough to interrupt."""
     torch.manual_seed(0)
-    return load_backbone(TinyNet(delay=delay), preprocessing=TINY_PRE)
+    backbone = load_backbone(TinyNet(), preprocessing=TINY_PRE)
+    if delay:  # a hook, not code in forward: FX tracing would drop a sleep
+        backbone.model.stem.register_forward_pre_hook(lambda module, args: time.sleep(delay))
+    return backbone
 
 
 @pytest.fixture
