@@ -19,9 +19,10 @@ import math
 import os
 import re
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -264,7 +265,8 @@ def _torchvision(name: str, weights_name: str | None, weights_path: str | os.Pat
             interpolation=t.interpolation.value,
         )
         return model, pre, weights.name
-    model = torchvision.models.get_model(name, weights=None)
+    with _seeded_init():
+        model = torchvision.models.get_model(name, weights=None)
     label = "none"
     if weights_path is not None:
         _load_into(model, read_state_dict(weights_path), repr(str(weights_path)))
@@ -282,7 +284,8 @@ def _timm(name: str, weights_name: str | None, weights_path: str | os.PathLike |
     if pretrained:
         _check_timm_download(name)
     try:
-        model = timm.create_model(name, pretrained=pretrained)
+        with _seeded_init():
+            model = timm.create_model(name, pretrained=pretrained)
     except RuntimeError as exc:
         raise BackboneError(f"timm could not build {name!r} with pretrained={pretrained}: {exc}") from exc
     label = "pretrained" if pretrained else "none"
@@ -326,6 +329,14 @@ def _check_timm_download(name: str) -> None:
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
         if not os.path.exists(cache):
             _fail_if_unreachable(cfg.url, cache, f"timm weights {name!r}")
+
+
+@contextmanager
+def _seeded_init() -> Iterator[None]:
+    """Random initialisation with a fixed seed: ``resnet50:none`` is the same network (and fingerprint) every run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
 
 
 def _parse_spec(spec: str) -> tuple[str, str, str | None]:

@@ -10,8 +10,9 @@ A store is a directory::
 
 Rows are images x views: row ``r`` is view ``r % (views + 1)`` of image ``r // (views + 1)``; view 0 is the plain view.
 
-Crash safety: arrays are preallocated with :func:`numpy.lib.format.open_memmap` under ``.partial/`` and filled in place.
-After each batch the mapped pages are flushed and ``progress.json`` is replaced atomically, so a restart continues from
+Crash safety: arrays are preallocated with :func:`numpy.lib.format.open_memmap` under ``.partial/`` and filled in place
+with positioned writes (not through a mapping, so written pages never count towards the writer's resident memory).
+After each batch the files are fsync'ed and ``progress.json`` is replaced atomically, so a restart continues from
 the last committed batch. Final array names appear only when the store is complete, and ``manifest.json`` says
 ``"complete": true`` only after they all exist, so an incomplete store cannot be mistaken for a complete one.
 Images that failed to decode are dropped at the end (their rows compacted away) and listed in ``errors``.
@@ -283,7 +284,7 @@ class StoreWriter:
         self.config = json.loads(json.dumps(config))  # normalize tuples etc. for comparison
         self.info = info
         self._partial = self.path / PARTIAL
-        self._maps: dict[str, np.memmap] = {}
+        self._files: dict[str, _RowFile] = {}
         self.errors: list[dict[str, Any]] = []
         self.rows_done = 0
         self.already_complete = False
@@ -342,9 +343,11 @@ class StoreWriter:
         shutil.rmtree(self._partial, ignore_errors=True)
         self._partial.mkdir()
         for spec in self.arrays:
-            self._maps[spec.file] = np.lib.format.open_memmap(
+            mm = np.lib.format.open_memmap(
                 self._partial / spec.file, mode="w+", dtype=np.dtype(spec.dtype), shape=(self.rows_total, spec.dims)
             )
+            del mm  # only the preallocated file and its header are needed
+            self._files[spec.file] = _RowFile(self._partial / spec.file)
         _atomic_json(self._partial / PROGRESS, {"rows_done": 0, "errors": []})
         _atomic_json(self.path / MANIFEST, self._manifest(complete=False))
 
@@ -359,18 +362,18 @@ class StoreWriter:
             file = self._partial / spec.file
             if self.rows_done >= self.rows_total and not file.exists():
                 continue  # finalize already moved it
-            self._maps[spec.file] = np.lib.format.open_memmap(file, mode="r+")
+            self._files[spec.file] = _RowFile(file)
 
     # -- writing ----------------------------------------------------------------------------------------------------
     def write(self, start: int, codes: dict[str, np.ndarray]) -> None:
         """Write rows ``start : start + n`` of each array (keyed by :attr:`ArraySpec.file`)."""
         for file, block in codes.items():
-            self._maps[file][start : start + len(block)] = block
+            self._files[file].write_rows(start, block)
 
     def commit(self, rows_done: int, errors: Sequence[dict[str, Any]] = ()) -> None:
         """Make rows ``[0, rows_done)`` durable, then record them as done."""
-        for mm in self._maps.values():
-            mm.flush()
+        for f in self._files.values():
+            f.sync()
         self.errors.extend(errors)
         self.rows_done = rows_done
         _atomic_json(self._partial / PROGRESS, {"rows_done": rows_done, "errors": self.errors})
@@ -384,23 +387,23 @@ class StoreWriter:
         keep_rows = np.repeat(keep_images, self.views + 1)
         for spec in self.arrays:
             partial, final = self._partial / spec.file, self.path / spec.file
-            mm = self._maps.pop(spec.file, None)
-            if mm is None:  # published by an earlier, interrupted finalize
+            rows = self._files.pop(spec.file, None)
+            if rows is None:  # published by an earlier, interrupted finalize
                 continue
-            mm.flush()
+            rows.close()
             if keep_rows.all():
-                del mm
                 os.replace(partial, final)
                 continue
             tmp = final.with_name(final.name + ".tmp")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=mm.dtype, shape=(int(keep_rows.sum()), spec.dims))
+            src = np.load(partial, mmap_mode="r", allow_pickle=False)
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(int(keep_rows.sum()), spec.dims))
             pos = 0
             for lo in range(0, self.rows_total, _COPY_CHUNK_ROWS):
-                block = mm[lo : lo + _COPY_CHUNK_ROWS][keep_rows[lo : lo + _COPY_CHUNK_ROWS]]
+                block = src[lo : lo + _COPY_CHUNK_ROWS][keep_rows[lo : lo + _COPY_CHUNK_ROWS]]
                 out[pos : pos + len(block)] = block
                 pos += len(block)
             out.flush()
-            del out, mm
+            del out, src
             os.replace(tmp, final)
             partial.unlink()
         labels = np.repeat(self.image_labels[keep_images], self.views + 1)
@@ -414,9 +417,9 @@ class StoreWriter:
 
     def close(self) -> None:
         """Flush what is mapped and release the lock (the store stays resumable)."""
-        for mm in self._maps.values():
-            mm.flush()
-        self._maps.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
         if self._lock_file is not None:
             self._lock_file.close()  # closing the descriptor releases the flock
             self._lock_file = None
@@ -445,6 +448,29 @@ class StoreWriter:
             "config": self.config,
             "written": now,
         }
+
+
+class _RowFile:
+    """Positioned row writes into a preallocated ``.npy`` file."""
+
+    def __init__(self, path: Path) -> None:
+        header = np.load(path, mmap_mode="r", allow_pickle=False)
+        self.offset, self.row_bytes, self.dtype = header.offset, header.shape[1] * header.itemsize, header.dtype
+        del header
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write_rows(self, start: int, block: np.ndarray) -> None:
+        data = np.ascontiguousarray(block, dtype=self.dtype)
+        os.pwrite(self.fd, data.tobytes(), self.offset + start * self.row_bytes)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:

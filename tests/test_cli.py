@@ -1,0 +1,67 @@
+"""The command line, both in-process (``main``) and as the installed ``cnncodes`` script."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnncodes import CodeStore, list_taps, load_backbone
+from cnncodes.cli import main
+
+
+def test_layers_json_matches_the_catalogue(capsys):
+    assert main(["layers", "resnet18:none", "--input-size", "64", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    catalogue = list_taps(load_backbone("resnet18:none", input_size=64))
+    assert [t["name"] for t in listed["taps"]] == catalogue.names
+    relu = next(t for t in listed["taps"] if t["name"] == "layer1.0.relu")
+    assert relu["shape"] == [64, 16, 16] and relu["post_activation"] and relu["dims"]["avg2"] == 256
+
+
+def test_layers_table_shows_post_activation_and_shapes(capsys):
+    assert main(["layers", "efficientnet_lite0", "--input-size", "96"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if " blocks.5.0.bn1 " in l)
+    assert line.startswith("*") and "yes" in line and "672x6x6" in line
+
+
+def test_user_errors_exit_2_with_a_message(capsys):
+    assert main(["layers", "resnt18"]) == 2
+    assert "Close matches" in capsys.readouterr().err
+    assert main(["extract", "demo:nope", "--out", "x"]) == 2
+    assert "demo:digits" in capsys.readouterr().err
+
+
+def _folder(root, n=6):
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+
+
+@pytest.mark.skipif(shutil.which("cnncodes") is None, reason="the package is not installed as a script")
+def test_installed_script_extracts_a_folder(tmp_path):
+    _folder(tmp_path / "imgs")
+    cmd = ["cnncodes", "extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32", "--layers",
+           "stages", "--pool", "avg,avg2", "--out", str(tmp_path / "s"), "--batch-size", "5", "--quiet"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "broken.jpg" in done.stdout
+    store = CodeStore(tmp_path / "s")
+    assert store.rows == 12 and len(store.errors) == 1 and store.classes == ["a", "b"]
+    module = subprocess.run([sys.executable, "-m", "cnncodes", "extract", *cmd[2:]], capture_output=True, text=True, timeout=300)
+    assert module.returncode == 0, module.stderr  # the same command again reuses the complete store
+
+
+def test_in_process_extract_then_mismatch_is_refused(tmp_path, capsys):
+    _folder(tmp_path / "imgs", n=3)
+    base = ["extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32", "--out", str(tmp_path / "s"), "--quiet"]
+    assert main(base) == 0
+    assert main(base[:-1] + ["--pool", "max", "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
