@@ -56,7 +56,7 @@ def through_cnncodes(backbone, data: np.ndarray, layers: str, batch: int, device
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=None)

@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import fx, nn
 
-__all__ = ["fx_node_names", "tapped_fx", "TappedHooks", "hook_call_order", "describe_fx_nodes"]
+__all__ = ["fx_node_names", "tapped_fx", "TappedHooks", "hook_call_order", "tapped_ops"]
 
 
 def _timm_fx():
@@ -65,12 +65,10 @@ def tapped_fx(model: nn.Module, heads: Mapping[str, nn.Module]) -> fx.GraphModul
     return gm
 
 
-def describe_fx_nodes(model: nn.Module, names: list[str]) -> dict[str, tuple[str, nn.Module | None]]:
-    """``{name: (op label, module or None)}`` for FX node names."""
-    create_feature_extractor, _ = _timm_fx()
-    gm = create_feature_extractor(model, return_nodes={name: name for name in names})
+def tapped_ops(gm: fx.GraphModule) -> dict[str, tuple[str, nn.Module | None]]:
+    """``{tap name: (op label, module or None)}`` of the nodes a :func:`tapped_fx` module taps."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    return {name: _op_label(gm, node) for name, node in dict(output.args[0]).items()}
+    return {name: _op_label(gm, head.args[0]) for name, head in dict(output.args[0]).items()}
 
 
 class _StopForward(Exception):

@@ -84,7 +84,10 @@ def _worker_init(_: int) -> None:
 
 def _default_workers(device: torch.device) -> int:
     cores = os.cpu_count() or 1
-    return min(8, cores) if device.type == "cuda" else min(4, max(0, cores // 2))
+    if device.type == "cuda":
+        return min(8, cores)
+    # On CPU the forward pass already uses every core; decoding processes only pay off with cores to spare.
+    return 0 if cores <= 4 else min(4, cores // 4)
 
 
 def extract(

@@ -255,9 +255,10 @@ def list_taps(backbone: Backbone | nn.Module, input_size: int | None = None, mod
 
 def _discover_fx(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, bool, tuple[int, ...], bool]]:
     names = _graph.fx_node_names(model)
-    ops = _graph.describe_fx_nodes(model, names)
     probes = {n: _Probe() for n in names}
-    _graph.tapped_fx(model, probes)(x)
+    gm = _graph.tapped_fx(model, probes)
+    gm(x)
+    ops = _graph.tapped_ops(gm)
     raw = []
     for name in names:
         op, module = ops[name]
