@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .extractor import CodeExtractor
 from .pooling import Pooling
-from .preprocess import Preprocessing, parse_augment, plain_transform, render_views, view_transform
+from .preprocess import Preprocessing, normalize, parse_augment, pixel_transform, render_views, view_transform
 from .sources import ImageDecodeError, ImageSource, open_source
 from .store import ArraySpec, CodeStore, StoreWriter, versions
 
@@ -48,7 +48,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class ImageViews(Dataset):
-    """Image ``i`` -> (views tensor (1+K, 3, S, S), image index, error reason or ``""``).
+    """Image ``i`` -> (uint8 views (1+K, 3, S, S), image index, error reason or ``""``).
 
     A bad image yields zeros and its reason instead of raising, so one file never kills a long run and rows stay
     aligned with images.
@@ -68,14 +68,14 @@ class ImageViews(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         index = self.start + i
         if not hasattr(self, "_plain"):  # built lazily so worker processes build their own
-            self._plain = plain_transform(self.pre)
+            self._plain = pixel_transform(self.pre)
             self._aug = view_transform(self.pre, self.augment) if self.views else None
         try:
             image = self.source.load(index)
             return render_views(image, index, self.views, self.seed, self._plain, self._aug), index, ""
         except ImageDecodeError as exc:
             size = self.pre.input_size
-            return torch.zeros(self.views + 1, 3, size, size), index, exc.reason
+            return torch.zeros(self.views + 1, 3, size, size, dtype=torch.uint8), index, exc.reason
 
 
 def _worker_init(_: int) -> None:
@@ -263,7 +263,8 @@ def _run(
                 ]
                 if errors and on_error == "raise":
                     raise ImageDecodeError(errors[0]["path"], errors[0]["reason"])
-                x = batch.flatten(0, 1).to(dev, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+                pixels = batch.flatten(0, 1).to(dev, non_blocking=cuda)
+                x = normalize(pixels, pre).contiguous(memory_format=torch.channels_last)
                 with autocast:
                     codes = net(x)
                 host = {s.file: codes[s.tap][s.pooling].to(store_dtype).to("cpu", non_blocking=cuda) for s in specs}

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from cnncodes import CodeExtractor, CodeStore, ImageDecodeError, StoreError, extract
-from cnncodes.preprocess import plain_transform
+from torchvision.transforms import v2
+
+from cnncodes.preprocess import pixel_transform
 from cnncodes.store import IncompleteStoreError, StoreLockedError, StoreMismatchError, StoreWriter
 
 from conftest import TINY_PRE, make_images, make_tiny_backbone
@@ -56,7 +58,8 @@ def test_store_codes_equal_the_extractor_on_the_same_pixels(tmp_path, tiny_image
     images, labels = tiny_images
     backbone = make_tiny_backbone()
     store = run(images, labels, tmp_path / "s", model=backbone, dtype="float32")
-    tf = plain_transform(TINY_PRE)
+    # reference preprocessing through torchvision's own Normalize, not cnncodes' on-device normalization
+    tf = v2.Compose([pixel_transform(TINY_PRE), v2.ToDtype(torch.float32, scale=True), v2.Normalize(TINY_PRE.mean, TINY_PRE.std)])
     x = torch.stack([tf(Image.fromarray(im)) for im in images])
     with torch.inference_mode():
         direct = CodeExtractor(backbone, "stages", "avg,avg2")(x)
