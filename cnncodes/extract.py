@@ -181,7 +181,7 @@ def extract(
     extractor = CodeExtractor(backbone, layers, pool, relu=relu)
 
     specs = [
-        ArraySpec(t.name, p.name, t.code_dims(p), dtype, rectified=relu or t.rectified, relu_applied=extractor.relu_applied[t.name])
+        ArraySpec(t.name, p.name, t.code_dims(p), dtype, rectified=relu or t.rectified, relu_applied=extractor.relu_applied[t.name], depth=t.index)
         for t in extractor.taps
         for p in extractor.poolings
     ]

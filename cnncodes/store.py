@@ -83,6 +83,7 @@ class ArraySpec:
     dtype: str
     rectified: bool
     relu_applied: bool
+    depth: int = -1  # the tap's position in forward order
 
     @property
     def file(self) -> str:
