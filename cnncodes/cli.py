@@ -79,6 +79,86 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_bytes(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().rstrip("b")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 512M or 4G") from None
+
+
+def _parse_c_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use MIN,MAX, e.g. 1e-4,1e4") from None
+    return lo, hi
+
+
+def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
+    from .bundle import save_probe
+    from .report import format_table, write_report
+    from .sweep import sweep
+
+    result = sweep(
+        store,
+        test=args.test,
+        probes=args.probes.split(","),
+        normalizers=args.normalizers.split(","),
+        taps=args.taps.split(",") if args.taps else None,
+        poolings=args.poolings.split(",") if args.poolings else None,
+        folds=args.folds,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        seed=args.seed,
+        c_min=args.c_range[0],
+        c_max=args.c_range[1],
+        jobs=args.jobs,
+        max_memory=args.max_memory,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(format_table(result))
+    paths = write_report(result, out)
+    paths["probe"] = save_probe(result, out)
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    return _run_sweep(args.store, args.out, args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .extract import extract
+
+    out = Path(args.out)
+    print(f"[1/2] extracting demo:digits with efficientnet_lite0 at 96 px: stage taps x avg, avg2, avg4 -> {out / 'codes'}")
+    store = extract("demo:digits", out=out / "codes", input_size=96, layers="stages", pool="avg,avg2,avg4",
+                    progress=not args.quiet)  # fmt: skip
+    print(f"      {store.rows} images x {len(store.arrays)} arrays")
+    print(f"[2/2] sweeping {args.probes} probes over every tap and pooling -> {out / 'sweep'}")
+    return _run_sweep(str(out / "codes"), str(out / "sweep"), args)
+
+
+def _add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probes", default="logreg,linsvc", help="logreg,linsvc,sgd,sgd-log (default: %(default)s)")
+    p.add_argument("--normalizers", default="standard", help="standard,l2,power,none (default: %(default)s)")
+    p.add_argument("--folds", type=int, default=5, help="stratified CV folds over training images")
+    p.add_argument("--val-size", type=float, default=None, help="one validation split of this fraction instead of k-fold")
+    p.add_argument("--test-size", type=float, default=0.25, help="held-out test fraction (ignored with --test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--c-range", type=_parse_c_range, default=(1e-4, 1e4), metavar="MIN,MAX")
+    p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
+    p.add_argument("--max-memory", type=_parse_bytes, default=None, metavar="SIZE", help="fit arrays larger than this out of core (e.g. 2G)")
+    p.add_argument("--device", default="cpu", help="device of the linear solvers (cpu, cuda)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(test=None, taps=None, poolings=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnncodes", description="CNN codes + linear probes: which layer of a frozen CNN works best for your images?")
     parser.add_argument("--version", action="version", version=f"cnncodes {__version__}")
@@ -110,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("sweep", help="probe every (tap, pooling) of a store and pick the best extraction point")
+    p.add_argument("store", help="code store directory (from cnncodes extract)")
+    p.add_argument("--out", required=True, help="directory for results, plot and the best probe")
+    _add_sweep_args(p)
+    p.add_argument("--test", help="a separate test store instead of a held-out split")
+    p.add_argument("--taps", help="only these taps (comma-separated)")
+    p.add_argument("--poolings", help="only these poolings (comma-separated)")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("demo", help="extract sklearn digits with the embedded model and sweep every layer")
+    p.add_argument("--out", default="cnncodes-demo", help="output directory (default: %(default)s)")
+    _add_sweep_args(p)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -174,7 +174,7 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
             raise ValueError(f"C must be a positive number, got {self.C!r}.")
         self.classes_, encoded = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to fit, got {len(self.classes_)} ({self.classes_!r}).")
+            raise ValueError(f"need at least 2 classes to fit; got 1 class ({self.classes_!r}).")
         path = fit_path(X, encoded, len(self.classes_), [float(self.C)], self._loss, max_iter=self.max_iter, tol=self.tol, device=self.device)
         coef, intercept = path.coefs[0].T, path.intercepts[0]
         if len(self.classes_) == 2 and coef.shape[0] == 2:  # binary: one row, as scikit-learn reports it

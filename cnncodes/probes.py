@@ -56,7 +56,7 @@ def make_classifier(name: str, C: float = 1.0, *, backend: str = "torch", n_samp
         return TorchLinearSVC(C=C, device=device) if backend == "torch" else LinearSVC(C=C, dual="auto", max_iter=5000)
     if name in ("sgd", "sgd-log"):
         alpha = 1.0 / (C * (n_samples or 1000))
-        return SGDClassifier(loss="hinge" if name == "sgd" else "log_loss", alpha=alpha, random_state=random_state, tol=1e-4, max_iter=50)
+        return SGDClassifier(loss="hinge" if name == "sgd" else "log_loss", alpha=alpha, random_state=random_state)
     raise ValueError(f"unknown classifier {name!r}; use one of {list(CLASSIFIERS)}.")
 
 

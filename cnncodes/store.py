@@ -215,6 +215,22 @@ class CodeStore:
             raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it.")
         return np.load(self.path / self._array(tap, pooling)["file"], mmap_mode="r", allow_pickle=False)
 
+    def read_rows(self, tap: str, pooling: str | None, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` read with plain file reads: unlike slicing the memmap, the pages read do not stay
+        mapped in this process, so streaming a store larger than RAM keeps resident memory flat."""
+        if not self.complete:
+            raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it.")
+        entry = self._array(tap, pooling)
+        path = self.path / entry["file"]
+        header = np.load(path, mmap_mode="r", allow_pickle=False)
+        offset, dims, dtype = header.offset, header.shape[1], header.dtype
+        del header
+        stop = min(stop, self.rows)
+        count = max(0, stop - start) * dims
+        with open(path, "rb") as f:
+            block = np.fromfile(f, dtype=dtype, count=count, offset=offset + start * dims * dtype.itemsize)
+        return block.reshape(-1, dims)
+
     def items(self) -> Iterator[tuple[tuple[str, str], np.ndarray]]:
         """Iterate ``((tap, pooling), codes)`` in forward order."""
         for tap, pooling in self.keys():

@@ -87,6 +87,7 @@ class SweepResult:
     test_predictions: dict[str, Any]
     classes: list[str]
     config: dict[str, Any] = field(default_factory=dict)
+    extractor: dict[str, Any] = field(default_factory=dict)
 
 
 def make_split(store: CodeStore, *, test: CodeStore | None = None, test_size: float = 0.25, folds: int = 5, val_size: float | None = None, seed: int = 0) -> Split:
@@ -190,12 +191,11 @@ def _sgd_search(folds_raw, name, coarse, c_min, c_max, seed):
     return scores
 
 
-def _test_metrics(estimator: Pipeline, X_test: np.ndarray, y_rows: np.ndarray, views: int) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+def metrics_from_scores(scores: np.ndarray, y_rows: np.ndarray, views: int, classes: np.ndarray) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Test metrics from decision scores of every test row (image-major, ``views + 1`` rows per image)."""
     per = views + 1
-    scores = estimator.decision_function(X_test)
     plain = scores[::per]
     y = y_rows[::per]
-    classes = estimator.classes_
 
     def predict(s: np.ndarray) -> np.ndarray:
         return classes[(s > 0).astype(int)] if s.ndim == 1 else classes[s.argmax(1)]
@@ -261,7 +261,7 @@ def _evaluate_array(
             best_c = max(scores, key=lambda c: (np.mean(scores[c]), -c))
             estimator = make_probe(probe, norm, best_c, n_samples=len(y_train), random_state=cfg["seed"], device=cfg["device"])
             estimator.fit(X_train, y_train)
-            metrics, pred, plain_scores = _test_metrics(estimator, X_test, y_test, split.test_views)
+            metrics, pred, plain_scores = metrics_from_scores(estimator.decision_function(X_test), y_test, split.test_views, estimator.classes_)
             cv = scores[best_c]
             out.append(
                 {
@@ -406,4 +406,13 @@ def sweep(
         "views": split.views,
     }
     best = {**best, **{k: config[k] for k in ("store", "n_train_images", "n_test_images")}}
-    return SweepResult(rows, best, estimator, test_predictions, store.classes, config)
+    entry = next(a for a in store.arrays if a["tap"] == best["tap"] and a["pooling"] == best["pooling"])
+    extractor = {
+        "model": store.manifest.get("model", {}),
+        "tap": best["tap"],
+        "pooling": best["pooling"],
+        "relu": bool(entry["rectified"]),
+        "code_dtype": entry["dtype"],
+        "dims": int(entry["shape"][1]),
+    }
+    return SweepResult(rows, best, estimator, test_predictions, store.classes, config, extractor)

@@ -66,3 +66,30 @@ def make_images(n: int = 24, size: int = 20, seed: int = 0) -> tuple[np.ndarray,
 @pytest.fixture
 def tiny_images():
     return make_images()
+
+
+def make_code_store(path, n_images: int = 150, views: int = 0, dims: dict | None = None, seed: int = 0, n_classes: int = 3):
+    """A complete store of synthetic codes written through the real StoreWriter.
+
+    Tap ``mid`` separates the classes well, ``early`` weakly and ``late`` not at all, so a sweep must pick ``mid``.
+    """
+    from cnncodes.store import ArraySpec, StoreWriter
+
+    dims = dims or {"early": 6, "mid": 12, "late": 8}
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n_images) % n_classes
+    strength = {"early": 0.6, "mid": 3.0, "late": 0.0}
+    specs = [ArraySpec(t, p, d, "float32", True, False, depth=i) for i, (t, d) in enumerate(dims.items()) for p in ("avg",)]
+    writer = StoreWriter(path, arrays=specs, sources=[f"img{i}.png" for i in range(n_images)], labels=labels,
+                         classes=[f"c{k}" for k in range(n_classes)], views=views, config={"synthetic": seed}, info={})  # fmt: skip
+    rows = n_images * (views + 1)
+    row_labels = np.repeat(labels, views + 1)
+    codes = {}
+    for spec in specs:
+        centers = rng.normal(size=(n_classes, spec.dims)) * strength.get(spec.tap, 1.0)
+        codes[spec.file] = (centers[row_labels] + rng.normal(size=(rows, spec.dims))).astype(np.float32)
+    writer.write(0, codes)
+    writer.commit(rows)
+    store = writer.finalize()
+    writer.close()
+    return store

@@ -1,0 +1,226 @@
+"""Probe bundles: one safe file holding everything needed to turn images into predictions.
+
+The one module that knows the bundle format. A bundle is a zip with
+
+* ``bundle.json`` -- format name and version, the extractor spec (model spec, weights fingerprint, tap, pooling,
+  rectify flag, preprocessing, input size, code dtype), the normalizer and classifier kinds, class names, training
+  metrics, versions, and the sha256 of every array member;
+* ``arrays/<name>.npy`` -- the normalizer parameters, linear weights and bias, saved with ``allow_pickle=False``.
+
+Reading never executes code from the file: JSON is parsed, arrays are loaded with ``allow_pickle=False``, unknown
+members are refused, and every member's checksum is verified, so a planted pickle, a tampered or a truncated file is
+rejected with :class:`BundleError`. A joblib export of the sklearn Pipeline exists for convenience; unpickling
+executes code, so only load joblib files you made yourself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import LinearSVC
+
+from .linear import TorchLinearSVC, TorchLogisticRegression
+
+__all__ = ["ProbeBundle", "BundleError", "save_bundle", "read_bundle", "bundle_from_pipeline", "save_probe", "FORMAT_VERSION"]
+
+FORMAT = "cnncodes.probe"
+FORMAT_VERSION = 1
+_JSON = "bundle.json"
+_ARRAYS = ("scaler_mean", "scaler_scale", "coef", "intercept")
+
+
+class BundleError(ValueError):
+    """A bundle cannot be written or is not a valid, untampered bundle."""
+
+
+@dataclass
+class ProbeBundle:
+    """A fitted linear probe on CNN codes, plus how to compute those codes.
+
+    Attributes
+    ----------
+    extractor : dict
+        ``model`` (spec, weights, fingerprint, preprocessing), ``tap``, ``pooling``, ``relu``, ``code_dtype``, ``dims``.
+    normalizer : {"standard", "l2", "power", "none"}
+    classifier : {"logreg", "linsvc", "sgd", "sgd-log"}
+    classes : list of str
+    arrays : dict of str to ndarray
+        ``coef`` (n_outputs, dims), ``intercept`` (n_outputs,), and ``scaler_mean``/``scaler_scale`` for ``standard``.
+    metrics : dict
+    versions : dict
+    """
+
+    extractor: dict[str, Any]
+    normalizer: str
+    classifier: str
+    classes: list[str]
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    # -- compute on codes -------------------------------------------------------------------------------------------
+    def normalize(self, codes: np.ndarray) -> np.ndarray:
+        X = np.asarray(codes, dtype=np.float32)
+        if self.extractor.get("code_dtype") == "float16":  # the probe was trained on float16-stored codes
+            X = X.astype(np.float16).astype(np.float32)
+        if self.normalizer == "standard":
+            return (X - self.arrays["scaler_mean"]) / self.arrays["scaler_scale"]
+        if self.normalizer == "power":
+            X = np.sign(X) * np.sqrt(np.abs(X))
+        if self.normalizer in ("l2", "power"):
+            norms = np.linalg.norm(X, axis=1, keepdims=True)
+            return X / np.where(norms == 0, 1, norms)
+        return X
+
+    def decision_function_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Class scores from codes: (n, n_classes), or (n,) for a two-class probe."""
+        scores = self.normalize(codes) @ self.arrays["coef"].T + self.arrays["intercept"]
+        return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def predict_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Class indices (into :attr:`classes`)."""
+        s = self.decision_function_codes(codes)
+        return (s > 0).astype(int) if s.ndim == 1 else s.argmax(1)
+
+    @property
+    def has_proba(self) -> bool:
+        return self.classifier in ("logreg", "sgd-log")
+
+    def predict_proba_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Class probabilities; only for ``logreg`` (softmax) and ``sgd-log`` (one-vs-rest, normalized)."""
+        if not self.has_proba:
+            raise BundleError(f"a {self.classifier!r} probe has no probabilities; use decision_function or predict.")
+        s = self.decision_function_codes(codes)
+        if s.ndim == 1:
+            p1 = 1 / (1 + np.exp(-s))
+            return np.stack([1 - p1, p1], axis=1)
+        if self.classifier == "logreg":
+            e = np.exp(s - s.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+        p = 1 / (1 + np.exp(-s))
+        return p / p.sum(1, keepdims=True)
+
+
+def bundle_from_pipeline(pipeline: Pipeline, extractor: dict[str, Any], classes: list[str], metrics: dict[str, Any] | None = None) -> ProbeBundle:
+    """Take the parameters out of a fitted probe Pipeline (see :func:`cnncodes.probes.make_probe`)."""
+    norm_step, clf = pipeline.named_steps["normalize"], pipeline.named_steps["classify"]
+    arrays: dict[str, np.ndarray] = {}
+    if isinstance(norm_step, StandardScaler):
+        normalizer = "standard"
+        arrays["scaler_mean"] = np.asarray(norm_step.mean_, dtype=np.float32)
+        arrays["scaler_scale"] = np.asarray(norm_step.scale_, dtype=np.float32)
+    elif isinstance(norm_step, Normalizer):
+        normalizer = "l2"
+    elif isinstance(norm_step, Pipeline):
+        normalizer = "power"
+    elif norm_step in (None, "passthrough"):
+        normalizer = "none"
+    else:
+        raise BundleError(f"cannot bundle normalizer {type(norm_step).__name__}; use standard, l2, power or none.")
+    if isinstance(clf, (TorchLogisticRegression, LogisticRegression)):
+        classifier = "logreg"
+    elif isinstance(clf, (TorchLinearSVC, LinearSVC)):
+        classifier = "linsvc"
+    elif isinstance(clf, SGDClassifier):
+        classifier = "sgd-log" if clf.loss == "log_loss" else "sgd"
+    else:
+        raise BundleError(f"cannot bundle classifier {type(clf).__name__}; use a linear probe from make_probe.")
+    arrays["coef"] = np.asarray(clf.coef_, dtype=np.float32)
+    arrays["intercept"] = np.asarray(clf.intercept_, dtype=np.float32)
+    fitted = [classes[int(c)] if isinstance(c, (int, np.integer)) and len(classes) > int(c) else str(c) for c in clf.classes_]
+    from .store import versions
+
+    return ProbeBundle(dict(extractor), normalizer, classifier, fitted, arrays, dict(metrics or {}), versions())
+
+
+def save_bundle(bundle: ProbeBundle, path: str | os.PathLike) -> Path:
+    """Write ``bundle`` as a zip of JSON + ``.npy`` members (no pickle anywhere)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    members: dict[str, bytes] = {}
+    for name, array in bundle.arrays.items():
+        if name not in _ARRAYS:
+            raise BundleError(f"unknown bundle array {name!r}; allowed: {_ARRAYS}.")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+        members[f"arrays/{name}.npy"] = buf.getvalue()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "extractor": bundle.extractor,
+        "normalizer": bundle.normalizer,
+        "classifier": bundle.classifier,
+        "classes": bundle.classes,
+        "metrics": bundle.metrics,
+        "versions": bundle.versions,
+        "checksums": {name: hashlib.sha256(data).hexdigest() for name, data in members.items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(_JSON, json.dumps(meta, indent=1, default=_json_default))
+        for name, data in members.items():
+            zf.writestr(name, data)
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a bundle")
+
+
+def read_bundle(path: str | os.PathLike) -> ProbeBundle:
+    """Read and verify a bundle; never unpickles anything.
+
+    Raises
+    ------
+    BundleError
+        Not a zip, truncated, unknown members, checksum mismatch, pickled arrays, or a newer format version.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if _JSON not in names:
+                raise BundleError(f"{path} has no {_JSON}: not a cnncodes probe bundle.")
+            meta = json.loads(zf.read(_JSON))
+            if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
+                raise BundleError(f"{path} is not a cnncodes probe bundle (format {meta.get('format')!r}).")
+            if meta["format_version"] > FORMAT_VERSION:
+                raise BundleError(f"{path} uses bundle format {meta['format_version']}; upgrade cnncodes to read it.")
+            expected = dict(meta.get("checksums", {}))
+            unexpected = names - set(expected) - {_JSON}
+            if unexpected:
+                raise BundleError(f"{path} holds unexpected members {sorted(unexpected)}; refusing a tampered bundle.")
+            arrays = {}
+            for name, digest in expected.items():
+                if not (name.startswith("arrays/") and name.endswith(".npy") and name[7:-4] in _ARRAYS):
+                    raise BundleError(f"{path} lists an unknown member {name!r}; refusing a tampered bundle.")
+                data = zf.read(name)
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise BundleError(f"{path}: member {name} does not match its checksum; the file was modified.")
+                arrays[name[7:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, KeyError, json.JSONDecodeError, ValueError, OSError) as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleError(f"{path} is not a readable probe bundle ({type(exc).__name__}: {exc}); it may be truncated.") from exc
+    return ProbeBundle(meta["extractor"], meta["normalizer"], meta["classifier"], list(meta["classes"]), arrays,
+                       meta.get("metrics", {}), meta.get("versions", {}))  # fmt: skip
+
+
+def save_probe(result: Any, out: str | os.PathLike) -> Path:
+    """Save a sweep's best probe as ``best_probe.zip`` in ``out``."""
+    bundle = bundle_from_pipeline(result.estimator, result.extractor, result.classes, result.best)
+    return save_bundle(bundle, Path(out) / "best_probe.zip")
