@@ -144,6 +144,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _run_sweep(str(out / "codes"), str(out / "sweep"), args)
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from .deploy import load_bundle, score_names
+
+    probe = load_bundle(args.bundle, weights=args.weights, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
+                        batch_size=args.batch_size, device=args.device)  # fmt: skip
+    rows = probe.predict_source(args.source, progress=not args.quiet)
+    names = score_names(probe)
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        writer = csv.writer(out)
+        writer.writerow(["path", "predicted", *names, "error"])
+        for r in rows:
+            scores = [f"{v:.6g}" for v in r["scores"]] if r["scores"] is not None else [""] * len(names)
+            writer.writerow([r["path"], r["predicted"], *scores, r["error"]])
+    finally:
+        if args.out:
+            out.close()
+    failed = sum(1 for r in rows if r["error"])
+    print(f"predicted {len(rows) - failed} images" + (f", {failed} could not be read" if failed else "")
+          + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .deploy import load_bundle
+    from .export import export_probe
+
+    probe = load_bundle(args.bundle, weights=args.weights, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device="cpu")
+    path = export_probe(probe, args.out, args.format)
+    size = probe.preprocessing.input_size
+    print(f"wrote {args.format} model to {path}: input float32 (N, 3, {size}, {size}) normalized with mean "
+          f"{list(probe.preprocessing.mean)} std {list(probe.preprocessing.std)}; output scores (N, {len(probe.classes)}) "
+          f"for classes {probe.classes[:10]}")  # fmt: skip
+    return 0
+
+
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", default="logreg,linsvc", help="logreg,linsvc,sgd,sgd-log (default: %(default)s)")
     p.add_argument("--normalizers", default="standard", help="standard,l2,power,none (default: %(default)s)")
@@ -200,6 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poolings", help="only these poolings (comma-separated)")
     p.set_defaults(func=_cmd_sweep)
 
+    p = sub.add_parser("predict", help="predict images with a saved probe bundle")
+    p.add_argument("bundle", help="probe bundle (best_probe.zip from cnncodes sweep)")
+    p.add_argument("source", help="ImageFolder dir, CSV, unlabeled folder or demo:digits")
+    p.add_argument("--out", help="CSV file to write (default: standard output)")
+    p.add_argument("--weights", metavar="PATH", help="local weights for the bundle's model spec")
+    p.add_argument("--allow-fingerprint-mismatch", action="store_true", help="predict with other backbone weights anyway")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a probe bundle as one TorchScript or ONNX model")
+    p.add_argument("bundle")
+    p.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--weights", metavar="PATH", help="local weights for the bundle's model spec")
+    p.add_argument("--allow-fingerprint-mismatch", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("demo", help="extract sklearn digits with the embedded model and sweep every layer")
     p.add_argument("--out", default="cnncodes-demo", help="output directory (default: %(default)s)")
     _add_sweep_args(p)
@@ -209,11 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .backbones import BackboneError
+    from .bundle import BundleError
     from .sources import ImageDecodeError, SourceError
     from .store import StoreError
     from .taps import TapSelectionError
 
-    return (BackboneError, SourceError, StoreError, TapSelectionError, ImageDecodeError, ValueError, KeyError)
+    return (BackboneError, BundleError, SourceError, StoreError, TapSelectionError, ImageDecodeError, ValueError, KeyError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

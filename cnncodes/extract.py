@@ -11,7 +11,8 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from .preprocess import Preprocessing, normalize, parse_augment, pixel_transform
 from .sources import ImageDecodeError, ImageSource, open_source
 from .store import ArraySpec, CodeStore, StoreWriter, versions
 
-__all__ = ["extract", "resolve_device", "ImageViews"]
+__all__ = ["extract", "encode", "resolve_device", "ImageViews"]
 
 _DTYPES = ("float16", "float32")
 
@@ -215,6 +216,86 @@ def extract(
         writer.close()
 
 
+@dataclass
+class _Batch:
+    codes: dict[tuple[str, str], torch.Tensor]  # host tensors (rows, dims) at the storage dtype
+    index: list[int]  # image indices
+    reasons: list[str]  # "" or why the image failed
+    rows: int
+
+
+def _batches(
+    extractor: CodeExtractor,
+    images: ImageSource,
+    pre: Preprocessing,
+    *,
+    dev: torch.device,
+    views: int = 0,
+    seed: int = 0,
+    augment: Sequence[str] = ("crop", "flip"),
+    start_image: int = 0,
+    batch_size: int = 64,
+    workers: int | None = None,
+    amp: bool = True,
+    dtype: str = "float32",
+) -> Iterator[_Batch]:
+    """Decode, normalize on the device, run the extractor, pool, and bring codes back to the host, batch by batch."""
+    cuda = dev.type == "cuda"
+    loader = DataLoader(
+        ImageViews(images, pre, views, seed, augment, start=start_image),
+        batch_size=max(1, batch_size // (views + 1)),
+        shuffle=False,
+        num_workers=_default_workers(dev) if workers is None else workers,
+        pin_memory=cuda,
+        worker_init_fn=_worker_init,
+    )
+    net = extractor.to(dev, memory_format=torch.channels_last)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if cuda and amp
+        else nullcontext()
+    )
+    store_dtype = getattr(torch, dtype)
+    keys = list(extractor.code_dims())
+    for batch, index, reasons in loader:
+        with torch.inference_mode():  # entered per batch: a generator must not leak the mode to its consumer
+            pixels = batch.flatten(0, 1).to(dev, non_blocking=cuda)
+            x = normalize(pixels, pre).contiguous(memory_format=torch.channels_last)
+            with autocast:
+                codes = net(x)
+            host = {(t, p): codes[t][p].to(store_dtype).to("cpu", non_blocking=cuda) for t, p in keys}
+            if cuda:
+                torch.cuda.current_stream().synchronize()
+        yield _Batch(host, [int(i) for i in index], list(reasons), x.shape[0])
+
+
+def encode(
+    images: ImageSource,
+    extractor: CodeExtractor,
+    pre: Preprocessing,
+    *,
+    batch_size: int = 64,
+    device: str = "auto",
+    workers: int | None = 0,
+    amp: bool = True,
+    progress: bool = False,
+) -> tuple[dict[tuple[str, str], np.ndarray], list[str]]:
+    """Codes of every image, in memory (no store): ``({(tap, pooling): (n, dims) float32}, reasons)``.
+
+    ``reasons[i]`` is ``""`` or why image ``i`` could not be decoded (its codes rows are then zeros).
+    """
+    dev = resolve_device(device)
+    parts: dict[tuple[str, str], list[np.ndarray]] = {k: [] for k in extractor.code_dims()}
+    reasons: list[str] = []
+    with tqdm(total=len(images), unit="img", disable=not progress, desc="encode", dynamic_ncols=True) as bar:
+        for b in _batches(extractor, images, pre, dev=dev, batch_size=batch_size, workers=workers, amp=amp):
+            for key, codes in b.codes.items():
+                parts[key].append(codes.numpy())
+            reasons.extend(b.reasons)
+            bar.update(b.rows)
+    return {k: np.concatenate(v) for k, v in parts.items()}, reasons
+
+
 def _run(
     extractor: CodeExtractor,
     images: ImageSource,
@@ -231,51 +312,26 @@ def _run(
     on_error: str,
     progress: bool,
 ) -> None:
-    per_image = views + 1
-    start_image = writer.rows_done // per_image
+    start_image = writer.rows_done // (views + 1)
     if start_image >= len(images):
         return
-    images_per_batch = max(1, batch_size // per_image)
-    cuda = dev.type == "cuda"
-    loader = DataLoader(
-        ImageViews(images, pre, views, seed, augment, start=start_image),
-        batch_size=images_per_batch,
-        shuffle=False,
-        num_workers=_default_workers(dev) if workers is None else workers,
-        pin_memory=cuda,
-        worker_init_fn=_worker_init,
-    )
-    net = extractor.to(dev, memory_format=torch.channels_last)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        if cuda and amp
-        else nullcontext()
-    )
-    store_dtype = getattr(torch, specs[0].dtype)
     pending: deque[Future] = deque()
     bar = tqdm(total=writer.rows_total, initial=writer.rows_done, unit="img", unit_scale=True, disable=not progress, desc="extract", dynamic_ncols=True)
     row = writer.rows_done
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-writer") as pool, torch.inference_mode():
+    batches = _batches(extractor, images, pre, dev=dev, views=views, seed=seed, augment=augment, start_image=start_image,
+                       batch_size=batch_size, workers=workers, amp=amp, dtype=specs[0].dtype)  # fmt: skip
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-writer") as pool:
         try:
-            for batch, index, reasons in loader:
-                errors = [
-                    {"path": images.ids[int(i)], "reason": r, "image": int(i)} for i, r in zip(index, reasons) if r
-                ]
+            for b in batches:
+                errors = [{"path": images.ids[i], "reason": r, "image": i} for i, r in zip(b.index, b.reasons) if r]
                 if errors and on_error == "raise":
                     raise ImageDecodeError(errors[0]["path"], errors[0]["reason"])
-                pixels = batch.flatten(0, 1).to(dev, non_blocking=cuda)
-                x = normalize(pixels, pre).contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    codes = net(x)
-                host = {s.file: codes[s.tap][s.pooling].to(store_dtype).to("cpu", non_blocking=cuda) for s in specs}
-                if cuda:
-                    torch.cuda.current_stream().synchronize()
-                n = x.shape[0]
-                pending.append(pool.submit(_write, writer, row, host, row + n, errors))
-                row += n
+                host = {s.file: b.codes[(s.tap, s.pooling)] for s in specs}
+                pending.append(pool.submit(_write, writer, row, host, row + b.rows, errors))
+                row += b.rows
                 while len(pending) > 2:  # bound host memory; surfaces writer errors early
                     pending.popleft().result()
-                bar.update(n)
+                bar.update(b.rows)
         finally:
             # Commit everything computed so far, even when interrupted: nothing done is lost.
             while pending:

@@ -23,7 +23,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-__all__ = ["FeatureBasis", "LinearPath", "fit_path", "fit_paths", "TorchLogisticRegression", "TorchLinearSVC"]
+__all__ = ["FeatureBasis", "LinearPath", "ProblemStack", "fit_path", "fit_paths", "TorchLogisticRegression", "TorchLinearSVC"]
 
 _LOSSES = ("multinomial", "squared_hinge")
 
@@ -66,6 +66,17 @@ class FeatureBasis:
         else:
             self.Z = X
 
+    def project(self, X: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """New rows (m, d) in solve coordinates (m, r): their scores are ``project(X) @ A + b``."""
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X, device=self.Z.device).float()
+        return (X @ self.X.T) @ self.inv_sqrt if self.reduced else X
+
+    def from_features(self, W: torch.Tensor) -> torch.Tensor:
+        """Weights on the original features (d, K) -> solve coordinates (their projection onto the span)."""
+        if not self.reduced:
+            return W
+        return self.inv_sqrt.T @ (self.X @ W)
+
     def to_features(self, A: torch.Tensor) -> torch.Tensor:
         """Weights in solve coordinates -> weights on the original features (d, K)."""
         if not self.reduced:
@@ -73,44 +84,66 @@ class FeatureBasis:
         return self.X.T @ (self.inv_sqrt @ A)
 
 
-class _Stack:
-    """Several independent problems padded into one batch: (P, n, r) features, masks and targets."""
+class ProblemStack:
+    """Several independent problems padded into one batch: (P, n, r) features, row masks and labels.
 
-    def __init__(self, bases: Sequence[FeatureBasis], ys: Sequence[np.ndarray], n_classes: int, loss: str) -> None:
-        self.bases = list(bases)
-        device, dtype = bases[0].Z.device, bases[0].Z.dtype
-        n = max(b.Z.shape[0] for b in bases)
-        r = max(b.Z.shape[1] for b in bases)
-        self.k = 1 if (loss == "squared_hinge" and n_classes == 2) else n_classes
-        self.Z = torch.zeros(len(bases), n, r, dtype=dtype, device=device)
-        self.mask = torch.zeros(len(bases), n, dtype=dtype, device=device)
-        labels = torch.zeros(len(bases), n, dtype=torch.long, device=device)
-        for p, (basis, y) in enumerate(zip(bases, ys)):
+    Build it once for a set of CV folds and reuse it for every C and both losses.
+    """
+
+    def __init__(self, problems: Sequence[np.ndarray | torch.Tensor | FeatureBasis], ys: Sequence[np.ndarray], n_classes: int, device: str | torch.device = "cpu") -> None:
+        self.bases = [p if isinstance(p, FeatureBasis) else FeatureBasis(p, device) for p in problems]
+        self.n_classes = n_classes
+        device, dtype = self.bases[0].Z.device, self.bases[0].Z.dtype
+        n = max(b.Z.shape[0] for b in self.bases)
+        r = max(b.Z.shape[1] for b in self.bases)
+        self.Z = torch.zeros(len(self.bases), n, r, dtype=dtype, device=device)
+        self.mask = torch.zeros(len(self.bases), n, dtype=dtype, device=device)
+        self.labels = torch.zeros(len(self.bases), n, dtype=torch.long, device=device)
+        for p, (basis, y) in enumerate(zip(self.bases, ys)):
             rows, cols = basis.Z.shape
             self.Z[p, :rows, :cols] = basis.Z
             self.mask[p, :rows] = 1
-            labels[p, :rows] = torch.as_tensor(np.array(y, dtype=np.int64), device=device)
+            self.labels[p, :rows] = torch.as_tensor(np.array(y, dtype=np.int64), device=device)
+        self.ZT = self.Z.transpose(1, 2).contiguous()  # the gradient's product reads it row-wise
         self.counts = self.mask.sum(1)
-        self.loss = loss
-        if loss == "multinomial":
-            self.targets = labels
-        else:
-            onehot = F.one_hot(labels, n_classes).to(dtype) if self.k > 1 else (labels == 1).to(dtype)[..., None]
-            self.targets = 2 * onehot - 1
+        self._targets: dict[str, torch.Tensor] = {}
 
-    def objective(self, W: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        scores = torch.bmm(self.Z, W) + b[:, None, :]
-        if self.loss == "multinomial":
-            per_row = F.cross_entropy(scores.flatten(0, 1), self.targets.flatten(), reduction="none").view_as(self.mask)
+    def outputs(self, loss: str) -> int:
+        return 1 if (loss == "squared_hinge" and self.n_classes == 2) else self.n_classes
+
+    def targets(self, loss: str) -> torch.Tensor:
+        if loss not in self._targets:
+            if loss == "multinomial":
+                self._targets[loss] = self.labels
+            else:
+                k = self.outputs(loss)
+                onehot = F.one_hot(self.labels, self.n_classes) if k > 1 else (self.labels == 1)[..., None]
+                self._targets[loss] = 2 * onehot.to(self.Z.dtype) - 1
+        return self._targets[loss]
+
+    def value_and_grad(self, W: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Objective summed over problems and its gradients, in closed form (no autograd graph; these products are
+        memory-bound, so the transposed one reads the contiguous copy ``ZT``)."""
+        targets = self.targets(loss)
+        scores = torch.baddbmm(b[:, None, :], self.Z, W)
+        if loss == "multinomial":
+            logp = torch.log_softmax(scores, dim=2)
+            per_row = -logp.gather(2, targets[..., None])[..., 0]
+            dscores = logp.exp()
+            dscores.scatter_add_(2, targets[..., None], -torch.ones_like(per_row)[..., None])
         else:
-            per_row = F.relu(1.0 - self.targets * scores).pow(2).sum(2)
-        data = (per_row * self.mask).sum(1) / self.counts
-        return (data + 0.5 * lam * (W * W).sum((1, 2))).sum()
+            margin = torch.relu(1.0 - targets * scores)
+            per_row = margin.pow(2).sum(2)
+            dscores = -2.0 * targets * margin
+        value = ((per_row * self.mask).sum(1) / self.counts + 0.5 * lam * (W * W).sum((1, 2))).sum()
+        dscores = dscores * (self.mask / self.counts[:, None])[..., None]
+        grad_W = torch.baddbmm(lam[:, None, None] * W, self.ZT, dscores)
+        return value, grad_W, dscores.sum(1)
 
 
 def fit_paths(
-    problems: Sequence[np.ndarray | torch.Tensor | FeatureBasis],
-    ys: Sequence[np.ndarray],
+    problems: Sequence[np.ndarray | torch.Tensor | FeatureBasis] | ProblemStack,
+    ys: Sequence[np.ndarray] | None,
     n_classes: int,
     Cs: list[float],
     loss: str = "multinomial",
@@ -119,6 +152,7 @@ def fit_paths(
     max_iter: int = 300,
     tol: float = 1e-5,
     device: str | torch.device = "cpu",
+    coefs: bool = True,
 ) -> list[LinearPath]:
     """Solve several independent problems (e.g. the CV folds) jointly, one C at a time, warm-starting along ``Cs``.
 
@@ -127,8 +161,8 @@ def fit_paths(
 
     Parameters
     ----------
-    problems : sequence of ndarray (n_samples, n_features) or FeatureBasis
-        Already normalized features of each problem.
+    problems : sequence of ndarray (n_samples, n_features) or FeatureBasis, or a ProblemStack
+        Already normalized features of each problem (a ProblemStack already holds the labels: pass ``ys=None``).
     ys : sequence of ndarray of shape (n_samples,)
         Integer labels in ``[0, n_classes)``.
     n_classes : int
@@ -139,6 +173,8 @@ def fit_paths(
         Warm starts for the first C, one per problem (from paths on the same bases).
     max_iter, tol : L-BFGS limits per C (``tol`` on the gradient of the mean loss).
     device : torch device.
+    coefs : bool, default=True
+        Map every solution back to feature space (``False`` keeps only ``states``, for speed).
 
     Returns
     -------
@@ -146,41 +182,41 @@ def fit_paths(
     """
     if loss not in _LOSSES:
         raise ValueError(f"loss={loss!r}; use one of {_LOSSES}.")
-    bases = [p if isinstance(p, FeatureBasis) else FeatureBasis(p, device) for p in problems]
-    stack = _Stack(bases, ys, n_classes, loss)
+    stack = problems if isinstance(problems, ProblemStack) else ProblemStack(problems, ys, n_classes, device)
+    bases = stack.bases
     P, _, r = stack.Z.shape
-    W = torch.zeros(P, r, stack.k, dtype=stack.Z.dtype, device=stack.Z.device)
-    b = torch.zeros(P, stack.k, dtype=stack.Z.dtype, device=stack.Z.device)
+    k = stack.outputs(loss)
+    W = torch.zeros(P, r, k, dtype=stack.Z.dtype, device=stack.Z.device)
+    b = torch.zeros(P, k, dtype=stack.Z.dtype, device=stack.Z.device)
     for p, init in enumerate(inits or []):
         if init is not None:
             W[p, : init[0].shape[0]] = init[0]
             b[p] = init[1]
     paths = [LinearPath([], [], [], [], []) for _ in bases]
-    with torch.enable_grad():
-        for C in Cs:
-            W = W.detach().requires_grad_(True)
-            b = b.detach().requires_grad_(True)
-            lam = 1.0 / (float(C) * stack.counts)
-            opt = torch.optim.LBFGS(
-                [W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
-                line_search_fn="strong_wolfe",
-            )  # fmt: skip
+    for C in Cs:
+        W = W.detach().clone()
+        b = b.detach().clone()
+        lam = 1.0 / (float(C) * stack.counts)
+        opt = torch.optim.LBFGS(
+            [W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
+            line_search_fn="strong_wolfe",
+        )  # fmt: skip
 
-            def closure() -> torch.Tensor:
-                opt.zero_grad()
-                value = stack.objective(W, b, lam)
-                value.backward()
-                return value
+        def closure() -> torch.Tensor:
+            value, W.grad, b.grad = stack.value_and_grad(W, b, lam, loss)
+            return value
 
+        with torch.no_grad():
             opt.step(closure)
-            n_iter = int(opt.state[W].get("n_iter", 0))
-            for p, (basis, path) in enumerate(zip(bases, paths)):
-                A = W[p, : basis.Z.shape[1]].detach()
-                path.Cs.append(float(C))
+        n_iter = int(opt.state[W].get("n_iter", 0))
+        for p, (basis, path) in enumerate(zip(bases, paths)):
+            A = W[p, : basis.Z.shape[1]].clone()
+            path.Cs.append(float(C))
+            if coefs:
                 path.coefs.append(basis.to_features(A).float().cpu().numpy())
-                path.intercepts.append(b[p].detach().float().cpu().numpy())
-                path.n_iter.append(n_iter)
-                path.states.append((A, b[p].detach()))
+                path.intercepts.append(b[p].float().cpu().numpy())
+            path.n_iter.append(n_iter)
+            path.states.append((A, b[p].clone()))
     return paths
 
 
@@ -203,11 +239,12 @@ def fit_path(
 class _TorchLinear(ClassifierMixin, BaseEstimator):
     _loss = "multinomial"
 
-    def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, device: str = "cpu") -> None:
+    def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, device: str = "cpu", warm_start: bool = False) -> None:
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
         self.device = device
+        self.warm_start = warm_start
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "_TorchLinear":
         """Fit on features X (n_samples, n_features) and labels y (n_samples,)."""
@@ -218,7 +255,13 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
         self.classes_, encoded = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"need at least 2 classes to fit; got 1 class ({self.classes_!r}).")
-        path = fit_path(X, encoded, len(self.classes_), [float(self.C)], self._loss, max_iter=self.max_iter, tol=self.tol, device=self.device)
+        basis = FeatureBasis(X, self.device)
+        init = None
+        k = len(self.classes_)
+        if self.warm_start and getattr(self, "coef_", None) is not None and self.coef_.shape == (k, X.shape[1]) and k > 2:
+            W0 = torch.as_tensor(self.coef_.T, dtype=basis.Z.dtype, device=basis.Z.device)
+            init = (basis.from_features(W0), torch.as_tensor(self.intercept_, dtype=basis.Z.dtype, device=basis.Z.device))
+        path = fit_path(basis, encoded, k, [float(self.C)], self._loss, init=init, max_iter=self.max_iter, tol=self.tol)
         coef, intercept = path.coefs[0].T, path.intercepts[0]
         if len(self.classes_) == 2 and coef.shape[0] == 2:  # binary: one row, as scikit-learn reports it
             coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
@@ -251,6 +294,8 @@ class TorchLogisticRegression(_TorchLinear):
         Gradient tolerance of L-BFGS (on the mean loss).
     device : str, default="cpu"
         ``"cuda"`` solves on the GPU.
+    warm_start : bool, default=False
+        Start from the current ``coef_``/``intercept_`` (multiclass), as scikit-learn's ``warm_start``.
 
     Attributes
     ----------
@@ -296,6 +341,7 @@ class TorchLinearSVC(_TorchLinear):
     max_iter : int, default=300
     tol : float, default=1e-4
     device : str, default="cpu"
+    warm_start : bool, default=False
 
     Attributes
     ----------

@@ -37,7 +37,7 @@ from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, tra
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
-from .linear import FeatureBasis, fit_paths
+from .linear import ProblemStack, fit_paths
 from .probes import CLASSIFIERS, NORMALIZERS, PATH_LOSS, make_classifier, make_normalizer, make_probe
 from .store import CodeStore
 
@@ -143,25 +143,26 @@ def _refine(best: float, grid: Sequence[float], c_min: float, c_max: float) -> l
     return sorted(c for c in fine if c_min <= c <= c_max and all(abs(math.log10(c / g)) > 1e-9 for g in grid))
 
 
-def _path_search(folds_data, n_classes, loss, coarse, c_min, c_max, device, tol, max_iter, patience=1):
+def _path_search(stack, val_data, loss, coarse, c_min, c_max, device, tol, max_iter, patience=1):
     """CV accuracy along the coarse grid (ascending, warm-started, stopped once accuracy has fallen for
-    ``patience`` steps past its best) and then the refined grid; returns ``{C: [accuracy per fold]}``."""
+    ``patience`` steps past its best) and then the refined grid.
+
+    Returns ``{C: [accuracy per fold]}`` and ``{C: fold states}`` (solutions in each fold's solve coordinates).
+    """
     scores: dict[float, list[float]] = {}
     states: dict[float, list] = {}
-    current = [None] * len(folds_data)
 
-    bases = [f[0] for f in folds_data]
-    ys = [f[1] for f in folds_data]
+    def fit_at(C: float, inits: list | None) -> list:
+        paths = fit_paths(stack, None, stack.n_classes, [C], loss, inits=inits, tol=tol, max_iter=max_iter, coefs=False)
+        for (Z_val, y_val), path in zip(val_data, paths):
+            A, b = path.states[0]
+            scores.setdefault(C, []).append(float(((Z_val @ A + b).argmax(1).cpu().numpy() == y_val).mean()))
+        states[C] = [path.states[0] for path in paths]
+        return states[C]
 
-    def fit_at(C: float, inits: list) -> list:
-        paths = fit_paths(bases, ys, n_classes, [C], loss, inits=inits, device=device, tol=tol, max_iter=max_iter)
-        for (_, _, X_val, y_val), path in zip(folds_data, paths):
-            scores.setdefault(C, []).append(float((path.decision(X_val, 0).argmax(1) == y_val).mean()))
-        return [path.states[0] for path in paths]
-
-    best, worse = None, 0
+    current, best, worse = None, None, 0
     for C in coarse:
-        current = states[C] = fit_at(C, current)
+        current = fit_at(C, current)
         if best is None or np.mean(scores[C]) > np.mean(scores[best]):
             best, worse = C, 0
         else:
@@ -174,7 +175,13 @@ def _path_search(folds_data, n_classes, loss, coarse, c_min, c_max, device, tol,
         inits = states[start]
         for C in fine:
             inits = fit_at(C, inits)
-    return scores
+    return scores, states
+
+
+def _mean_solution(stack, fold_states) -> tuple[np.ndarray, np.ndarray]:
+    """The folds' mean solution in feature space (d, K), (K,): a warm start for the final refit."""
+    coefs = [basis.to_features(A).float().cpu().numpy() for basis, (A, _) in zip(stack.bases, fold_states)]
+    return np.mean(coefs, 0), np.mean([b.float().cpu().numpy() for _, b in fold_states], 0)
 
 
 def _sgd_search(folds_raw, name, coarse, c_min, c_max, seed):
@@ -247,20 +254,27 @@ def _evaluate_array(
             val_i = np.fromiter((position[r] for r in val_rows), int, len(val_rows))
             X_fit, X_val = _normalize(norm, X_train[fit_i], X_train[val_i])
             folds_raw.append((X_fit, y_train[fit_i], X_val, y_train[val_i]))
-        bases = None
+        stack = None
         prep_s = time.perf_counter() - started
         for probe in cfg["probes"]:
             t0 = time.perf_counter()
+            warm = None
             if probe in PATH_LOSS:
-                if bases is None:
+                if stack is None:  # one basis per fold serves every C of both losses
                     t_basis = time.perf_counter()
-                    bases = [(FeatureBasis(X_fit, cfg["device"]), y_fit, X_val, y_val) for X_fit, y_fit, X_val, y_val in folds_raw]
+                    stack = ProblemStack([f[0] for f in folds_raw], [f[1] for f in folds_raw], n_classes, cfg["device"])
+                    val_data = [(basis.project(f[2]), f[3]) for basis, f in zip(stack.bases, folds_raw)]
                     prep_s += time.perf_counter() - t_basis
-                scores = _path_search(bases, n_classes, PATH_LOSS[probe], coarse, cfg["c_min"], cfg["c_max"], cfg["device"], cfg["cv_tol"], cfg["cv_max_iter"])
+                scores, states = _path_search(stack, val_data, PATH_LOSS[probe], coarse, cfg["c_min"], cfg["c_max"], cfg["device"], cfg["cv_tol"], cfg["cv_max_iter"])
             else:
-                scores = _sgd_search(folds_raw, probe, coarse, cfg["c_min"], cfg["c_max"], cfg["seed"])
+                scores, states = _sgd_search(folds_raw, probe, coarse, cfg["c_min"], cfg["c_max"], cfg["seed"]), {}
             best_c = max(scores, key=lambda c: (np.mean(scores[c]), -c))
             estimator = make_probe(probe, norm, best_c, n_samples=len(y_train), random_state=cfg["seed"], device=cfg["device"])
+            if best_c in states and n_classes > 2:
+                clf = estimator.named_steps["classify"]
+                clf.set_params(warm_start=True)
+                coef, intercept = _mean_solution(stack, states[best_c])
+                clf.coef_, clf.intercept_ = coef.T, intercept
             estimator.fit(X_train, y_train)
             metrics, pred, plain_scores = metrics_from_scores(estimator.decision_function(X_test), y_test, split.test_views, estimator.classes_)
             cv = scores[best_c]

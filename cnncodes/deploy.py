@@ -1,0 +1,143 @@
+"""A saved probe bundle, put back to work on images: ``load_bundle(path).predict(images)``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .backbones import Backbone, load_backbone
+from .bundle import BundleError, ProbeBundle, read_bundle
+from .extract import encode
+from .extractor import CodeExtractor
+from .preprocess import Preprocessing
+from .sources import DatasetSource, FileSource, ImageDecodeError, ImageSource, open_source
+
+__all__ = ["DeployedProbe", "FingerprintMismatchError", "load_bundle", "as_source"]
+
+
+class FingerprintMismatchError(BundleError):
+    """The backbone's weights are not the ones the probe was trained on."""
+
+
+def as_source(images: Any) -> ImageSource:
+    """Image paths, PIL images, uint8 arrays (N, H, W[, C]), a folder/CSV path, or an ImageSource -> ImageSource."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("no images given; pass image paths, PIL images or a uint8 array (N, H, W, C).")
+        if all(isinstance(i, (str, os.PathLike)) for i in images):
+            return FileSource([os.fspath(i) for i in images])
+        if all(isinstance(i, Image.Image) for i in images):
+            return DatasetSource(list(images))
+        raise ValueError("a list of images must hold only paths or only PIL images.")
+    return open_source(images)
+
+
+class DeployedProbe:
+    """A probe bundle with its backbone: predictions straight from images.
+
+    Parameters
+    ----------
+    bundle : ProbeBundle
+    backbone : Backbone, optional
+        Needed when the bundle was made from a Python ``nn.Module``; otherwise built from the bundle's model spec.
+    weights : path, optional
+        Local weights file for the bundle's model spec.
+    allow_fingerprint_mismatch : bool, default=False
+        Use a backbone whose weights differ from the bundle's (its predictions are then not the trained probe's).
+    batch_size, device : extraction settings.
+    """
+
+    def __init__(
+        self,
+        bundle: ProbeBundle,
+        *,
+        backbone: Backbone | None = None,
+        weights: str | os.PathLike | None = None,
+        allow_fingerprint_mismatch: bool = False,
+        batch_size: int = 64,
+        device: str = "auto",
+    ) -> None:
+        self.bundle = bundle
+        self.classes = list(bundle.classes)
+        self.batch_size = batch_size
+        self.device = device
+        model = bundle.extractor["model"]
+        self.preprocessing = Preprocessing.from_dict(model["preprocessing"])
+        if backbone is None:
+            if str(model["spec"]).startswith("module:"):
+                raise BundleError(
+                    f"this bundle was made from a Python module ({model['spec']}); pass backbone=load_backbone(module, "
+                    "preprocessing=...) to use it."
+                )
+            backbone = load_backbone(model["spec"], weights=weights, input_size=self.preprocessing.input_size)
+        if backbone.fingerprint != model["fingerprint"] and not allow_fingerprint_mismatch:
+            raise FingerprintMismatchError(
+                f"the backbone's weights fingerprint {backbone.fingerprint[:19]}... differs from the bundle's "
+                f"{model['fingerprint'][:19]}...: the probe was trained on codes of other weights ({model.get('weights')}). "
+                "Load the same weights (--weights PATH), or pass --allow-fingerprint-mismatch "
+                "(Python: allow_fingerprint_mismatch=True) to predict anyway."
+            )
+        self.backbone = backbone
+        self.extractor = CodeExtractor(backbone, [bundle.extractor["tap"]], [bundle.extractor["pooling"]], relu=bool(bundle.extractor["relu"]))
+
+    def codes(self, images: Any, *, progress: bool = False) -> tuple[np.ndarray, list[str]]:
+        """``(codes (n, dims), reasons)``; ``reasons[i]`` is ``""`` or why image ``i`` failed to decode."""
+        source = as_source(images)
+        codes, reasons = encode(source, self.extractor, self.preprocessing, batch_size=self.batch_size, device=self.device, progress=progress)
+        return codes[(self.bundle.extractor["tap"], self.bundle.extractor["pooling"])], reasons
+
+    def _checked(self, images: Any) -> np.ndarray:
+        codes, reasons = self.codes(images)
+        bad = [(i, r) for i, r in enumerate(reasons) if r]
+        if bad:
+            raise ImageDecodeError(f"image {bad[0][0]}", bad[0][1])
+        return codes
+
+    def decision_function(self, images: Any) -> np.ndarray:
+        """Class scores (n, n_classes), or (n,) for two classes."""
+        return self.bundle.decision_function_codes(self._checked(images))
+
+    def predict(self, images: Any) -> np.ndarray:
+        """Class names, one per image."""
+        return np.asarray(self.classes, dtype=object)[self.bundle.predict_codes(self._checked(images))]
+
+    def predict_proba(self, images: Any) -> np.ndarray:
+        """Class probabilities (logreg and sgd-log probes only)."""
+        return self.bundle.predict_proba_codes(self._checked(images))
+
+    def predict_source(self, source: Any, *, progress: bool = False) -> list[dict[str, Any]]:
+        """One row per image: ``path``, ``predicted``, ``scores`` (or ``probabilities``), ``error``; bad images get an
+        error row instead of stopping the run."""
+        images = as_source(source)
+        codes, reasons = self.codes(images, progress=progress)
+        scores = (
+            self.bundle.predict_proba_codes(codes) if self.bundle.has_proba else self.bundle.decision_function_codes(codes)
+        )
+        pred = self.bundle.predict_codes(codes)
+        rows = []
+        for i, path in enumerate(images.ids):
+            row: dict[str, Any] = {"path": path, "error": reasons[i]}
+            row["predicted"] = "" if reasons[i] else self.classes[pred[i]]
+            row["scores"] = None if reasons[i] else np.atleast_1d(scores[i])
+            rows.append(row)
+        return rows
+
+
+def load_bundle(path: str | os.PathLike, **kwargs: Any) -> DeployedProbe:
+    """Read a probe bundle safely (see :mod:`cnncodes.bundle`) and attach its backbone.
+
+    Keyword arguments go to :class:`DeployedProbe` (``weights``, ``backbone``, ``allow_fingerprint_mismatch``,
+    ``batch_size``, ``device``).
+    """
+    return DeployedProbe(read_bundle(path), **kwargs)
+
+
+def score_names(probe: DeployedProbe) -> Sequence[str]:
+    """Column names for the per-class outputs of :meth:`DeployedProbe.predict_source`."""
+    kind = "proba" if probe.bundle.has_proba else "score"
+    if probe.bundle.arrays["coef"].shape[0] == 1 and not probe.bundle.has_proba:
+        return [f"{kind}_{probe.classes[1]}"]
+    return [f"{kind}_{c}" for c in probe.classes]
