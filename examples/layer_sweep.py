@@ -1,0 +1,23 @@
+"""Extract codes at every stage of a backbone and find the best layer.
+
+    python examples/layer_sweep.py [WORKDIR] [--model resnet18:none --input-size 32]
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+import cnncodes
+from cnncodes.report import format_table, write_report
+from cnncodes.sweep import sweep
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _data import make_folder  # noqa: E402
+
+work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
+images = make_folder(work / "images")
+store = cnncodes.extract(images, out=work / "codes", model="resnet18:none", input_size=32, layers="stages", pool="avg,avg2", progress=False)
+result = sweep(store, probes=("logreg",), folds=3, progress=False)
+print(format_table(result))
+write_report(result, work / "sweep")
+print("best layer:", result.best["tap"], result.best["pooling"])
