@@ -8,6 +8,7 @@ ONNX needs the ``onnx`` extra (checked with onnxruntime).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,8 +71,11 @@ def export_probe(probe: DeployedProbe, path: str | os.PathLike, format: str = "t
             traced.save(str(path))
         else:
             try:
-                torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["scores"],
-                                  dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}}, dynamo=False)  # fmt: skip
+                # The TorchScript-based exporter needs nothing beyond `onnx`; torch.export's needs onnxscript too.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning)
+                    torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["scores"],
+                                      dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}}, dynamo=False)  # fmt: skip
             except (ImportError, ModuleNotFoundError) as exc:
                 raise BundleError(f"ONNX export needs the onnx extra: pip install 'cnncodes[onnx]' ({exc}).") from exc
     return path
