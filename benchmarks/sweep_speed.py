@@ -28,7 +28,7 @@ from cnncodes import CodeStore, extract
 from cnncodes.sweep import make_split, sweep
 
 
-def baseline(store: CodeStore, seed: int = 0) -> tuple[dict, float]:
+def baseline(store: CodeStore, seed: int = 0) -> dict:
     split = make_split(store, seed=seed)
     y = np.asarray(store.labels)
     results = []
@@ -42,8 +42,7 @@ def baseline(store: CodeStore, seed: int = 0) -> tuple[dict, float]:
         search.fit(X[split.train_rows], y[split.train_rows])
         test = search.score(X[split.test_rows], y[split.test_rows])
         results.append({"tap": tap, "pooling": pooling, "cv": search.best_score_, "test": test})
-    best = max(results, key=lambda r: r["cv"])
-    return best, 0.0
+    return max(results, key=lambda r: r["cv"])
 
 
 def main() -> None:
@@ -58,7 +57,7 @@ def main() -> None:
         store = CodeStore(path)
         warnings.simplefilter("ignore", ConvergenceWarning)
         start = time.perf_counter()
-        base, _ = baseline(store)
+        base = baseline(store)
         t_base = time.perf_counter() - start
         start = time.perf_counter()
         ours = sweep(store, jobs=args.jobs, progress=False)

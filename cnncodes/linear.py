@@ -41,9 +41,6 @@ class LinearPath:
     n_iter: list[int]
     states: list[tuple[torch.Tensor, torch.Tensor]]
 
-    def decision(self, X: np.ndarray, i: int) -> np.ndarray:
-        return X @ self.coefs[i] + self.intercepts[i]
-
 
 class FeatureBasis:
     """Coordinates in which to solve: the raw features, or the span of the training rows when d > n.

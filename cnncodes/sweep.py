@@ -31,7 +31,6 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
-from sklearn.base import clone
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, train_test_split
 from sklearn.pipeline import Pipeline
@@ -241,7 +240,6 @@ def _evaluate_array(
         return evaluate_streaming(store, test_store, tap, pooling, split, cfg)
     X_train = _load(codes, split.train_rows)
     y_train = labels[split.train_rows]
-    position = {r: i for i, r in enumerate(split.train_rows)}
     X_test = _load(test_store.codes(tap, pooling), split.test_rows)
     y_test = np.asarray(test_store.labels)[split.test_rows]
     coarse = c_grid(cfg["c_min"], cfg["c_max"])
@@ -250,15 +248,15 @@ def _evaluate_array(
         started = time.perf_counter()
         folds_raw = []
         for fit_rows, val_rows in split.folds:
-            fit_i = np.fromiter((position[r] for r in fit_rows), int, len(fit_rows))
-            val_i = np.fromiter((position[r] for r in val_rows), int, len(val_rows))
+            # train_rows is sorted, so a row's position in X_train is a binary search away
+            fit_i = np.searchsorted(split.train_rows, fit_rows)
+            val_i = np.searchsorted(split.train_rows, val_rows)
             X_fit, X_val = _normalize(norm, X_train[fit_i], X_train[val_i])
             folds_raw.append((X_fit, y_train[fit_i], X_val, y_train[val_i]))
         stack = None
         prep_s = time.perf_counter() - started
         for probe in cfg["probes"]:
             t0 = time.perf_counter()
-            warm = None
             if probe in PATH_LOSS:
                 if stack is None:  # one basis per fold serves every C of both losses
                     t_basis = time.perf_counter()

@@ -92,12 +92,11 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> "CNNCodes":
         """Load the backbone and resolve the taps; ``X`` and ``y`` are not used."""
         extractor = self._build()
-        self.fingerprint_ = extractor_fingerprint = self._backbone.fingerprint
+        self.fingerprint_ = self._backbone.fingerprint
         self.taps_ = [t.name for t in extractor.taps]
         self.poolings_ = [p.name for p in extractor.poolings]
         self.dims_ = [d for d in extractor.code_dims().values()]
         self.n_features_out_ = int(sum(self.dims_))
-        self._fitted_with = extractor_fingerprint
         return self
 
     def _build(self) -> CodeExtractor:

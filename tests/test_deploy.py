@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from cnncodes import extract
 from cnncodes.bundle import BundleError, read_bundle, save_bundle
 from cnncodes.cli import main
 from cnncodes.deploy import FingerprintMismatchError, load_bundle

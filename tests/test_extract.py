@@ -1,7 +1,6 @@
 """End-to-end extraction into stores: layout, two routes to the same codes, resume, locking, bad images, views."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

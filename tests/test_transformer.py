@@ -10,7 +10,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import cnncodes.transformer as transformer_module
-from cnncodes import CodeExtractor, load_backbone
+from cnncodes import load_backbone
 from cnncodes.deploy import FingerprintMismatchError
 from cnncodes.linear import TorchLogisticRegression
 from cnncodes.transformer import CNNCodes
