@@ -48,7 +48,10 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .extract import extract
+    from .store import CodeStore
 
     store = extract(
         args.source,
@@ -70,12 +73,29 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        shard=args.shard,
+        devices=args.devices,
+        merge=True if args.merge else None,
     )
+    shard = store.manifest["config"].get("shard")
     print(f"wrote {store.rows} rows x {len(store.arrays)} arrays to {store.path} ({len(store.errors)} images skipped)")
+    if shard:
+        done = [p for p in (Path(args.out) / "shards").glob(f"*-of-{shard['count']}") if CodeStore.is_complete(p)]
+        print(f"shard {shard['index']}/{shard['count']} (images {shard['images'][0]}-{shard['images'][1] - 1}) is complete; "
+              f"{len(done)} of {shard['count']} shards are. When all are, join them: cnncodes merge {args.out}")  # fmt: skip
     for err in store.errors[:20]:
         print(f"  skipped {err['path']}: {err['reason']}")
     if len(store.errors) > 20:
         print(f"  ... {len(store.errors) - 20} more in {store.path / 'manifest.json'}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .store import merge_shards
+
+    store = merge_shards(args.out, args.shards or None, remove_shards=args.remove_shards)
+    print(f"merged {store.rows} rows x {len(store.arrays)} arrays into {store.path} ({len(store.errors)} images skipped)"
+          + ("; removed the shard stores" if args.remove_shards else ""))  # fmt: skip
     return 0
 
 
@@ -227,7 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="bad images: record and skip, or stop")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shard", metavar="I/N", help="extract only shard I of N (0-based) into OUT/shards/I-of-N; auto: from torchrun/Slurm")
+    p.add_argument("--merge", action="store_true", help="with --shard: merge all shards if this is the last to finish")
+    p.add_argument("--devices", metavar="LIST", help="one process per device, e.g. cuda:0,cuda:1; merged at the end")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("merge", help="join the shard stores of a sharded extraction into one store")
+    p.add_argument("out", help="the --out directory of the sharded extraction (merged store goes here)")
+    p.add_argument("shards", nargs="*", help="shard stores to join (default: OUT/shards/*)")
+    p.add_argument("--remove-shards", action="store_true", help="delete the shard stores after a successful merge")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("sweep", help="probe every (tap, pooling) of a store and pick the best extraction point")
     p.add_argument("store", help="code store directory (from cnncodes extract)")

@@ -7,11 +7,14 @@ so disk writes overlap the next forward pass.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -25,7 +28,18 @@ from .extractor import CodeExtractor
 from .pooling import Pooling
 from .preprocess import Preprocessing, normalize, parse_augment, pixel_transform, render_views, view_transform
 from .sources import ImageDecodeError, ImageSource, open_source
-from .store import ArraySpec, CodeStore, StoreWriter, versions
+from .shards import Shard, launcher_device, parse_devices, parse_shard, shard_from_env
+from .store import (
+    ArraySpec,
+    CodeStore,
+    IncompleteStoreError,
+    StoreError,
+    StoreLockedError,
+    StoreWriter,
+    merge_shards,
+    shard_path,
+    versions,
+)
 
 __all__ = ["extract", "encode", "resolve_device", "ImageViews"]
 
@@ -55,16 +69,19 @@ class ImageViews(Dataset):
     aligned with images.
     """
 
-    def __init__(self, source: ImageSource, pre: Preprocessing, views: int, seed: int, augment: Sequence[str], start: int = 0) -> None:
+    def __init__(
+        self, source: ImageSource, pre: Preprocessing, views: int, seed: int, augment: Sequence[str], start: int = 0, stop: int | None = None
+    ) -> None:
         self.source = source
         self.pre = pre
         self.views = views
         self.seed = seed
         self.augment = tuple(augment)
         self.start = start
+        self.stop = len(source) if stop is None else stop
 
     def __len__(self) -> int:
-        return len(self.source) - self.start
+        return max(0, self.stop - self.start)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         index = self.start + i
@@ -77,6 +94,11 @@ class ImageViews(Dataset):
         except ImageDecodeError as exc:
             size = self.pre.input_size
             return torch.zeros(self.views + 1, 3, size, size, dtype=torch.uint8), index, exc.reason
+
+
+def images_per_batch(batch_size: int, views: int) -> int:
+    """Images per forward pass: ``batch_size`` rows rounded down to whole images (at least one)."""
+    return max(1, batch_size // (views + 1))
 
 
 def _worker_init(_: int) -> None:
@@ -115,6 +137,9 @@ def extract(
     max_pixels: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    shard: str | tuple[int, int] | Shard | None = None,
+    devices: str | Sequence[str] | None = None,
+    merge: bool | None = None,
 ) -> CodeStore:
     """Extract CNN codes from images into a memory-mapped code store.
 
@@ -164,10 +189,22 @@ def extract(
         Replace a store made with other settings.
     progress : bool, default=True
         Show a progress bar with images/s and ETA.
+    shard : "I/N", (I, N), "auto" or None
+        Extract only shard ``I`` of ``N`` (a contiguous slice of whole batches) into ``out/shards/I-of-N``; join the
+        shards with :func:`cnncodes.store.merge_shards` (``cnncodes merge``). ``"auto"`` reads torchrun or Slurm
+        array variables; with ``None`` a torchrun launch (``WORLD_SIZE`` > 1) is detected by itself. Each shard
+        resumes on its own.
+    devices : str or list of str, optional
+        Split the work over these devices, one process each (``"cuda:0,cuda:1"``), then merge; the result equals a
+        one-process run.
+    merge : bool, optional
+        After this shard, merge all shards if every one is complete (the last shard to finish merges). Default:
+        on under torchrun and ``devices``, off for an explicit ``shard``.
 
     Returns
     -------
     CodeStore
+        The complete store; for a shard that did not merge, the shard's own store.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}; use one of {_DTYPES}.")
@@ -176,7 +213,16 @@ def extract(
     if batch_size < 1 or views < 0:
         raise ValueError(f"need batch_size >= 1 and views >= 0, got batch_size={batch_size}, views={views}.")
     augment = parse_augment(augment)
-    dev = resolve_device(device)
+    device_list = parse_devices(devices)
+    launched = shard is None and shard_from_env(os.environ, slurm=False) is not None
+    part = parse_shard(shard)
+    if device_list and part is not None:
+        raise ValueError(f"got devices={devices!r} and shard {part}: --devices splits the work itself; give one of them.")
+    if len(device_list) == 1:
+        device = device_list[0]
+    elif launched and device == "auto":
+        device = launcher_device() or device
+    dev = resolve_device(device) if len(device_list) < 2 else None
     images = open_source(source, labels=labels, max_pixels=max_pixels)
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights=weights, preprocessing=preprocessing, input_size=input_size)
     extractor = CodeExtractor(backbone, layers, pool, relu=relu)
@@ -203,17 +249,87 @@ def extract(
         "batch_size": batch_size,
         "versions": versions(),
     }
+    if part is not None or len(device_list) > 1:
+        merged = finished_store(out, config)
+        if merged is not None:  # a rerun after the shards were merged: nothing to do
+            return merged
+    if len(device_list) > 1:
+        for d in device_list:
+            resolve_device(d)  # fail here, naming the device, rather than in a child process
+        kwargs = dict(source=source, out=out, model=backbone, layers=[t.name for t in extractor.taps], pool=[p.name for p in extractor.poolings],
+                      relu=relu, dtype=dtype, views=views, seed=seed, augment=augment, labels=labels, batch_size=batch_size,
+                      workers=workers, amp=amp, on_error=on_error, max_pixels=max_pixels, overwrite=overwrite)  # fmt: skip
+        return _extract_on_devices(device_list, kwargs, progress)
+
+    lo, hi, store_path = 0, len(images), Path(out)
+    if part is not None:
+        lo, hi = part.image_range(len(images), images_per_batch(batch_size, views))
+        config["shard"] = {"index": part.index, "count": part.count, "images": [lo, hi]}
+        store_path = shard_path(out, part)
     writer = StoreWriter(
-        out, arrays=specs, sources=images.ids, labels=images.labels, classes=images.classes, views=views,
-        config=config, info=info, overwrite=overwrite,
+        store_path, arrays=specs, sources=images.ids[lo:hi], labels=images.labels[lo:hi], classes=images.classes,
+        views=views, config=config, info=info, overwrite=overwrite,
     )  # fmt: skip
     try:
         if writer.already_complete:
-            return CodeStore(out)
-        _run(extractor, images, writer, backbone.preprocessing, specs, dev, views, seed, augment, batch_size, workers, amp, on_error, progress)
-        return writer.finalize()
+            store = CodeStore(store_path)
+        else:
+            _run(extractor, images, lo, writer, backbone.preprocessing, specs, dev, views, seed, augment, batch_size, workers, amp, on_error, progress)
+            store = writer.finalize()
     finally:
         writer.close()
+    if part is not None and (merge if merge is not None else launched):
+        return merge_when_complete(out) or store
+    return store
+
+
+def finished_store(out: str | os.PathLike, config: dict[str, Any]) -> CodeStore | None:
+    """The complete store at ``out`` if it was made with ``config``, else ``None``."""
+    try:
+        store = CodeStore(out)
+    except StoreError:
+        return None
+    return store if store.manifest.get("config") == json.loads(json.dumps(config)) else None
+
+
+def merge_when_complete(out: str | os.PathLike) -> CodeStore | None:
+    """Merge the shards of ``out`` if all are complete and nobody merged them yet; ``None`` while some still run."""
+    try:
+        return merge_shards(out, remove_shards=True)
+    except (IncompleteStoreError, StoreLockedError):
+        return None  # another shard is still running, or is merging right now; the last one to finish merges
+    except StoreError:
+        try:
+            return CodeStore(out)  # merged by another shard in the meantime, which removed the shard stores
+        except StoreError:
+            raise
+
+
+def _extract_shard(kwargs: dict[str, Any]) -> str:
+    return str(extract(**kwargs).path)
+
+
+def _extract_on_devices(devices: list[str], kwargs: dict[str, Any], progress: bool) -> CodeStore:
+    """One spawned process per device, each extracting its shard; then merge (each shard resumes on a rerun)."""
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    n = len(devices)
+    with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(_extract_shard, {**kwargs, "device": d, "shard": Shard(i, n), "merge": False, "progress": progress and i == 0})
+            for i, d in enumerate(devices)
+        ]
+        failed = []
+        for i, future in enumerate(futures):
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - every shard is waited for; failures are reported together
+                failed.append(f"shard {i}/{n} on {devices[i]}: {type(exc).__name__}: {exc}")
+    if failed:
+        raise RuntimeError(
+            "extraction failed in " + "; ".join(failed) + ". Finished shards are kept: fix the cause and rerun the "
+            "same command to resume."
+        )
+    return merge_shards(kwargs["out"], remove_shards=True)
 
 
 @dataclass
@@ -234,6 +350,7 @@ def _batches(
     seed: int = 0,
     augment: Sequence[str] = ("crop", "flip"),
     start_image: int = 0,
+    stop_image: int | None = None,
     batch_size: int = 64,
     workers: int | None = None,
     amp: bool = True,
@@ -242,8 +359,8 @@ def _batches(
     """Decode, normalize on the device, run the extractor, pool, and bring codes back to the host, batch by batch."""
     cuda = dev.type == "cuda"
     loader = DataLoader(
-        ImageViews(images, pre, views, seed, augment, start=start_image),
-        batch_size=max(1, batch_size // (views + 1)),
+        ImageViews(images, pre, views, seed, augment, start=start_image, stop=stop_image),
+        batch_size=images_per_batch(batch_size, views),
         shuffle=False,
         num_workers=_default_workers(dev) if workers is None else workers,
         pin_memory=cuda,
@@ -299,6 +416,7 @@ def encode(
 def _run(
     extractor: CodeExtractor,
     images: ImageSource,
+    first_image: int,
     writer: StoreWriter,
     pre: Preprocessing,
     specs: list[ArraySpec],
@@ -312,18 +430,20 @@ def _run(
     on_error: str,
     progress: bool,
 ) -> None:
-    start_image = writer.rows_done // (views + 1)
-    if start_image >= len(images):
+    """Fill ``writer`` with images ``first_image ...`` (its rows are relative to ``first_image``)."""
+    start_image = first_image + writer.rows_done // (views + 1)
+    stop_image = first_image + len(writer.sources)
+    if start_image >= stop_image:
         return
     pending: deque[Future] = deque()
     bar = tqdm(total=writer.rows_total, initial=writer.rows_done, unit="img", unit_scale=True, disable=not progress, desc="extract", dynamic_ncols=True)
     row = writer.rows_done
     batches = _batches(extractor, images, pre, dev=dev, views=views, seed=seed, augment=augment, start_image=start_image,
-                       batch_size=batch_size, workers=workers, amp=amp, dtype=specs[0].dtype)  # fmt: skip
+                       stop_image=stop_image, batch_size=batch_size, workers=workers, amp=amp, dtype=specs[0].dtype)  # fmt: skip
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-writer") as pool:
         try:
             for b in batches:
-                errors = [{"path": images.ids[i], "reason": r, "image": i} for i, r in zip(b.index, b.reasons) if r]
+                errors = [{"path": images.ids[i], "reason": r, "image": i - first_image} for i, r in zip(b.index, b.reasons) if r]
                 if errors and on_error == "raise":
                     raise ImageDecodeError(errors[0]["path"], errors[0]["reason"])
                 host = {s.file: b.codes[(s.tap, s.pooling)] for s in specs}

@@ -7,6 +7,7 @@ A store is a directory::
     <tap>__<pooling>.npy          # (rows, dims) float16/float32, one per (tap, pooling)
     .partial/                     # only while extraction runs: preallocated arrays + progress.json
     .lock                         # flock'ed by the process writing the store
+    shards/I-of-N/                # only for sharded extraction: one complete store per shard, joined by merge_shards
 
 Rows are images x views: row ``r`` is view ``r % (views + 1)`` of image ``r // (views + 1)``; view 0 is the plain view.
 
@@ -46,6 +47,8 @@ __all__ = [
     "StoreMismatchError",
     "IncompleteStoreError",
     "FORMAT_VERSION",
+    "merge_shards",
+    "shard_path",
 ]
 
 FORMAT_VERSION = 1
@@ -54,6 +57,7 @@ LABELS = "labels.npy"
 PARTIAL = ".partial"
 PROGRESS = "progress.json"
 LOCK = ".lock"
+SHARDS = "shards"
 _COPY_CHUNK_ROWS = 8192
 
 
@@ -156,6 +160,14 @@ class CodeStore:
                 "its extraction was interrupted or is still running. Rerun the same `cnncodes extract` command to "
                 "resume it."
             )
+
+    @staticmethod
+    def is_complete(path: str | os.PathLike) -> bool:
+        """Whether ``path`` holds a complete store (no exception for a missing or damaged one)."""
+        try:
+            return CodeStore(path).complete
+        except StoreError:
+            return False
 
     # -- metadata ---------------------------------------------------------------------------------------------------
     @property
@@ -316,17 +328,7 @@ class StoreWriter:
 
     # -- opening ----------------------------------------------------------------------------------------------------
     def _acquire_lock(self) -> Any:
-        f = open(self.path / LOCK, "a+")
-        if fcntl is not None:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.close()
-                raise StoreLockedError(
-                    f"another cnncodes process is writing {self.path} (its lock {self.path / LOCK} is held). Wait for "
-                    "it to finish, or write to another --out directory."
-                ) from None
-        return f
+        return _lock(self.path)
 
     def _prepare(self, overwrite: bool) -> None:
         manifest_path = self.path / MANIFEST
@@ -342,7 +344,7 @@ class StoreWriter:
             else:
                 self._resume()
                 return
-        elif any(p.name not in (LOCK, PARTIAL) for p in self.path.iterdir()):
+        elif any(p.name not in (LOCK, PARTIAL, SHARDS) for p in self.path.iterdir()):
             raise StoreError(
                 f"{self.path} is not empty and holds no {MANIFEST}; refusing to write a store over unrelated files. "
                 "Choose a new or empty --out directory."
@@ -490,11 +492,29 @@ class _RowFile:
             self.fd = -1
 
 
-def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+def _lock(path: Path) -> Any:
+    """Hold ``path/.lock`` exclusively until the returned file is closed."""
+    f = open(path / LOCK, "a+")
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise StoreLockedError(
+                f"another cnncodes process is writing {path} (its lock {path / LOCK} is held). Wait for it to finish, "
+                "or write to another --out directory."
+            ) from None
+    return f
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], labels: tuple[str, str] = ("store has", "asked")) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    details = "; ".join(f"{k}: store has {_short(old.get(k))}, asked {_short(new.get(k))}" for k in keys[:4])
+    return "; ".join(f"{k}: {labels[0]} {_short(old.get(k))}, {labels[1]} {_short(new.get(k))}" for k in keys[:4])
+
+
+def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
     return (
-        f"{path} already holds codes made with different settings ({details}). Nothing was changed. Pass "
+        f"{path} already holds codes made with different settings ({_config_diff(old, new)}). Nothing was changed. Pass "
         "--overwrite (Python: overwrite=True) to replace them, or choose another --out directory."
     )
 
@@ -520,3 +540,159 @@ def versions() -> dict[str, str]:
         "numpy": np.__version__,
         "python": sys.version.split()[0],
     }
+
+
+# -- shards -------------------------------------------------------------------------------------------------------------
+def shard_path(out: str | os.PathLike, shard: Any) -> Path:
+    """Where shard ``I/N`` of the store ``out`` is written: ``out/shards/I-of-N`` (``shard`` is a
+    :class:`cnncodes.shards.Shard`)."""
+    return Path(out) / SHARDS / shard.name
+
+
+def _unsharded(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "shard"}
+
+
+def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None) -> list[CodeStore]:
+    """Open the shard stores of one run and return them in shard order, or say exactly what is missing."""
+    paths = [Path(p) for p in shards] if shards else sorted(p for p in (out / SHARDS).glob("*-of-*") if p.is_dir())
+    if not paths:
+        raise StoreError(
+            f"no shard stores under {out / SHARDS}. Run `cnncodes extract SOURCE --out {out} --shard I/N` for every "
+            "shard first, or name the shard stores to merge."
+        )
+    by_index: dict[int, CodeStore] = {}
+    count = None
+    for path in paths:
+        store = CodeStore(path, allow_incomplete=True)
+        shard = store.manifest.get("config", {}).get("shard")
+        if not shard:
+            raise StoreError(f"{path} is not a shard store; merge joins stores written by `cnncodes extract --shard I/N`.")
+        if count is None:
+            count = shard["count"]
+        if shard["count"] != count:
+            raise StoreError(
+                f"{path} is shard {shard['index']}/{shard['count']} but {paths[0]} is one of {count}: merge the shards "
+                "of one run only."
+            )
+        if shard["index"] in by_index:
+            raise StoreError(f"{path} and {by_index[shard['index']].path} are both shard {shard['index']}/{count}.")
+        by_index[shard["index"]] = store
+    assert count is not None
+    missing = [i for i in range(count) if i not in by_index]
+    if missing:
+        raise StoreError(
+            f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} missing (found {len(by_index)} of {count} under "
+            f"{paths[0].parent}). Run `cnncodes extract ... --shard {missing[0]}/{count}` with the same arguments as "
+            "the others, then merge again."
+        )
+    ordered = [by_index[i] for i in range(count)]
+    unfinished = [s for s in ordered if not s.complete]
+    if unfinished:
+        what = ", ".join(f"{s.path} ({s.manifest.get('rows_done')}/{s.rows} rows)" for s in unfinished[:4])
+        raise IncompleteStoreError(
+            f"{len(unfinished)} shard(s) not finished: {what}. Rerun their `cnncodes extract ... --shard I/N` "
+            "command to resume them, then merge again."
+        )
+    base = _unsharded(ordered[0].manifest["config"])
+    end = 0
+    for store in ordered:
+        config = store.manifest["config"]
+        if _unsharded(config) != base:
+            raise StoreMismatchError(
+                f"{store.path} was extracted with other settings than {ordered[0].path} "
+                f"({_config_diff(base, _unsharded(config), ('first shard', 'this one'))}). Re-extract that shard with the same arguments."
+            )
+        lo, hi = config["shard"]["images"]
+        if lo != end:
+            raise StoreError(
+                f"{store.path} starts at image {lo} but the shard before it ends at image {end}: the shards were "
+                "extracted with different --batch-size. Re-extract them with one --batch-size."
+            )
+        end = hi
+    if end != base["n_images"]:
+        raise StoreError(f"the shards cover {end} of {base['n_images']} images; the last shard ends early.")
+    return ordered
+
+
+def merge_shards(
+    out: str | os.PathLike, shards: Sequence[str | os.PathLike] | None = None, *, remove_shards: bool = False
+) -> CodeStore:
+    """Join the shard stores of a sharded extraction into one store at ``out``.
+
+    The merged store is bitwise identical (arrays, labels, manifest except its ``written`` time) to the store a
+    single process would have written with the same arguments, so rerunning that single-process command on ``out``
+    finds it complete. Rows are copied with plain reads and positioned writes, so memory stays flat.
+
+    Parameters
+    ----------
+    out : path-like
+        Directory of the merged store; by default its ``shards/`` sub-directory holds the shard stores.
+    shards : sequence of path-like, optional
+        The shard stores to join, in any order (e.g. copied from several machines); default: ``out/shards/*``.
+    remove_shards : bool, default=False
+        Delete the shard stores once the merged store is complete.
+
+    Returns
+    -------
+    CodeStore
+    """
+    out = Path(out)
+    parts = _shard_stores(out, shards)
+    first = parts[0].manifest
+    config = _unsharded(first["config"])
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        if (out / MANIFEST).exists():
+            old = _read_json(out / MANIFEST)
+            if old.get("config") == config and old.get("complete"):
+                return CodeStore(out)  # already merged (or extracted by one process with the same settings)
+            raise StoreMismatchError(
+                f"{out} already holds a {'complete' if old.get('complete') else 'unfinished'} store with other "
+                "settings or from another run; nothing was changed. Merge into a new --out directory, or delete it."
+            )
+        if any(p.name not in (LOCK, PARTIAL, SHARDS) for p in out.iterdir()):
+            raise StoreError(f"{out} is not empty and holds no {MANIFEST}; merge into a new or empty directory.")
+        rows = sum(s.rows for s in parts)
+        partial = out / PARTIAL
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        arrays = []
+        for entry in first["arrays"]:
+            target = partial / entry["file"]
+            mm = np.lib.format.open_memmap(target, mode="w+", dtype=np.dtype(entry["dtype"]), shape=(rows, entry["shape"][1]))
+            del mm  # only the preallocated file and its header are needed
+            writer = _RowFile(target)
+            pos = 0
+            for store in parts:
+                for lo in range(0, store.rows, _COPY_CHUNK_ROWS):
+                    block = store.read_rows(entry["tap"], entry["pooling"], lo, lo + _COPY_CHUNK_ROWS)
+                    writer.write_rows(pos, block)
+                    pos += len(block)
+            writer.close()
+            arrays.append({**entry, "shape": [rows, entry["shape"][1]]})
+        for entry in first["arrays"]:
+            os.replace(partial / entry["file"], out / entry["file"])
+        labels = np.concatenate([np.asarray(s.labels) for s in parts])
+        np.save(out / LABELS, labels, allow_pickle=False)
+        manifest = {
+            **first,
+            "rows_total": rows,
+            "rows_done": rows,
+            "arrays": arrays,
+            "sources": [src for s in parts for src in s.sources],
+            "errors": [e for s in parts for e in s.errors],
+            "config": config,
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        _atomic_json(out / MANIFEST, manifest)
+        shutil.rmtree(partial, ignore_errors=True)
+    finally:
+        lock.close()
+    if remove_shards:
+        for store in parts:
+            shutil.rmtree(store.path)
+        if shards is None and not any((out / SHARDS).iterdir()):
+            (out / SHARDS).rmdir()
+    return CodeStore(out)
