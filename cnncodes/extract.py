@@ -305,7 +305,9 @@ def merge_when_complete(out: str | os.PathLike) -> CodeStore | None:
             raise
 
 
-def _extract_shard(kwargs: dict[str, Any]) -> str:
+def _extract_shard(kwargs: dict[str, Any], cpu_threads: int) -> str:
+    if resolve_device(kwargs["device"]).type == "cpu":
+        torch.set_num_threads(cpu_threads)  # processes sharing the CPU split its cores instead of oversubscribing
     return str(extract(**kwargs).path)
 
 
@@ -313,9 +315,11 @@ def _extract_on_devices(devices: list[str], kwargs: dict[str, Any], progress: bo
     """One spawned process per device, each extracting its shard; then merge (each shard resumes on a rerun)."""
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     n = len(devices)
+    cpu_processes = sum(1 for d in devices if torch.device(d).type == "cpu")
+    threads = max(1, torch.get_num_threads() // max(1, cpu_processes))
     with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
         futures = [
-            pool.submit(_extract_shard, {**kwargs, "device": d, "shard": Shard(i, n), "merge": False, "progress": progress and i == 0})
+            pool.submit(_extract_shard, {**kwargs, "device": d, "shard": Shard(i, n), "merge": False, "progress": progress and i == 0}, threads)
             for i, d in enumerate(devices)
         ]
         failed = []

@@ -513,9 +513,12 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], labels: tuple[str, st
 
 
 def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+    hint = ""
+    if [k for k in set(old) | set(new) if old.get(k) != new.get(k)] == ["shard"]:
+        hint = " A shard's image range follows --batch-size: resume it with the --batch-size it was started with."
     return (
-        f"{path} already holds codes made with different settings ({_config_diff(old, new)}). Nothing was changed. Pass "
-        "--overwrite (Python: overwrite=True) to replace them, or choose another --out directory."
+        f"{path} already holds codes made with different settings ({_config_diff(old, new)}). Nothing was changed.{hint} "
+        "Pass --overwrite (Python: overwrite=True) to replace them, or choose another --out directory."
     )
 
 
@@ -580,8 +583,8 @@ def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None) -> list
         by_index[shard["index"]] = store
     assert count is not None
     missing = [i for i in range(count) if i not in by_index]
-    if missing:
-        raise StoreError(
+    if missing:  # not there yet is one way of not finished
+        raise IncompleteStoreError(
             f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} missing (found {len(by_index)} of {count} under "
             f"{paths[0].parent}). Run `cnncodes extract ... --shard {missing[0]}/{count}` with the same arguments as "
             "the others, then merge again."

@@ -1,0 +1,217 @@
+"""Sharded extraction: shard planning, shards as separate processes, merge, --devices, launcher environments."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnncodes import extract
+from cnncodes.cli import main
+from cnncodes.shards import Shard, parse_devices, parse_shard, shard_from_env
+from cnncodes.store import CodeStore, IncompleteStoreError, StoreError, StoreMismatchError, merge_shards
+
+from conftest import make_images, make_tiny_backbone
+
+CLI_MODEL = ["--model", "resnet18:none", "--input-size", "32", "--layers", "last:2", "--pool", "avg,avg2", "--batch-size", "4"]
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every array and the labels, byte for byte, and the manifest without its write time."""
+    files = {p.name: p.read_bytes() for p in sorted(Path(path).glob("*.npy"))}
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    manifest.pop("written")
+    files["manifest"] = json.dumps(manifest).encode()
+    return files
+
+
+def image_folder(root: Path, n: int = 30) -> Path:
+    """An ImageFolder with one unreadable file in each half, so errors and row compaction cross shards."""
+    images, labels = make_images(n)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (root / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / f"c{label}" / f"{i:03d}.png")
+    (root / "c0" / "001_empty.png").write_bytes(b"")
+    (root / "c1" / "zzz_text.png").write_text("not an image")
+    return root
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnncodes", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return out + err
+
+
+# -- planning ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_images,per_batch,count", [(1797, 64, 3), (37, 8, 2), (5, 4, 3), (100, 1, 7), (3, 64, 4)])
+def test_shards_cover_every_image_once_on_batch_boundaries(n_images, per_batch, count):
+    ranges = [Shard(i, count).image_range(n_images, per_batch) for i in range(count)]
+    covered = np.concatenate([np.arange(lo, hi) for lo, hi in ranges])
+    np.testing.assert_array_equal(covered, np.arange(n_images))
+    assert all(lo % per_batch == 0 for lo, _ in ranges)
+    sizes = [hi - lo for lo, hi in ranges]
+    assert max(sizes) - min(sizes) <= per_batch  # even split in whole batches
+
+
+def test_shard_parsing_and_launcher_environments():
+    assert parse_shard("2/5", env={}) == Shard(2, 5)
+    assert parse_shard((1, 2), env={}) == Shard(1, 2)
+    assert parse_shard(None, env={}) is None
+    assert parse_shard(None, env={"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Shard(3, 4)
+    assert parse_shard(None, env={"RANK": "0", "WORLD_SIZE": "1"}) is None  # a single-process torchrun
+    slurm = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}
+    assert parse_shard("auto", env=slurm) == Shard(3, 4)
+    assert parse_shard(None, env=slurm) is None  # Slurm arrays only with --shard auto: the job may not mean shards
+    assert shard_from_env(slurm) == Shard(3, 4)
+    with pytest.raises(ValueError, match="out of range \\(0 to 3\\)"):
+        parse_shard("4/4", env={})
+    with pytest.raises(ValueError, match="is not I/N"):
+        parse_shard("1of4", env={})
+    with pytest.raises(ValueError, match="found no launcher"):
+        parse_shard("auto", env={})
+    assert parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
+    with pytest.raises(ValueError, match="names no device"):
+        parse_devices(" , ")
+
+
+# -- shards as separate processes -------------------------------------------------------------------------------------
+def test_two_shard_processes_then_merge_equal_a_one_process_run(tmp_path):
+    folder = str(image_folder(tmp_path / "images"))
+    assert main(["extract", folder, "--out", str(tmp_path / "one"), "--quiet", *CLI_MODEL]) == 0
+    out = str(tmp_path / "sharded")
+    shards = [cli("extract", folder, "--out", out, "--shard", f"{i}/2", "--quiet", *CLI_MODEL) for i in range(2)]
+    logs = [finish(p) for p in shards]  # both ran at the same time
+    assert any("2 of 2 shards are" in log for log in logs), logs
+    merged = finish(cli("merge", out))
+    assert "merged 30 rows" in merged
+
+    assert store_files(tmp_path / "sharded") == store_files(tmp_path / "one")
+    store = CodeStore(out)
+    assert [e["path"].rsplit("/", 1)[1] for e in store.errors] == ["001_empty.png", "zzz_text.png"]
+    assert (Path(out) / "shards" / "0-of-2" / "manifest.json").exists()  # kept unless --remove-shards
+    # the one-process command now finds the merged store complete instead of extracting again
+    again = cli("extract", folder, "--out", out, *CLI_MODEL)
+    assert "wrote 30 rows" in finish(again)
+    assert store_files(tmp_path / "sharded") == store_files(tmp_path / "one")
+
+
+SHARD_SCRIPT = """
+import sys; sys.path.insert(0, {tests!r})
+from conftest import make_images, make_tiny_backbone
+from cnncodes import extract
+images, labels = make_images(40)
+extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(delay={delay}), pool="avg,avg2",
+        batch_size=4, workers=0, progress=False, shard={shard!r})
+"""
+
+
+def run_tiny(out: Path, **kwargs) -> CodeStore:
+    images, labels = make_images(40)
+    settings = dict(model=make_tiny_backbone(), pool="avg,avg2", batch_size=4, workers=0, progress=False)
+    return extract(images, labels=labels, out=out, **{**settings, **kwargs})
+
+
+def test_a_killed_shard_resumes_on_its_own(tmp_path):
+    run_tiny(tmp_path / "one")
+    out = tmp_path / "sharded"
+    run_tiny(out, shard="0/2")
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.15, shard="1/2")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    progress = out / "shards" / "1-of-2" / ".partial" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (progress.exists() and json.loads(progress.read_text())["rows_done"] >= 8):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(progress.read_text())["rows_done"]
+    assert 8 <= done < 20, f"kill came too late or too early ({done} rows)"
+    with pytest.raises(IncompleteStoreError, match=r"1-of-2 \(\d+/20 rows\).*resume"):
+        merge_shards(out)
+    run_tiny(out, shard="1/2")  # resumes shard 1 only; shard 0 is not touched
+    merge_shards(out, remove_shards=True)
+    assert store_files(out) == store_files(tmp_path / "one")
+    assert not (out / "shards").exists()
+
+
+def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path):
+    run_tiny(tmp_path / "one")
+    out = tmp_path / "launched"
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.0, shard=None)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"})
+        for r in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert store_files(out) == store_files(tmp_path / "one")
+    assert not (out / "shards").exists()
+
+
+def test_devices_split_over_processes_equals_one_process(tmp_path):
+    one = run_tiny(tmp_path / "one")
+    split = run_tiny(tmp_path / "split", devices="cpu,cpu")
+    assert split.rows == one.rows
+    assert store_files(tmp_path / "split") == store_files(tmp_path / "one")
+    assert not (tmp_path / "split" / "shards").exists()
+    with pytest.raises(ValueError, match="give one of them"):
+        run_tiny(tmp_path / "x", devices="cpu,cpu", shard="0/2")
+    with pytest.raises(ValueError, match="CUDA is not available|only \\d+ CUDA"):
+        run_tiny(tmp_path / "y", devices="cpu,cuda:7")
+
+
+def test_more_shards_than_batches_gives_empty_shards_that_merge(tmp_path):
+    images, labels = make_images(5)
+    kw = dict(labels=labels, model=make_tiny_backbone(), batch_size=4, workers=0, progress=False)
+    one = extract(images, out=tmp_path / "one", **kw)
+    shards = [extract(images, out=tmp_path / "s", shard=(i, 3), **kw) for i in range(3)]
+    assert [s.rows for s in shards] == [0, 4, 1]
+    merge_shards(tmp_path / "s")
+    assert store_files(tmp_path / "s") == store_files(one.path)
+
+
+# -- merge refuses what it cannot join ----------------------------------------------------------------------------------
+def test_merge_names_what_is_wrong(tmp_path):
+    with pytest.raises(StoreError, match="no shard stores under .*--shard I/N"):
+        merge_shards(tmp_path / "nothing")
+    out = tmp_path / "s"
+    run_tiny(out, shard="0/3")
+    with pytest.raises(IncompleteStoreError, match="shard\\(s\\) 1/3, 2/3 missing .*--shard 1/3"):
+        merge_shards(out)
+    run_tiny(out, shard="1/3")
+    run_tiny(out, pool="max", shard="2/3")
+    with pytest.raises(StoreMismatchError, match="2-of-3 was extracted with other settings .*arrays"):
+        merge_shards(out)
+    run_tiny(out, shard="2/3", overwrite=True)
+    with pytest.raises(StoreError, match="is shard 1/2 but .* is one of 3"):
+        merge_shards(out, [out / "shards" / "0-of-3", out / "shards" / "1-of-3", run_tiny(tmp_path / "t", shard="1/2").path])
+    with pytest.raises(StoreError, match="not a shard store"):
+        merge_shards(out, [run_tiny(tmp_path / "plain").path])
+    run_tiny(tmp_path / "b", batch_size=8, shard="1/3")
+    with pytest.raises(StoreError, match="different --batch-size"):
+        merge_shards(out, [out / "shards" / "0-of-3", tmp_path / "b" / "shards" / "1-of-3", out / "shards" / "2-of-3"])
+    # merging into a directory that holds another store changes nothing there
+    other = run_tiny(tmp_path / "other", pool="max")
+    before = store_files(other.path)
+    with pytest.raises(StoreMismatchError, match="nothing was changed"):
+        merge_shards(other.path, list((out / "shards").iterdir()))
+    assert store_files(other.path) == before
+    assert merge_shards(out).rows == 40
+
+
+def test_cli_reports_shard_errors(tmp_path, capsys):
+    assert main(["extract", "demo:digits", "--out", str(tmp_path), "--shard", "2/2", *CLI_MODEL]) == 2
+    assert "out of range (0 to 1)" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "none")]) == 2
+    assert "no shard stores" in capsys.readouterr().err
