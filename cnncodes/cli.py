@@ -138,6 +138,8 @@ def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         device=args.device,
         progress=not args.quiet,
+        backend=args.backend,
+        scheduler=args.scheduler,
     )
     print(format_table(result))
     paths = write_report(result, out)
@@ -213,6 +215,8 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
     p.add_argument("--max-memory", type=_parse_bytes, default=None, metavar="SIZE", help="fit arrays larger than this out of core (e.g. 2G)")
     p.add_argument("--device", default="cpu", help="device of the linear solvers (cpu, cuda)")
+    p.add_argument("--backend", choices=["dask"], help="run the sweep's tasks on a Dask cluster (needs cnncodes[dask])")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="with --backend dask: tcp://HOST:PORT or a scheduler JSON file (default: local cluster)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(test=None, taps=None, poolings=None)
 
@@ -300,7 +304,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .store import StoreError
     from .taps import TapSelectionError
 
-    return (BackboneError, BundleError, SourceError, StoreError, TapSelectionError, ImageDecodeError, ValueError, KeyError)
+    return (BackboneError, BundleError, SourceError, StoreError, TapSelectionError, ImageDecodeError, ValueError, KeyError,
+            ConnectionError, ImportError)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

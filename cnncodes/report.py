@@ -94,7 +94,10 @@ def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = Tr
         writer.writeheader()
         writer.writerows(result.rows)
     paths["results.json"].write_text(json.dumps({"config": result.config, "classes": result.classes, "rows": result.rows}, indent=1))
-    paths["best.json"].write_text(json.dumps(result.best, indent=1))
+    # best.json describes the choice and nothing run-dependent, so equal sweeps (local or on a cluster) write equal
+    # files; timings are in results.csv/json.
+    best = {k: v for k, v in result.best.items() if k != "fit_seconds"}
+    paths["best.json"].write_text(json.dumps(best, indent=1))
     pred = result.test_predictions
     scores = np.atleast_2d(pred["scores"].T).T
     with open(paths["test_predictions.csv"], "w", newline="") as f:

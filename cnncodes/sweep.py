@@ -26,11 +26,12 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, train_test_split
 from sklearn.pipeline import Pipeline
@@ -300,6 +301,40 @@ def _evaluate_array(
     return out
 
 
+@contextmanager
+def _joblib_backend(backend: str | None, scheduler: str | None) -> Iterator[None]:
+    """``None``: the active joblib backend. ``"dask"``: a client to ``scheduler`` (address or scheduler file) or to a
+    local cluster, closed afterwards."""
+    if backend is None:
+        if scheduler is not None:
+            raise ValueError(f"scheduler={scheduler!r} needs backend='dask' (--backend dask).")
+        yield
+        return
+    if backend != "dask":
+        raise ValueError(f"backend={backend!r}; use 'dask', or leave it unset for the active joblib backend.")
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ImportError("backend='dask' needs dask.distributed: pip install 'cnncodes[dask]'.") from None
+    if scheduler is None:
+        client = Client(processes=True, dashboard_address=None)
+    elif scheduler.endswith(".json") and os.path.isfile(scheduler):
+        client = Client(scheduler_file=scheduler)
+    else:
+        try:
+            client = Client(scheduler)  # waits distributed.comm.timeouts.connect (Dask config)
+        except OSError as exc:
+            raise ConnectionError(
+                f"cannot reach the Dask scheduler at {scheduler!r} ({exc}). Start one (`dask scheduler`) and give its "
+                "tcp://HOST:PORT address, or a scheduler JSON file, or leave --scheduler out for a local cluster."
+            ) from None
+    try:
+        with parallel_config(backend="dask"):
+            yield
+    finally:
+        client.close()  # also stops the local cluster it started
+
+
 def sweep(
     store: CodeStore | str | os.PathLike,
     *,
@@ -318,6 +353,8 @@ def sweep(
     max_memory: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    backend: str | None = None,
+    scheduler: str | None = None,
 ) -> SweepResult:
     """Evaluate linear probes on every (tap, pooling) of a code store and pick the best extraction point.
 
@@ -341,16 +378,23 @@ def sweep(
     c_min, c_max : float
         C grid bounds.
     jobs : int, default=1
-        joblib workers (``-1``: all cores). Runs under the active joblib backend, e.g. Dask.
+        joblib workers (``-1``: all cores, or every Dask worker thread). Runs under the active joblib backend, so
+        ``with joblib.parallel_config(backend="dask"):`` spreads it over a Dask cluster.
     max_memory : int, optional
         Bytes; arrays whose training rows need more are fitted out of core by streaming.
     device : str, default="cpu"
         Torch device of the path solver.
     progress : bool, default=True
+    backend : {"dask"}, optional
+        Run on a Dask cluster (the ``dask`` extra); default: the active joblib backend.
+    scheduler : str, optional
+        With ``backend="dask"``: the scheduler address (``tcp://host:8786``) or a scheduler JSON file; default: a
+        local cluster. Workers read the store by its path, so it must be on storage they share.
 
     Returns
     -------
     SweepResult
+        Equal on any backend: tasks are seeded and independent of where they run.
     """
     store = store if isinstance(store, CodeStore) else CodeStore(store)
     test_store = None if test is None else (test if isinstance(test, CodeStore) else CodeStore(test))
@@ -386,7 +430,7 @@ def sweep(
         for t, p in keys
     )
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(keys), desc="sweep", unit="array", disable=not progress, dynamic_ncols=True) as bar:
+    with _joblib_backend(backend, scheduler), tqdm(total=len(keys), desc="sweep", unit="array", disable=not progress, dynamic_ncols=True) as bar:
         for result in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
             rows.extend(result)
             bar.update(1)

@@ -215,3 +215,17 @@ def test_cli_reports_shard_errors(tmp_path, capsys):
     assert "out of range (0 to 1)" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "none")]) == 2
     assert "no shard stores" in capsys.readouterr().err
+
+
+def test_shards_as_dask_tasks_then_merge_equal_one_process(tmp_path):
+    distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+    folder = str(image_folder(tmp_path / "images", n=16))
+    settings = dict(model="resnet18:none", input_size=32, layers="last:2", pool="avg", batch_size=4, progress=False)
+    extract(folder, out=tmp_path / "one", **settings)
+    out = str(tmp_path / "dask")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            futures = client.map(lambda i: str(extract(folder, out=out, shard=(i, 3), **settings).path), range(3))
+            assert sorted(client.gather(futures)) == [f"{out}/shards/{i}-of-3" for i in range(3)]
+    merge_shards(out)
+    assert store_files(Path(out)) == store_files(tmp_path / "one")

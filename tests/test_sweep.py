@@ -123,3 +123,36 @@ def test_out_of_core_fit_stays_under_its_memory_cap(tmp_path):
     assert streamed["solver"] == "sgd-stream" and streamed["acc"] > 0.9
     grew_mib = streamed["grew_kib"] / 1024
     assert grew_mib < array_mib / 2, f"out-of-core fit grew resident memory by {grew_mib:.1f} MiB"
+
+
+def _without_timings(rows):
+    return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]
+
+
+def test_sweep_on_a_dask_local_cluster_equals_the_local_sweep(store, tmp_path):
+    distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+    args = ["--probes", "logreg,linsvc,sgd", "--folds", "3", "--jobs", "2", "--quiet"]
+    assert main(["sweep", str(store.path), "--out", str(tmp_path / "local"), *args]) == 0
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:  # fmt: skip
+        assert main(["sweep", str(store.path), "--out", str(tmp_path / "dask"), "--backend", "dask",
+                     "--scheduler", cluster.scheduler_address, *args]) == 0  # fmt: skip
+        with distributed.Client(cluster), joblib.parallel_config(backend="dask"):  # the Python API route
+            api = sweep(store, probes=("logreg", "linsvc", "sgd"), folds=3, jobs=2, progress=False)
+    local = json.loads((tmp_path / "local" / "results.json").read_text())
+    on_dask = json.loads((tmp_path / "dask" / "results.json").read_text())
+    assert (tmp_path / "dask" / "best.json").read_bytes() == (tmp_path / "local" / "best.json").read_bytes()
+    assert _without_timings(on_dask["rows"]) == _without_timings(local["rows"])
+    assert _without_timings(api.rows) == _without_timings(local["rows"])
+    assert (tmp_path / "dask" / "test_predictions.csv").read_text() == (tmp_path / "local" / "test_predictions.csv").read_text()
+
+
+def test_dask_backend_errors_say_what_to_do(store, tmp_path, capsys):
+    pytest.importorskip("distributed", reason="the dask extra is not installed")
+    import dask
+
+    with pytest.raises(ValueError, match="needs backend='dask'"):
+        sweep(store, scheduler="tcp://127.0.0.1:1", progress=False)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(["sweep", str(store.path), "--out", str(tmp_path), "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9", "--quiet"]) == 2
+    assert "cannot reach the Dask scheduler at 'tcp://127.0.0.1:9'" in capsys.readouterr().err
