@@ -254,8 +254,8 @@ def test_no_file_handles_leak(odd_folder: dict[str, Path]) -> None:
                     pass
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
-    if fds_before is not None:
-        assert len(os.listdir(fd_dir)) == fds_before
+    if fds_before is not None:  # <=: descriptors of earlier tests (process pools, clusters) may close meanwhile
+        assert len(os.listdir(fd_dir)) <= fds_before
 
 
 def test_folder_source_pickles(odd_folder: dict[str, Path]) -> None:
