@@ -213,7 +213,7 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--c-range", type=_parse_c_range, default=(1e-4, 1e4), metavar="MIN,MAX")
     p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
-    p.add_argument("--max-memory", type=_parse_bytes, default=None, metavar="SIZE", help="fit arrays larger than this out of core (e.g. 2G)")
+    p.add_argument("--max-memory", type=_parse_bytes, default=None, metavar="SIZE", help="memory per sweep task; arrays whose in-memory fit (train rows x dims x 4 B x (folds+1)) needs more stream out of core (e.g. 2G)")
     p.add_argument("--device", default="cpu", help="device of the linear solvers (cpu, cuda)")
     p.add_argument("--backend", choices=["dask"], help="run the sweep's tasks on a Dask cluster (needs cnncodes[dask])")
     p.add_argument("--scheduler", metavar="ADDRESS", help="with --backend dask: tcp://HOST:PORT or a scheduler JSON file (default: local cluster)")

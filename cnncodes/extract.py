@@ -250,7 +250,7 @@ def extract(
         "versions": versions(),
     }
     if part is not None or len(device_list) > 1:
-        merged = finished_store(out, config)
+        merged = _finished_store(out, config)
         if merged is not None:  # a rerun after the shards were merged: nothing to do
             return merged
     if len(device_list) > 1:
@@ -279,11 +279,11 @@ def extract(
     finally:
         writer.close()
     if part is not None and (merge if merge is not None else launched):
-        return merge_when_complete(out) or store
+        return _merge_when_complete(out) or store
     return store
 
 
-def finished_store(out: str | os.PathLike, config: dict[str, Any]) -> CodeStore | None:
+def _finished_store(out: str | os.PathLike, config: dict[str, Any]) -> CodeStore | None:
     """The complete store at ``out`` if it was made with ``config``, else ``None``."""
     try:
         store = CodeStore(out)
@@ -292,17 +292,16 @@ def finished_store(out: str | os.PathLike, config: dict[str, Any]) -> CodeStore 
     return store if store.manifest.get("config") == json.loads(json.dumps(config)) else None
 
 
-def merge_when_complete(out: str | os.PathLike) -> CodeStore | None:
+def _merge_when_complete(out: str | os.PathLike) -> CodeStore | None:
     """Merge the shards of ``out`` if all are complete and nobody merged them yet; ``None`` while some still run."""
     try:
         return merge_shards(out, remove_shards=True)
     except (IncompleteStoreError, StoreLockedError):
         return None  # another shard is still running, or is merging right now; the last one to finish merges
     except StoreError:
-        try:
-            return CodeStore(out)  # merged by another shard in the meantime, which removed the shard stores
-        except StoreError:
-            raise
+        if CodeStore.is_complete(out):  # merged by another shard meanwhile, which removed the shard stores
+            return CodeStore(out)
+        raise
 
 
 def _extract_shard(kwargs: dict[str, Any], cpu_threads: int) -> str:

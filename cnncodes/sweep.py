@@ -14,7 +14,8 @@ Protocol
   works in the span of the rows (one eigendecomposition per fold serves every C and both losses).
 * With views, test accuracy is reported on plain views and with test-time augmentation (decision functions averaged
   over an image's views).
-* Arrays whose training rows exceed ``max_memory`` are fitted out of core: chunks streamed from the store into
+* Arrays whose in-memory fit would exceed ``max_memory`` (float32 training rows plus one normalized copy per fold)
+  are fitted out of core: chunks streamed from the store into
   :class:`~sklearn.linear_model.SGDClassifier` ``partial_fit`` (hinge loss for ``linsvc``, log loss for ``logreg``).
 
 Work is spread with joblib over (tap, pooling) tasks. Tasks carry the store *path*, so workers open the memory-mapped
@@ -234,7 +235,8 @@ def _evaluate_array(
     labels = np.asarray(store.labels)
     entry = next(a for a in store.arrays if a["tap"] == tap and a["pooling"] == pooling)
     n_classes = len(store.classes)
-    nbytes = len(split.train_rows) * codes.shape[1] * 4
+    # in memory: the float32 training rows plus one normalized copy per fold
+    nbytes = len(split.train_rows) * codes.shape[1] * 4 * (len(split.folds) + 1)
     if cfg["max_memory"] is not None and nbytes > cfg["max_memory"]:
         from .streaming import evaluate_streaming
 
@@ -381,7 +383,8 @@ def sweep(
         joblib workers (``-1``: all cores, or every Dask worker thread). Runs under the active joblib backend, so
         ``with joblib.parallel_config(backend="dask"):`` spreads it over a Dask cluster.
     max_memory : int, optional
-        Bytes; arrays whose training rows need more are fitted out of core by streaming.
+        Bytes per task; arrays whose in-memory fit needs more (float32 training rows x (folds + 1)) are fitted out
+        of core by streaming.
     device : str, default="cpu"
         Torch device of the path solver.
     progress : bool, default=True
