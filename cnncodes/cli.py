@@ -76,8 +76,17 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         shard=args.shard,
         devices=args.devices,
         merge=True if args.merge else None,
+        shared=args.shared,
     )
     shard = store.manifest["config"].get("shard")
+    if not store.complete:
+        from .store import shared_progress
+
+        status = shared_progress(store.path, shard["count"])
+        done = sum(1 for d, rows in status if d is not None and d == rows)
+        print(f"shard {args.shard} of the shared store {store.path} is done; {done} of {shard['count']} shards are. "
+              "The last one to finish publishes the store.")  # fmt: skip
+        return 0
     print(f"wrote {store.rows} rows x {len(store.arrays)} arrays to {store.path} ({len(store.errors)} images skipped)")
     if shard:
         done = [p for p in (Path(args.out) / "shards").glob(f"*-of-{shard['count']}") if CodeStore.is_complete(p)]
@@ -253,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="extract only shard I of N (0-based) into OUT/shards/I-of-N; auto: from torchrun/Slurm")
     p.add_argument("--merge", action="store_true", help="with --shard: merge all shards if this is the last to finish")
+    p.add_argument("--shared", action="store_true", help="with --shard: fill one store preallocated at OUT (shared storage) instead of OUT/shards/I-of-N; no merge needed")
     p.add_argument("--devices", metavar="LIST", help="one process per device, e.g. cuda:0,cuda:1; merged at the end")
     p.set_defaults(func=_cmd_extract)
 

@@ -35,6 +35,7 @@ from .store import (
     IncompleteStoreError,
     StoreError,
     StoreLockedError,
+    SharedStoreWriter,
     StoreWriter,
     merge_shards,
     shard_path,
@@ -140,6 +141,7 @@ def extract(
     shard: str | tuple[int, int] | Shard | None = None,
     devices: str | Sequence[str] | None = None,
     merge: bool | None = None,
+    shared: bool = False,
 ) -> CodeStore:
     """Extract CNN codes from images into a memory-mapped code store.
 
@@ -200,11 +202,16 @@ def extract(
     merge : bool, optional
         After this shard, merge all shards if every one is complete (the last shard to finish merges). Default:
         on under torchrun and ``devices``, off for an explicit ``shard``.
+    shared : bool, default=False
+        With ``shard``: write straight into the arrays of one store at ``out`` preallocated on shared storage,
+        instead of ``out/shards/I-of-N``; the last shard to finish publishes it, so no merge (and no second copy)
+        is needed.
 
     Returns
     -------
     CodeStore
-        The complete store; for a shard that did not merge, the shard's own store.
+        The complete store; for a shard that did not merge, the shard's own store (with ``shared``: the
+        still-incomplete shared store).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}; use one of {_DTYPES}.")
@@ -218,6 +225,13 @@ def extract(
     part = parse_shard(shard)
     if device_list and part is not None:
         raise ValueError(f"got devices={devices!r} and shard {part}: --devices splits the work itself; give one of them.")
+    if shared and part is None:
+        raise ValueError("shared=True (--shared) needs a shard: give --shard I/N, or launch with torchrun.")
+    if shared and overwrite:
+        raise ValueError(
+            "--overwrite cannot be combined with --shared: other shards may be writing the store. Delete the directory "
+            "once no shard is running, or choose another --out."
+        )
     if len(device_list) == 1:
         device = device_list[0]
     elif launched and device == "auto":
@@ -261,26 +275,48 @@ def extract(
                       workers=workers, amp=amp, on_error=on_error, max_pixels=max_pixels, overwrite=overwrite)  # fmt: skip
         return _extract_on_devices(device_list, kwargs, progress)
 
-    lo, hi, store_path = 0, len(images), Path(out)
-    if part is not None:
-        lo, hi = part.image_range(len(images), images_per_batch(batch_size, views))
-        config["shard"] = {"index": part.index, "count": part.count, "images": [lo, hi]}
-        store_path = shard_path(out, part)
-    writer = StoreWriter(
-        store_path, arrays=specs, sources=images.ids[lo:hi], labels=images.labels[lo:hi], classes=images.classes,
-        views=views, config=config, info=info, overwrite=overwrite,
-    )  # fmt: skip
+    writer, first_image = _open_writer(out, images, part, shared, specs, config, info, views, images_per_batch(batch_size, views), overwrite)
     try:
         if writer.already_complete:
-            store = CodeStore(store_path)
-        else:
-            _run(extractor, images, lo, writer, backbone.preprocessing, specs, dev, views, seed, augment, batch_size, workers, amp, on_error, progress)
-            store = writer.finalize()
+            return CodeStore(writer.path)
+        _run(extractor, images, first_image, writer, backbone.preprocessing, specs, dev, views, seed, augment, batch_size, workers, amp, on_error, progress)
+        store = writer.finalize()
     finally:
         writer.close()
-    if part is not None and (merge if merge is not None else launched):
+    if store is None:  # a shard of a shared store; the last shard to finish publishes it
+        return CodeStore(out, allow_incomplete=True)
+    if part is not None and not shared and (merge if merge is not None else launched):
         return _merge_when_complete(out) or store
     return store
+
+
+def _open_writer(
+    out: str | os.PathLike,
+    images: ImageSource,
+    part: Shard | None,
+    shared: bool,
+    specs: list[ArraySpec],
+    config: dict[str, Any],
+    info: dict[str, Any],
+    views: int,
+    per_batch: int,
+    overwrite: bool,
+) -> tuple[StoreWriter, int]:
+    """The writer for a one-process run, for shard ``part`` into its own store, or into the shared store; and the
+    source index of the first image it fills."""
+    common = dict(arrays=specs, classes=images.classes, views=views, info=info)
+    if part is None:
+        return StoreWriter(out, sources=images.ids, labels=images.labels, config=config, overwrite=overwrite, **common), 0
+    lo, hi = part.image_range(len(images), per_batch)
+    if shared:
+        split = {"count": part.count, "images_per_batch": per_batch, "layout": "shared"}
+        writer = SharedStoreWriter(out, shard=part, part=(lo, hi), sources=images.ids, labels=images.labels,
+                                   config={**config, "shard": split}, **common)  # fmt: skip
+        return writer, lo
+    own = {**config, "shard": {"index": part.index, "count": part.count, "images": [lo, hi]}}
+    writer = StoreWriter(shard_path(out, part), sources=images.ids[lo:hi], labels=images.labels[lo:hi], config=own,
+                         overwrite=overwrite, **common)  # fmt: skip
+    return writer, lo
 
 
 def _finished_store(out: str | os.PathLike, config: dict[str, Any]) -> CodeStore | None:
@@ -433,9 +469,9 @@ def _run(
     on_error: str,
     progress: bool,
 ) -> None:
-    """Fill ``writer`` with images ``first_image ...`` (its rows are relative to ``first_image``)."""
+    """Fill ``writer``'s part: source images ``first_image ...`` (rows and errors count from ``first_image``)."""
     start_image = first_image + writer.rows_done // (views + 1)
-    stop_image = first_image + len(writer.sources)
+    stop_image = first_image + writer.part_images
     if start_image >= stop_image:
         return
     pending: deque[Future] = deque()

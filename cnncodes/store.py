@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "ArraySpec",
     "CodeStore",
     "StoreWriter",
+    "SharedStoreWriter",
     "StoreError",
     "StoreLockedError",
     "StoreMismatchError",
@@ -288,6 +290,9 @@ class StoreWriter:
     info : dict
         Extra manifest entries that do not affect the codes (versions, batch size...).
     overwrite : bool, default=False
+    part : (int, int), optional
+        Fill only images ``part[0]:part[1]`` of ``sources`` (:class:`SharedStoreWriter`); rows passed to
+        :meth:`write` and :meth:`commit` then count from the part's first row. Default: every image.
     """
 
     def __init__(
@@ -302,6 +307,7 @@ class StoreWriter:
         config: dict[str, Any],
         info: dict[str, Any],
         overwrite: bool = False,
+        part: tuple[int, int] | None = None,
     ) -> None:
         self.path = Path(path)
         self.arrays = list(arrays)
@@ -317,18 +323,27 @@ class StoreWriter:
         self.errors: list[dict[str, Any]] = []
         self.rows_done = 0
         self.already_complete = False
+        self.part_first_image, stop = part if part is not None else (0, len(self.sources))
+        self.part_images = stop - self.part_first_image
+        self._progress = self._partial / PROGRESS
+        self._lock_file: Any = None
 
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_file = self._acquire_lock()
         try:
-            self._prepare(overwrite)
+            self._open(overwrite)
         except BaseException:
             self.close()
             raise
 
+    @property
+    def part_rows(self) -> int:
+        """Rows this writer fills."""
+        return self.part_images * (self.views + 1)
+
     # -- opening ----------------------------------------------------------------------------------------------------
-    def _acquire_lock(self) -> Any:
-        return _lock(self.path)
+    def _open(self, overwrite: bool) -> None:
+        self._lock_file = _lock(self.path)
+        self._prepare(overwrite)
 
     def _prepare(self, overwrite: bool) -> None:
         manifest_path = self.path / MANIFEST
@@ -367,40 +382,53 @@ class StoreWriter:
             )
             del mm  # only the preallocated file and its header are needed
             self._files[spec.file] = _RowFile(self._partial / spec.file)
-        _atomic_json(self._partial / PROGRESS, {"rows_done": 0, "errors": []})
+        self._save_progress()
         _atomic_json(self.path / MANIFEST, self._manifest(complete=False))
 
     def _resume(self) -> None:
-        progress = _read_json(self._partial / PROGRESS) if (self._partial / PROGRESS).exists() else None
+        progress = _read_json(self._progress) if self._progress.exists() else None
         if progress is None:  # crashed between manifest and first commit: start over
             self._create()
             return
-        self.rows_done = int(progress["rows_done"])
-        self.errors = list(progress["errors"])
+        self._open_files(progress)
+
+    def _open_files(self, progress: dict[str, Any] | None) -> None:
+        """Continue from ``progress`` (``None``: from the first row) in the preallocated arrays."""
+        if progress is not None:
+            self.rows_done = int(progress["rows_done"])
+            self.errors = list(progress["errors"])
         for spec in self.arrays:
             file = self._partial / spec.file
-            if self.rows_done >= self.rows_total and not file.exists():
+            if self.rows_done >= self.part_rows and not file.exists():
                 continue  # finalize already moved it
             self._files[spec.file] = _RowFile(file)
 
+    def _save_progress(self) -> None:
+        _atomic_json(self._progress, {"rows_done": self.rows_done, "rows_part": self.part_rows, "errors": self.errors})
+
     # -- writing ----------------------------------------------------------------------------------------------------
     def write(self, start: int, codes: dict[str, np.ndarray]) -> None:
-        """Write rows ``start : start + n`` of each array (keyed by :attr:`ArraySpec.file`)."""
+        """Write rows ``start : start + n`` of the part to each array (keyed by :attr:`ArraySpec.file`)."""
+        offset = self.part_first_image * (self.views + 1)
         for file, block in codes.items():
-            self._files[file].write_rows(start, block)
+            self._files[file].write_rows(offset + start, block)
 
     def commit(self, rows_done: int, errors: Sequence[dict[str, Any]] = ()) -> None:
-        """Make rows ``[0, rows_done)`` durable, then record them as done."""
+        """Make the part's rows ``[0, rows_done)`` durable, then record them as done. ``errors`` carry the failed
+        image's index within the part under ``"image"``."""
         for f in self._files.values():
             f.sync()
-        self.errors.extend(errors)
+        self.errors.extend({**e, "image": int(e["image"]) + self.part_first_image} for e in errors)
         self.rows_done = rows_done
-        _atomic_json(self._partial / PROGRESS, {"rows_done": rows_done, "errors": self.errors})
+        self._save_progress()
 
-    def finalize(self) -> CodeStore:
+    def finalize(self) -> CodeStore | None:
         """Drop failed images, publish the arrays under their final names and mark the store complete."""
-        if self.rows_done != self.rows_total:
-            raise StoreError(f"cannot finalize {self.path}: {self.rows_done}/{self.rows_total} rows done.")
+        if self.rows_done != self.part_rows:
+            raise StoreError(f"cannot finalize {self.path}: {self.rows_done}/{self.part_rows} rows done.")
+        return self._publish()
+
+    def _publish(self) -> CodeStore:
         bad = {int(e["image"]) for e in self.errors}
         keep_images = np.array([i not in bad for i in range(len(self.sources))], dtype=bool)
         keep_rows = np.repeat(keep_images, self.views + 1)
@@ -469,6 +497,116 @@ class StoreWriter:
         }
 
 
+class SharedStoreWriter(StoreWriter):
+    """Shard ``I/N``'s writer into one store preallocated on shared storage.
+
+    Every shard process opens the same store: the first one preallocates the full arrays (under the store's lock,
+    held only for that), each fills its own rows with positioned writes and keeps its own progress
+    (``.partial/progress-I-of-N.json``) under its own lock, so each resumes alone. The last shard to finish
+    compacts and publishes the store, whose manifest then equals a one-process run's. Needs a filesystem whose
+    ``flock`` works across the machines involved (local disks, most NFSv4 and Lustre mounts).
+
+    Parameters
+    ----------
+    path : path-like
+    shard : Shard
+        This process's shard (:class:`cnncodes.shards.Shard`).
+    part : (int, int)
+        Its images ``[start, stop)``.
+    config : dict
+        The one-process config plus ``"shard": {...}`` describing the split (count, batching), identical in all
+        shards; the published manifest drops ``"shard"``.
+    arrays, sources, labels, classes, views, info
+        As :class:`StoreWriter`, for the whole store.
+    """
+
+    #: How long a shard waits for another shard that is creating the store.
+    create_wait_s = 600.0
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        shard: Any,
+        part: tuple[int, int],
+        arrays: Sequence[ArraySpec],
+        sources: list[str],
+        labels: np.ndarray,
+        classes: list[str],
+        views: int,
+        config: dict[str, Any],
+        info: dict[str, Any],
+    ) -> None:
+        self.shard = shard
+        self.final_config = json.loads(json.dumps(_unsharded(config)))
+        super().__init__(path, arrays=arrays, sources=sources, labels=labels, classes=classes, views=views, config=config,
+                         info=info, part=part)  # fmt: skip
+
+    def _open(self, overwrite: bool) -> None:
+        self._progress = self._partial / f"progress-{self.shard.name}.json"
+        creating = _lock(self.path, wait=self.create_wait_s)
+        try:
+            self._join()
+        finally:
+            creating.close()
+        if not self.already_complete:
+            self._lock_file = _lock(self._partial, f"{self.shard.name}.lock")
+
+    def _join(self) -> None:
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists():
+            if any(p.name not in (LOCK, PARTIAL, SHARDS) for p in self.path.iterdir()):
+                raise StoreError(f"{self.path} is not empty and holds no {MANIFEST}; choose a new or empty --out directory.")
+            self._create()
+            return
+        old = _read_json(manifest_path)
+        if old.get("complete") and old.get("config") == self.final_config:
+            self.already_complete = True
+        elif old.get("config") != self.config:
+            asked = self.final_config if old.get("complete") else self.config
+            raise StoreMismatchError(
+                f"{self.path} holds a store with other settings than this shard ({_config_diff(old.get('config', {}), asked)}). "
+                "Nothing was changed. Give every shard the same arguments; to start over, delete the directory once no "
+                "shard is running, or choose another --out."
+            )
+        else:  # join the store another shard created
+            self._open_files(_read_json(self._progress) if self._progress.exists() else None)
+            if not self._progress.exists():
+                self._save_progress()
+
+    def finalize(self) -> CodeStore | None:
+        """Record this shard as done; publish the store if every shard is. Returns the store, or ``None`` while other
+        shards still run (the last one publishes)."""
+        if self.rows_done != self.part_rows:
+            raise StoreError(f"cannot finish shard {self.shard} of {self.path}: {self.rows_done}/{self.part_rows} rows done.")
+        lock = _lock(self.path, wait=float("inf"))  # waits out another shard's publishing
+        try:
+            if _read_json(self.path / MANIFEST).get("complete"):
+                return CodeStore(self.path)
+            status = shared_progress(self.path, self.shard.count)
+            if any(done is None or done < part for done, part in status):
+                return None
+            self.errors = [e for i in range(self.shard.count) for e in _read_json(self._partial / f"progress-{i}-of-{self.shard.count}.json")["errors"]]
+            self.config = self.final_config
+            self.part_first_image, self.part_images = 0, len(self.sources)
+            self.rows_done = self.rows_total
+            for spec in self.arrays:  # other shards' rows were written through their own descriptors
+                self._files.setdefault(spec.file, _RowFile(self._partial / spec.file))
+            return self._publish()
+        finally:
+            lock.close()
+
+
+def shared_progress(path: str | os.PathLike, count: int) -> list[tuple[int | None, int | None]]:
+    """``(rows done, rows)`` of each shard of a shared store (``None`` for a shard that has not started)."""
+    out = []
+    for i in range(count):
+        f = Path(path) / PARTIAL / f"progress-{i}-of-{count}.json"
+        progress = _read_json(f) if f.exists() else {}
+        out.append((progress.get("rows_done"), progress.get("rows_part")))
+    return out
+
+
 class _RowFile:
     """Positioned row writes into a preallocated ``.npy`` file."""
 
@@ -492,19 +630,24 @@ class _RowFile:
             self.fd = -1
 
 
-def _lock(path: Path) -> Any:
-    """Hold ``path/.lock`` exclusively until the returned file is closed."""
-    f = open(path / LOCK, "a+")
-    if fcntl is not None:
+def _lock(path: Path, name: str = LOCK, wait: float = 0.0) -> Any:
+    """Hold ``path/name`` exclusively until the returned file is closed, waiting up to ``wait`` seconds for it."""
+    f = open(path / name, "a+")
+    if fcntl is None:
+        return f
+    deadline = time.monotonic() + wait
+    while True:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
         except OSError:
-            f.close()
-            raise StoreLockedError(
-                f"another cnncodes process is writing {path} (its lock {path / LOCK} is held). Wait for it to finish, "
-                "or write to another --out directory."
-            ) from None
-    return f
+            if time.monotonic() >= deadline:
+                f.close()
+                raise StoreLockedError(
+                    f"another cnncodes process is writing {path} (its lock {path / name} is held). Wait for it to "
+                    "finish, or write to another --out directory."
+                ) from None
+            time.sleep(0.05)
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], labels: tuple[str, str] = ("store has", "asked")) -> str:
@@ -618,6 +761,29 @@ def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None) -> list
     return ordered
 
 
+def _refuse_shared(out: Path) -> None:
+    """A shared store has nothing to merge; say what it is waiting for instead."""
+    if not (out / MANIFEST).exists():
+        return
+    manifest = _read_json(out / MANIFEST)
+    split = manifest.get("config", {}).get("shard") or {}
+    if manifest.get("complete") or split.get("layout") != "shared":
+        return
+    count = split["count"]
+    waiting = [f"{i}/{count} ({done or 0}/{rows if rows is not None else '?'} rows)"
+               for i, (done, rows) in enumerate(shared_progress(out, count)) if done is None or done < rows]  # fmt: skip
+    if waiting:
+        raise IncompleteStoreError(
+            f"{out} is a shared store that its shards fill in place, so there is nothing to merge. Unfinished shards: "
+            f"{', '.join(waiting)}. Run or rerun their `cnncodes extract ... --shard I/{count} --shared` commands; "
+            "the last one to finish publishes the store."
+        )
+    raise IncompleteStoreError(
+        f"every shard of {out} is done but the store was not published (the last shard stopped while publishing): "
+        f"rerun any shard's `cnncodes extract ... --shard I/{count} --shared` command to publish it."
+    )
+
+
 def merge_shards(
     out: str | os.PathLike, shards: Sequence[str | os.PathLike] | None = None, *, remove_shards: bool = False
 ) -> CodeStore:
@@ -641,6 +807,8 @@ def merge_shards(
     CodeStore
     """
     out = Path(out)
+    if shards is None:
+        _refuse_shared(out)
     parts = _shard_stores(out, shards)
     first = parts[0].manifest
     config = _unsharded(first["config"])

@@ -114,7 +114,7 @@ from conftest import make_images, make_tiny_backbone
 from cnncodes import extract
 images, labels = make_images(40)
 extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(delay={delay}), pool="avg,avg2",
-        batch_size=4, workers=0, progress=False, shard={shard!r})
+        batch_size=4, workers=0, progress=False, shard={shard!r}, shared={shared!r})
 """
 
 
@@ -128,7 +128,7 @@ def test_a_killed_shard_resumes_on_its_own(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "sharded"
     run_tiny(out, shard="0/2")
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.15, shard="1/2")
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.15, shard="1/2", shared=False)
     proc = subprocess.Popen([sys.executable, "-c", script])
     progress = out / "shards" / "1-of-2" / ".partial" / "progress.json"
     deadline = time.time() + 120
@@ -149,7 +149,7 @@ def test_a_killed_shard_resumes_on_its_own(tmp_path):
 def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "launched"
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.0, shard=None)
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.0, shard=None, shared=False)
     procs = [
         subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"})
         for r in range(2)
@@ -229,3 +229,53 @@ def test_shards_as_dask_tasks_then_merge_equal_one_process(tmp_path):
             assert sorted(client.gather(futures)) == [f"{out}/shards/{i}-of-3" for i in range(3)]
     merge_shards(out)
     assert store_files(Path(out)) == store_files(tmp_path / "one")
+
+
+# -- one shared, preallocated store -----------------------------------------------------------------------------------
+def test_shards_filling_one_shared_store_concurrently_equal_a_one_process_run(tmp_path, capsys):
+    folder = str(image_folder(tmp_path / "images"))
+    assert main(["extract", folder, "--out", str(tmp_path / "one"), "--quiet", *CLI_MODEL]) == 0
+    out = str(tmp_path / "shared")
+    procs = [cli("extract", folder, "--out", out, "--shard", f"{i}/3", "--shared", "--quiet", *CLI_MODEL) for i in range(3)]
+    logs = [finish(p) for p in procs]  # three processes create, fill and publish one store at the same time
+    assert sum("wrote 30 rows" in log for log in logs) >= 1, logs
+    assert store_files(Path(out)) == store_files(tmp_path / "one")
+    assert not (Path(out) / ".partial").exists() and not (Path(out) / "shards").exists()
+    assert main(["extract", folder, "--out", out, "--shard", "1/3", "--shared", "--quiet", *CLI_MODEL]) == 0  # a rerun
+    assert "wrote 30 rows" in capsys.readouterr().out
+    assert store_files(Path(out)) == store_files(tmp_path / "one")
+
+
+def test_a_killed_shard_of_a_shared_store_resumes_and_the_last_one_publishes(tmp_path):
+    run_tiny(tmp_path / "one")
+    out = tmp_path / "shared"
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.15, shard="0/2", shared=True)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    progress = out / ".partial" / "progress-0-of-2.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (progress.exists() and json.loads(progress.read_text())["rows_done"] >= 8):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 8 <= json.loads(progress.read_text())["rows_done"] < 20
+    assert not run_tiny(out, shard="1/2", shared=True).complete  # shard 1 finishes; shard 0 is still unfinished
+    with pytest.raises(IncompleteStoreError, match=r"nothing to merge. Unfinished shards: 0/2 \(\d+/20 rows\)"):
+        merge_shards(out)
+    assert run_tiny(out, shard="0/2", shared=True).complete  # resumes shard 0, then publishes
+    assert store_files(out) == store_files(tmp_path / "one")
+
+
+def test_shared_store_refusals(tmp_path):
+    with pytest.raises(ValueError, match="needs a shard"):
+        run_tiny(tmp_path / "a", shared=True)
+    with pytest.raises(ValueError, match="--overwrite cannot be combined with --shared"):
+        run_tiny(tmp_path / "a", shard="0/2", shared=True, overwrite=True)
+    run_tiny(tmp_path / "a", shard="0/2", shared=True)
+    with pytest.raises(StoreMismatchError, match="other settings than this shard .*Give every shard the same arguments"):
+        run_tiny(tmp_path / "a", shard="1/2", shared=True, pool="max")
+    with pytest.raises(StoreMismatchError, match="images_per_batch"):
+        run_tiny(tmp_path / "a", shard="1/2", shared=True, batch_size=8)
+    one = run_tiny(tmp_path / "b")
+    before = store_files(one.path)
+    assert run_tiny(tmp_path / "b", shard="1/2", shared=True).complete  # the same codes exist already: nothing to do
+    assert store_files(one.path) == before
