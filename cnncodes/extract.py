@@ -14,7 +14,6 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -34,8 +33,8 @@ from .store import (
     CodeStore,
     IncompleteStoreError,
     StoreError,
-    StoreLockedError,
     SharedStoreWriter,
+    StoreLockedError,
     StoreWriter,
     merge_shards,
     shard_path,
