@@ -8,8 +8,11 @@ Layout (one owner per concept):
 * :mod:`cnncodes.extractor` -- tensor-in, codes-out module (compute only)
 * :mod:`cnncodes.sources` -- user input becomes RGB images (IO only)
 * :mod:`cnncodes.preprocess` -- plain and seeded augmented views
-* :mod:`cnncodes.store` -- the on-disk code store format
+* :mod:`cnncodes.store` -- the on-disk code store format, shard stores and their merge
+* :mod:`cnncodes.shards` -- how extraction splits into shards (``I/N``, devices, launchers)
 * :mod:`cnncodes.extract` -- the extraction run that joins them
+* :mod:`cnncodes.sweep`, :mod:`cnncodes.report`, :mod:`cnncodes.bundle`, :mod:`cnncodes.deploy` -- probes, results,
+  saved probes
 * :mod:`cnncodes.cli` -- the command line
 """
 
@@ -21,7 +24,7 @@ from .extractor import CodeExtractor
 from .pooling import Pooling
 from .preprocess import Preprocessing
 from .sources import ImageDecodeError, ImageSource, SourceError, open_source
-from .store import CodeStore, StoreError
+from .store import CodeStore, StoreError, merge_shards
 from .taps import TapCatalogue, TapInfo, TapSelectionError, list_taps
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "extract",
     "list_taps",
     "load_backbone",
+    "merge_shards",
     "open_source",
     "__version__",
 ]

@@ -586,13 +586,13 @@ class SharedStoreWriter(StoreWriter):
             status = shared_progress(self.path, self.shard.count)
             if any(done is None or done < part for done, part in status):
                 return None
-            self.errors = [e for i in range(self.shard.count) for e in _read_json(self._partial / f"progress-{i}-of-{self.shard.count}.json")["errors"]]
+            count = self.shard.count
+            progress = [_read_json(self._partial / f"progress-{i}-of-{count}.json") for i in range(count)]
+            self.errors = [e for p in progress for e in p["errors"]]  # image indices are store-wide already
             self.config = self.final_config
             self.part_first_image, self.part_images = 0, len(self.sources)
             self.rows_done = self.rows_total
-            for spec in self.arrays:  # other shards' rows were written through their own descriptors
-                self._files.setdefault(spec.file, _RowFile(self._partial / spec.file))
-            return self._publish()
+            return self._publish()  # this writer has every array open; the other shards' rows are on disk
         finally:
             lock.close()
 
