@@ -223,6 +223,9 @@ def extract(
     launched = shard is None and shard_from_env(os.environ, slurm=False) is not None
     part = parse_shard(shard)
     if device_list and part is not None:
+        if launched:
+            raise ValueError(f"devices={devices!r} under torchrun (WORLD_SIZE set): each rank is a shard already, on "
+                             "cuda:LOCAL_RANK; drop --devices.")  # fmt: skip
         raise ValueError(f"got devices={devices!r} and shard {part}: --devices splits the work itself; give one of them.")
     if shared and part is None:
         raise ValueError("shared=True (--shared) needs a shard: give --shard I/N, or launch with torchrun.")
