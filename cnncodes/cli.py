@@ -84,7 +84,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
         status = shared_progress(store.path, shard["count"])
         done = sum(1 for d, rows in status if d is not None and d == rows)
-        print(f"shard {args.shard} of the shared store {store.path} is done; {done} of {shard['count']} shards are. "
+        print(f"shard {args.shard or '(from the launcher)'} of the shared store {store.path} is done; {done} of {shard['count']} shards are. "
               "The last one to finish publishes the store.")  # fmt: skip
         return 0
     print(f"wrote {store.rows} rows x {len(store.arrays)} arrays to {store.path} ({len(store.errors)} images skipped)")
@@ -312,10 +312,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .bundle import BundleError
     from .sources import ImageDecodeError, SourceError
     from .store import StoreError
+    from .sweep import MissingExtraError
     from .taps import TapSelectionError
 
     return (BackboneError, BundleError, SourceError, StoreError, TapSelectionError, ImageDecodeError, ValueError, KeyError,
-            ConnectionError, ImportError)  # fmt: skip
+            ConnectionError, MissingExtraError)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

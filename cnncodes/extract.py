@@ -12,6 +12,7 @@ import multiprocessing
 import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -34,8 +35,9 @@ from .store import (
     IncompleteStoreError,
     StoreError,
     SharedStoreWriter,
-    StoreLockedError,
+    StoreMismatchError,
     StoreWriter,
+    check_merge_target,
     merge_shards,
     shard_path,
     versions,
@@ -220,7 +222,7 @@ def extract(
         raise ValueError(f"need batch_size >= 1 and views >= 0, got batch_size={batch_size}, views={views}.")
     augment = parse_augment(augment)
     device_list = parse_devices(devices)
-    launched = shard is None and shard_from_env(os.environ, slurm=False) is not None
+    launched = shard in (None, "auto") and shard_from_env(os.environ, slurm=False) is not None  # torchrun
     part = parse_shard(shard)
     if device_list and part is not None:
         if launched:
@@ -269,6 +271,10 @@ def extract(
         merged = _finished_store(out, config)
         if merged is not None:  # a rerun after the shards were merged: nothing to do
             return merged
+        if not shared:
+            check_merge_target(out, config, overwrite)
+    if shared and merge:
+        raise ValueError("merge=True (--merge) does nothing with --shared: the last shard publishes the store itself.")
     if len(device_list) > 1:
         for d in device_list:
             resolve_device(d)  # fail here, naming the device, rather than in a child process
@@ -288,7 +294,7 @@ def extract(
     if store is None:  # a shard of a shared store; the last shard to finish publishes it
         return CodeStore(out, allow_incomplete=True)
     if part is not None and not shared and (merge if merge is not None else launched):
-        return _merge_when_complete(out) or store
+        return _merge_when_complete(out, config, part.count, overwrite) or store
     return store
 
 
@@ -330,16 +336,17 @@ def _finished_store(out: str | os.PathLike, config: dict[str, Any]) -> CodeStore
     return store if store.manifest.get("config") == json.loads(json.dumps(config)) else None
 
 
-def _merge_when_complete(out: str | os.PathLike) -> CodeStore | None:
-    """Merge the shards of ``out`` if all are complete and nobody merged them yet; ``None`` while some still run."""
+def _merge_when_complete(out: str | os.PathLike, config: dict[str, Any], count: int, overwrite: bool) -> CodeStore | None:
+    """Merge the shards of ``out`` if all are complete; ``None`` while some still run. Waits for a shard that is
+    merging already and returns its result."""
     try:
-        return merge_shards(out, remove_shards=True)
-    except (IncompleteStoreError, StoreLockedError):
-        return None  # another shard is still running, or is merging right now; the last one to finish merges
-    except StoreError:
-        if CodeStore.is_complete(out):  # merged by another shard meanwhile, which removed the shard stores
-            return CodeStore(out)
-        raise
+        store = merge_shards(out, remove_shards=True, count=count, overwrite=overwrite, wait=float("inf"))
+    except IncompleteStoreError:
+        return None  # another shard is still running; the last one to finish merges
+    expected = json.loads(json.dumps(config))
+    if store.manifest.get("config") != expected:
+        raise StoreMismatchError(f"{store.path} holds a store with other settings than these shards; nothing was merged.")
+    return store
 
 
 def _extract_shard(kwargs: dict[str, Any], cpu_threads: int) -> str:
@@ -363,6 +370,8 @@ def _extract_on_devices(devices: list[str], kwargs: dict[str, Any], progress: bo
         for i, future in enumerate(futures):
             try:
                 future.result()
+            except BrokenProcessPool:
+                failed.append(f"shard {i}/{n} on {devices[i]}: stopped because a shard process died (killed, or out of memory)")
             except Exception as exc:  # noqa: BLE001 - every shard is waited for; failures are reported together
                 failed.append(f"shard {i}/{n} on {devices[i]}: {type(exc).__name__}: {exc}")
     if failed:
@@ -370,7 +379,7 @@ def _extract_on_devices(devices: list[str], kwargs: dict[str, Any], progress: bo
             "extraction failed in " + "; ".join(failed) + ". Finished shards are kept: fix the cause and rerun the "
             "same command to resume."
         )
-    return merge_shards(kwargs["out"], remove_shards=True)
+    return merge_shards(kwargs["out"], remove_shards=True, count=n, overwrite=kwargs["overwrite"])
 
 
 @dataclass
@@ -477,7 +486,7 @@ def _run(
     if start_image >= stop_image:
         return
     pending: deque[Future] = deque()
-    bar = tqdm(total=writer.rows_total, initial=writer.rows_done, unit="img", unit_scale=True, disable=not progress, desc="extract", dynamic_ncols=True)
+    bar = tqdm(total=writer.part_rows, initial=writer.rows_done, unit="img", unit_scale=True, disable=not progress, desc="extract", dynamic_ncols=True)
     row = writer.rows_done
     batches = _batches(extractor, images, pre, dev=dev, views=views, seed=seed, augment=augment, start_image=start_image,
                        stop_image=stop_image, batch_size=batch_size, workers=workers, amp=amp, dtype=specs[0].dtype)  # fmt: skip

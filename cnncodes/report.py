@@ -94,8 +94,8 @@ def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = Tr
         writer.writeheader()
         writer.writerows(result.rows)
     paths["results.json"].write_text(json.dumps({"config": result.config, "classes": result.classes, "rows": result.rows}, indent=1))
-    # best.json describes the choice and nothing run-dependent, so equal sweeps (local or on a cluster) write equal
-    # files; timings are in results.csv/json.
+    # best.json describes the choice, without timings, so equal sweeps of one store (local or on a cluster) write
+    # equal files; timings are in results.csv/json.
     best = {k: v for k, v in result.best.items() if k != "fit_seconds"}
     paths["best.json"].write_text(json.dumps(best, indent=1))
     pred = result.test_predictions

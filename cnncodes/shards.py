@@ -86,7 +86,8 @@ def shard_from_env(env: Mapping[str, str], *, slurm: bool = True) -> Shard | Non
         return Shard(int(env["RANK"]), world)
     if slurm and "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         first = int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
-        return Shard(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)  # --array=0-14:2 has step 2
+        return Shard((int(env["SLURM_ARRAY_TASK_ID"]) - first) // step, int(env["SLURM_ARRAY_TASK_COUNT"]))
     return None
 
 

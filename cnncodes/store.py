@@ -51,6 +51,7 @@ __all__ = [
     "FORMAT_VERSION",
     "merge_shards",
     "shard_path",
+    "check_merge_target",
 ]
 
 FORMAT_VERSION = 1
@@ -352,7 +353,12 @@ class StoreWriter:
             if old.get("config") != self.config:
                 if not overwrite:
                     raise StoreMismatchError(_mismatch_message(self.path, old.get("config", {}), self.config))
-                self._clear(old)
+                if _shards_running(self.path):
+                    raise StoreLockedError(
+                        f"shards are still filling the shared store {self.path}; nothing was changed. Wait for them, "
+                        "or write to another --out directory."
+                    )
+                _clear_store(self.path, old)
             elif old.get("complete"):
                 self.already_complete = True
                 return
@@ -365,13 +371,6 @@ class StoreWriter:
                 "Choose a new or empty --out directory."
             )
         self._create()
-
-    def _clear(self, old: dict[str, Any]) -> None:
-        for entry in old.get("arrays", []):
-            (self.path / entry["file"]).unlink(missing_ok=True)
-        for name in (LABELS, MANIFEST):
-            (self.path / name).unlink(missing_ok=True)
-        shutil.rmtree(self._partial, ignore_errors=True)
 
     def _create(self) -> None:
         shutil.rmtree(self._partial, ignore_errors=True)
@@ -547,10 +546,10 @@ class SharedStoreWriter(StoreWriter):
         creating = _lock(self.path, wait=self.create_wait_s)
         try:
             self._join()
+            if not self.already_complete:  # taken under the store lock, so no shard can be publishing meanwhile
+                self._lock_file = _lock(self._partial, f"{self.shard.name}.lock")
         finally:
             creating.close()
-        if not self.already_complete:
-            self._lock_file = _lock(self._partial, f"{self.shard.name}.lock")
 
     def _join(self) -> None:
         manifest_path = self.path / MANIFEST
@@ -657,7 +656,8 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], labels: tuple[str, st
 
 def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
     hint = ""
-    if [k for k in set(old) | set(new) if old.get(k) != new.get(k)] == ["shard"]:
+    differ = [k for k in set(old) | set(new) if old.get(k) != new.get(k)]
+    if differ == ["shard"] and "images" in (old.get("shard") or {}) and "images" in (new.get("shard") or {}):
         hint = " A shard's image range follows --batch-size: resume it with the --batch-size it was started with."
     return (
         f"{path} already holds codes made with different settings ({_config_diff(old, new)}). Nothing was changed.{hint} "
@@ -699,9 +699,18 @@ def _unsharded(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "shard"}
 
 
-def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None) -> list[CodeStore]:
+def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None, count: int | None = None) -> list[CodeStore]:
     """Open the shard stores of one run and return them in shard order, or say exactly what is missing."""
-    paths = [Path(p) for p in shards] if shards else sorted(p for p in (out / SHARDS).glob("*-of-*") if p.is_dir())
+    if shards:
+        paths = [Path(p) for p in shards]
+    else:
+        paths = sorted(p for p in (out / SHARDS).glob(f"*-of-{count or '*'}") if p.is_dir())
+        splits = sorted({p.name.rsplit("-of-", 1)[1] for p in paths})
+        if len(splits) > 1:
+            raise StoreError(
+                f"{out / SHARDS} holds shards of {' and '.join(splits)}-way splits: remove the stale ones, or name the "
+                "shard stores to merge."
+            )
     if not paths:
         raise StoreError(
             f"no shard stores under {out / SHARDS}. Run `cnncodes extract SOURCE --out {out} --shard I/N` for every "
@@ -741,9 +750,16 @@ def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None) -> list
             "command to resume them, then merge again."
         )
     base = _unsharded(ordered[0].manifest["config"])
+    batch_size = ordered[0].manifest.get("batch_size")
     end = 0
     for store in ordered:
         config = store.manifest["config"]
+        if store.manifest.get("batch_size") != batch_size:
+            raise StoreError(
+                f"{store.path} was extracted with --batch-size {store.manifest.get('batch_size')} but {ordered[0].path} "
+                f"with {batch_size}; batches differ, so the merge would not equal a one-process run. Re-extract the "
+                "shards with one --batch-size."
+            )
         if _unsharded(config) != base:
             raise StoreMismatchError(
                 f"{store.path} was extracted with other settings than {ordered[0].path} "
@@ -759,6 +775,25 @@ def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None) -> list
     if end != base["n_images"]:
         raise StoreError(f"the shards cover {end} of {base['n_images']} images; the last shard ends early.")
     return ordered
+
+
+def check_merge_target(out: str | os.PathLike, config: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse, before any work is done, a sharded extraction whose shards could not be merged into ``out``."""
+    out = Path(out)
+    if overwrite or not out.is_dir():
+        return
+    if (out / MANIFEST).exists():
+        old = _read_json(out / MANIFEST)
+        if old.get("config") == json.loads(json.dumps(config)) and (old.get("complete") or old.get("merging")):
+            return
+        what = "a complete store" if old.get("complete") else "an unfinished store"
+        raise StoreMismatchError(
+            f"{out} already holds {what} with other settings or from a one-process run "
+            f"({_config_diff(old.get('config', {}), config)}); its shards could not be merged there, so nothing was "
+            "started. Pass --overwrite to replace it at the merge, resume the one-process run, or choose another --out."
+        )
+    if any(p.name not in (LOCK, PARTIAL, SHARDS) for p in out.iterdir()):
+        raise StoreError(f"{out} holds files but no {MANIFEST}; choose a new or empty --out directory for the shards.")
 
 
 def _refuse_shared(out: Path) -> None:
@@ -785,13 +820,20 @@ def _refuse_shared(out: Path) -> None:
 
 
 def merge_shards(
-    out: str | os.PathLike, shards: Sequence[str | os.PathLike] | None = None, *, remove_shards: bool = False
+    out: str | os.PathLike,
+    shards: Sequence[str | os.PathLike] | None = None,
+    *,
+    remove_shards: bool = False,
+    count: int | None = None,
+    overwrite: bool = False,
+    wait: float = 0.0,
 ) -> CodeStore:
     """Join the shard stores of a sharded extraction into one store at ``out``.
 
     The merged store is bitwise identical (arrays, labels, manifest except its ``written`` time) to the store a
     single process would have written with the same arguments, so rerunning that single-process command on ``out``
-    finds it complete. Rows are copied with plain reads and positioned writes, so memory stays flat.
+    finds it complete. Rows are copied with plain reads and positioned writes, so memory stays flat. An interrupted
+    merge is redone by merging again.
 
     Parameters
     ----------
@@ -801,6 +843,12 @@ def merge_shards(
         The shard stores to join, in any order (e.g. copied from several machines); default: ``out/shards/*``.
     remove_shards : bool, default=False
         Delete the shard stores once the merged store is complete.
+    count : int, optional
+        Join the shards of an ``N``-way split only (default: the one split found under ``out/shards``).
+    overwrite : bool, default=False
+        Replace a store with other settings at ``out``.
+    wait : float, default=0
+        Seconds to wait for another process merging into ``out`` (then its result is returned).
 
     Returns
     -------
@@ -809,61 +857,103 @@ def merge_shards(
     out = Path(out)
     if shards is None:
         _refuse_shared(out)
-    parts = _shard_stores(out, shards)
-    first = parts[0].manifest
-    config = _unsharded(first["config"])
+        if not out.is_dir():
+            raise StoreError(f"{out} does not exist; give the --out directory of a sharded extraction.")
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    lock = _lock(out, wait=wait)
     try:
-        if (out / MANIFEST).exists():
-            old = _read_json(out / MANIFEST)
+        old = _read_json(out / MANIFEST) if (out / MANIFEST).exists() else None
+        if old is not None and old.get("complete") and not (out / SHARDS).is_dir() and shards is None:
+            return CodeStore(out)  # merged by another process, which removed the shard stores
+        parts = _shard_stores(out, shards, count)  # raises, naming the fix, unless every shard is complete
+        first = parts[0].manifest
+        config = _unsharded(first["config"])
+        if old is not None:
             if old.get("config") == config and old.get("complete"):
+                if remove_shards:
+                    _remove(parts, out, shards)
                 return CodeStore(out)  # already merged (or extracted by one process with the same settings)
-            raise StoreMismatchError(
-                f"{out} already holds a {'complete' if old.get('complete') else 'unfinished'} store with other "
-                "settings or from another run; nothing was changed. Merge into a new --out directory, or delete it."
+            if not (overwrite or (old.get("merging") and old.get("config") == config)):
+                raise StoreMismatchError(
+                    f"{out} already holds a {'complete' if old.get('complete') else 'unfinished'} store with other "
+                    f"settings ({_config_diff(old.get('config', {}), config)}); nothing was changed. Pass --overwrite "
+                    "(Python: overwrite=True) to replace it, or merge into another directory: cnncodes merge NEW_OUT "
+                    f"{out / SHARDS}/*"
+                )
+            _clear_store(out, old)  # the store being replaced, or what an interrupted merge left
+        elif any(p.name not in (LOCK, PARTIAL, SHARDS) for p in out.iterdir()):
+            raise StoreError(
+                f"{out} holds files but no {MANIFEST}, so it is not a store; move them away, or merge into another "
+                f"directory: cnncodes merge NEW_OUT {out / SHARDS}/*"
             )
-        if any(p.name not in (LOCK, PARTIAL, SHARDS) for p in out.iterdir()):
-            raise StoreError(f"{out} is not empty and holds no {MANIFEST}; merge into a new or empty directory.")
-        rows = sum(s.rows for s in parts)
-        partial = out / PARTIAL
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        arrays = []
-        for entry in first["arrays"]:
-            target = partial / entry["file"]
-            mm = np.lib.format.open_memmap(target, mode="w+", dtype=np.dtype(entry["dtype"]), shape=(rows, entry["shape"][1]))
-            del mm  # only the preallocated file and its header are needed
-            writer = _RowFile(target)
+        _write_merged(out, parts, config)
+    finally:
+        lock.close()
+    if remove_shards:
+        _remove(parts, out, shards)
+    return CodeStore(out)
+
+
+def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> None:
+    first = parts[0].manifest
+    rows = sum(s.rows for s in parts)
+    manifest = {
+        **first,
+        "rows_total": rows,
+        "rows_done": rows,
+        "arrays": [{**entry, "shape": [rows, entry["shape"][1]]} for entry in first["arrays"]],
+        "sources": [src for s in parts for src in s.sources],
+        "errors": [e for s in parts for e in s.errors],
+        "config": config,
+    }
+    # An unfinished manifest first: an interrupted merge then leaves a store that merging again replaces.
+    _atomic_json(out / MANIFEST, {**manifest, "complete": False, "rows_done": 0, "merging": True})
+    partial = out / PARTIAL
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    for entry in first["arrays"]:
+        target = partial / entry["file"]
+        mm = np.lib.format.open_memmap(target, mode="w+", dtype=np.dtype(entry["dtype"]), shape=(rows, entry["shape"][1]))
+        del mm  # only the preallocated file and its header are needed
+        writer = _RowFile(target)
+        try:
             pos = 0
             for store in parts:
                 for lo in range(0, store.rows, _COPY_CHUNK_ROWS):
                     block = store.read_rows(entry["tap"], entry["pooling"], lo, lo + _COPY_CHUNK_ROWS)
                     writer.write_rows(pos, block)
                     pos += len(block)
+        finally:
             writer.close()
-            arrays.append({**entry, "shape": [rows, entry["shape"][1]]})
-        for entry in first["arrays"]:
-            os.replace(partial / entry["file"], out / entry["file"])
-        labels = np.concatenate([np.asarray(s.labels) for s in parts])
-        np.save(out / LABELS, labels, allow_pickle=False)
-        manifest = {
-            **first,
-            "rows_total": rows,
-            "rows_done": rows,
-            "arrays": arrays,
-            "sources": [src for s in parts for src in s.sources],
-            "errors": [e for s in parts for e in s.errors],
-            "config": config,
-            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        _atomic_json(out / MANIFEST, manifest)
-        shutil.rmtree(partial, ignore_errors=True)
-    finally:
-        lock.close()
-    if remove_shards:
-        for store in parts:
-            shutil.rmtree(store.path)
-        if shards is None and not any((out / SHARDS).iterdir()):
-            (out / SHARDS).rmdir()
-    return CodeStore(out)
+    np.save(partial / LABELS, np.concatenate([np.asarray(s.labels) for s in parts]), allow_pickle=False)
+    for entry in first["arrays"]:
+        os.replace(partial / entry["file"], out / entry["file"])
+    os.replace(partial / LABELS, out / LABELS)
+    _atomic_json(out / MANIFEST, {**manifest, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def _shards_running(path: Path) -> bool:
+    """Whether a shard process holds its lock in the shared store at ``path``."""
+    for lock_path in (path / PARTIAL).glob("*-of-*.lock"):
+        try:
+            _lock(lock_path.parent, lock_path.name).close()
+        except StoreLockedError:
+            return True
+    return False
+
+
+def _clear_store(path: Path, manifest: dict[str, Any]) -> None:
+    """Remove a store's files (not its shard stores or lock)."""
+    for entry in manifest.get("arrays", []):
+        (path / entry["file"]).unlink(missing_ok=True)
+    for name in (LABELS, MANIFEST):
+        (path / name).unlink(missing_ok=True)
+    shutil.rmtree(path / PARTIAL, ignore_errors=True)
+
+
+def _remove(parts: list[CodeStore], out: Path, shards: Sequence[str | os.PathLike] | None) -> None:
+    for store in parts:
+        shutil.rmtree(store.path, ignore_errors=True)
+    if shards is None and (out / SHARDS).is_dir() and not any((out / SHARDS).iterdir()):
+        (out / SHARDS).rmdir()

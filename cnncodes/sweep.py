@@ -303,6 +303,10 @@ def _evaluate_array(
     return out
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency (a cnncodes extra) is not installed."""
+
+
 @contextmanager
 def _joblib_backend(backend: str | None, scheduler: str | None) -> Iterator[None]:
     """``None``: the active joblib backend. ``"dask"``: a client to ``scheduler`` (address or scheduler file) or to a
@@ -317,7 +321,7 @@ def _joblib_backend(backend: str | None, scheduler: str | None) -> Iterator[None
     try:
         from distributed import Client
     except ImportError:
-        raise ImportError("backend='dask' needs dask.distributed: pip install 'cnncodes[dask]'.") from None
+        raise MissingExtraError("backend='dask' needs dask.distributed: pip install 'cnncodes[dask]'.") from None
     if scheduler is None:
         client = Client(processes=True, dashboard_address=None)
     elif scheduler.endswith(".json") and os.path.isfile(scheduler):

@@ -146,10 +146,11 @@ def test_a_killed_shard_resumes_on_its_own(tmp_path):
     assert not (out / "shards").exists()
 
 
-def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path):
+@pytest.mark.parametrize("shard", [None, "auto"])
+def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path, shard):
     run_tiny(tmp_path / "one")
     out = tmp_path / "launched"
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.0, shard=None, shared=False)
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.0, shard=shard, shared=False)
     procs = [
         subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"})
         for r in range(2)
@@ -183,8 +184,11 @@ def test_more_shards_than_batches_gives_empty_shards_that_merge(tmp_path):
 
 # -- merge refuses what it cannot join ----------------------------------------------------------------------------------
 def test_merge_names_what_is_wrong(tmp_path):
-    with pytest.raises(StoreError, match="no shard stores under .*--shard I/N"):
+    with pytest.raises(StoreError, match="does not exist; give the --out directory of a sharded extraction"):
         merge_shards(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="no shard stores under .*--shard I/N"):
+        merge_shards(tmp_path / "empty")
     out = tmp_path / "s"
     run_tiny(out, shard="0/3")
     with pytest.raises(IncompleteStoreError, match="shard\\(s\\) 1/3, 2/3 missing .*--shard 1/3"):
@@ -199,7 +203,7 @@ def test_merge_names_what_is_wrong(tmp_path):
     with pytest.raises(StoreError, match="not a shard store"):
         merge_shards(out, [run_tiny(tmp_path / "plain").path])
     run_tiny(tmp_path / "b", batch_size=8, shard="1/3")
-    with pytest.raises(StoreError, match="different --batch-size"):
+    with pytest.raises(StoreError, match="extracted with --batch-size 8 but .* with 4"):
         merge_shards(out, [out / "shards" / "0-of-3", tmp_path / "b" / "shards" / "1-of-3", out / "shards" / "2-of-3"])
     # merging into a directory that holds another store changes nothing there
     other = run_tiny(tmp_path / "other", pool="max")
@@ -214,7 +218,7 @@ def test_cli_reports_shard_errors(tmp_path, capsys):
     assert main(["extract", "demo:digits", "--out", str(tmp_path), "--shard", "2/2", *CLI_MODEL]) == 2
     assert "out of range (0 to 1)" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "none")]) == 2
-    assert "no shard stores" in capsys.readouterr().err
+    assert "does not exist; give the --out directory" in capsys.readouterr().err
 
 
 def test_shards_as_dask_tasks_then_merge_equal_one_process(tmp_path):
@@ -279,3 +283,77 @@ def test_shared_store_refusals(tmp_path):
     before = store_files(one.path)
     assert run_tiny(tmp_path / "b", shard="1/2", shared=True).complete  # the same codes exist already: nothing to do
     assert store_files(one.path) == before
+
+
+# -- what was there before is never lost or silently reused --------------------------------------------------------------
+def test_a_sharded_run_into_another_store_is_refused_before_any_work(tmp_path):
+    other = run_tiny(tmp_path / "out", pool="max")
+    before = store_files(other.path)
+    with pytest.raises(StoreMismatchError, match="nothing was started"):
+        run_tiny(tmp_path / "out", shard="0/2")
+    with pytest.raises(StoreMismatchError, match="nothing was started"):
+        run_tiny(tmp_path / "out", devices="cpu,cpu")
+    assert not (tmp_path / "out" / "shards").exists() and store_files(other.path) == before
+    run_tiny(tmp_path / "one")
+    replaced = run_tiny(tmp_path / "out", devices="cpu,cpu", overwrite=True)  # replaced only at the merge
+    assert store_files(replaced.path) == store_files(tmp_path / "one")
+
+
+def test_stale_shards_of_another_split_do_not_break_a_merge(tmp_path):
+    run_tiny(tmp_path / "one")
+    out = tmp_path / "out"
+    run_tiny(out, shard="0/3")  # an abandoned 3-way run
+    assert run_tiny(out, shard="1/2", merge=True).path == out / "shards" / "1-of-2"  # 0/2 missing: not merged yet
+    with pytest.raises(StoreError, match="2 and 3-way splits"):
+        merge_shards(out)
+    merged = run_tiny(out, shard="0/2", merge=True)  # the last of the 2-way split merges it, ignoring the 3-way one
+    assert merged.path == out and store_files(out) == store_files(tmp_path / "one")
+
+
+def test_an_interrupted_merge_is_redone(tmp_path, monkeypatch):
+    run_tiny(tmp_path / "one")
+    out = tmp_path / "out"
+    for i in range(2):
+        run_tiny(out, shard=(i, 2))
+    real_save = np.save
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("cnncodes.store.np.save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        merge_shards(out)
+    assert not CodeStore.is_complete(out)
+    monkeypatch.setattr("cnncodes.store.np.save", real_save)
+    merge_shards(out, remove_shards=True)
+    assert store_files(out) == store_files(tmp_path / "one")
+    assert merge_shards(out).rows == 40  # merging again after the shards were removed returns the merged store
+
+
+def test_shards_with_other_batch_sizes_are_not_merged_even_when_bounds_line_up(tmp_path):
+    out = tmp_path / "out"
+    run_tiny(out, shard="0/2", batch_size=4)  # 10 batches: images 0-19
+    run_tiny(out, shard="1/2", batch_size=20)  # 2 batches: images 20-39
+    with pytest.raises(StoreError, match="--batch-size 20 but .* with 4"):
+        merge_shards(out)
+
+
+def test_overwrite_waits_for_running_shards_of_a_shared_store(tmp_path):
+    from cnncodes.shards import Shard
+    from cnncodes.store import SharedStoreWriter, StoreLockedError
+
+    images, labels = make_images(8)
+    from cnncodes.store import ArraySpec
+
+    spec = ArraySpec("a", "avg", 2, "float16", True, False)
+    shard = SharedStoreWriter(tmp_path / "s", shard=Shard(0, 2), part=(0, 4), arrays=[spec], sources=list("abcdefgh"),
+                              labels=labels, classes=["0", "1", "2"], views=0, info={},
+                              config={"k": 1, "shard": {"count": 2, "layout": "shared"}})  # fmt: skip
+    try:
+        with pytest.raises(StoreLockedError, match="shards are still filling"):
+            run_tiny(tmp_path / "s", overwrite=True)
+        with pytest.raises(StoreMismatchError) as info:
+            run_tiny(tmp_path / "s")
+        assert "--batch-size" not in str(info.value)
+    finally:
+        shard.close()
