@@ -221,25 +221,7 @@ def extract(
     if batch_size < 1 or views < 0:
         raise ValueError(f"need batch_size >= 1 and views >= 0, got batch_size={batch_size}, views={views}.")
     augment = parse_augment(augment)
-    device_list = parse_devices(devices)
-    launched = shard in (None, "auto") and shard_from_env(os.environ, slurm=False) is not None  # torchrun
-    part = parse_shard(shard)
-    if device_list and part is not None:
-        if launched:
-            raise ValueError(f"devices={devices!r} under torchrun (WORLD_SIZE set): each rank is a shard already, on "
-                             "cuda:LOCAL_RANK; drop --devices.")  # fmt: skip
-        raise ValueError(f"got devices={devices!r} and shard {part}: --devices splits the work itself; give one of them.")
-    if shared and part is None:
-        raise ValueError("shared=True (--shared) needs a shard: give --shard I/N, or launch with torchrun.")
-    if shared and overwrite:
-        raise ValueError(
-            "--overwrite cannot be combined with --shared: other shards may be writing the store. Delete the directory "
-            "once no shard is running, or choose another --out."
-        )
-    if len(device_list) == 1:
-        device = device_list[0]
-    elif launched and device == "auto":
-        device = launcher_device() or device
+    part, device_list, launched, device = _split_plan(shard, devices, device, shared, overwrite, merge)
     dev = resolve_device(device) if len(device_list) < 2 else None
     images = open_source(source, labels=labels, max_pixels=max_pixels)
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights=weights, preprocessing=preprocessing, input_size=input_size)
@@ -273,8 +255,6 @@ def extract(
             return merged
         if not shared:
             check_merge_target(out, config, overwrite)
-    if shared and merge:
-        raise ValueError("merge=True (--merge) does nothing with --shared: the last shard publishes the store itself.")
     if len(device_list) > 1:
         for d in device_list:
             resolve_device(d)  # fail here, naming the device, rather than in a child process
@@ -296,6 +276,34 @@ def extract(
     if part is not None and not shared and (merge if merge is not None else launched):
         return _merge_when_complete(out, config, part.count, overwrite) or store
     return store
+
+
+def _split_plan(
+    shard: Any, devices: Any, device: str, shared: bool, overwrite: bool, merge: bool | None
+) -> tuple[Shard | None, list[str], bool, str]:
+    """Check how the run is split: ``(shard, devices, launched by torchrun, device of this process)``."""
+    device_list = parse_devices(devices)
+    launched = shard in (None, "auto") and shard_from_env(os.environ, slurm=False) is not None
+    part = parse_shard(shard)
+    if device_list and part is not None:
+        if launched:
+            raise ValueError(f"devices={devices!r} under torchrun (WORLD_SIZE set): each rank is a shard already, on "
+                             "cuda:LOCAL_RANK; drop --devices.")  # fmt: skip
+        raise ValueError(f"got devices={devices!r} and shard {part}: --devices splits the work itself; give one of them.")
+    if shared and part is None:
+        raise ValueError("shared=True (--shared) needs a shard: give --shard I/N, or launch with torchrun.")
+    if shared and overwrite:
+        raise ValueError(
+            "--overwrite cannot be combined with --shared: other shards may be writing the store. Delete the directory "
+            "once no shard is running, or choose another --out."
+        )
+    if shared and merge:
+        raise ValueError("merge=True (--merge) does nothing with --shared: the last shard publishes the store itself.")
+    if len(device_list) == 1:
+        device = device_list[0]
+    elif launched and device == "auto":
+        device = launcher_device() or device
+    return part, device_list, launched, device
 
 
 def _open_writer(
