@@ -48,10 +48,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .extract import extract
-    from .store import CodeStore
+    from .store import completed_shards
 
     store = extract(
         args.source,
@@ -89,9 +87,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         return 0
     print(f"wrote {store.rows} rows x {len(store.arrays)} arrays to {store.path} ({len(store.errors)} images skipped)")
     if shard:
-        done = [p for p in (Path(args.out) / "shards").glob(f"*-of-{shard['count']}") if CodeStore.is_complete(p)]
+        done = completed_shards(args.out, shard["count"])
         print(f"shard {shard['index']}/{shard['count']} (images {shard['images'][0]}-{shard['images'][1] - 1}) is complete; "
-              f"{len(done)} of {shard['count']} shards are. When all are, join them: cnncodes merge {args.out}")  # fmt: skip
+              f"{done} of {shard['count']} shards are. When all are, join them: cnncodes merge {args.out}")  # fmt: skip
     for err in store.errors[:20]:
         print(f"  skipped {err['path']}: {err['reason']}")
     if len(store.errors) > 20:

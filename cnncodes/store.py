@@ -52,6 +52,7 @@ __all__ = [
     "merge_shards",
     "shard_path",
     "check_merge_target",
+    "completed_shards",
 ]
 
 FORMAT_VERSION = 1
@@ -596,6 +597,11 @@ class SharedStoreWriter(StoreWriter):
             lock.close()
 
 
+def completed_shards(out: str | os.PathLike, count: int) -> int:
+    """How many shard stores of an ``count``-way split under ``out`` are complete."""
+    return sum(CodeStore.is_complete(p) for p in (Path(out) / SHARDS).glob(f"*-of-{count}"))
+
+
 def shared_progress(path: str | os.PathLike, count: int) -> list[tuple[int | None, int | None]]:
     """``(rows done, rows)`` of each shard of a shared store (``None`` for a shard that has not started)."""
     out = []
@@ -768,8 +774,8 @@ def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None, count: 
         lo, hi = config["shard"]["images"]
         if lo != end:
             raise StoreError(
-                f"{store.path} starts at image {lo} but the shard before it ends at image {end}: the shards were "
-                "extracted with different --batch-size. Re-extract them with one --batch-size."
+                f"{store.path} starts at image {lo} but the shard before it ends at image {end}: the shards do not "
+                "line up. Re-extract them with the same arguments."
             )
         end = hi
     if end != base["n_images"]:
