@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import fx, nn
 
-__all__ = ["fx_node_names", "tapped_fx", "TappedHooks", "hook_call_order", "tapped_ops"]
+__all__ = ["fx_node_names", "traced", "tapped_fx", "TappedHooks", "hook_call_order", "tapped_ops"]
 
 
 def _timm_fx():
@@ -37,7 +37,16 @@ def fx_node_names(model: nn.Module) -> list[str]:
     return [n for n in names if n != "x"]
 
 
-def _op_label(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None]:
+def traced(model: nn.Module) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
+    """The whole eval-mode graph (every node kept) and each node's qualified name (``layer1.0.relu_1``)."""
+    names = fx_node_names(model)
+    create_feature_extractor, _ = _timm_fx()
+    gm = create_feature_extractor(model, return_nodes={name: name for name in names})
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return gm, {node: name for name, node in dict(output.args[0]).items()}
+
+
+def op_label(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None]:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         return type(module).__name__, module
@@ -68,15 +77,16 @@ def tapped_fx(model: nn.Module, heads: Mapping[str, nn.Module]) -> fx.GraphModul
 def tapped_ops(gm: fx.GraphModule) -> dict[str, tuple[str, nn.Module | None]]:
     """``{tap name: (op label, module or None)}`` of the nodes a :func:`tapped_fx` module taps."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    return {name: _op_label(gm, head.args[0]) for name, head in dict(output.args[0]).items()}
+    return {name: op_label(gm, head.args[0]) for name, head in dict(output.args[0]).items()}
 
 
 class _StopForward(Exception):
     """Raised by the deepest hook to skip the rest of the network."""
 
 
-def hook_call_order(model: nn.Module, x: torch.Tensor, fn: Callable[[str, nn.Module, object], None]) -> None:
-    """Run ``model(x)`` calling ``fn(tap_name, module, output)`` as every sub-module finishes, in completion order."""
+def hook_call_order(model: nn.Module, x: torch.Tensor, fn: Callable[[str, nn.Module, tuple, object], None]) -> None:
+    """Run ``model(x)`` calling ``fn(tap_name, module, args, output)`` as every sub-module finishes, in completion
+    order."""
     counts: dict[str, int] = defaultdict(int)
     handles = []
 
@@ -84,7 +94,7 @@ def hook_call_order(model: nn.Module, x: torch.Tensor, fn: Callable[[str, nn.Mod
         def hook(module: nn.Module, args: object, output: object) -> None:
             k = counts[name]
             counts[name] += 1
-            fn(name if k == 0 else f"{name}_{k}", module, output)
+            fn(name if k == 0 else f"{name}_{k}", module, args, output)
 
         return hook
 

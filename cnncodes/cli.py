@@ -23,26 +23,31 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
 
 def _cmd_layers(args: argparse.Namespace) -> int:
     from .backbones import load_backbone
+    from .layout import Layout
     from .taps import list_taps
 
     backbone = load_backbone(args.model, weights=args.weights, input_size=args.input_size)
     catalogue = list_taps(backbone)
     records = catalogue.to_records(args.pool.split(","), args.dtype)
     if args.json:
-        print(json.dumps({"model": backbone.describe(), "mode": catalogue.mode, "taps": records}, indent=1))
+        print(json.dumps({"model": backbone.describe(), "mode": catalogue.mode, "input_size": catalogue.input_size,
+                          "stage_source": catalogue.stage_source, "taps": records}, indent=1))  # fmt: skip
         return 0
     pools = args.pool.split(",")
     print(f"{backbone.spec} at {catalogue.input_size}px: {len(records)} taps ({catalogue.mode}); "
-          f"* = stage tap (--layers stages); relu = applied at extraction because the network did not rectify")  # fmt: skip
-    header = f"{'':1} {'#':>3}  {'name':<28} {'op':<18} {'post-act':<8} {'relu':<5} {'shape':<16}"
+          f"* = stage tap (--layers stages, from {catalogue.stage_source}), e = expanded tap; "
+          "relu: 'net' = rectified by the network, 'auto' = rectified at extraction by --relu auto, '-' = raw")  # fmt: skip
+    header = f"{'':2} {'#':>3}  {'name':<34} {'op':<16} {'layout':<16} {'relu':<5} {'shape':<14}"
     header += "".join(f" {('dims ' + p):>10}" for p in pools) + f" {'KiB/img':>8}"
     print(header)
     for r in records:
         shape = "x".join(str(s) for s in r["shape"])
-        line = f"{'*' if r['stage_tap'] else '':1} {r['index']:>3}  {r['name']:<28} {r['op'][:18]:<18} "
-        line += f"{'yes' if r['post_activation'] else '-':<8} {'-' if r['rectified'] else 'relu':<5} {shape:<16}"
-        line += "".join(f" {r['dims'][p]:>10}" for p in pools)
-        line += f" {sum(r['bytes_per_image'].values()) / 1024:>8.1f}"
+        layout = Layout.from_dict(r["layout"]).describe()
+        relu = "net" if r["rectified"] else "auto" if r["thresholded"] else "-"
+        mark = ("*" if r["stage_tap"] else "") + ("e" if r["expanded_tap"] else "")
+        line = f"{mark:<2} {r['index']:>3}  {r['name']:<34} {r['op'][:16]:<16} {layout:<16} {relu:<5} {shape:<14}"
+        line += "".join(f" {'-' if r['dims'][p] is None else r['dims'][p]:>10}" for p in pools)
+        line += f" {sum(b for b in r['bytes_per_image'].values() if b) / 1024:>8.1f}"
         print(line)
     return 0
 
@@ -59,7 +64,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         pool=args.pool,
         weights=args.weights,
         input_size=args.input_size,
-        relu=not args.no_relu,
+        relu="never" if args.no_relu else args.relu,
         dtype=args.dtype,
         views=args.views,
         seed=args.seed,
@@ -165,8 +170,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .extract import extract
 
     out = Path(args.out)
-    print(f"[1/2] extracting demo:digits with efficientnet_lite0 at 96 px: stage taps x avg, avg2, avg4 -> {out / 'codes'}")
-    store = extract("demo:digits", out=out / "codes", input_size=96, layers="stages", pool="avg,avg2,avg4",
+    print(f"[1/2] extracting demo:digits with efficientnet_lite0 at 96 px: stage and expanded taps x avg, avg2, avg4 -> {out / 'codes'}")
+    store = extract("demo:digits", out=out / "codes", input_size=96, layers="stages,expanded", pool="avg,avg2,avg4",
                     progress=not args.quiet)  # fmt: skip
     print(f"      {store.rows} images x {len(store.arrays)} arrays")
     print(f"[2/2] sweeping {args.probes} probes over every tap and pooling -> {out / 'sweep'}")
@@ -235,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layers", help="list the taps of a model in forward order")
     _add_model_args(p, positional=True)
-    p.add_argument("--pool", default="avg,avg2", help="poolings to size (default: %(default)s)")
+    p.add_argument("--pool", default="avg,avg2", help="poolings to size, e.g. avg,avg2,cls,mean (default: %(default)s)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_layers)
@@ -243,11 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract CNN codes from images into a code store")
     p.add_argument("source", help="ImageFolder dir, path,label CSV, unlabeled dir, or demo:digits")
     _add_model_args(p)
-    p.add_argument("--layers", default="stages", help="tap names or stages|rectified|all|last:K (default: %(default)s)")
-    p.add_argument("--pool", default="avg", help="poolings: avg,max,avgK,maxK,none (default: %(default)s)")
+    p.add_argument("--layers", default="stages", help="tap names or stages|expanded|rectified|all|last:K (default: %(default)s)")
+    p.add_argument("--pool", default="avg", help="poolings: avg,max,avgK,maxK,none; token taps also cls,mean (default: %(default)s)")
     p.add_argument("--out", required=True, help="store directory")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--no-relu", action="store_true", help="keep raw values at taps the network did not rectify")
+    p.add_argument("--relu", default="auto", choices=["auto", "always", "never"],
+                   help="auto: rectify only where the network thresholds (ReLU/ReLU6); always; never (default: %(default)s)")
+    p.add_argument("--no-relu", action="store_true", help=argparse.SUPPRESS)  # deprecated spelling of --relu never
     p.add_argument("--views", type=int, default=0, metavar="K", help="augmented views per image (default: 0)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the augmented views")
     p.add_argument("--augment", default="crop,flip", help="view augmentations: crop,flip,color (default: %(default)s)")

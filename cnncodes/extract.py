@@ -125,7 +125,7 @@ def extract(
     weights: str | os.PathLike | None = None,
     preprocessing: Preprocessing | None = None,
     input_size: int | None = None,
-    relu: bool = True,
+    relu: str | bool = "auto",
     dtype: str = "float16",
     views: int = 0,
     seed: int = 0,
@@ -160,13 +160,15 @@ def extract(
     model : str, nn.Module or Backbone, default="efficientnet_lite0"
         Model spec (see :func:`cnncodes.load_backbone`).
     layers : str or list of str, default="stages"
-        Taps: names, ``stages``, ``rectified``, ``all``, ``last:K``.
+        Taps: names, ``stages``, ``expanded``, ``rectified``, ``all``, ``last:K``.
     pool : str or list, default="avg"
         Poolings, e.g. ``"avg,avg4"``.
     weights, preprocessing, input_size
         Passed to :func:`cnncodes.load_backbone`.
-    relu : bool, default=True
-        Rectify taps the network did not rectify itself (recorded per array); ``False`` keeps raw values.
+    relu : {"auto", "always", "never"}, default="auto"
+        ``auto`` rectifies the taps the network thresholds itself (a ReLU-family output, or a tap the network feeds
+        to one) and keeps raw values elsewhere; ``always`` rectifies every tap; ``never`` keeps raw values. Recorded
+        per array in the manifest. ``True``/``False`` mean ``always``/``never``.
     dtype : {"float16", "float32"}, default="float16"
     views : int, default=0
         Augmented views per image stored after the plain view.
@@ -226,9 +228,11 @@ def extract(
     images = open_source(source, labels=labels, max_pixels=max_pixels)
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights=weights, preprocessing=preprocessing, input_size=input_size)
     extractor = CodeExtractor(backbone, layers, pool, relu=relu)
+    relu = extractor.relu
 
     specs = [
-        ArraySpec(t.name, p.name, t.code_dims(p), dtype, rectified=relu or t.rectified, relu_applied=extractor.relu_applied[t.name], depth=t.index)
+        ArraySpec(t.name, p.name, t.code_dims(p), dtype, rectified=t.codes_rectified(relu), relu_applied=extractor.relu_applied[t.name],
+                  depth=t.index, layout=t.layout.to_dict(), relu=relu)  # fmt: skip
         for t in extractor.taps
         for p in extractor.poolings
     ]

@@ -10,19 +10,21 @@ from torch import nn
 
 from . import _graph
 from .backbones import Backbone
+from .layout import Layout
 from .pooling import Pooling, parse_poolings
-from .taps import TapCatalogue, TapInfo, list_taps
+from .taps import TapCatalogue, TapInfo, check_relu_mode, list_taps
 
 __all__ = ["CodeExtractor", "TapHead"]
 
 
 class TapHead(nn.Module):
-    """Rectify (optionally) and pool one activation into ``{pooling name: (B, D) float32}``."""
+    """Rectify (optionally) and pool one activation of ``layout`` into ``{pooling name: (B, D) float32}``."""
 
-    def __init__(self, poolings: Sequence[Pooling], relu: bool) -> None:
+    def __init__(self, poolings: Sequence[Pooling], relu: bool, layout: Layout | None = None) -> None:
         super().__init__()
         self.poolings = list(poolings)
         self.relu = relu
+        self.layout = layout
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.dtype in (torch.float16, torch.bfloat16):  # pool AMP activations in float32
@@ -31,7 +33,7 @@ class TapHead(nn.Module):
             x = F.relu(x)  # never in place: the network may still need the raw tensor
         out = {}
         for p in self.poolings:
-            code = p(x).float()
+            code = p(x, self.layout).float()
             # `none` and vector taps can be views of the network's tensor; a later in-place op would change them.
             out[p.name] = code.clone() if code.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else code
         return out
@@ -47,8 +49,10 @@ class CodeExtractor(nn.Module):
         A selection understood by :meth:`TapCatalogue.select` (``"stages"``, names, ``"last:2"``...).
     poolings : str or sequence
         E.g. ``"avg,avg4"``.
-    relu : bool, default=True
-        Rectify taps the network did not rectify itself; ``False`` keeps raw values.
+    relu : {"auto", "always", "never"}, default="auto"
+        ``auto`` rectifies the taps the network thresholds itself (ReLU-family outputs and their inputs) and keeps raw
+        values elsewhere; ``always`` rectifies every tap; ``never`` keeps raw values. ``True``/``False`` are accepted
+        as ``always``/``never``.
     catalogue : TapCatalogue, optional
         Reuse an existing catalogue (it fixes the input size and the fx/hooks mode).
 
@@ -57,6 +61,8 @@ class CodeExtractor(nn.Module):
     taps : list of TapInfo
         Selected taps in forward order.
     poolings : list of Pooling
+    relu : str
+        The rectification mode.
     relu_applied : dict of str to bool
         Per tap: whether a ReLU is applied on top of the network's output.
 
@@ -72,15 +78,19 @@ class CodeExtractor(nn.Module):
         backbone: Backbone,
         taps: str | Iterable[str] = "stages",
         poolings: str | Sequence[str | Pooling] = "avg",
-        relu: bool = True,
+        relu: str | bool = "auto",
         catalogue: TapCatalogue | None = None,
     ) -> None:
         super().__init__()
         self.catalogue = catalogue or list_taps(backbone)
         self.taps: list[TapInfo] = self.catalogue.select(taps)
         self.poolings = parse_poolings(poolings)
-        self.relu_applied = {t.name: bool(relu and not t.rectified) for t in self.taps}
-        heads = {t.name: TapHead(self.poolings, self.relu_applied[t.name]) for t in self.taps}
+        for t in self.taps:
+            for p in self.poolings:
+                p.check(t.layout, repr(t.name))
+        self.relu = check_relu_mode(relu)
+        self.relu_applied = {t.name: t.relu_applied(self.relu) for t in self.taps}
+        heads = {t.name: TapHead(self.poolings, self.relu_applied[t.name], t.layout) for t in self.taps}
         if self.catalogue.mode == "fx":
             self.net: nn.Module = _graph.tapped_fx(backbone.model, heads)
         else:

@@ -1,24 +1,47 @@
-"""Poolings that turn a (B, C, H, W) activation into a (B, D) code, on the device, before the copy to the host."""
+"""Poolings that turn one tap's activation into a (B, D) code, on the device, before the copy to the host.
+
+Every pooling reads the activation through its :class:`~cnncodes.layout.Layout`: spatial poolings reduce the positions
+of a channels-first map, a channels-last map or a token sequence's patch grid, never the channels.
+"""
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Pooling", "parse_poolings"]
+from .layout import Layout
 
-_PATTERN = re.compile(r"^(avg|max)(\d*)$|^none$")
+__all__ = ["Pooling", "PoolingError", "parse_poolings"]
+
+_PATTERN = re.compile(r"^(avg|max)(\d*)$|^(none|cls|mean)$")
+_FORMS = (
+    "avg, max, avgK or maxK (K x K grid, e.g. avg2, avg4), none (flatten), and for token taps cls (class token) and "
+    "mean (mean of the patch tokens); comma-separated: --pool avg,avg2"
+)
+
+
+class PoolingError(ValueError):
+    """A pooling name is unknown, or does not apply to a tap's layout."""
+
+
+def _default_layout(x_or_shape_ndim: int) -> Layout:
+    return Layout("nchw") if x_or_shape_ndim >= 3 else Layout("vector")
 
 
 @dataclass(frozen=True)
 class Pooling:
-    """One pooling: global (``avg``, ``max``), adaptive K x K grid (``avg4``, ``max2``) or ``none`` (flatten).
+    """One pooling: ``avg``/``max`` (global), ``avgK``/``maxK`` (adaptive K x K grid), ``none`` (flatten as the network
+    laid it out), ``cls`` (the first prefix token of a token tap) or ``mean`` (the mean of the patch tokens; ``avg`` on
+    spatial taps).
 
-    Grid codes are flattened channel-major: feature ``c * K * K + i * K + j`` is channel ``c`` at cell ``(i, j)``.
+    On token taps, ``avg``/``max``/``avgK`` pool the patch tokens only (prefix tokens excluded), over the patch grid.
+    Grid codes are flattened channel-major for every layout: feature ``c * K * K + i * K + j`` is channel ``c`` at cell
+    ``(i, j)``. A vector tap's code is the vector itself for every pooling but ``cls``.
     """
 
     kind: str
@@ -26,27 +49,53 @@ class Pooling:
 
     @property
     def name(self) -> str:
-        if self.kind == "none":
-            return "none"
+        if self.kind in ("none", "cls", "mean"):
+            return self.kind
         return self.kind if self.grid == 1 else f"{self.kind}{self.grid}"
 
-    def dims(self, shape: Sequence[int]) -> int:
-        """Code length for an activation of shape (C, H, W) or (C,)."""
-        if len(shape) == 1:
-            return int(shape[0])
-        c, h, w = shape
-        if self.kind == "none":
-            return int(c * h * w)
-        return int(c * self.grid * self.grid)
+    def check(self, layout: Layout, tap: str = "this tap") -> None:
+        """Raise :class:`PoolingError` if this pooling cannot read a tap of ``layout``."""
+        if self.kind == "cls" and not (layout.kind == "tokens" and layout.prefix >= 1):
+            raise PoolingError(
+                f"pooling 'cls' needs a token tap with a class token; {tap} is {layout.describe()}. Use avg or mean."
+            )
+        if self.kind in ("avg", "max") and self.grid > 1 and layout.kind == "tokens" and layout.grid is None:
+            raise PoolingError(
+                f"pooling {self.name!r} needs the patch grid of token tap {tap}, which its graph does not show; "
+                "use avg, max, mean or cls."
+            )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 2:  # already a vector per sample
-            return x
+    def dims(self, shape: Sequence[int], layout: Layout | None = None) -> int:
+        """Code length for an activation of per-image ``shape`` laid out as ``layout`` (default: from its rank)."""
+        layout = layout or _default_layout(len(shape))
+        if layout.kind == "vector":
+            return int(shape[0])
+        if self.kind == "none":
+            return int(math.prod(shape))
+        channels = layout.channels(shape)
+        return int(channels if self.kind in ("cls", "mean") else channels * self.grid * self.grid)
+
+    def __call__(self, x: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+        layout = layout or _default_layout(x.ndim)
+        if layout.kind == "vector":
+            return x.flatten(1)
         if self.kind == "none":
             return x.flatten(1)
-        if self.kind == "avg":
-            return F.adaptive_avg_pool2d(x, self.grid).flatten(1)
-        return F.adaptive_max_pool2d(x, self.grid).flatten(1)
+        if layout.kind == "tokens":
+            if self.kind == "cls":
+                return x[:, 0]
+            patches = x[:, layout.prefix :]
+            if self.grid == 1:
+                return patches.amax(1) if self.kind == "max" else patches.mean(1)
+            gh, gw = layout.grid  # type: ignore[misc]  # check() refuses a grid pooling without a grid
+            fmap = patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
+        elif layout.kind == "nhwc":
+            fmap = x.permute(0, 3, 1, 2)
+        else:
+            fmap = x
+        if self.kind == "max":
+            return F.adaptive_max_pool2d(fmap, self.grid).flatten(1)
+        return F.adaptive_avg_pool2d(fmap, self.grid).flatten(1)
 
     def __str__(self) -> str:
         return self.name
@@ -57,7 +106,7 @@ def parse_poolings(spec: str | Sequence[str | Pooling]) -> list[Pooling]:
 
     Raises
     ------
-    ValueError
+    PoolingError
         For an unknown name; the message lists the accepted forms.
     """
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -69,13 +118,10 @@ def parse_poolings(spec: str | Sequence[str | Pooling]) -> list[Pooling]:
             text = str(item).strip().lower()
             match = _PATTERN.match(text)
             if not match or (match.group(2) and int(match.group(2)) < 1):
-                raise ValueError(
-                    f"unknown pooling {item!r}; use avg, max, avgK or maxK (K x K grid, e.g. avg2, avg4) or none "
-                    "(flatten), comma-separated: --pool avg,avg2."
-                )
-            pooling = Pooling("none") if text == "none" else Pooling(match.group(1), int(match.group(2) or 1))
+                raise PoolingError(f"unknown pooling {item!r}; use {_FORMS}.")
+            pooling = Pooling(match.group(3)) if match.group(3) else Pooling(match.group(1), int(match.group(2) or 1))
         if pooling not in out:
             out.append(pooling)
     if not out:
-        raise ValueError("no pooling given; use for example --pool avg or --pool avg,avg4.")
+        raise PoolingError(f"no pooling given; use {_FORMS}.")
     return out

@@ -92,6 +92,8 @@ class ArraySpec:
     rectified: bool
     relu_applied: bool
     depth: int = -1  # the tap's position in forward order
+    layout: dict[str, Any] | None = None  # the tap's Layout.to_dict(): what the network's axes meant
+    relu: str | None = None  # the rectification mode asked for (auto, always, never)
 
     @property
     def file(self) -> str:

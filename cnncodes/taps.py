@@ -1,35 +1,52 @@
 """The tap catalogue: every place a CNN code can be taken from, in forward order, and how to select some.
 
-A tap is a node of the network's forward graph whose output is a feature map (B, C, H, W) or a vector (B, C).
-:func:`list_taps` runs the network once on a probe batch to learn each tap's shape, whether it is *post-activation*
-(the output of an activation such as ReLU/ReLU6/SiLU, or of a norm+act block) and whether it is *rectified*
-(never negative, so ReLU is a no-op). CNN codes are rectified: taps that are not get a ReLU at extraction time unless
-the user asks for raw values, and :class:`TapInfo` makes that visible.
+A tap is a node of the network's forward graph whose output is a spatial map (channels-first or channels-last), a token
+sequence or a vector (see :class:`~cnncodes.layout.Layout`). :func:`list_taps` traces the network, runs it once on a
+probe batch and learns, for every tap:
 
-Selections (:meth:`TapCatalogue.select`): explicit names, ``stages`` (the last rectified tap of each resolution stage of
-the main path), ``rectified`` (every rectified main-path tap), ``all`` (every tap) and ``last:K`` (the deepest K stages).
+* its **layout**, followed through the graph from the input image (permutes, flattens, reshapes, class-token concats,
+  LayerNorm/Linear over the last axis), never guessed from which axis is largest;
+* whether the network **thresholds** it: the tap is the output of a ReLU-family activation (ReLU, ReLU6) or the network
+  feeds it to one. ``relu="auto"`` rectifies exactly those taps, as the classical recipe says (rectify codes that were
+  thresholded during training) and keeps raw values elsewhere (GELU/SiLU outputs, residual streams, norms, logits);
+* whether it lies on the **main path**: every path from the input to the output passes through it (a residual branch's
+  inside or a squeeze-excitation gate does not).
+
+Selections (:meth:`TapCatalogue.select`): names; ``stages`` (the model's own stage outputs: timm's ``feature_info`` where
+the model declares it; else the output of each resolution stage on the main path, after the residual add and its
+activation; for transformers, evenly spaced block outputs; always plus the post-activation outputs of hidden fully
+connected layers, AlexNet's and VGG's fc6/fc7); ``expanded`` (the last activation output at each resolution, the
+expanded point of an inverted-residual block; in transformers each block's MLP activation); ``rectified`` (every tap
+the network thresholds); ``all``; ``last:K`` (the deepest K stage taps).
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import _graph
 from .backbones import Backbone
-from .pooling import Pooling, parse_poolings
+from .layout import AxisLabels, Layout, function_labels, generic_labels, module_labels
+from .pooling import Pooling, PoolingError, parse_poolings
 
-__all__ = ["TapInfo", "TapCatalogue", "TapSelectionError", "list_taps"]
+__all__ = ["RELU_MODES", "TapCatalogue", "TapInfo", "TapSelectionError", "list_taps"]
 
 _ACTIVATIONS = {
     "relu", "relu6", "relu_", "silu", "gelu", "hardswish", "hardsigmoid", "mish", "leaky_relu", "elu", "selu",
-    "celu", "prelu", "hardtanh", "swish", "softplus", "sigmoid", "tanh", "quickgelu", "gelutanh",
+    "celu", "prelu", "hardtanh", "swish", "softplus", "quickgelu", "gelutanh", "geluerf", "silu_", "hardswish_",
 }  # fmt: skip
-_SKIPPED = ("Identity", "Dropout", "Dropout2d", "DropPath", "DropBlock2d", "Flatten")
+_RELU_FAMILY = {"relu", "relu_", "relu6"}
+_SKIPPED = ("Identity", "Dropout", "Dropout2d", "DropPath", "DropBlock2d", "Flatten", "StochasticDepth")
+_PROBE_BATCH = 2
+_MAX_BLOCK_TAPS = 12
+RELU_MODES = ("auto", "always", "never")
 
 
 class TapSelectionError(ValueError):
@@ -49,34 +66,58 @@ class TapInfo:
     op : str
         What produces the output (module class or function name).
     shape : tuple of int
-        Output shape per image: (C, H, W) or (C,).
+        Output shape per image, in the network's own layout.
+    layout : Layout
+        What the axes mean: ``nchw``, ``nhwc``, ``tokens`` (with prefix tokens and patch grid) or ``vector``.
     post_activation : bool
         The output of an activation (or a norm+activation block).
     rectified : bool
-        Non-negative on the probe batch, i.e. already rectified by the network; ReLU changes nothing.
+        The output of a ReLU-family activation: non-negative by construction.
+    thresholded : bool
+        Rectified, or passed by the network through a ReLU-family activation; ``relu="auto"`` rectifies these.
     main_path : bool
-        On the network's main path (not a side branch such as a squeeze-excitation gate).
+        Every path from the input to the output passes through this tap (not inside a residual branch or a gate).
     stage : int or None
-        Index of the resolution stage (0 = highest resolution) for main-path feature maps.
+        Index of the resolution stage (0 = highest resolution) of main-path spatial taps.
     """
 
     name: str
     index: int
     op: str
     shape: tuple[int, ...]
+    layout: Layout
     post_activation: bool
     rectified: bool
+    thresholded: bool
     main_path: bool
     stage: int | None
 
     def code_dims(self, pooling: Pooling | str) -> int:
         """Length of the code this tap gives with ``pooling``."""
         pooling = parse_poolings([pooling])[0] if isinstance(pooling, str) else pooling
-        return pooling.dims(self.shape)
+        return pooling.dims(self.shape, self.layout)
 
     def bytes_per_image(self, pooling: Pooling | str, dtype: str = "float16") -> int:
         """Storage per image and view for ``pooling`` at ``dtype``."""
         return self.code_dims(pooling) * torch.finfo(getattr(torch, dtype)).bits // 8
+
+    def relu_applied(self, relu: str) -> bool:
+        """Whether extraction with ``relu`` (auto, always, never) applies a ReLU on top of the network's output."""
+        rectify = relu == "always" or (relu == "auto" and self.thresholded)
+        return rectify and not self.rectified
+
+    def codes_rectified(self, relu: str) -> bool:
+        """Whether the codes extracted with ``relu`` are non-negative."""
+        return self.rectified or self.relu_applied(relu)
+
+
+def check_relu_mode(relu: str | bool) -> str:
+    """Normalise a ``relu`` argument; ``True``/``False`` are the pre-0.3 spellings of ``always``/``never``."""
+    if isinstance(relu, bool):
+        return "always" if relu else "never"
+    if relu not in RELU_MODES:
+        raise ValueError(f"relu={relu!r}; use 'auto' (rectify where the network thresholds), 'always' or 'never'.")
+    return relu
 
 
 class TapCatalogue(Sequence[TapInfo]):
@@ -90,14 +131,22 @@ class TapCatalogue(Sequence[TapInfo]):
     input_size : int
     stage_taps : list of TapInfo
         The ``stages`` selection.
+    stage_source : str
+        Where the stages come from: ``feature_info`` (the model declares them), ``resolution`` (main-path resolution
+        stages) or ``blocks`` (transformer block outputs).
+    expanded_taps : list of TapInfo
+        The ``expanded`` selection.
     """
 
-    def __init__(self, taps: list[TapInfo], mode: str, input_size: int) -> None:
+    def __init__(self, taps: list[TapInfo], mode: str, input_size: int, stage_names: Sequence[str], stage_source: str,
+                 expanded_names: Sequence[str]) -> None:  # fmt: skip
         self.taps = taps
         self.mode = mode
         self.input_size = input_size
         self._by_name = {t.name: t for t in taps}
-        self.stage_taps = _stage_taps(taps)
+        self.stage_taps = [self._by_name[n] for n in stage_names]
+        self.stage_source = stage_source
+        self.expanded_taps = [self._by_name[n] for n in expanded_names]
 
     def __len__(self) -> int:
         return len(self.taps)
@@ -118,8 +167,8 @@ class TapCatalogue(Sequence[TapInfo]):
         if name not in self._by_name:
             close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.5)
             raise TapSelectionError(
-                f"unknown tap {name!r}. Close matches: {close or 'none'}. List the taps with "
-                "`cnncodes layers MODEL` (Python: cnncodes.list_taps(backbone)); keywords: stages, rectified, all, last:K."
+                f"unknown tap {name!r}. Close matches: {close or 'none'}. List the taps with `cnncodes layers MODEL` "
+                "(Python: cnncodes.list_taps(backbone)); keywords: stages, expanded, rectified, all, last:K."
             )
         return self._by_name[name]
 
@@ -129,8 +178,8 @@ class TapCatalogue(Sequence[TapInfo]):
         Parameters
         ----------
         layers : str or iterable of str
-            Comma-separated or listed items; each is a tap name or one of ``stages``, ``rectified``, ``all``,
-            ``last:K``.
+            Comma-separated or listed items; each is a tap name or one of ``stages``, ``expanded``, ``rectified``,
+            ``all``, ``last:K``.
         """
         items = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else [str(s).strip() for s in layers]
         items = [s for s in items if s]
@@ -145,10 +194,12 @@ class TapCatalogue(Sequence[TapInfo]):
     def _expand(self, item: str) -> list[TapInfo]:
         if item == "stages":
             return list(self.stage_taps)
+        if item == "expanded":
+            return list(self.expanded_taps)
         if item == "all":
             return list(self.taps)
         if item == "rectified":
-            return [t for t in self.taps if t.rectified and t.main_path]
+            return [t for t in self.taps if t.thresholded]
         if item.startswith("last:"):
             n_stages = len(self.stage_taps)
             try:
@@ -161,60 +212,68 @@ class TapCatalogue(Sequence[TapInfo]):
         return [self._lookup(item)]
 
     def to_records(self, poolings: Sequence[Pooling | str] = ("avg",), dtype: str = "float16") -> list[dict[str, Any]]:
-        """One JSON-ready dict per tap, with code dims and bytes per image for each pooling."""
+        """One JSON-ready dict per tap: layout, flags, and code dims and bytes per image for each pooling (None where
+        the pooling does not apply to the tap's layout)."""
         pools = parse_poolings(list(poolings))
         stage_names = {t.name for t in self.stage_taps}
-        return [
-            {
-                **asdict(t),
-                "shape": list(t.shape),
-                "stage_tap": t.name in stage_names,
-                "dims": {p.name: t.code_dims(p) for p in pools},
-                "bytes_per_image": {p.name: t.bytes_per_image(p, dtype) for p in pools},
-            }
-            for t in self.taps
-        ]
+        expanded = {t.name for t in self.expanded_taps}
+        records = []
+        for t in self.taps:
+            dims: dict[str, int | None] = {}
+            for p in pools:
+                try:
+                    p.check(t.layout, t.name)
+                    dims[p.name] = t.code_dims(p)
+                except PoolingError:
+                    dims[p.name] = None
+            records.append({
+                "name": t.name, "index": t.index, "op": t.op, "shape": list(t.shape), "layout": t.layout.to_dict(),
+                "post_activation": t.post_activation, "rectified": t.rectified, "thresholded": t.thresholded,
+                "main_path": t.main_path, "stage": t.stage, "stage_tap": t.name in stage_names,
+                "expanded_tap": t.name in expanded, "dims": dims,
+                "bytes_per_image": {k: None if d is None else t.bytes_per_image(k, dtype) for k, d in dims.items()},
+            })  # fmt: skip
+        return records
 
 
-def _is_activation(op: str, module: nn.Module | None) -> bool:
+# --------------------------------------------------------------------------------------------------------------------
+# Discovery
+
+
+@dataclass
+class _Raw:
+    """What discovery learns about one node before the catalogue is assembled."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    layout: Layout
+    activation: bool
+    relu: bool
+    thresholded: bool = False
+    main_path: bool = False
+
+
+def _activation_name(op: str, module: nn.Module | None) -> str:
+    """The activation that produces this output, if any: the op itself, the ``act`` of a norm+act block (timm's
+    BatchNormAct2d), or the last layer of a leaf Sequential (torchvision's Conv2dNormActivation)."""
     if op.lower() in _ACTIVATIONS:
-        return True
-    act = getattr(module, "act", None) if module is not None else None
-    return isinstance(act, nn.Module) and type(act).__name__.lower() in _ACTIVATIONS
-
-
-def _stage_taps(taps: list[TapInfo]) -> list[TapInfo]:
-    stages: dict[int, list[TapInfo]] = {}
-    for t in taps:
-        if t.stage is not None:
-            stages.setdefault(t.stage, []).append(t)
-    picked = []
-    for members in stages.values():
-        # Prefer what the network rectified itself; else its last activation; else the stage output.
-        for pool in ([t for t in members if t.rectified], [t for t in members if t.post_activation], members):
-            if pool:
-                picked.append(pool[-1])
-                break
-    return picked
-
-
-class _Probe(nn.Module):
-    """Discovery head: records shape and sign of an activation right where it is produced."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shape: tuple[int, ...] | None = None
-        self.minimum = 0.0
-
-    def forward(self, x: object) -> None:
-        if isinstance(x, torch.Tensor) and x.ndim in (2, 4) and x.is_floating_point():
-            self.shape = tuple(x.shape[1:])
-            self.minimum = float(x.amin())
+        return op.lower()
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = next((m for m in reversed(module) if type(m).__name__ not in _SKIPPED), None)
+    if module is None:
+        return ""
+    own = type(module).__name__.lower()
+    if own in _ACTIVATIONS:
+        return own
+    act = getattr(module, "act", None)
+    name = type(act).__name__.lower() if isinstance(act, nn.Module) else ""
+    return name if name in _ACTIVATIONS else ""
 
 
 def _probe_input(size: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(2, 3, size, size, generator=gen)
+    return torch.randn(_PROBE_BATCH, 3, size, size, generator=gen)
 
 
 def list_taps(backbone: Backbone | nn.Module, input_size: int | None = None, mode: str = "auto") -> TapCatalogue:
@@ -243,59 +302,349 @@ def list_taps(backbone: Backbone | nn.Module, input_size: int | None = None, mod
         with torch.inference_mode():
             if mode in ("auto", "fx"):
                 try:
-                    raw = _discover_fx(model, x)
-                    return TapCatalogue(_finish(raw), "fx", size)
+                    raw, final = _discover_fx(model, x)
+                    return _assemble(model, raw, "fx", size, final)
                 except Exception:  # tracing fails in many ways on dynamic models
                     if mode == "fx":
                         raise
-            return TapCatalogue(_finish(_discover_hooks(model, x)), "hooks", size)
+            raw = _discover_hooks(model, x)
+            return _assemble(model, raw, "hooks", size, None)
     finally:
         model.train(was_training)
 
 
-def _discover_fx(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, bool, tuple[int, ...], bool]]:
-    names = _graph.fx_node_names(model)
-    probes = {n: _Probe() for n in names}
-    gm = _graph.tapped_fx(model, probes)
-    gm(x)
-    ops = _graph.tapped_ops(gm)
-    raw = []
-    for name in names:
-        op, module = ops[name]
-        probe = probes[name]
-        if probe.shape is None or op in _SKIPPED:
+class _Recorder(fx.Interpreter):
+    """Runs a traced graph, keeping each node's output shape and its concrete (tensor-free) arguments."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, Any] = {}
+        self.floating: dict[fx.Node, bool] = {}
+        self.concrete: dict[fx.Node, tuple[tuple, dict]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        result = super().run_node(n)
+        strip = lambda a: None if isinstance(a, torch.Tensor) else a
+        self.concrete[n] = (fx.node.map_aggregate(args, strip), fx.node.map_aggregate(kwargs, strip))
+        if isinstance(result, torch.Tensor):
+            self.shapes[n] = tuple(result.shape)
+            self.floating[n] = result.is_floating_point()
+        elif isinstance(result, (tuple, list)) and result and all(isinstance(r, torch.Tensor) for r in result):
+            self.shapes[n] = [tuple(r.shape) for r in result]
+        return result
+
+
+def _fx_function_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target)).lstrip("_")
+
+
+def _discover_fx(model: nn.Module, x: torch.Tensor) -> tuple[list[_Raw], str]:
+    gm, qualname = _graph.traced(model)
+    recorder = _Recorder(gm)
+    recorder.run(x)
+    labels: dict[fx.Node, Any] = {}
+    raw: list[_Raw] = []
+    node_of: dict[str, fx.Node] = {}
+    relu_nodes: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        shape = recorder.shapes.get(node)
+        if node.op == "placeholder":
+            labels[node] = AxisLabels.image()
             continue
-        raw.append((name, op, _is_activation(op, module), probe.shape, probe.minimum >= 0))
-    return raw
+        if node.op in ("output", "get_attr") or shape is None:
+            continue
+        inputs = _fx_inputs(node, labels, recorder.shapes)
+        op, module = _graph.op_label(gm, node)
+        labels[node] = _fx_node_labels(node, module, inputs, recorder, shape, labels)
+        activation = _activation_name(op, module)
+        is_relu = activation in _RELU_FAMILY or (activation == "hardtanh" and _is_relu6_hardtanh(recorder, node))
+        if is_relu and op.lower() in _ACTIVATIONS:  # the op itself thresholds its input (not a block ending in one)
+            relu_nodes.add(node)
+        lab = labels[node]
+        if not isinstance(shape, tuple) or not isinstance(lab, AxisLabels) or not recorder.floating.get(node):
+            continue
+        layout = lab.layout()
+        if layout is None or op in _SKIPPED or node not in qualname or shape[0] != x.shape[0]:
+            continue
+        name = qualname[node]
+        node_of[name] = node
+        raw.append(_Raw(name, op, shape[1:], layout, bool(activation), is_relu))
+    for r in raw:
+        node = node_of[r.name]
+        r.thresholded = r.relu or any(u in relu_nodes for u in node.users)
+    main = _main_path(gm, qualname, set(recorder.shapes))
+    for r in raw:
+        r.main_path = node_of[r.name] in main
+    final = qualname[max(main, key=lambda n: _order(gm)[n])] if main else raw[-1].name
+    return raw, final
 
 
-def _discover_hooks(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, bool, tuple[int, ...], bool]]:
-    raw = []
+def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
 
-    def record(name: str, module: nn.Module, output: object) -> None:
+
+def _is_relu6_hardtanh(recorder: _Recorder, node: fx.Node) -> bool:
+    args, kwargs = recorder.concrete.get(node, ((), {}))
+    low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+    return low == 0
+
+
+def _fx_inputs(node: fx.Node, labels: dict[fx.Node, Any], shapes: dict[fx.Node, Any]) -> list[tuple[Any, tuple]]:
+    out: list[tuple[Any, tuple]] = []
+
+    def visit(a: Any) -> Any:
+        if isinstance(a, fx.Node) and isinstance(shapes.get(a), tuple):
+            out.append((labels.get(a) if isinstance(labels.get(a), AxisLabels) else None, shapes[a]))
+        return a
+
+    fx.node.map_arg((node.args, node.kwargs), visit)
+    return out
+
+
+def _fx_node_labels(node: fx.Node, module: nn.Module | None, inputs: list, recorder: _Recorder, shape: Any,
+                    labels: dict[fx.Node, Any]) -> Any:  # fmt: skip
+    if isinstance(shape, list):  # a tuple of tensors (unbind, split, chunk): label each element
+        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        base = inputs[0][0] if inputs else None
+        name = _fx_function_name(node)
+        if base is None or source is None:
+            return [None] * len(shape)
+        if name == "unbind":
+            args, kwargs = recorder.concrete[node]
+            dim = int(kwargs.get("dim", args[1] if len(args) > 1 else 0))
+            return [base.reduce([dim], keepdim=False)] * len(shape)
+        return [generic_labels(inputs, s) for s in shape]
+    if node.op == "call_module" and module is not None:
+        lab = module_labels(module, inputs, shape)
+        return lab if lab is not None else generic_labels(inputs, shape)
+    name = _fx_function_name(node)
+    if name == "getitem" and node.args and isinstance(node.args[0], fx.Node):
+        elements = labels.get(node.args[0])
+        if isinstance(elements, list):  # an element of a tuple output
+            index = node.args[1]
+            return elements[index] if isinstance(index, int) and -len(elements) <= index < len(elements) else None
+    args, kwargs = recorder.concrete[node]
+    return function_labels(name, inputs, args, kwargs, shape)
+
+
+def _main_path(gm: fx.GraphModule, qualname: dict[fx.Node, str], tensors: set[fx.Node]) -> set[fx.Node]:
+    """Nodes that every path from the input to the model's output passes through (dominators of the output).
+
+    Only tensor-valued nodes count: shape arithmetic (``n, c, h, w = x.shape``) is not a path for the data.
+    """
+    order = _order(gm)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    named = [n for n in gm.graph.nodes if n in qualname]
+    if not inputs or not named:
+        return set()
+    forward: set[fx.Node] = set()
+    stack = list(inputs)
+    while stack:
+        n = stack.pop()
+        if n in forward:
+            continue
+        forward.add(n)
+        stack.extend(u for u in n.users if u.op != "output" and u in tensors)
+    final = max((n for n in named if n in forward), key=order.__getitem__)
+    backward: set[fx.Node] = set()
+    stack = [final]
+    while stack:
+        n = stack.pop()
+        if n in backward:
+            continue
+        backward.add(n)
+        stack.extend(a for a in n.all_input_nodes if a in tensors)
+    relevant = sorted(forward & backward, key=order.__getitem__)
+    main, reach = set(), -1
+    for n in relevant:
+        if reach <= order[n]:
+            main.add(n)
+        reach = max([reach] + [order[u] for u in n.users if u in backward])
+    return main
+
+
+def _discover_hooks(model: nn.Module, x: torch.Tensor) -> list[_Raw]:
+    """Module outputs in completion order, labelled from each module's input (followed by tensor identity)."""
+    raw: list[_Raw] = []
+    labels: dict[int, AxisLabels | None] = {id(x): AxisLabels.image()}
+    producer: dict[int, int] = {}
+    alive: list[torch.Tensor] = [x]  # keep outputs alive so that ids stay unique during the probe
+
+    def record(name: str, module: nn.Module, args: tuple, output: object) -> None:
         op = type(module).__name__
-        if isinstance(output, torch.Tensor) and output.ndim in (2, 4) and output.is_floating_point() and op not in _SKIPPED:
-            raw.append((name, op, _is_activation(op, module), tuple(output.shape[1:]), float(output.amin()) >= 0))
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        activation = _activation_name(op, module)
+        is_relu = activation in _RELU_FAMILY
+        if is_relu and op.lower() in _ACTIVATIONS and first is not None and id(first) in producer:
+            raw[producer[id(first)]].thresholded = True
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        inputs = [(labels.get(id(first)), tuple(first.shape))] if first is not None else []
+        lab = module_labels(module, inputs, tuple(output.shape)) or generic_labels(inputs, tuple(output.shape))
+        labels[id(output)] = lab
+        alive.append(output)
+        layout = lab.layout() if lab is not None else None
+        if layout is None or op in _SKIPPED or output.shape[0] != x.shape[0]:
+            return
+        producer[id(output)] = len(raw)
+        raw.append(_Raw(name, op, tuple(output.shape[1:]), layout, bool(activation), is_relu, thresholded=is_relu))
 
     _graph.hook_call_order(model, x, record)
+    # Without a graph, the main path is approximated: resolution never increases along it, so a map smaller than
+    # some later map is a side branch (a squeeze-excitation gate at 1x1 inside a 14x14 stage).
+    later = 0
+    for r in reversed(raw):
+        area = _area(r)
+        r.main_path = area is not None and area >= later
+        later = max(later, area or 0)
     return raw
 
 
-def _finish(raw: list[tuple[str, str, bool, tuple[int, ...], bool]]) -> list[TapInfo]:
-    # Main path: resolution never increases along it, so a map smaller than some later map is a side branch
-    # (e.g. a squeeze-excitation gate at 1x1 inside a 14x14 stage).
-    areas = [shape[1] * shape[2] if len(shape) == 3 else 0 for (_, _, _, shape, _) in raw]
-    later_max = [0] * len(raw)
-    running = 0
-    for i in range(len(raw) - 1, -1, -1):
-        later_max[i] = running
-        running = max(running, areas[i])
-    stage_of_area: dict[int, int] = {}
+def _area(r: _Raw | TapInfo) -> int | None:
+    grid = r.layout.positions(r.shape)
+    return None if grid is None else grid[0] * grid[1]
+
+
+def _assemble(model: nn.Module, raw: list[_Raw], mode: str, size: int, final: str | None) -> TapCatalogue:
+    stage_of: dict[tuple[int, int], int] = {}
     taps = []
-    for i, (name, op, post_act, shape, nonneg) in enumerate(raw):
-        main = len(shape) == 3 and areas[i] >= later_max[i]
-        # A global pool's 1x1 output is the previous stage with avg pooling, not a stage of its own.
-        is_global_pool = areas[i] == 1 and ("pool" in op.lower() or op == "mean")
-        stage = stage_of_area.setdefault(areas[i], len(stage_of_area)) if main and not is_global_pool else None
-        taps.append(TapInfo(name, i, op, shape, post_act, nonneg, main, stage))
-    return taps
+    for i, r in enumerate(raw):
+        grid = r.layout.positions(r.shape) if r.layout.spatial else None
+        stage = stage_of.setdefault(grid, len(stage_of)) if r.main_path and grid is not None else None
+        taps.append(TapInfo(r.name, i, r.op, r.shape, r.layout, r.activation, r.relu, r.thresholded, r.main_path, stage))
+    stages, source = _feature_info_stages(model, taps), "feature_info"
+    if stages is None:
+        tokens = [t for t in taps if t.main_path and t.layout.kind == "tokens"]
+        stages, source = (_block_outputs(tokens), "blocks") if tokens else (_resolution_stages(taps, size), "resolution")
+    fc = _hidden_fc(taps, final)
+    names = sorted({t.name for t in stages + fc}, key=lambda n: next(t.index for t in taps if t.name == n))
+    return TapCatalogue(taps, mode, size, names, source, [t.name for t in _expanded(taps, stages)])
+
+
+def _feature_info_stages(model: nn.Module, taps: list[TapInfo]) -> list[TapInfo] | None:
+    """timm's declared stages (``feature_info``: module, channels, reduction), each mapped to the last tap inside
+    its module; None when the model declares none or a module has no tap of the declared channels."""
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return None
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else info
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and "module" in e for e in entries):
+        return None
+    picked = []
+    for entry in entries:
+        module = str(entry["module"])
+        inside = [t for t in taps if t.name == module or t.name.startswith(module + ".")]
+        inside = [t for t in inside if t.layout.kind != "vector"] or inside
+        if not inside or ("num_chs" in entry and inside[-1].layout.channels(inside[-1].shape) != entry["num_chs"]):
+            return None
+        picked.append(inside[-1])
+    return _evenly_spaced(picked) if len({e.get("reduction") for e in entries}) == 1 else picked
+
+
+def _evenly_spaced(taps: list[TapInfo], k: int = _MAX_BLOCK_TAPS) -> list[TapInfo]:
+    if len(taps) <= k:
+        return taps
+    step = (len(taps) - 1) / (k - 1)
+    return [taps[round(i * step)] for i in range(k)]
+
+
+def _resolution_stages(taps: list[TapInfo], size: int) -> list[TapInfo]:
+    """The output of each resolution stage on the main path.
+
+    The last main-path tap at each resolution is the stage output, except for ops at the old resolution that belong to
+    the module doing the downsampling (a ConvNeXt downsample's LayerNorm, a DenseNet transition's conv): that module
+    is the shortest name prefix of the first tap at the next resolution whose main-path taps span only the two
+    resolutions.
+    """
+    spatial, smallest = [], size * size
+    for t in taps:  # resolution never increases along the main path (an adaptive pool may upsample a tiny map)
+        area = _area(t) if t.main_path and t.layout.spatial else None
+        if area is not None and area <= smallest and not (t.layout.channels(t.shape) == 3 and area == size * size):
+            spatial.append(t)
+            smallest = area
+    runs: list[list[TapInfo]] = []
+    for t in spatial:  # a stage is a reduction octave: valid convolutions (149 -> 147 px) do not start a new one
+        if runs and _octave(t, size) == _octave(runs[-1][0], size):
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    picked = []
+    for k, members in enumerate(runs):
+        if k > 0 and _area(members[0]) == 1:
+            continue  # a global pool of the previous stage, not a stage of its own
+        if k + 1 < len(runs):
+            scope = _downsample_scope(runs[k + 1][0].name, spatial, {_octave(members[0], size), _octave(runs[k + 1][0], size)}, size)
+            members = [m for m in members if not _inside(m.name, scope)] or members
+        picked.append(members[-1])
+    return picked
+
+
+def _inside(name: str, scope: str | None) -> bool:
+    return scope is not None and (name == scope or name.startswith(scope + "."))
+
+
+def _octave(t: TapInfo, size: int) -> int:
+    return round(math.log2(size * size / max(_area(t) or 1, 1)) / 2)
+
+
+def _downsample_scope(name: str, spatial: list[TapInfo], octaves: set[int], size: int) -> str | None:
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        scope = ".".join(parts[:depth])
+        if all(_octave(t, size) in octaves for t in spatial if _inside(t.name, scope)):
+            return scope
+    return None
+
+
+def _block_outputs(tokens: list[TapInfo]) -> list[TapInfo]:
+    """Transformer block outputs: the last main-path token tap of each child of the container with most children."""
+    best: tuple[int, str] = (0, "")
+    for depth in range(max(len(t.name.split(".")) for t in tokens)):
+        containers: dict[str, set[str]] = {}
+        for t in tokens:
+            parts = t.name.split(".")
+            if len(parts) > depth + 1:
+                containers.setdefault(".".join(parts[:depth]), set()).add(parts[depth])
+        for container, children in containers.items():
+            if len(children) > best[0]:
+                best = (len(children), container)
+    if best[0] < 2:  # no block modules: the residual merges of the token stream are the block outputs
+        merges = [t for t in tokens if t.op in ("add", "iadd")]
+        return _evenly_spaced(merges or tokens[-1:])
+    prefix = best[1] + "." if best[1] else ""
+    last: dict[str, TapInfo] = {}
+    for t in tokens:
+        if t.name.startswith(prefix):
+            rest = t.name[len(prefix) :].split(".")
+            if len(rest) > 1:
+                last[rest[0]] = t
+    return _evenly_spaced(sorted(last.values(), key=lambda t: t.index))
+
+
+def _hidden_fc(taps: list[TapInfo], final: str | None) -> list[TapInfo]:
+    """Post-activation outputs of hidden fully connected layers (fc6/fc7): main-path activation vectors after the
+    last spatial or token tap, except the model's output."""
+    last_map = max((t.index for t in taps if t.main_path and t.layout.kind != "vector"), default=-1)
+    return [t for t in taps if t.layout.kind == "vector" and t.main_path and t.post_activation and t.index > last_map
+            and t.name != final]  # fmt: skip
+
+
+def _expanded(taps: list[TapInfo], stages: list[TapInfo]) -> list[TapInfo]:
+    """The last activation output at each resolution (spatial), or inside each transformer block (tokens)."""
+    by_key: dict[Any, TapInfo] = {}
+    block_names = [s.name.rsplit(".", 1)[0] for s in stages if s.layout.kind == "tokens"]
+    for t in taps:
+        if not t.post_activation:
+            continue
+        if t.layout.spatial:
+            grid = t.layout.positions(t.shape)
+            if grid != (1, 1):
+                by_key[("res", grid)] = t
+        elif t.layout.kind == "tokens":
+            block = next((b for b in block_names if t.name.startswith(b + ".")), None)
+            if block is not None:
+                by_key[("block", block)] = t
+    return sorted(by_key.values(), key=lambda t: t.index)

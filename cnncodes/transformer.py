@@ -39,7 +39,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         Tap selection (names, ``stages``, ``last:K``...).
     pooling : str, default="avg"
         Poolings, comma-separated (``"avg,avg2"``); codes of every (tap, pooling) are concatenated.
-    relu : bool, default=True
+    relu : {"auto", "always", "never"}, default="auto"
         Rectify taps the network did not rectify itself.
     input_size : int, optional
         Input side in pixels (default: the model's).
@@ -72,7 +72,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         model: str = "efficientnet_lite0",
         taps: str | list[str] = "stages",
         pooling: str = "avg",
-        relu: bool = True,
+        relu: str | bool = "auto",
         input_size: int | None = None,
         weights: str | None = None,
         batch_size: int = 64,

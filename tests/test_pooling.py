@@ -8,7 +8,7 @@ def test_parse_keeps_order_and_drops_repeats():
     assert [p.name for p in parse_poolings("avg, max4,avg,none")] == ["avg", "max4", "none"]
 
 
-@pytest.mark.parametrize("bad", ["mean", "avg0", "", "avgx"])
+@pytest.mark.parametrize("bad", ["median", "avg0", "", "avgx", "cls2"])
 def test_parse_rejects_unknown_names_with_the_accepted_forms(bad):
     with pytest.raises(ValueError, match="avgK"):
         parse_poolings(bad)

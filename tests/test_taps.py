@@ -66,23 +66,53 @@ def test_residual_add_node_equals_manual_block(resnet):
     torch.testing.assert_close(codes["layer1.0.add"]["none"], manual)
 
 
-def test_stage_taps_are_last_rectified_points_per_resolution(resnet):
+def test_stage_taps_are_the_block_outputs_after_the_residual_add_and_its_relu(resnet):
     cat = list_taps(resnet)
-    assert cat.mode == "fx"
+    assert cat.mode == "fx" and cat.stage_source == "resolution"
     assert [t.name for t in cat.stage_taps] == ["relu", "layer1.1.relu_1", "layer2.1.relu_1", "layer3.1.relu_1", "layer4.1.relu_1"]
-    assert all(t.rectified and t.post_activation for t in cat.stage_taps)
-    assert not cat["layer1.0.bn1"].rectified and cat["layer1.0.relu"].rectified
-    assert cat["layer2.0.add"].shape == (128, 8, 8)
+    assert all(t.main_path and t.rectified for t in cat.stage_taps)
+    assert not cat["layer1.0.conv1"].main_path and not cat["layer2.0.downsample.1"].main_path  # inside branches
+    assert cat["layer2.0.add"].shape == (128, 8, 8) and cat["layer2.0.add"].main_path
     assert [t.name for t in cat.select("last:2")] == ["layer3.1.relu_1", "layer4.1.relu_1"]
 
 
-def test_lite0_stage_taps_are_post_activation_expansions():
+def test_thresholded_means_the_network_passes_it_through_a_relu(resnet):
+    cat = list_taps(resnet)
+    assert cat["layer1.0.bn1"].thresholded and not cat["layer1.0.bn1"].rectified  # feeds relu
+    assert cat["layer1.0.add"].thresholded  # the residual sum feeds relu
+    assert not cat["layer1.0.bn2"].thresholded  # feeds the add: a raw residual-branch value
+    assert not cat["fc"].thresholded and cat["fc"].layout.kind == "vector"  # logits stay raw
+    assert {t.name for t in cat.select("rectified")} >= {"layer1.0.bn1", "layer1.0.relu", "layer1.0.add"}
+
+
+def test_lite0_stages_follow_its_feature_info_and_expanded_keeps_the_inner_activations():
     cat = list_taps(load_backbone(input_size=64))
-    names = [t.name for t in cat.stage_taps]
-    assert names == ["blocks.1.0.bn1", "blocks.2.0.bn1", "blocks.3.0.bn1", "blocks.5.0.bn1", "bn2"]
-    block_out = cat["blocks.5.1.bn3"]  # linear projection of an MBConv block: not rectified
-    assert not block_out.rectified and not block_out.post_activation
+    assert cat.stage_source == "feature_info"
+    assert [t.layout.channels(t.shape) for t in cat.stage_taps] == [16, 24, 40, 112, 320]
+    assert [t.name for t in cat.select("expanded")] == ["blocks.1.0.bn1", "blocks.2.0.bn1", "blocks.3.0.bn1", "blocks.5.0.bn1", "bn2"]
+    assert all(t.rectified for t in cat.expanded_taps)  # BatchNormAct2d with ReLU6
+    block_out = cat["blocks.5.1.bn3"]  # linear projection of an MBConv block: not thresholded
+    assert not block_out.thresholded and not block_out.post_activation
     assert block_out.code_dims("avg2") == 4 * 192
+
+
+def test_relu_modes_auto_always_never(resnet):
+    x = torch.randn(2, 3, 64, 64)
+    taps = "layer1.0.bn1,layer1.0.bn2,layer1.0.relu"
+    with torch.inference_mode():
+        codes = {m: CodeExtractor(resnet, taps, "none", relu=m) for m in ("auto", "always", "never")}
+        out = {m: ex(x) for m, ex in codes.items()}
+    assert codes["auto"].relu_applied == {"layer1.0.bn1": True, "layer1.0.bn2": False, "layer1.0.relu": False}
+    assert codes["always"].relu_applied == {"layer1.0.bn1": True, "layer1.0.bn2": True, "layer1.0.relu": False}
+    assert not any(codes["never"].relu_applied.values())
+    raw = out["never"]
+    torch.testing.assert_close(out["auto"]["layer1.0.bn1"]["none"], raw["layer1.0.bn1"]["none"].clamp_min(0))
+    torch.testing.assert_close(out["auto"]["layer1.0.bn2"]["none"], raw["layer1.0.bn2"]["none"])
+    assert (raw["layer1.0.bn2"]["none"] < 0).any()
+    torch.testing.assert_close(out["always"]["layer1.0.bn2"]["none"], raw["layer1.0.bn2"]["none"].clamp_min(0))
+    torch.testing.assert_close(out["auto"]["layer1.0.bn1"]["none"], out["auto"]["layer1.0.relu"]["none"])  # relu(bn1)
+    with pytest.raises(ValueError, match="auto"):
+        CodeExtractor(resnet, taps, "avg", relu="sometimes")
 
 
 def test_selection_errors_name_close_matches_and_the_fix(resnet):
@@ -108,17 +138,6 @@ def test_forward_stops_after_the_deepest_tap(resnet):
     assert deeper == [], "layer2 ran although the deepest tap is in layer1"
 
 
-def test_relu_is_applied_only_where_the_network_did_not_rectify(resnet):
-    x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        rect = CodeExtractor(resnet, "layer1.0.bn1,layer1.0.relu", "avg,none")
-        raw = CodeExtractor(resnet, "layer1.0.bn1", "none", relu=False)
-        a, b = rect(x), raw(x)
-    assert rect.relu_applied == {"layer1.0.bn1": True, "layer1.0.relu": False}
-    torch.testing.assert_close(a["layer1.0.bn1"]["none"], b["layer1.0.bn1"]["none"].clamp_min(0))
-    torch.testing.assert_close(a["layer1.0.bn1"]["none"], a["layer1.0.relu"]["none"])  # relu(bn1) is the next node
-
-
 def test_untraceable_model_falls_back_to_hooks():
     class Dynamic(nn.Module):
         def __init__(self):
@@ -134,6 +153,7 @@ def test_untraceable_model_falls_back_to_hooks():
     bb = load_backbone(Dynamic(), preprocessing=Preprocessing(input_size=16, resize_size=16))
     cat = list_taps(bb)
     assert cat.mode == "hooks" and [t.name for t in cat.stage_taps] == ["relu"]
+    assert cat["conv"].thresholded and not cat["conv"].rectified and cat["relu"].rectified  # seen by tensor identity
     x = torch.randn(2, 3, 16, 16)
     with torch.inference_mode():
         torch.testing.assert_close(CodeExtractor(bb, "relu", "avg")(x)["relu"]["avg"], bb.model(x).mean((2, 3)))
