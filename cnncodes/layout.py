@@ -359,12 +359,18 @@ def function_labels(name: str, inputs: Sequence[Input], args: Sequence[Any], kwa
     return generic_labels(inputs, out_shape)
 
 
-def _cat_labels(inputs: Sequence[Input], args: Sequence[Any], kwargs: dict[str, Any]) -> AxisLabels | None:
+def _cat_labels(inputs: Sequence[Input], args: Sequence[Any], kwargs: dict[str, Any]) -> "AxisLabels | None":
     dim = int(kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], int) else 0))
-    for k, (labels, shape) in enumerate(inputs):
+    for k, (labels, _) in enumerate(inputs):
+        if labels is not None and labels.axes[dim % len(labels.axes)] == T:
+            # Patch tokens joined with class/register/distillation tokens: those in front become the prefix; tokens
+            # appended behind would be read as patches, so the grid is then unknown.
+            before = sum(s[dim] for _, s in inputs[:k])
+            joined = labels.concat(dim, before)
+            return joined if k == len(inputs) - 1 else replace(joined, grid=None, axes=joined.axes)
+    for labels, _ in inputs:
         if labels is not None:
-            before = sum(s[dim] for lab, s in inputs[:k] if lab is None)
-            return labels.concat(dim, before)
+            return labels
     return None
 
 

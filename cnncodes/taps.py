@@ -25,7 +25,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -307,7 +307,7 @@ def list_taps(backbone: Backbone | nn.Module, input_size: int | None = None, mod
                 except Exception:  # tracing fails in many ways on dynamic models
                     if mode == "fx":
                         raise
-            raw = _discover_hooks(model, x)
+            raw = _discover_hooks(model, x, _declared_channels(model))
             return _assemble(model, raw, "hooks", size, None)
     finally:
         model.train(was_training)
@@ -466,8 +466,23 @@ def _main_path(gm: fx.GraphModule, qualname: dict[fx.Node, str], tensors: set[fx
     return main
 
 
-def _discover_hooks(model: nn.Module, x: torch.Tensor) -> list[_Raw]:
-    """Module outputs in completion order, labelled from each module's input (followed by tensor identity)."""
+def _declared_channels(model: nn.Module) -> dict[str, int]:
+    return {str(e["module"]): int(e["num_chs"]) for e in _feature_info_entries(model) or [] if "num_chs" in e}
+
+
+def _labels_from_channels(shape: tuple[int, ...], channels: int) -> AxisLabels | None:
+    """The layout of a declared stage output whose input the hooks could not follow: where its declared channel
+    count sits says which axis holds channels."""
+    if len(shape) == 4:
+        return AxisLabels.channels_first(4) if shape[1] == channels else AxisLabels.channels_last(4) if shape[3] == channels else None
+    if len(shape) == 3 and shape[2] == channels:
+        return AxisLabels.channels_last(3)
+    return None
+
+
+def _discover_hooks(model: nn.Module, x: torch.Tensor, declared: dict[str, int] | None = None) -> list[_Raw]:
+    """Module outputs in completion order, labelled from each module's input (followed by tensor identity), or for
+    the model's declared stages (timm's ``feature_info``) from their declared channels."""
     raw: list[_Raw] = []
     labels: dict[int, AxisLabels | None] = {id(x): AxisLabels.image()}
     producer: dict[int, int] = {}
@@ -483,7 +498,11 @@ def _discover_hooks(model: nn.Module, x: torch.Tensor) -> list[_Raw]:
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
         inputs = [(labels.get(id(first)), tuple(first.shape))] if first is not None else []
-        lab = module_labels(module, inputs, tuple(output.shape)) or generic_labels(inputs, tuple(output.shape))
+        # A container returns the tensor its last child made, already labelled by that child's hook.
+        lab = labels.get(id(output)) if id(output) in labels and output is not first else None
+        lab = lab or module_labels(module, inputs, tuple(output.shape)) or generic_labels(inputs, tuple(output.shape))
+        if lab is None and name in (declared or {}):
+            lab = _labels_from_channels(tuple(output.shape), declared[name])
         labels[id(output)] = lab
         alive.append(output)
         layout = lab.layout() if lab is not None else None
@@ -515,6 +534,7 @@ def _assemble(model: nn.Module, raw: list[_Raw], mode: str, size: int, final: st
         grid = r.layout.positions(r.shape) if r.layout.spatial else None
         stage = stage_of.setdefault(grid, len(stage_of)) if r.main_path and grid is not None else None
         taps.append(TapInfo(r.name, i, r.op, r.shape, r.layout, r.activation, r.relu, r.thresholded, r.main_path, stage))
+    taps = _token_grids_from_feature_info(model, taps, size)
     stages, source = _feature_info_stages(model, taps), "feature_info"
     if stages is None:
         tokens = [t for t in taps if t.main_path and t.layout.kind == "tokens"]
@@ -524,19 +544,40 @@ def _assemble(model: nn.Module, raw: list[_Raw], mode: str, size: int, final: st
     return TapCatalogue(taps, mode, size, names, source, [t.name for t in _expanded(taps, stages)])
 
 
-def _feature_info_stages(model: nn.Module, taps: list[TapInfo]) -> list[TapInfo] | None:
-    """timm's declared stages (``feature_info``: module, channels, reduction), each mapped to the last tap inside
-    its module; None when the model declares none or a module has no tap of the declared channels."""
+def _feature_info_entries(model: nn.Module) -> list[dict[str, Any]] | None:
     info = getattr(model, "feature_info", None)
     if info is None:
         return None
     entries = info.get_dicts() if hasattr(info, "get_dicts") else info
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and "module" in e for e in entries):
         return None
+    return entries
+
+
+def _token_grids_from_feature_info(model: nn.Module, taps: list[TapInfo], size: int) -> list[TapInfo]:
+    """Hooks cannot see a token tap's flatten; the model's declared reduction gives its patch grid instead."""
+    entries = _feature_info_entries(model) or []
+    out = []
+    for t in taps:
+        if t.layout.kind == "tokens" and t.layout.grid is None:
+            entry = next((e for e in entries if _inside(t.name, str(e["module"])) and e.get("reduction")), None)
+            side = size // int(entry["reduction"]) if entry else 0
+            if side and side * side == t.shape[0] - t.layout.prefix:
+                t = replace(t, layout=Layout("tokens", t.layout.prefix, (side, side)))
+        out.append(t)
+    return out
+
+
+def _feature_info_stages(model: nn.Module, taps: list[TapInfo]) -> list[TapInfo] | None:
+    """timm's declared stages (``feature_info``: module, channels, reduction), each mapped to the last tap inside
+    its module; None when the model declares none or a module has no tap of the declared channels."""
+    entries = _feature_info_entries(model)
+    if entries is None:
+        return None
     picked = []
     for entry in entries:
         module = str(entry["module"])
-        inside = [t for t in taps if t.name == module or t.name.startswith(module + ".")]
+        inside = [t for t in taps if t.name == module] or [t for t in taps if t.name.startswith(module + ".")]
         inside = [t for t in inside if t.layout.kind != "vector"] or inside
         if not inside or ("num_chs" in entry and inside[-1].layout.channels(inside[-1].shape) != entry["num_chs"]):
             return None

@@ -22,11 +22,13 @@ def test_layers_json_matches_the_catalogue(capsys):
     assert relu["shape"] == [64, 16, 16] and relu["post_activation"] and relu["dims"]["avg2"] == 256
 
 
-def test_layers_table_shows_post_activation_and_shapes(capsys):
+def test_layers_table_shows_layout_rectification_and_shapes(capsys):
     assert main(["layers", "efficientnet_lite0", "--input-size", "96"]) == 0
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if " blocks.5.0.bn1 " in l)
-    assert line.startswith("*") and "yes" in line and "672x6x6" in line
+    assert line.startswith("e ") and " nchw " in line and " net " in line and "672x6x6" in line
+    stage = next(l for l in out.splitlines() if " blocks.4.2.add " in l)
+    assert stage.startswith("*") and " - " in stage  # a raw residual-stream stage output
 
 
 def test_user_errors_exit_2_with_a_message(capsys):
