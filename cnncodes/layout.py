@@ -346,6 +346,8 @@ def function_labels(name: str, inputs: Sequence[Input], args: Sequence[Any], kwa
         return labels.reshape(shape, out_shape)
     if name == "getitem":
         return labels.index(args[1], shape) if len(args) > 1 else None
+    if name in ("max", "min", "maximum", "minimum") and len(inputs) > 1:  # elementwise between two tensors
+        return generic_labels(inputs, out_shape)
     if name in REDUCTIONS or name in ("max", "min"):
         dims = dims_arg(args, kwargs)
         if dims is None:

@@ -360,7 +360,7 @@ def _discover_fx(model: nn.Module, x: torch.Tensor) -> tuple[list[_Raw], str]:
         op, module = _graph.op_label(gm, node)
         labels[node] = _fx_node_labels(node, module, inputs, recorder, shape, labels)
         activation = _activation_name(op, module)
-        is_relu = activation in _RELU_FAMILY or (activation == "hardtanh" and _is_relu6_hardtanh(recorder, node))
+        is_relu = activation in _RELU_FAMILY or (activation == "hardtanh" and _is_relu6_hardtanh(recorder, node, module))
         if is_relu and op.lower() in _ACTIVATIONS:  # the op itself thresholds its input (not a block ending in one)
             relu_nodes.add(node)
         lab = labels[node]
@@ -386,7 +386,10 @@ def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(gm.graph.nodes)}
 
 
-def _is_relu6_hardtanh(recorder: _Recorder, node: fx.Node) -> bool:
+def _is_relu6_hardtanh(recorder: _Recorder, node: fx.Node, module: nn.Module | None) -> bool:
+    """``hardtanh(x, 0, 6)`` is ReLU6: as a module its bounds are attributes, as a function they are arguments."""
+    if module is not None:
+        return getattr(module, "min_val", -1.0) == 0
     args, kwargs = recorder.concrete.get(node, ((), {}))
     low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
     return low == 0
@@ -538,7 +541,7 @@ def _assemble(model: nn.Module, raw: list[_Raw], mode: str, size: int, final: st
     stages, source = _feature_info_stages(model, taps), "feature_info"
     if stages is None:
         tokens = [t for t in taps if t.main_path and t.layout.kind == "tokens"]
-        stages, source = (_block_outputs(tokens), "blocks") if tokens else (_resolution_stages(taps, size), "resolution")
+        stages, source = (_token_stages(tokens), "blocks") if tokens else (_resolution_stages(taps, size), "resolution")
     fc = _hidden_fc(taps, final)
     names = sorted({t.name for t in stages + fc}, key=lambda n: next(t.index for t in taps if t.name == n))
     return TapCatalogue(taps, mode, size, names, source, [t.name for t in _expanded(taps, stages)])
@@ -614,13 +617,20 @@ def _resolution_stages(taps: list[TapInfo], size: int) -> list[TapInfo]:
             runs.append([t])
     picked = []
     for k, members in enumerate(runs):
-        if k > 0 and _area(members[0]) == 1:
-            continue  # a global pool of the previous stage, not a stage of its own
+        if k > 0 and _area(members[0]) == 1:  # a global pool ends the last stage; a 1x1 map of convolutions does not
+            cut = next((i for i, m in enumerate(members) if _is_global_pool(m)), len(members))
+            members = members[:cut]
+            if not members:
+                continue
         if k + 1 < len(runs):
             scope = _downsample_scope(runs[k + 1][0].name, spatial, {_octave(members[0], size), _octave(runs[k + 1][0], size)}, size)
             members = [m for m in members if not _inside(m.name, scope)] or members
         picked.append(members[-1])
     return picked
+
+
+def _is_global_pool(t: TapInfo) -> bool:
+    return _area(t) == 1 and ("pool" in t.op.lower() or t.op in ("mean", "amax"))
 
 
 def _inside(name: str, scope: str | None) -> bool:
@@ -638,6 +648,20 @@ def _downsample_scope(name: str, spatial: list[TapInfo], octaves: set[int], size
         if all(_octave(t, size) in octaves for t in spatial if _inside(t.name, scope)):
             return scope
     return None
+
+
+def _token_stages(tokens: list[TapInfo]) -> list[TapInfo]:
+    """A plain transformer's block outputs; for a hierarchical one (several patch grids), each grid's last block
+    output."""
+    runs: list[list[TapInfo]] = []
+    for t in tokens:
+        if runs and t.layout.grid == runs[-1][0].layout.grid:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    if len(runs) == 1:
+        return _block_outputs(tokens)
+    return [([m for m in run if m.op in ("add", "iadd")] or run)[-1] for run in runs]
 
 
 def _block_outputs(tokens: list[TapInfo]) -> list[TapInfo]:
@@ -677,12 +701,14 @@ def _expanded(taps: list[TapInfo], stages: list[TapInfo]) -> list[TapInfo]:
     """The last activation output at each resolution (spatial), or inside each transformer block (tokens)."""
     by_key: dict[Any, TapInfo] = {}
     block_names = [s.name.rsplit(".", 1)[0] for s in stages if s.layout.kind == "tokens"]
+    # 1x1 activations are squeeze-excitation gates unless the main path itself reaches 1x1 with convolutions
+    one_by_one = any(t.main_path and t.layout.spatial and _area(t) == 1 and not _is_global_pool(t) for t in stages)
     for t in taps:
         if not t.post_activation:
             continue
         if t.layout.spatial:
             grid = t.layout.positions(t.shape)
-            if grid != (1, 1):
+            if grid != (1, 1) or one_by_one:
                 by_key[("res", grid)] = t
         elif t.layout.kind == "tokens":
             block = next((b for b in block_names if t.name.startswith(b + ".")), None)

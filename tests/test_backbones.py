@@ -128,3 +128,23 @@ def test_input_size_keeps_the_crop_ratio(lite0):
     bb = load_backbone(input_size=96)
     assert bb.preprocessing.input_size == 96 and bb.preprocessing.resize_size == 109
     assert bb.fingerprint == lite0.fingerprint
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18.a1_in1k", "timm:hf-hub:timm/convnext_tiny.fb_in22k",
+                                  "timm:hf-hub:timm/convnext_tiny.fb_in22k:none", "ResNet18_Weights.IMAGENET1K_V1",
+                                  "resnet18:ResNet18_Weights.IMAGENET1K_V1"])  # fmt: skip
+def test_spec_forms_users_write_fail_fast_offline_with_the_fix(offline, monkeypatch, spec):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="--weights PATH"):
+        load_backbone(spec)
+    assert time.perf_counter() - start < 10
+
+
+def test_weights_enum_of_another_model_is_refused():
+    with pytest.raises(BackboneError, match="belong to 'resnet50'"):
+        load_backbone("resnet18:ResNet50_Weights.IMAGENET1K_V2")
+    with pytest.raises(BackboneError, match="not a torchvision weights enum"):
+        load_backbone("Nope_Weights.X")

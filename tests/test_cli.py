@@ -67,3 +67,18 @@ def test_in_process_extract_then_mismatch_is_refused(tmp_path, capsys):
     assert main(base) == 0
     assert main(base[:-1] + ["--pool", "max", "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_relu_choice_is_recorded_per_array_and_matches_the_python_route(tmp_path):
+    _folder(tmp_path / "imgs", n=3)
+    base = ["extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32", "--pool", "avg",
+            "--layers", "layer1.0.bn1,layer1.0.bn2", "--quiet"]  # fmt: skip
+    assert main(base + ["--out", str(tmp_path / "auto")]) == 0
+    assert main(base + ["--out", str(tmp_path / "never"), "--relu", "never"]) == 0
+    auto, never = CodeStore(tmp_path / "auto"), CodeStore(tmp_path / "never")
+    applied = {a["tap"]: (a["relu"], a["relu_applied"], a["rectified"]) for a in auto.arrays}
+    assert applied == {"layer1.0.bn1": ("auto", True, True), "layer1.0.bn2": ("auto", False, False)}
+    assert all(a["relu"] == "never" and not a["relu_applied"] for a in never.arrays)
+    assert all(a["layout"] == {"kind": "nchw"} for a in auto.arrays)
+    np.testing.assert_array_equal(auto.codes("layer1.0.bn2", "avg"), never.codes("layer1.0.bn2", "avg"))
+    assert (np.asarray(never.codes("layer1.0.bn1", "avg")) < 0).any() and (np.asarray(auto.codes("layer1.0.bn1", "avg")) >= 0).all()

@@ -157,3 +157,27 @@ def test_untraceable_model_falls_back_to_hooks():
     x = torch.randn(2, 3, 16, 16)
     with torch.inference_mode():
         torch.testing.assert_close(CodeExtractor(bb, "relu", "avg")(x)["relu"]["avg"], bb.model(x).mean((2, 3)))
+
+
+def test_a_1x1_last_stage_is_kept_and_its_global_pool_is_not_a_stage():
+    cat = list_taps(load_backbone("resnet18:none", input_size=32))
+    assert [t.name for t in cat.stage_taps][-1] == "layer4.1.relu_1" and cat.stage_taps[-1].shape == (512, 1, 1)
+    assert "avgpool" not in {t.name for t in cat.stage_taps}
+
+
+def test_elementwise_max_keeps_labels_and_a_hardtanh_module_counts_as_relu6():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(3, 8, 3, 2, 1)
+            self.act = nn.Hardtanh(0.0, 6.0)
+            self.c3 = nn.Conv2d(8, 16, 3, 2, 1)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            m = self.act(torch.max(self.c1(x), self.c2(x)))
+            return self.fc(self.c3(m).mean((2, 3)))
+
+    cat = list_taps(load_backbone(Net(), preprocessing=Preprocessing(input_size=32, resize_size=32)))
+    assert cat["max"].layout.kind == "nchw" and cat["max"].main_path and cat["max"].thresholded
+    assert cat["act"].rectified and [t.name for t in cat.stage_taps] == ["act", "c3"]
