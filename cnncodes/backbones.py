@@ -377,9 +377,10 @@ def _check_hub_download(hub_id: str, name: str, weights_only: bool) -> None:
 
     repo = hub_id.split("@")[0]
     wanted = ("config.json",) if weights_only else ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in wanted):
-        if weights_only or not name.startswith("hf-hub:") or isinstance(try_to_load_from_cache(repo, "config.json"), str):
-            return
+    cached = any(isinstance(try_to_load_from_cache(repo, f), str) for f in wanted)
+    needs_config = not weights_only and name.startswith("hf-hub:")
+    if cached and (not needs_config or isinstance(try_to_load_from_cache(repo, "config.json"), str)):
+        return
     if constants.HF_HUB_OFFLINE:
         raise WeightsUnavailableError(
             f"timm model {name!r} is not cached under {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is set. "

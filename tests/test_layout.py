@@ -22,7 +22,7 @@ def test_labels_follow_permute_flatten_and_class_token_concat():
 
 
 def test_reshape_alignment_recovers_a_patch_merge_and_refuses_windows():
-    nhwc = AxisLabels((("N", "H", "W", "C")))
+    nhwc = AxisLabels(("N", "H", "W", "C"))
     merged = nhwc.reshape((2, 8, 8, 4), (2, 4, 2, 4, 2, 4)).permute([0, 1, 3, 4, 2, 5])
     assert merged.flatten((2, 4, 4, 2, 2, 4), 3, -1).layout() == Layout("nhwc")  # Swin's patch merging
     windows = nhwc.reshape((2, 8, 8, 4), (2, 2, 4, 2, 4, 4)).permute([0, 1, 3, 2, 4, 5])
