@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import fx, nn
 
-__all__ = ["fx_node_names", "traced", "tapped_fx", "TappedHooks", "hook_call_order", "tapped_ops"]
+__all__ = ["fx_node_names", "traced", "tapped_fx", "TappedHooks", "hook_call_order"]
 
 
 def _timm_fx():
@@ -72,12 +72,6 @@ def tapped_fx(model: nn.Module, heads: Mapping[str, nn.Module]) -> fx.GraphModul
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def tapped_ops(gm: fx.GraphModule) -> dict[str, tuple[str, nn.Module | None]]:
-    """``{tap name: (op label, module or None)}`` of the nodes a :func:`tapped_fx` module taps."""
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    return {name: op_label(gm, head.args[0]) for name, head in dict(output.args[0]).items()}
 
 
 class _StopForward(Exception):

@@ -11,7 +11,6 @@ of every node comes from the graph and the modules, never from which axis happen
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -286,7 +285,6 @@ PERMUTES = {"permute"}
 TRANSPOSES = {"transpose", "swapaxes", "swapdims"}
 RESHAPES = {"reshape", "view", "unflatten", "view_as", "reshape_as"}
 CATS = {"cat", "concat", "concatenate"}
-GETITEM = operator.getitem
 
 
 # ---- labelling one operation ------------------------------------------------------------------------------------

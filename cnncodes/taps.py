@@ -378,7 +378,8 @@ def _discover_fx(model: nn.Module, x: torch.Tensor) -> tuple[list[_Raw], str]:
     main = _main_path(gm, qualname, set(recorder.shapes))
     for r in raw:
         r.main_path = node_of[r.name] in main
-    final = qualname[max(main, key=lambda n: _order(gm)[n])] if main else raw[-1].name
+    order = _order(gm)
+    final = qualname[max(main, key=order.__getitem__)] if main else raw[-1].name
     return raw, final
 
 
