@@ -307,8 +307,8 @@ def module_labels(module: Any, inputs: Sequence[Input], out_shape: Sequence[int]
         return first[0].flatten(first[1], module.start_dim, module.end_dim) if first[0] else None
     if name.lower().endswith("2d") or isinstance(module, nn.GroupNorm):  # convolutions, 2-d norms and pools: NCHW
         return AxisLabels.channels_first(ndim) or generic_labels(inputs, out_shape)
-    rms_norm = getattr(nn, "RMSNorm", ())
-    if isinstance(module, (nn.Linear, nn.LayerNorm) + ((rms_norm,) if rms_norm else ())):
+    last_axis_ops = tuple(c for c in (nn.Linear, nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c is not None)
+    if isinstance(module, last_axis_ops):
         return last_axis_labels(inputs, ndim)
     return None
 
@@ -340,7 +340,7 @@ def function_labels(name: str, inputs: Sequence[Input], args: Sequence[Any], kwa
         start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
         end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
         return labels.flatten(shape, int(start), int(end))
-    if name in RESHAPES or name == "contiguous_view":
+    if name in RESHAPES:
         return labels.reshape(shape, out_shape)
     if name == "getitem":
         return labels.index(args[1], shape) if len(args) > 1 else None

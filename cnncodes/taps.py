@@ -411,10 +411,9 @@ def _fx_inputs(node: fx.Node, labels: dict[fx.Node, Any], shapes: dict[fx.Node, 
 def _fx_node_labels(node: fx.Node, module: nn.Module | None, inputs: list, recorder: _Recorder, shape: Any,
                     labels: dict[fx.Node, Any]) -> Any:  # fmt: skip
     if isinstance(shape, list):  # a tuple of tensors (unbind, split, chunk): label each element
-        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         base = inputs[0][0] if inputs else None
         name = _fx_function_name(node)
-        if base is None or source is None:
+        if base is None:
             return [None] * len(shape)
         if name == "unbind":
             args, kwargs = recorder.concrete[node]
