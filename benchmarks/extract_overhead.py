@@ -4,7 +4,7 @@
 
 Prints images/s for:
   * bare      -- model(x) under inference_mode, channels_last, on batches preprocessed beforehand;
-  * cnncodes  -- extract(..., layers="stages", pool="avg") into a fresh store (decoding, preprocessing, pooling, writes);
+  * cnncodes  -- extract(..., taps="stages", poolings="avg") into a fresh store (decoding, preprocessing, pooling, writes);
   * early     -- the same extraction with only the first stage tap (the forward stops there);
 and the ratios cnncodes/bare (target >= 0.95 on CPU) and early/cnncodes (the early-exit speed-up).
 """
@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from cnncodes import extract, list_taps, load_backbone
-from cnncodes.extract import resolve_device
-from cnncodes.preprocess import plain_transform
+from cnncodes.network import resolve_device
+from cnncodes.images import plain_transform
 
 
 def images(n: int, size: int) -> np.ndarray:
@@ -47,9 +47,9 @@ def bare(backbone, x: torch.Tensor, batch: int, dev: torch.device) -> float:
 
 def through_cnncodes(backbone, data: np.ndarray, layers: str, batch: int, device: str, workers: int | None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        extract(data[:batch], out=f"{tmp}/warm", model=backbone, layers=layers, batch_size=batch, device=device, progress=False, workers=0)
+        extract(data[:batch], out=f"{tmp}/warm", model=backbone, taps=layers, batch_size=batch, device=device, progress=False, workers=0)
         start = time.perf_counter()
-        extract(data, out=f"{tmp}/run", model=backbone, layers=layers, pool="avg", batch_size=batch, device=device, workers=workers, progress=False)
+        extract(data, out=f"{tmp}/run", model=backbone, taps=layers, poolings="avg", batch_size=batch, device=device, workers=workers, progress=False)
         return len(data) / (time.perf_counter() - start)
 
 

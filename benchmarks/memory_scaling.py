@@ -32,7 +32,7 @@ torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.ReLU())
 backbone = load_backbone(net, preprocessing=Preprocessing(input_size=32, resize_size=32))
 n, out = int(sys.argv[1]), sys.argv[2]
-store = extract(Generated(n), out=out, model=backbone, layers="1,3", pool="avg,none", batch_size=256, workers=0, progress=False)
+store = extract(Generated(n), out=out, model=backbone, taps="1,3", poolings="avg,none", batch_size=256, workers=0, progress=False)
 size = sum(np.load(f"{out}/{a['file']}", mmap_mode="r").nbytes for a in store.arrays)
 print(json.dumps({"n": n, "store_bytes": int(size), "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """

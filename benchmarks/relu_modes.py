@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 
 from cnncodes import extract
-from cnncodes.sweep import sweep
+from cnncodes.sweeps import sweep
 
 warnings.filterwarnings("ignore")
 
@@ -57,7 +57,7 @@ def run(task: str, images: np.ndarray, labels: np.ndarray, model: str, size: int
     for mode in ("auto", "always"):
         start = time.perf_counter()
         store = extract(images, labels=labels, out=f"{root}/{task}-{mode}", model=model, input_size=size,
-                        layers="stages,expanded", pool="avg,avg2", relu=mode, progress=False)  # fmt: skip
+                        taps="stages,expanded", poolings="avg,avg2", relu=mode, progress=False)  # fmt: skip
         result = sweep(store, probes=("logreg",), jobs=-1, progress=False)
         rectified = {(a["tap"], a["pooling"]): a["relu_applied"] for a in store.arrays}
         rows = {(r["tap"], r["pooling"]): r for r in result.rows}

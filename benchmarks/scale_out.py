@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 from cnncodes import extract, load_backbone
-from cnncodes.preprocess import pixel_transform
-from cnncodes.sources import decode_image
+from cnncodes.images import pixel_transform
+from cnncodes.images import decode_image
 from cnncodes.store import ArraySpec, StoreWriter, merge_shards
 
 
@@ -84,7 +84,7 @@ def write_and_merge(folder: Path, mib: int) -> tuple[float, float]:
 
 def probe_rates(folder: Path, rows: int, dims: int) -> tuple[float, float, float, float]:
     """Training rows/s and test accuracy of one sweep task in memory and streamed out of core."""
-    from cnncodes.sweep import sweep
+    from cnncodes.sweeps import sweep
 
     rng = np.random.default_rng(0)
     labels = np.arange(rows) % 10
@@ -122,7 +122,7 @@ def main() -> None:
         decode = decode_rate(paths, pre)
         pixels = np.stack([np.asarray(decode_image(p).resize((pre.input_size, pre.input_size))) for p in paths])
 
-        settings = dict(model=backbone, layers="stages", pool="avg,avg2", batch_size=32, progress=False, workers=0)
+        settings = dict(model=backbone, taps="stages", poolings="avg,avg2", batch_size=32, progress=False, workers=0)
         extract(pixels[:32], out=tmp / "warm", **settings)
         start = time.perf_counter()
         extract(pixels, out=tmp / "one", **settings)

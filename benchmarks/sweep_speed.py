@@ -25,7 +25,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cnncodes import CodeStore, extract
-from cnncodes.sweep import make_split, sweep
+from cnncodes.sweeps import make_split, sweep
 
 
 def baseline(store: CodeStore, seed: int = 0) -> dict:
@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.store or os.path.join(tmp, "digits")
         if not args.store:
-            extract("demo:digits", out=path, input_size=96, layers="stages", pool="avg,avg2", progress=False)
+            extract("demo:digits", out=path, input_size=96, taps="stages", poolings="avg,avg2", progress=False)
         store = CodeStore(path)
         warnings.simplefilter("ignore", ConvergenceWarning)
         start = time.perf_counter()

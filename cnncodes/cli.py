@@ -8,6 +8,7 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__
+from .errors import CnncodesError
 
 __all__ = ["main", "build_parser"]
 
@@ -22,20 +23,18 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from .backbones import load_backbone
-    from .layout import Layout
-    from .taps import list_taps
+    from .network import Layout, list_taps, load_backbone
 
     backbone = load_backbone(args.model, weights=args.weights, input_size=args.input_size)
     catalogue = list_taps(backbone)
-    records = catalogue.to_records(args.pool.split(","), args.dtype)
+    records = catalogue.to_records(args.poolings.split(","), args.dtype)
     if args.json:
         print(json.dumps({"model": backbone.describe(), "mode": catalogue.mode, "input_size": catalogue.input_size,
                           "stage_source": catalogue.stage_source, "taps": records}, indent=1))  # fmt: skip
         return 0
-    pools = args.pool.split(",")
+    pools = args.poolings.split(",")
     print(f"{backbone.spec} at {catalogue.input_size}px: {len(records)} taps ({catalogue.mode}); "
-          f"* = stage tap (--layers stages, from {catalogue.stage_source}), e = expanded tap; "
+          f"* = stage tap (--taps stages, from {catalogue.stage_source}), e = expanded tap; "
           "relu: 'net' = rectified by the network, 'auto' = rectified at extraction by --relu auto, '-' = raw")  # fmt: skip
     header = f"{'':2} {'#':>3}  {'name':<34} {'op':<16} {'layout':<16} {'relu':<5} {'shape':<14}"
     header += "".join(f" {('dims ' + p):>10}" for p in pools) + f" {'KiB/img':>8}"
@@ -53,15 +52,16 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import extract
+    from .extraction import extract, launched_by_torchrun
     from .store import completed_shards
 
+    shard = args.shard or ("auto" if launched_by_torchrun() else None)  # a torchrun launch of the CLI is a shard
     store = extract(
         args.source,
         out=args.out,
         model=args.model,
-        layers=args.layers,
-        pool=args.pool,
+        taps=args.taps,
+        poolings=args.poolings,
         weights=args.weights,
         input_size=args.input_size,
         relu="never" if args.no_relu else args.relu,
@@ -76,25 +76,25 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         overwrite=args.overwrite,
         progress=not args.quiet,
-        shard=args.shard,
+        shard=shard,
         devices=args.devices,
         merge=True if args.merge else None,
         shared=args.shared,
     )
-    shard = store.manifest["config"].get("shard")
+    layout = store.shard
     if not store.complete:
         from .store import shared_progress
 
-        status = shared_progress(store.path, shard["count"])
+        status = shared_progress(store.path, layout.count)
         done = sum(1 for d, rows in status if d is not None and d == rows)
-        print(f"shard {args.shard or '(from the launcher)'} of the shared store {store.path} is done; {done} of {shard['count']} shards are. "
+        print(f"shard {args.shard or '(from the launcher)'} of the shared store {store.path} is done; {done} of {layout.count} shards are. "
               "The last one to finish publishes the store.")  # fmt: skip
         return 0
     print(f"wrote {store.rows} rows x {len(store.arrays)} arrays to {store.path} ({len(store.errors)} images skipped)")
-    if shard:
-        done = completed_shards(args.out, shard["count"])
-        print(f"shard {shard['index']}/{shard['count']} (images {shard['images'][0]}-{shard['images'][1] - 1}) is complete; "
-              f"{done} of {shard['count']} shards are. When all are, join them: cnncodes merge {args.out}")  # fmt: skip
+    if layout:
+        done = completed_shards(args.out, layout.count)
+        print(f"shard {layout.shard} (images {layout.images[0]}-{layout.images[1] - 1}) is complete; "
+              f"{done} of {layout.count} shards are. When all are, join them: cnncodes merge {args.out}")  # fmt: skip
     for err in store.errors[:20]:
         print(f"  skipped {err['path']}: {err['reason']}")
     if len(store.errors) > 20:
@@ -129,9 +129,8 @@ def _parse_c_range(text: str) -> tuple[float, float]:
 
 
 def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
-    from .bundle import save_probe
-    from .report import format_table, write_report
-    from .sweep import sweep
+    from .deploy import save_probe
+    from .sweeps import format_table, sweep, write_report
 
     result = sweep(
         store,
@@ -167,11 +166,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .extract import extract
+    from .extraction import extract
 
     out = Path(args.out)
     print(f"[1/2] extracting demo:digits with efficientnet_lite0 at 96 px: stage and expanded taps x avg, avg2, avg4 -> {out / 'codes'}")
-    store = extract("demo:digits", out=out / "codes", input_size=96, layers="stages,expanded", pool="avg,avg2,avg4",
+    store = extract("demo:digits", out=out / "codes", input_size=96, taps="stages,expanded", poolings="avg,avg2,avg4",
                     progress=not args.quiet)  # fmt: skip
     print(f"      {store.rows} images x {len(store.arrays)} arrays")
     print(f"[2/2] sweeping {args.probes} probes over every tap and pooling -> {out / 'sweep'}")
@@ -204,8 +203,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .deploy import load_bundle
-    from .export import export_probe
+    from .deploy import export_probe, load_bundle
 
     probe = load_bundle(args.bundle, weights=args.weights, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device="cpu")
     path = export_probe(probe, args.out, args.format)
@@ -240,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layers", help="list the taps of a model in forward order")
     _add_model_args(p, positional=True)
-    p.add_argument("--pool", default="avg,avg2", help="poolings to size, e.g. avg,avg2,cls,mean (default: %(default)s)")
+    p.add_argument("--poolings", "--pool", default="avg,avg2", help="poolings to size, e.g. avg,avg2,cls,mean (default: %(default)s)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_layers)
@@ -248,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract CNN codes from images into a code store")
     p.add_argument("source", help="ImageFolder dir, path,label CSV, unlabeled dir, or demo:digits")
     _add_model_args(p)
-    p.add_argument("--layers", default="stages", help="tap names or stages|expanded|rectified|all|last:K (default: %(default)s)")
-    p.add_argument("--pool", default="avg", help="poolings: avg,max,avgK,maxK,none; token taps also cls,mean (default: %(default)s)")
+    p.add_argument("--taps", "--layers", default="stages", help="tap names or stages|expanded|rectified|all|last:K (default: %(default)s)")
+    p.add_argument("--poolings", "--pool", default="avg", help="poolings: avg,max,avgK,maxK,none; token taps also cls,mean (default: %(default)s)")
     p.add_argument("--out", required=True, help="store directory")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--relu", default="auto", choices=["auto", "always", "never"],
@@ -265,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="bad images: record and skip, or stop")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--shard", metavar="I/N", help="extract only shard I of N (0-based) into OUT/shards/I-of-N; auto: from torchrun/Slurm")
+    p.add_argument("--shard", metavar="I/N", help="extract only shard I of N (0-based) into OUT/shards/I-of-N; auto: from torchrun/Slurm (a torchrun launch is detected without it)")
     p.add_argument("--merge", action="store_true", help="with --shard: merge all shards if this is the last to finish")
     p.add_argument("--shared", action="store_true", help="with --shard: fill one store preallocated at OUT (shared storage) instead of OUT/shards/I-of-N; no merge needed")
     p.add_argument("--devices", metavar="LIST", help="one process per device, e.g. cuda:0,cuda:1; merged at the end")
@@ -312,18 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .backbones import BackboneError
-    from .bundle import BundleError
-    from .sources import ImageDecodeError, SourceError
-    from .store import StoreError
-    from .sweep import MissingExtraError
-    from .taps import TapSelectionError
-
-    return (BackboneError, BundleError, SourceError, StoreError, TapSelectionError, ImageDecodeError, ValueError, KeyError,
-            ConnectionError, MissingExtraError)  # fmt: skip
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnncodes`` script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -333,9 +319,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ncnncodes: interrupted. Work done so far is saved; rerun the same command to resume.", file=sys.stderr)
         return 130
-    except _user_errors() as exc:
-        print(f"cnncodes {args.command}: error: {exc}", file=sys.stderr)
+    except (CnncodesError, OSError) as exc:  # the user can fix these; anything else is our bug and keeps its traceback
+        print(f"cnncodes {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, CnncodesError) and exc.strerror:
+        where = " -> ".join(f"'{f}'" for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{exc.strerror}{': ' + where if where else ''} ({type(exc).__name__})" + _os_hint(exc)
+    return " ".join(str(exc).split())
+
+
+def _os_hint(exc: OSError) -> str:
+    import errno
+
+    hints = {
+        errno.ENOSPC: "; free disk space (or point --out elsewhere) and rerun the same command to resume",
+        errno.EDQUOT: "; free quota (or point --out elsewhere) and rerun the same command to resume",
+        errno.EFBIG: "; a file size limit was hit (ulimit -f); raise it and rerun the same command to resume",
+        errno.ENOTDIR: "; a path component is a file, not a directory: choose another path",
+        errno.EISDIR: "; that path is a directory: give a file name",
+        errno.EEXIST: "; choose another path",
+        errno.EACCES: "; no permission: choose another path or fix its permissions",
+        errno.EROFS: "; the filesystem is read-only: choose another path",
+        errno.ELOOP: "; a symbolic link loops: fix or remove it",
+    }
+    return hints.get(exc.errno, "")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,19 +8,15 @@ import tempfile
 from pathlib import Path
 
 import cnncodes
-from cnncodes.bundle import save_probe
-from cnncodes.deploy import load_bundle
-from cnncodes.export import export_probe
-from cnncodes.sweep import sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _data import make_folder  # noqa: E402
 
 work = Path(tempfile.mkdtemp())
-store = cnncodes.extract(make_folder(work / "images"), out=work / "codes", model="resnet18:none", input_size=32, layers="last:2", progress=False)
-bundle_path = save_probe(sweep(store, probes=("logreg",), folds=3, progress=False), work)
-probe = load_bundle(bundle_path)
+store = cnncodes.extract(make_folder(work / "images"), out=work / "codes", model="resnet18:none", input_size=32, taps="last:2", progress=False)
+bundle_path = cnncodes.save_probe(cnncodes.sweep(store, probes=("logreg",), folds=3, progress=False), work)
+probe = cnncodes.load_bundle(bundle_path)
 new = make_folder(work / "new", per_class=2)
 for row in probe.predict_source(new):
     print(Path(row["path"]).parent.name, "->", row["predicted"])
-print("exported", export_probe(probe, work / "probe.pt"))
+print("exported", cnncodes.export_probe(probe, work / "probe.pt"))

@@ -8,16 +8,14 @@ import tempfile
 from pathlib import Path
 
 import cnncodes
-from cnncodes.report import format_table, write_report
-from cnncodes.sweep import sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _data import make_folder  # noqa: E402
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
 images = make_folder(work / "images")
-store = cnncodes.extract(images, out=work / "codes", model="resnet18:none", input_size=32, layers="stages", pool="avg,avg2", progress=False)
-result = sweep(store, probes=("logreg",), folds=3, progress=False)
-print(format_table(result))
-write_report(result, work / "sweep")
-print("best layer:", result.best["tap"], result.best["pooling"])
+store = cnncodes.extract(images, out=work / "codes", model="resnet18:none", input_size=32, taps="stages", poolings="avg,avg2", progress=False)
+result = cnncodes.sweep(store, probes=("logreg",), folds=3, progress=False)
+print(cnncodes.format_table(result))
+cnncodes.write_report(result, work / "sweep")
+print("best layer:", result.best.tap, result.best.pooling)

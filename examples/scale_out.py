@@ -14,7 +14,6 @@ import joblib
 from distributed import Client, LocalCluster
 
 import cnncodes
-from cnncodes.sweep import sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _data import make_folder  # noqa: E402
@@ -22,7 +21,7 @@ from _data import make_folder  # noqa: E402
 
 def extract_shard(index: int, count: int, images: Path, out: Path) -> str:
     store = cnncodes.extract(images, out=out, shard=(index, count), model="resnet18:none", input_size=32,
-                             layers="stages", pool="avg,avg2", batch_size=8, progress=False)  # fmt: skip
+                             taps="stages", poolings="avg,avg2", batch_size=8, progress=False)  # fmt: skip
     return f"shard {index}/{count}: {store.rows} rows in {store.path}"
 
 
@@ -35,5 +34,5 @@ if __name__ == "__main__":
         store = cnncodes.merge_shards(work / "codes", remove_shards=True)
         print(f"merged: {store.rows} rows x {len(store.arrays)} arrays")
         with joblib.parallel_config(backend="dask"):
-            result = sweep(store, probes=("logreg",), folds=3, jobs=-1, progress=False)
-    print("best layer:", result.best["tap"], result.best["pooling"], f"test accuracy {result.best['test_accuracy']:.3f}")
+            result = cnncodes.sweep(store, probes=("logreg",), folds=3, jobs=-1, progress=False)
+    print("best layer:", result.best.tap, result.best.pooling, f"test accuracy {result.best.test_accuracy:.3f}")

@@ -68,6 +68,11 @@ def tiny_images():
     return make_images()
 
 
+#: What a synthetic store says made its codes: enough for a bundle, though no network can recompute them.
+SYNTHETIC_MODEL = {"spec": "module:synthetic", "weights": "none", "fingerprint": "sha256:" + "0" * 64,
+                   "preprocessing": TINY_PRE.to_dict()}  # fmt: skip
+
+
 def make_code_store(path, n_images: int = 150, views: int = 0, dims: dict | None = None, seed: int = 0, n_classes: int = 3):
     """A complete store of synthetic codes written through the real StoreWriter.
 
@@ -81,7 +86,7 @@ def make_code_store(path, n_images: int = 150, views: int = 0, dims: dict | None
     strength = {"early": 0.6, "mid": 3.0, "late": 0.0}
     specs = [ArraySpec(t, p, d, "float32", True, False, depth=i) for i, (t, d) in enumerate(dims.items()) for p in ("avg",)]
     writer = StoreWriter(path, arrays=specs, sources=[f"img{i}.png" for i in range(n_images)], labels=labels,
-                         classes=[f"c{k}" for k in range(n_classes)], views=views, config={"synthetic": seed}, info={})  # fmt: skip
+                         classes=[f"c{k}" for k in range(n_classes)], views=views, config={"synthetic": seed}, info={"model": SYNTHETIC_MODEL})  # fmt: skip
     rows = n_images * (views + 1)
     row_labels = np.repeat(labels, views + 1)
     codes = {}

@@ -50,8 +50,8 @@ def _folder(root, n=6):
 @pytest.mark.skipif(shutil.which("cnncodes") is None, reason="the package is not installed as a script")
 def test_installed_script_extracts_a_folder(tmp_path):
     _folder(tmp_path / "imgs")
-    cmd = ["cnncodes", "extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32", "--layers",
-           "stages", "--pool", "avg,avg2", "--out", str(tmp_path / "s"), "--batch-size", "5", "--quiet"]  # fmt: skip
+    cmd = ["cnncodes", "extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32", "--taps",
+           "stages", "--poolings", "avg,avg2", "--out", str(tmp_path / "s"), "--batch-size", "5", "--quiet"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "broken.jpg" in done.stdout
@@ -65,7 +65,7 @@ def test_in_process_extract_then_mismatch_is_refused(tmp_path, capsys):
     _folder(tmp_path / "imgs", n=3)
     base = ["extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32", "--out", str(tmp_path / "s"), "--quiet"]
     assert main(base) == 0
-    assert main(base[:-1] + ["--pool", "max", "--quiet"]) == 2
+    assert main(base[:-1] + ["--poolings", "max", "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 

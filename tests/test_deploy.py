@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cnncodes.bundle import BundleError, read_bundle, save_bundle
+from cnncodes.deploy import read_bundle, save_bundle
+from cnncodes.errors import BundleError
 from cnncodes.cli import main
-from cnncodes.deploy import FingerprintMismatchError, load_bundle
-from cnncodes.preprocess import normalize, pixel_transform
+from cnncodes.deploy import load_bundle
+from cnncodes.errors import FingerprintMismatchError
+from cnncodes.images import normalize, pixel_transform
 
 MODEL = ["--model", "resnet18:none", "--input-size", "32"]
 
@@ -31,7 +33,7 @@ def trained(tmp_path_factory):
             img = rng.integers(0, 90, (28, 28, 3), dtype=np.uint8)
             img[..., k] += 150
             Image.fromarray(img).save(root / "imgs" / cls / f"{i}.png")
-    assert main(["extract", str(root / "imgs"), *MODEL, "--layers", "last:2", "--pool", "avg", "--out", str(root / "codes"), "--quiet"]) == 0
+    assert main(["extract", str(root / "imgs"), *MODEL, "--taps", "last:2", "--poolings", "avg", "--out", str(root / "codes"), "--quiet"]) == 0
     assert main(["sweep", str(root / "codes"), "--out", str(root / "sweep"), "--probes", "logreg", "--folds", "3", "--jobs", "1", "--quiet"]) == 0
     return root
 
@@ -128,7 +130,7 @@ def test_tampered_and_truncated_bundles_are_rejected(trained, tmp_path):
 
 def test_fingerprint_mismatch_is_refused_unless_overridden(trained, tmp_path, capsys):
     bundle = read_bundle(trained / "sweep" / "best_probe.zip")
-    bundle.extractor["model"]["fingerprint"] = "sha256:" + "0" * 64
+    bundle.extractor.model["fingerprint"] = "sha256:" + "0" * 64
     path = save_bundle(bundle, tmp_path / "other.zip")
     with pytest.raises(FingerprintMismatchError, match="--weights PATH"):
         load_bundle(path)
@@ -153,7 +155,7 @@ def test_onnx_export_matches_the_bundle(trained, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     probe = load_bundle(trained / "sweep" / "best_probe.zip", device="cpu")
-    from cnncodes.export import export_probe
+    from cnncodes.deploy import export_probe
 
     path = export_probe(probe, tmp_path / "m.onnx", "onnx")
     paths = sorted((trained / "imgs").rglob("*.png"))[:5]

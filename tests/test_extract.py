@@ -15,8 +15,9 @@ from PIL import Image
 from cnncodes import CodeExtractor, CodeStore, ImageDecodeError, StoreError, extract
 from torchvision.transforms import v2
 
-from cnncodes.preprocess import pixel_transform
-from cnncodes.store import IncompleteStoreError, StoreLockedError, StoreMismatchError, StoreWriter
+from cnncodes.images import pixel_transform
+from cnncodes.store import StoreWriter
+from cnncodes.errors import IncompleteStoreError, StoreLockedError, StoreMismatchError
 
 from conftest import TINY_PRE, make_images, make_tiny_backbone
 
@@ -25,8 +26,8 @@ MANIFEST_KEYS = {"complete", "rows_total", "rows_done", "arrays", "classes", "so
 
 def run(images, labels, out, **kw):
     kw.setdefault("model", make_tiny_backbone())
-    kw.setdefault("layers", "stages")
-    kw.setdefault("pool", "avg,avg2")
+    kw.setdefault("taps", "stages")
+    kw.setdefault("poolings", "avg,avg2")
     kw.setdefault("batch_size", 8)
     kw.setdefault("workers", 0)
     kw.setdefault("progress", False)
@@ -100,7 +101,7 @@ sys.path.insert(0, {tests!r})
 from conftest import make_images, make_tiny_backbone
 from cnncodes import extract
 images, labels = make_images(48)
-extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(delay={delay}), pool="avg,avg2",
+extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(delay={delay}), poolings="avg,avg2",
         batch_size=4, workers=0, progress=False)
 """
 
@@ -147,10 +148,10 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path, tiny_images):
     images, labels = tiny_images
     first = arrays_of(run(images, labels, tmp_path / "s"))
     with pytest.raises(StoreMismatchError, match="--overwrite"):
-        run(images, labels, tmp_path / "s", pool="max")
+        run(images, labels, tmp_path / "s", poolings="max")
     again = arrays_of(run(images, labels, tmp_path / "s"))  # same settings: the complete store is reused
     assert again.keys() == first.keys()
-    store = run(images, labels, tmp_path / "s", pool="max", overwrite=True)
+    store = run(images, labels, tmp_path / "s", poolings="max", overwrite=True)
     assert store.poolings == ["max"] and not list((tmp_path / "s").glob("*__avg.npy"))
 
 
@@ -205,10 +206,10 @@ def test_on_error_raise_names_the_file(tmp_path):
 def test_views_are_reproducible_and_independent_of_batching(tmp_path, tiny_images, batch_size, workers):
     images, labels = tiny_images
     images, labels = images[:10], labels[:10]
-    kw = dict(views=2, seed=7, pool="avg", dtype="float32")
+    kw = dict(views=2, seed=7, poolings="avg", dtype="float32")
     a = run(images, labels, tmp_path / "a", batch_size=6, **kw)
     b = run(images, labels, tmp_path / "b", batch_size=batch_size, workers=workers, **kw)
-    plain = run(images, labels, tmp_path / "plain", pool="avg", dtype="float32")
+    plain = run(images, labels, tmp_path / "plain", poolings="avg", dtype="float32")
     assert a.rows == 30 and list(a.groups[:6]) == [0, 0, 0, 1, 1, 1] and list(a.view_index[:3]) == [0, 1, 2]
     np.testing.assert_array_equal(np.asarray(a.labels), np.repeat(labels, 3))
     for key, codes in arrays_of(a).items():

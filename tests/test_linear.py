@@ -8,7 +8,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from cnncodes.linear import FeatureBasis, TorchLinearSVC, TorchLogisticRegression, fit_path
+from cnncodes.probing._linear import FeatureBasis, TorchLinearSVC, TorchLogisticRegression, fit_path
 
 
 @pytest.fixture(scope="module")

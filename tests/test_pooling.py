@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cnncodes.pooling import Pooling, parse_poolings
+from cnncodes.network import Pooling, parse_poolings
 
 
 def test_parse_keeps_order_and_drops_repeats():

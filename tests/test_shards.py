@@ -16,12 +16,14 @@ from PIL import Image
 
 from cnncodes import extract
 from cnncodes.cli import main
-from cnncodes.shards import Shard, parse_devices, parse_shard, shard_from_env
-from cnncodes.store import CodeStore, IncompleteStoreError, StoreError, StoreMismatchError, merge_shards
+from cnncodes.store import Shard
+from cnncodes.extraction import parse_devices, parse_shard, shard_from_env
+from cnncodes.store import CodeStore, merge_shards
+from cnncodes.errors import IncompleteStoreError, StoreError, StoreMismatchError
 
 from conftest import make_images, make_tiny_backbone
 
-CLI_MODEL = ["--model", "resnet18:none", "--input-size", "32", "--layers", "last:2", "--pool", "avg,avg2", "--batch-size", "4"]
+CLI_MODEL = ["--model", "resnet18:none", "--input-size", "32", "--taps", "last:2", "--poolings", "avg,avg2", "--batch-size", "4"]
 
 
 def store_files(path: Path) -> dict[str, bytes]:
@@ -70,7 +72,9 @@ def test_shard_parsing_and_launcher_environments():
     assert parse_shard("2/5", env={}) == Shard(2, 5)
     assert parse_shard((1, 2), env={}) == Shard(1, 2)
     assert parse_shard(None, env={}) is None
-    assert parse_shard(None, env={"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Shard(3, 4)
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert parse_shard(None, env=torchrun) is None  # a library call inside the user's own torchrun job stays whole
+    assert parse_shard("auto", env=torchrun) == Shard(3, 4)
     assert parse_shard(None, env={"RANK": "0", "WORLD_SIZE": "1"}) is None  # a single-process torchrun
     slurm = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}
     assert parse_shard("auto", env=slurm) == Shard(3, 4)
@@ -113,14 +117,14 @@ import sys; sys.path.insert(0, {tests!r})
 from conftest import make_images, make_tiny_backbone
 from cnncodes import extract
 images, labels = make_images(40)
-extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(delay={delay}), pool="avg,avg2",
+extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(delay={delay}), poolings="avg,avg2",
         batch_size=4, workers=0, progress=False, shard={shard!r}, shared={shared!r})
 """
 
 
 def run_tiny(out: Path, **kwargs) -> CodeStore:
     images, labels = make_images(40)
-    settings = dict(model=make_tiny_backbone(), pool="avg,avg2", batch_size=4, workers=0, progress=False)
+    settings = dict(model=make_tiny_backbone(), poolings="avg,avg2", batch_size=4, workers=0, progress=False)
     return extract(images, labels=labels, out=out, **{**settings, **kwargs})
 
 
@@ -146,11 +150,10 @@ def test_a_killed_shard_resumes_on_its_own(tmp_path):
     assert not (out / "shards").exists()
 
 
-@pytest.mark.parametrize("shard", [None, "auto"])
-def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path, shard):
+def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "launched"
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.0, shard=shard, shared=False)
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.0, shard="auto", shared=False)
     procs = [
         subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"})
         for r in range(2)
@@ -158,6 +161,16 @@ def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path, shard):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert store_files(out) == store_files(tmp_path / "one")
     assert not (out / "shards").exists()
+
+
+def test_a_library_call_inside_a_torchrun_job_is_not_a_shard(tmp_path, monkeypatch):
+    one = run_tiny(tmp_path / "one")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    inside = run_tiny(tmp_path / "inside")  # shard=None: the environment is not read
+    assert inside.shard is None and inside.rows == one.rows
+    assert store_files(tmp_path / "inside") == store_files(tmp_path / "one")
 
 
 def test_devices_split_over_processes_equals_one_process(tmp_path):
@@ -194,7 +207,7 @@ def test_merge_names_what_is_wrong(tmp_path):
     with pytest.raises(IncompleteStoreError, match="shard\\(s\\) 1/3, 2/3 missing .*--shard 1/3"):
         merge_shards(out)
     run_tiny(out, shard="1/3")
-    run_tiny(out, pool="max", shard="2/3")
+    run_tiny(out, poolings="max", shard="2/3")
     with pytest.raises(StoreMismatchError, match="2-of-3 was extracted with other settings .*arrays"):
         merge_shards(out)
     run_tiny(out, shard="2/3", overwrite=True)
@@ -206,7 +219,7 @@ def test_merge_names_what_is_wrong(tmp_path):
     with pytest.raises(StoreError, match="extracted with --batch-size 8 but .* with 4"):
         merge_shards(out, [out / "shards" / "0-of-3", tmp_path / "b" / "shards" / "1-of-3", out / "shards" / "2-of-3"])
     # merging into a directory that holds another store changes nothing there
-    other = run_tiny(tmp_path / "other", pool="max")
+    other = run_tiny(tmp_path / "other", poolings="max")
     before = store_files(other.path)
     with pytest.raises(StoreMismatchError, match="nothing was changed"):
         merge_shards(other.path, list((out / "shards").iterdir()))
@@ -224,7 +237,7 @@ def test_cli_reports_shard_errors(tmp_path, capsys):
 def test_shards_as_dask_tasks_then_merge_equal_one_process(tmp_path):
     distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
     folder = str(image_folder(tmp_path / "images", n=16))
-    settings = dict(model="resnet18:none", input_size=32, layers="last:2", pool="avg", batch_size=4, progress=False)
+    settings = dict(model="resnet18:none", input_size=32, taps="last:2", poolings="avg", batch_size=4, progress=False)
     extract(folder, out=tmp_path / "one", **settings)
     out = str(tmp_path / "dask")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
@@ -276,7 +289,7 @@ def test_shared_store_refusals(tmp_path):
         run_tiny(tmp_path / "a", shard="0/2", shared=True, overwrite=True)
     run_tiny(tmp_path / "a", shard="0/2", shared=True)
     with pytest.raises(StoreMismatchError, match="other settings than this shard .*Give every shard the same arguments"):
-        run_tiny(tmp_path / "a", shard="1/2", shared=True, pool="max")
+        run_tiny(tmp_path / "a", shard="1/2", shared=True, poolings="max")
     with pytest.raises(StoreMismatchError, match="images_per_batch"):
         run_tiny(tmp_path / "a", shard="1/2", shared=True, batch_size=8)
     one = run_tiny(tmp_path / "b")
@@ -287,7 +300,7 @@ def test_shared_store_refusals(tmp_path):
 
 # -- what was there before is never lost or silently reused --------------------------------------------------------------
 def test_a_sharded_run_into_another_store_is_refused_before_any_work(tmp_path):
-    other = run_tiny(tmp_path / "out", pool="max")
+    other = run_tiny(tmp_path / "out", poolings="max")
     before = store_files(other.path)
     with pytest.raises(StoreMismatchError, match="nothing was started"):
         run_tiny(tmp_path / "out", shard="0/2")
@@ -320,11 +333,11 @@ def test_an_interrupted_merge_is_redone(tmp_path, monkeypatch):
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("cnncodes.store.np.save", failing_save)
+    monkeypatch.setattr("cnncodes.store._merge.np.save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         merge_shards(out)
     assert not CodeStore.is_complete(out)
-    monkeypatch.setattr("cnncodes.store.np.save", real_save)
+    monkeypatch.setattr("cnncodes.store._merge.np.save", real_save)
     merge_shards(out, remove_shards=True)
     assert store_files(out) == store_files(tmp_path / "one")
     assert merge_shards(out).rows == 40  # merging again after the shards were removed returns the merged store
@@ -339,8 +352,9 @@ def test_shards_with_other_batch_sizes_are_not_merged_even_when_bounds_line_up(t
 
 
 def test_overwrite_waits_for_running_shards_of_a_shared_store(tmp_path):
-    from cnncodes.shards import Shard
-    from cnncodes.store import SharedStoreWriter, StoreLockedError
+    from cnncodes.store import Shard
+    from cnncodes.store import SharedStoreWriter
+    from cnncodes.errors import StoreLockedError
 
     images, labels = make_images(8)
     from cnncodes.store import ArraySpec

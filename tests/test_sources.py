@@ -15,16 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from cnncodes.sources import (
-    ArraySource,
-    DatasetSource,
-    FileSource,
-    ImageDecodeError,
-    ImageSource,
-    SourceError,
-    decode_image,
-    open_source,
-)
+from cnncodes.images import ArraySource, DatasetSource, FileSource, ImageSource, decode_image, open_source
+from cnncodes.errors import ImageDecodeError, SourceError
 
 W, H = 16, 12
 

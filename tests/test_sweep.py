@@ -9,10 +9,11 @@ import joblib
 import numpy as np
 import pytest
 
-from cnncodes.bundle import read_bundle
+from cnncodes.deploy import read_bundle
 from cnncodes.cli import main
-from cnncodes.report import format_table, write_report
-from cnncodes.sweep import make_split, sweep
+from cnncodes.sweeps import format_table, write_report
+from cnncodes.probing import SweepConfig
+from cnncodes.sweeps import make_split, sweep
 
 from conftest import make_code_store
 
@@ -25,18 +26,18 @@ def store(tmp_path_factory):
 def test_sweep_picks_the_informative_tap_by_cv_only(store):
     result = sweep(store, probes=("logreg", "linsvc"), folds=3, progress=False)
     assert len(result.rows) == 3 * 2
-    assert result.best["tap"] == "mid" and result.best["test_accuracy"] > 0.9
-    late = [r for r in result.rows if r["tap"] == "late"]
-    assert all(r["cv_accuracy"] < 0.6 for r in late), "an uninformative tap must not look good"
+    assert result.best.tap == "mid" and result.best.test_accuracy > 0.9
+    late = [r for r in result.rows if r.tap == "late"]
+    assert all(r.cv_accuracy < 0.6 for r in late), "an uninformative tap must not look good"
     for r in result.rows:
-        assert 0 < r["C"] and r["n_fits"] >= 3 * 4 and r["fit_seconds"] >= 0
-    best = max(result.rows, key=lambda r: (r["cv_accuracy"], -r["dims"]))
-    assert (best["tap"], best["probe"]) == (result.best["tap"], result.best["probe"])
+        assert 0 < r.C and r.n_fits >= 3 * 4 and r.fit_seconds >= 0
+    best = max(result.rows, key=lambda r: (r.cv_accuracy, -r.dims))
+    assert (best.tap, best.probe) == (result.best.tap, result.best.probe)
     assert "* mid" in format_table(result)
 
 
 def test_split_is_stratified_by_image_and_test_is_disjoint(store):
-    split = make_split(store, folds=4, test_size=0.25, seed=3)
+    split = make_split(store, config=SweepConfig(folds=4, test_size=0.25, seed=3))
     test_images = set(split.test_rows.tolist())
     assert not test_images & set(split.train_rows.tolist())
     assert len(split.test_rows) == round(0.25 * store.rows) or abs(len(split.test_rows) - 0.25 * store.rows) <= 1
@@ -47,13 +48,13 @@ def test_split_is_stratified_by_image_and_test_is_disjoint(store):
 
 def test_views_never_straddle_folds_and_tta_is_reported(tmp_path):
     store = make_code_store(tmp_path / "v", n_images=90, views=2)
-    split = make_split(store, folds=3)
+    split = make_split(store, config=SweepConfig(folds=3))
     groups = store.groups
     for fit_rows, val_rows in split.folds:
         assert not set(groups[fit_rows]) & set(groups[val_rows]), "an image's views leaked across folds"
         assert (store.view_index[val_rows] == 0).all() and set(store.view_index[fit_rows]) == {0, 1, 2}
     result = sweep(store, probes=("logreg",), folds=3, progress=False)
-    assert all("test_tta_accuracy" in r for r in result.rows)
+    assert all(r.test_tta_accuracy is not None for r in result.rows)
     assert len(result.test_predictions["sources"]) == len(split.test_rows) // 3
 
 
@@ -65,11 +66,11 @@ def test_report_files_and_bundle_round_trip(store, tmp_path):
     best = json.loads((tmp_path / "best.json").read_text())
     assert {"tap", "pooling", "probe", "C", "cv_accuracy", "test_accuracy"} <= set(best)
     assert len((tmp_path / "results.csv").read_text().strip().splitlines()) == 1 + len(result.rows)
-    from cnncodes.bundle import save_probe
+    from cnncodes.deploy import save_probe
 
     bundle = read_bundle(save_probe(result, tmp_path))
     rows = [store.sources.index(s) for s in result.test_predictions["sources"]]
-    X = np.asarray(store.codes(result.best["tap"], result.best["pooling"]))[rows]
+    X = np.asarray(store.codes(result.best.tap, result.best.pooling))[rows]
     np.testing.assert_array_equal(bundle.predict_codes(X), result.test_predictions["predicted"])
     np.testing.assert_allclose(bundle.decision_function_codes(X), result.test_predictions["scores"], rtol=1e-5, atol=1e-5)
     assert paths["sweep.png"].read_bytes()[:4] == b"\x89PNG"
@@ -79,8 +80,8 @@ def test_any_joblib_backend_gives_the_same_result(store):
     local = sweep(store, probes=("logreg",), folds=3, progress=False)
     with joblib.parallel_config(backend="threading", n_jobs=2):
         threaded = sweep(store, probes=("logreg",), folds=3, jobs=2, progress=False)
-    assert [r["C"] for r in local.rows] == [r["C"] for r in threaded.rows]
-    assert local.best["tap"] == threaded.best["tap"]
+    assert [r.C for r in local.rows] == [r.C for r in threaded.rows]
+    assert local.best.tap == threaded.best.tap
 
 
 def test_cli_sweep_writes_everything(store, tmp_path, capsys):
@@ -92,7 +93,7 @@ def test_cli_sweep_writes_everything(store, tmp_path, capsys):
 
 def test_errors_say_what_to_change(store, tmp_path):
     with pytest.raises(ValueError, match="lower --folds"):
-        make_split(store, folds=60)
+        make_split(store, config=SweepConfig(folds=60))
     with pytest.raises(ValueError, match="unknown probe"):
         sweep(store, probes=("svm",), progress=False)
 
@@ -102,12 +103,12 @@ import json, resource, sys
 sys.path.insert(0, {tests!r})
 import numpy as np
 from conftest import make_code_store
-from cnncodes.sweep import sweep
+from cnncodes.sweeps import sweep
 store = make_code_store({path!r}, n_images=3000, dims={{"early": 4, "mid": 2048, "late": 4}})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 result = sweep(store, taps=["mid"], probes=("linsvc",), folds=3, max_memory={cap}, progress=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"grew_kib": peak - base, "solver": result.rows[0]["solver"], "acc": result.best["test_accuracy"]}}))
+print(json.dumps({{"grew_kib": peak - base, "solver": result.rows[0].solver, "acc": result.best.test_accuracy}}))
 """
 
 
@@ -143,7 +144,7 @@ def test_sweep_on_a_dask_local_cluster_equals_the_local_sweep(store, tmp_path):
     on_dask = json.loads((tmp_path / "dask" / "results.json").read_text())
     assert (tmp_path / "dask" / "best.json").read_bytes() == (tmp_path / "local" / "best.json").read_bytes()
     assert _without_timings(on_dask["rows"]) == _without_timings(local["rows"])
-    assert _without_timings(api.rows) == _without_timings(local["rows"])
+    assert _without_timings([r.to_dict() for r in api.rows]) == _without_timings(local["rows"])
     assert (tmp_path / "dask" / "test_predictions.csv").read_text() == (tmp_path / "local" / "test_predictions.csv").read_text()
 
 

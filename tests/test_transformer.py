@@ -9,15 +9,15 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-import cnncodes.transformer as transformer_module
+import cnncodes.adapter as transformer_module
 from cnncodes import load_backbone
-from cnncodes.deploy import FingerprintMismatchError
-from cnncodes.linear import TorchLogisticRegression
-from cnncodes.transformer import CNNCodes
+from cnncodes.errors import FingerprintMismatchError
+from cnncodes.probing._linear import TorchLogisticRegression
+from cnncodes.adapter import CNNCodes
 
 from conftest import make_images
 
-SPEC = dict(model="resnet18:none", input_size=32, taps="layer2.1.relu_1", pooling="avg,avg2")
+SPEC = dict(model="resnet18:none", input_size=32, taps="layer2.1.relu_1", poolings="avg,avg2")
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def test_cli_layers_json_lists_one_stage_tap_per_convnext_stage(capsys):
 
 
 def test_model_spec_forms_users_write(monkeypatch):
-    from cnncodes.backbones import _parse_spec
+    from cnncodes.network._backbones import _parse_spec
 
     assert _parse_spec("timm:hf-hub:timm/convnext_tiny.fb_in22k") == ("timm", "hf-hub:timm/convnext_tiny.fb_in22k", None)
     assert _parse_spec("timm:hf-hub:timm/convnext_tiny.fb_in22k:none")[2] == "none"
@@ -122,7 +122,7 @@ def test_model_spec_forms_users_write(monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(torchvision.models, "get_model", fake_get_model)
-    monkeypatch.setattr("cnncodes.backbones._fail_if_unreachable", lambda *a: None)
+    monkeypatch.setattr("cnncodes.network._backbones._fail_if_unreachable", lambda *a: None)
     with pytest.raises(RuntimeError, match="stop here"):
         load_backbone("ResNet50_Weights.IMAGENET1K_V2")
     assert called["name"] == "resnet50" and called["weights"] == torchvision.models.ResNet50_Weights.IMAGENET1K_V2

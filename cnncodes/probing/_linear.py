@@ -23,6 +23,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ..errors import ParameterError
+
 __all__ = ["FeatureBasis", "LinearPath", "ProblemStack", "fit_path", "fit_paths", "TorchLogisticRegression", "TorchLinearSVC"]
 
 _LOSSES = ("multinomial", "squared_hinge")
@@ -178,7 +180,7 @@ def fit_paths(
     list of LinearPath, one per problem
     """
     if loss not in _LOSSES:
-        raise ValueError(f"loss={loss!r}; use one of {_LOSSES}.")
+        raise ParameterError(f"loss={loss!r}; use one of {_LOSSES}.")
     stack = problems if isinstance(problems, ProblemStack) else ProblemStack(problems, ys, n_classes, device)
     bases = stack.bases
     P, _, r = stack.Z.shape
@@ -248,10 +250,10 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], reset=True)
         check_classification_targets(y)
         if not (isinstance(self.C, (int, float)) and self.C > 0):
-            raise ValueError(f"C must be a positive number, got {self.C!r}.")
+            raise ParameterError(f"C must be a positive number, got {self.C!r}.")
         self.classes_, encoded = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to fit; got 1 class ({self.classes_!r}).")
+            raise ParameterError(f"need at least 2 classes to fit; got 1 class ({self.classes_!r}).")
         basis = FeatureBasis(X, self.device)
         init = None
         k = len(self.classes_)

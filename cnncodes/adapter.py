@@ -13,11 +13,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .backbones import Backbone, load_backbone
-from .deploy import FingerprintMismatchError, as_source
-from .extract import encode
-from .extractor import CodeExtractor
-from .sources import ImageDecodeError, ImageSource
+from ._compat import deprecated_alias
+from .errors import FingerprintMismatchError, ImageDecodeError, ParameterError
+from .images import ImageSource, as_source
+from .network import Backbone, CodeExtractor, encode, load_backbone
 
 __all__ = ["CNNCodes"]
 
@@ -37,7 +36,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         Model spec (see :func:`cnncodes.load_backbone`).
     taps : str or list of str, default="stages"
         Tap selection (names, ``stages``, ``last:K``...).
-    pooling : str, default="avg"
+    poolings : str or list of str, default="avg"
         Poolings, comma-separated (``"avg,avg2"``); codes of every (tap, pooling) are concatenated.
     relu : {"auto", "always", "never"}, default="auto"
         Rectify taps the network did not rectify itself.
@@ -50,6 +49,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     memory : str or joblib.Memory, optional
         Directory caching the codes of every image (keyed by its pixels and the extractor), so a grid search over the
         probe never runs the network twice on the same image.
+    pooling : str, optional
+        Deprecated spelling of ``poolings``; removed in cnncodes 0.3.
 
     Attributes
     ----------
@@ -62,8 +63,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     Examples
     --------
     >>> from sklearn.pipeline import make_pipeline
-    >>> from cnncodes.linear import TorchLogisticRegression
-    >>> clf = make_pipeline(CNNCodes(taps="blocks.5.0.bn1", pooling="avg2"), TorchLogisticRegression())  # doctest: +SKIP
+    >>> from cnncodes import CNNCodes, TorchLogisticRegression
+    >>> clf = make_pipeline(CNNCodes(taps="blocks.5.0.bn1", poolings="avg2"), TorchLogisticRegression())  # doctest: +SKIP
     >>> clf.fit(images, labels).predict(new_images)  # doctest: +SKIP
     """
 
@@ -71,23 +72,25 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         self,
         model: str = "efficientnet_lite0",
         taps: str | list[str] = "stages",
-        pooling: str = "avg",
+        poolings: str | list[str] = "avg",
         relu: str | bool = "auto",
         input_size: int | None = None,
         weights: str | None = None,
         batch_size: int = 64,
         device: str = "auto",
         memory: Any = None,
+        pooling: str | None = None,
     ) -> None:
         self.model = model
         self.taps = taps
-        self.pooling = pooling
+        self.poolings = poolings
         self.relu = relu
         self.input_size = input_size
         self.weights = weights
         self.batch_size = batch_size
         self.device = device
         self.memory = memory
+        self.pooling = pooling
 
     def fit(self, X: Any, y: Any = None) -> "CNNCodes":
         """Load the backbone and resolve the taps; ``X`` and ``y`` are not used."""
@@ -101,9 +104,10 @@ class CNNCodes(TransformerMixin, BaseEstimator):
 
     def _build(self) -> CodeExtractor:
         if not isinstance(self.model, str):
-            raise TypeError(f"model must be a model spec string (got {type(self.model).__name__}); see cnncodes.load_backbone.")
+            raise ParameterError(f"model must be a model spec string (got {type(self.model).__name__}); see cnncodes.load_backbone.")
         self._backbone = _shared_backbone(self.model, self.weights, self.input_size)
-        self._extractor = CodeExtractor(self._backbone, self.taps, self.pooling, relu=self.relu)
+        poolings = deprecated_alias("pooling", self.pooling, "poolings", self.poolings, "avg")
+        self._extractor = CodeExtractor(self._backbone, self.taps, poolings, relu=self.relu)
         return self._extractor
 
     def _ready(self) -> CodeExtractor:

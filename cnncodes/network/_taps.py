@@ -32,11 +32,12 @@ import torch
 from torch import fx, nn
 
 from . import _graph
-from .backbones import Backbone
-from .layout import AxisLabels, Layout, function_labels, generic_labels, module_labels
-from .pooling import Pooling, PoolingError, parse_poolings
+from ..errors import ParameterError, PoolingError, TapSelectionError
+from ._backbones import Backbone
+from ._layout import AxisLabels, Layout, function_labels, generic_labels, module_labels
+from ._pooling import Pooling, parse_poolings
 
-__all__ = ["RELU_MODES", "TapCatalogue", "TapInfo", "TapSelectionError", "list_taps"]
+__all__ = ["RELU_MODES", "TapCatalogue", "TapInfo", "check_relu_mode", "list_taps"]
 
 _ACTIVATIONS = {
     "relu", "relu6", "relu_", "silu", "gelu", "hardswish", "hardsigmoid", "mish", "leaky_relu", "elu", "selu",
@@ -47,10 +48,6 @@ _SKIPPED = ("Identity", "Dropout", "Dropout2d", "DropPath", "DropBlock2d", "Flat
 _PROBE_BATCH = 2
 _MAX_BLOCK_TAPS = 12
 RELU_MODES = ("auto", "always", "never")
-
-
-class TapSelectionError(ValueError):
-    """A tap selection names an unknown tap or an impossible range."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ def check_relu_mode(relu: str | bool) -> str:
     if isinstance(relu, bool):
         return "always" if relu else "never"
     if relu not in RELU_MODES:
-        raise ValueError(f"relu={relu!r}; use 'auto' (rectify where the network thresholds), 'always' or 'never'.")
+        raise ParameterError(f"relu={relu!r}; use 'auto' (rectify where the network thresholds), 'always' or 'never'.")
     return relu
 
 
@@ -292,7 +289,7 @@ def list_taps(backbone: Backbone | nn.Module, input_size: int | None = None, mod
     TapCatalogue
     """
     if mode not in ("auto", "fx", "hooks"):
-        raise ValueError(f"mode={mode!r}; use 'auto', 'fx' or 'hooks'.")
+        raise ParameterError(f"mode={mode!r}; use 'auto', 'fx' or 'hooks'.")
     model = backbone.model if isinstance(backbone, Backbone) else backbone
     size = int(input_size or (backbone.preprocessing.input_size if isinstance(backbone, Backbone) else 224))
     x = _probe_input(size)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import ParameterError
+
 __all__ = ["LAYOUT_KINDS", "AxisLabels", "Layout"]
 
 LAYOUT_KINDS = ("nchw", "nhwc", "tokens", "vector")
@@ -44,7 +46,7 @@ class Layout:
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUT_KINDS:
-            raise ValueError(f"layout kind {self.kind!r}; expected one of {LAYOUT_KINDS}.")
+            raise ParameterError(f"layout kind {self.kind!r}; expected one of {LAYOUT_KINDS}.")
 
     @property
     def spatial(self) -> bool:

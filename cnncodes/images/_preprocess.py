@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from ..errors import ParameterError
+
 __all__ = ["Preprocessing", "AUGMENTATIONS", "normalize", "pixel_transform", "plain_transform", "view_transform", "view_seed"]
 
 _INTERPOLATIONS = {
@@ -59,18 +61,18 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(
+            raise ParameterError(
                 f"interpolation={self.interpolation!r} is not supported; use one of {sorted(_INTERPOLATIONS)}."
             )
         if self.input_size < 8 or self.resize_size < self.input_size:
-            raise ValueError(
+            raise ParameterError(
                 f"need 8 <= input_size <= resize_size, got input_size={self.input_size}, "
                 f"resize_size={self.resize_size}."
             )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3:
-                raise ValueError(f"{name} must have 3 values (R, G, B), got {value!r}.")
+                raise ParameterError(f"{name} must have 3 values (R, G, B), got {value!r}.")
             object.__setattr__(self, name, tuple(float(v) for v in value))
 
     def with_input_size(self, input_size: int | None) -> "Preprocessing":
@@ -134,7 +136,7 @@ def parse_augment(augment: str | Sequence[str]) -> tuple[str, ...]:
     names = tuple(a.strip() for a in (augment.split(",") if isinstance(augment, str) else augment) if a.strip())
     unknown = [a for a in names if a not in AUGMENTATIONS]
     if unknown or not names:
-        raise ValueError(
+        raise ParameterError(
             f"augment={augment!r}: unknown or empty augmentation {unknown}; combine any of {list(AUGMENTATIONS)}, "
             "for example --augment crop,flip."
         )

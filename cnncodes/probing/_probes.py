@@ -18,7 +18,8 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from .linear import TorchLinearSVC, TorchLogisticRegression
+from ..errors import ParameterError
+from ._linear import TorchLinearSVC, TorchLogisticRegression
 
 __all__ = ["NORMALIZERS", "CLASSIFIERS", "make_normalizer", "make_classifier", "make_probe", "signed_sqrt"]
 
@@ -43,13 +44,13 @@ def make_normalizer(name: str) -> BaseEstimator | str:
         return make_pipeline(FunctionTransformer(signed_sqrt, feature_names_out="one-to-one"), Normalizer("l2"))
     if name == "none":
         return "passthrough"
-    raise ValueError(f"unknown normalizer {name!r}; use one of {list(NORMALIZERS)}.")
+    raise ParameterError(f"unknown normalizer {name!r}; use one of {list(NORMALIZERS)}.")
 
 
 def make_classifier(name: str, C: float = 1.0, *, backend: str = "torch", n_samples: int | None = None, random_state: int = 0, device: str = "cpu") -> BaseEstimator:
     """The classifier step. For ``sgd``, ``alpha = 1 / (C * n_samples)`` matches the C scale of the other probes."""
     if backend not in ("torch", "sklearn"):
-        raise ValueError(f"backend={backend!r}; use 'torch' or 'sklearn'.")
+        raise ParameterError(f"backend={backend!r}; use 'torch' or 'sklearn'.")
     if name == "logreg":
         return TorchLogisticRegression(C=C, device=device) if backend == "torch" else LogisticRegression(C=C, max_iter=1000)
     if name == "linsvc":
@@ -57,7 +58,7 @@ def make_classifier(name: str, C: float = 1.0, *, backend: str = "torch", n_samp
     if name in ("sgd", "sgd-log"):
         alpha = 1.0 / (C * (n_samples or 1000))
         return SGDClassifier(loss="hinge" if name == "sgd" else "log_loss", alpha=alpha, random_state=random_state)
-    raise ValueError(f"unknown classifier {name!r}; use one of {list(CLASSIFIERS)}.")
+    raise ParameterError(f"unknown classifier {name!r}; use one of {list(CLASSIFIERS)}.")
 
 
 def make_probe(classifier: str = "logreg", normalizer: str = "standard", C: float = 1.0, **kwargs: object) -> Pipeline:

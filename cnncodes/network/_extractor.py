@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _graph
-from .backbones import Backbone
-from .layout import Layout
-from .pooling import Pooling, parse_poolings
-from .taps import TapCatalogue, TapInfo, check_relu_mode, list_taps
+from ._backbones import Backbone
+from ._layout import Layout
+from ._pooling import Pooling, parse_poolings
+from ._taps import TapCatalogue, TapInfo, check_relu_mode, list_taps
 
 __all__ = ["CodeExtractor", "TapHead"]
 

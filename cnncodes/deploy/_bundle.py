@@ -30,9 +30,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from .linear import TorchLinearSVC, TorchLogisticRegression
+from .._versions import versions
+from ..errors import BundleError
+from ..probing import TorchLinearSVC, TorchLogisticRegression
 
-__all__ = ["ProbeBundle", "BundleError", "save_bundle", "read_bundle", "bundle_from_pipeline", "save_probe", "FORMAT_VERSION"]
+__all__ = ["ExtractorSpec", "ProbeBundle", "save_bundle", "read_bundle", "bundle_from_pipeline", "save_probe", "FORMAT_VERSION"]
 
 FORMAT = "cnncodes.probe"
 FORMAT_VERSION = 1
@@ -40,8 +42,56 @@ _JSON = "bundle.json"
 _ARRAYS = ("scaler_mean", "scaler_scale", "coef", "intercept")
 
 
-class BundleError(ValueError):
-    """A bundle cannot be written or is not a valid, untampered bundle."""
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """How a bundle's codes are computed from images: the ``extractor`` entry of ``bundle.json``.
+
+    Attributes
+    ----------
+    model : dict
+        The backbone's description: ``spec`` (model spec string), ``weights``, ``fingerprint`` and ``preprocessing``.
+    tap, pooling : str
+        Where the codes are taken and how they are pooled.
+    relu : bool
+        Whether the codes were rectified.
+    code_dtype : {"float16", "float32"}
+        The dtype the codes were stored in during training (predictions round to it).
+    dims : int
+        Code dimensions.
+    """
+
+    model: dict[str, Any]
+    tap: str
+    pooling: str
+    relu: bool
+    code_dtype: str = "float32"
+    dims: int = -1
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | os.PathLike) -> ExtractorSpec:
+        """Parse and check the JSON entry; anything malformed is a :class:`BundleError` naming ``where``."""
+
+        def need(mapping: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+            value = mapping.get(key) if isinstance(mapping, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+                raise BundleError(f"{where}: bundle.json {what}{key} is {value!r}, not a valid "
+                                  f"{getattr(kind, '__name__', kind)}; the bundle is malformed.")  # fmt: skip
+            return value
+
+        model = need(data, "model", dict, "extractor.")
+        for key in ("spec", "fingerprint"):
+            need(model, key, str, "extractor.model.")
+        need(model, "preprocessing", dict, "extractor.model.")
+        code_dtype = data.get("code_dtype", "float32")
+        if code_dtype not in ("float16", "float32"):
+            raise BundleError(f"{where}: bundle.json extractor.code_dtype is {code_dtype!r}; expected float16 or float32.")
+        return cls(model=dict(model), tap=need(data, "tap", str, "extractor."), pooling=need(data, "pooling", str, "extractor."),
+                   relu=bool(need(data, "relu", (bool, int), "extractor.")), code_dtype=code_dtype,
+                   dims=int(data.get("dims", -1)) if isinstance(data.get("dims", -1), int) else -1)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "tap": self.tap, "pooling": self.pooling, "relu": self.relu,
+                "code_dtype": self.code_dtype, "dims": self.dims}  # fmt: skip
 
 
 @dataclass
@@ -50,8 +100,8 @@ class ProbeBundle:
 
     Attributes
     ----------
-    extractor : dict
-        ``model`` (spec, weights, fingerprint, preprocessing), ``tap``, ``pooling``, ``relu``, ``code_dtype``, ``dims``.
+    extractor : ExtractorSpec
+        How the codes are computed from images.
     normalizer : {"standard", "l2", "power", "none"}
     classifier : {"logreg", "linsvc", "sgd", "sgd-log"}
     classes : list of str
@@ -61,7 +111,7 @@ class ProbeBundle:
     versions : dict
     """
 
-    extractor: dict[str, Any]
+    extractor: ExtractorSpec
     normalizer: str
     classifier: str
     classes: list[str]
@@ -72,7 +122,7 @@ class ProbeBundle:
     # -- compute on codes -------------------------------------------------------------------------------------------
     def normalize(self, codes: np.ndarray) -> np.ndarray:
         X = np.asarray(codes, dtype=np.float32)
-        if self.extractor.get("code_dtype") == "float16":  # the probe was trained on float16-stored codes
+        if self.extractor.code_dtype == "float16":  # the probe was trained on float16-stored codes
             X = X.astype(np.float16).astype(np.float32)
         if self.normalizer == "standard":
             return (X - self.arrays["scaler_mean"]) / self.arrays["scaler_scale"]
@@ -112,7 +162,7 @@ class ProbeBundle:
         return p / p.sum(1, keepdims=True)
 
 
-def bundle_from_pipeline(pipeline: Pipeline, extractor: dict[str, Any], classes: list[str], metrics: dict[str, Any] | None = None) -> ProbeBundle:
+def bundle_from_pipeline(pipeline: Pipeline, extractor: ExtractorSpec | dict[str, Any], classes: list[str], metrics: dict[str, Any] | None = None) -> ProbeBundle:
     """Take the parameters out of a fitted probe Pipeline (see :func:`cnncodes.probes.make_probe`)."""
     norm_step, clf = pipeline.named_steps["normalize"], pipeline.named_steps["classify"]
     arrays: dict[str, np.ndarray] = {}
@@ -139,9 +189,9 @@ def bundle_from_pipeline(pipeline: Pipeline, extractor: dict[str, Any], classes:
     arrays["coef"] = np.asarray(clf.coef_, dtype=np.float32)
     arrays["intercept"] = np.asarray(clf.intercept_, dtype=np.float32)
     fitted = [classes[int(c)] if isinstance(c, (int, np.integer)) and len(classes) > int(c) else str(c) for c in clf.classes_]
-    from .store import versions
-
-    return ProbeBundle(dict(extractor), normalizer, classifier, fitted, arrays, dict(metrics or {}), versions())
+    if isinstance(extractor, dict):
+        extractor = ExtractorSpec.from_dict(extractor, "the sweep's extractor")
+    return ProbeBundle(extractor, normalizer, classifier, fitted, arrays, dict(metrics or {}), versions())
 
 
 def save_bundle(bundle: ProbeBundle, path: str | os.PathLike) -> Path:
@@ -158,7 +208,7 @@ def save_bundle(bundle: ProbeBundle, path: str | os.PathLike) -> Path:
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "extractor": bundle.extractor,
+        "extractor": bundle.extractor.to_dict(),
         "normalizer": bundle.normalizer,
         "classifier": bundle.classifier,
         "classes": bundle.classes,
@@ -216,11 +266,11 @@ def read_bundle(path: str | os.PathLike) -> ProbeBundle:
         if isinstance(exc, BundleError):
             raise
         raise BundleError(f"{path} is not a readable probe bundle ({type(exc).__name__}: {exc}); it may be truncated.") from exc
-    return ProbeBundle(meta["extractor"], meta["normalizer"], meta["classifier"], list(meta["classes"]), arrays,
+    return ProbeBundle(ExtractorSpec.from_dict(meta["extractor"], path), meta["normalizer"], meta["classifier"], list(meta["classes"]), arrays,
                        meta.get("metrics", {}), meta.get("versions", {}))  # fmt: skip
 
 
 def save_probe(result: Any, out: str | os.PathLike) -> Path:
     """Save a sweep's best probe as ``best_probe.zip`` in ``out``."""
-    bundle = bundle_from_pipeline(result.estimator, result.extractor, result.classes, result.best)
+    bundle = bundle_from_pipeline(result.estimator, result.extractor, result.classes, result.best_record())
     return save_bundle(bundle, Path(out) / "best_probe.zip")

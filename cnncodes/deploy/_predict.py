@@ -6,33 +6,13 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
-from .backbones import Backbone, load_backbone
-from .bundle import BundleError, ProbeBundle, read_bundle
-from .extract import encode
-from .extractor import CodeExtractor
-from .preprocess import Preprocessing
-from .sources import DatasetSource, FileSource, ImageDecodeError, ImageSource, open_source
+from ..errors import BundleError, FingerprintMismatchError, ImageDecodeError
+from ..images import Preprocessing, as_source
+from ..network import Backbone, CodeExtractor, encode, load_backbone
+from ._bundle import ProbeBundle, read_bundle
 
 __all__ = ["DeployedProbe", "FingerprintMismatchError", "load_bundle", "as_source"]
-
-
-class FingerprintMismatchError(BundleError):
-    """The backbone's weights are not the ones the probe was trained on."""
-
-
-def as_source(images: Any) -> ImageSource:
-    """Image paths, PIL images, uint8 arrays (N, H, W[, C]), a folder/CSV path, or an ImageSource -> ImageSource."""
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ValueError("no images given; pass image paths, PIL images or a uint8 array (N, H, W, C).")
-        if all(isinstance(i, (str, os.PathLike)) for i in images):
-            return FileSource([os.fspath(i) for i in images])
-        if all(isinstance(i, Image.Image) for i in images):
-            return DatasetSource(list(images))
-        raise ValueError("a list of images must hold only paths or only PIL images.")
-    return open_source(images)
 
 
 class DeployedProbe:
@@ -64,7 +44,7 @@ class DeployedProbe:
         self.classes = list(bundle.classes)
         self.batch_size = batch_size
         self.device = device
-        model = bundle.extractor["model"]
+        model = bundle.extractor.model
         self.preprocessing = Preprocessing.from_dict(model["preprocessing"])
         if backbone is None:
             if str(model["spec"]).startswith("module:"):
@@ -81,13 +61,13 @@ class DeployedProbe:
                 "(Python: allow_fingerprint_mismatch=True) to predict anyway."
             )
         self.backbone = backbone
-        self.extractor = CodeExtractor(backbone, [bundle.extractor["tap"]], [bundle.extractor["pooling"]], relu=bool(bundle.extractor["relu"]))
+        self.extractor = CodeExtractor(backbone, [bundle.extractor.tap], [bundle.extractor.pooling], relu=bundle.extractor.relu)
 
     def codes(self, images: Any, *, progress: bool = False) -> tuple[np.ndarray, list[str]]:
         """``(codes (n, dims), reasons)``; ``reasons[i]`` is ``""`` or why image ``i`` failed to decode."""
         source = as_source(images)
         codes, reasons = encode(source, self.extractor, self.preprocessing, batch_size=self.batch_size, device=self.device, progress=progress)
-        return codes[(self.bundle.extractor["tap"], self.bundle.extractor["pooling"])], reasons
+        return codes[(self.bundle.extractor.tap, self.bundle.extractor.pooling)], reasons
 
     def _checked(self, images: Any) -> np.ndarray:
         codes, reasons = self.codes(images)

@@ -14,19 +14,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layout import Layout
+from ..errors import PoolingError
+from ._layout import Layout
 
-__all__ = ["Pooling", "PoolingError", "parse_poolings"]
+__all__ = ["Pooling", "parse_poolings"]
 
 _PATTERN = re.compile(r"^(avg|max)(\d*)$|^(none|cls|mean)$")
 _FORMS = (
     "avg, max, avgK or maxK (K x K grid, e.g. avg2, avg4), none (flatten), and for token taps cls (class token) and "
     "mean (mean of the patch tokens); comma-separated: --pool avg,avg2"
 )
-
-
-class PoolingError(ValueError):
-    """A pooling name is unknown, or does not apply to a tap's layout."""
 
 
 def _default_layout(x_or_shape_ndim: int) -> Layout:

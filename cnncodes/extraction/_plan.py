@@ -11,42 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-__all__ = ["Shard", "parse_shard", "shard_from_env", "parse_devices"]
+from ..errors import ParameterError
+from ..store import Shard
 
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard ``index`` of ``count`` (0-based)."""
-
-    index: int
-    count: int
-
-    def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ValueError(f"shard count must be at least 1, got {self.count}.")
-        if not 0 <= self.index < self.count:
-            raise ValueError(
-                f"shard index {self.index} is out of range (0 to {self.count - 1}) for {self.count} shards; shards "
-                f"are numbered from 0, e.g. --shard 0/{self.count} ... --shard {self.count - 1}/{self.count}."
-            )
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-    @property
-    def name(self) -> str:
-        """Directory name of the shard store, e.g. ``1-of-4``."""
-        return f"{self.index}-of-{self.count}"
-
-    def image_range(self, n_images: int, images_per_batch: int) -> tuple[int, int]:
-        """``[start, stop)`` of this shard's images: whole batches of the one-process run, spread evenly."""
-        n_batches = -(-n_images // images_per_batch)
-        first = self.index * n_batches // self.count
-        last = (self.index + 1) * n_batches // self.count
-        return min(first * images_per_batch, n_images), min(last * images_per_batch, n_images)
+__all__ = ["parse_shard", "shard_from_env", "launched_by_torchrun", "launcher_device", "parse_devices"]
 
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -55,8 +25,8 @@ _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 def parse_shard(text: str | Shard | tuple[int, int] | None, env: Mapping[str, str] | None = None) -> Shard | None:
     """``"I/N"``, ``(I, N)``, ``"auto"`` (from a launcher's environment) or ``None`` -> :class:`Shard` or ``None``.
 
-    Without an explicit shard a torchrun launch (``WORLD_SIZE`` > 1) is detected; ``"auto"`` also reads Slurm array
-    variables.
+    Only ``"auto"`` reads the environment (torchrun's ``RANK``/``WORLD_SIZE``, else Slurm array variables), so a
+    library call inside a user's own torchrun job is never turned into a shard behind their back.
     """
     if isinstance(text, Shard):
         return text
@@ -64,18 +34,18 @@ def parse_shard(text: str | Shard | tuple[int, int] | None, env: Mapping[str, st
         return Shard(*(int(v) for v in text))
     env = os.environ if env is None else env
     if text is None:
-        return shard_from_env(env, slurm=False)
+        return None
     if text == "auto":
         found = shard_from_env(env, slurm=True)
         if found is None:
-            raise ValueError(
+            raise ParameterError(
                 "--shard auto found no launcher in the environment (torchrun sets RANK and WORLD_SIZE, Slurm arrays "
                 "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT); give the shard explicitly, e.g. --shard 0/4."
             )
         return found
     match = _SHARD.match(str(text))
     if not match:
-        raise ValueError(f"--shard {text!r} is not I/N; use e.g. --shard 0/4 for the first of four shards, or auto.")
+        raise ParameterError(f"--shard {text!r} is not I/N; use e.g. --shard 0/4 for the first of four shards, or auto.")
     return Shard(int(match[1]), int(match[2]))
 
 
@@ -89,6 +59,11 @@ def shard_from_env(env: Mapping[str, str], *, slurm: bool = True) -> Shard | Non
         step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)  # --array=0-14:2 has step 2
         return Shard((int(env["SLURM_ARRAY_TASK_ID"]) - first) // step, int(env["SLURM_ARRAY_TASK_COUNT"]))
     return None
+
+
+def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is one rank of a multi-process torchrun launch (what the CLI takes as ``--shard auto``)."""
+    return shard_from_env(os.environ if env is None else env, slurm=False) is not None
 
 
 def launcher_device(env: Mapping[str, str] | None = None) -> str | None:
@@ -109,5 +84,5 @@ def parse_devices(devices: str | Sequence[str] | None) -> list[str]:
     items = devices.split(",") if isinstance(devices, str) else list(devices)
     items = [d.strip() for d in items if d.strip()]
     if not items:
-        raise ValueError(f"--devices {devices!r} names no device; use e.g. --devices cuda:0,cuda:1.")
+        raise ParameterError(f"--devices {devices!r} names no device; use e.g. --devices cuda:0,cuda:1.")
     return items

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bundle import BundleError
-from .deploy import DeployedProbe
+from ..errors import BundleError
+from ._predict import DeployedProbe
 
 __all__ = ["ProbeModule", "export_probe", "FORMATS"]
 
@@ -29,9 +29,9 @@ class ProbeModule(nn.Module):
         super().__init__()
         bundle = probe.bundle
         self.net = probe.extractor.net
-        self.tap = bundle.extractor["tap"]
-        self.pooling = bundle.extractor["pooling"]
-        self.round_fp16 = bundle.extractor.get("code_dtype") == "float16"
+        self.tap = bundle.extractor.tap
+        self.pooling = bundle.extractor.pooling
+        self.round_fp16 = bundle.extractor.code_dtype == "float16"
         self.normalizer = bundle.normalizer
         arrays = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in bundle.arrays.items()}
         self.register_buffer("coef", arrays["coef"])

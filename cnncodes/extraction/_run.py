@@ -1,8 +1,8 @@
 """`extract`: run a frozen backbone once over images and fill a code store.
 
-This is the one place that joins IO and compute: images come from :mod:`cnncodes.sources`, codes from
-:class:`~cnncodes.extractor.CodeExtractor`, and rows go to :class:`~cnncodes.store.StoreWriter` on a background thread
-so disk writes overlap the next forward pass.
+The one place that joins images, the network and the store: images come from :mod:`cnncodes.images`, codes from
+:class:`~cnncodes.network.CodeExtractor` batch by batch, and rows go to the store writer on a background thread so
+disk writes overlap the next forward pass.
 """
 
 from __future__ import annotations
@@ -13,115 +13,29 @@ import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_MODEL, Backbone, load_backbone
-from .extractor import CodeExtractor
-from .pooling import Pooling
-from .preprocess import Preprocessing, normalize, parse_augment, pixel_transform, render_views, view_transform
-from .sources import ImageDecodeError, ImageSource, open_source
-from .shards import Shard, launcher_device, parse_devices, parse_shard, shard_from_env
-from .store import (
-    ArraySpec,
-    CodeStore,
-    IncompleteStoreError,
-    StoreError,
-    SharedStoreWriter,
-    StoreMismatchError,
-    StoreWriter,
-    check_merge_target,
-    merge_shards,
-    shard_path,
-    versions,
-)
+from .._versions import versions
+from ..errors import ExtractionError, ImageDecodeError, IncompleteStoreError, ParameterError, StoreError, StoreMismatchError
+from ..images import ImageSource, Preprocessing, open_source, parse_augment
+from ..network import DEFAULT_MODEL, DTYPES, Backbone, CodeExtractor, Pooling, iter_batches, images_per_batch, load_backbone, resolve_device
+from ..store import ArraySpec, CodeStore, Shard, ShardLayout, SharedStoreWriter, StoreWriter, check_merge_target, merge_shards, shard_path
+from .._compat import deprecated_alias
+from ._plan import launched_by_torchrun, launcher_device, parse_devices, parse_shard
 
-__all__ = ["extract", "encode", "resolve_device", "ImageViews"]
-
-_DTYPES = ("float16", "float32")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; validates ``cuda:i``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:INDEX.") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here; use --device cpu (or auto).")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
-    return dev
-
-
-class ImageViews(Dataset):
-    """Image ``i`` -> (uint8 views (1+K, 3, S, S), image index, error reason or ``""``).
-
-    A bad image yields zeros and its reason instead of raising, so one file never kills a long run and rows stay
-    aligned with images.
-    """
-
-    def __init__(
-        self, source: ImageSource, pre: Preprocessing, views: int, seed: int, augment: Sequence[str], start: int = 0, stop: int | None = None
-    ) -> None:
-        self.source = source
-        self.pre = pre
-        self.views = views
-        self.seed = seed
-        self.augment = tuple(augment)
-        self.start = start
-        self.stop = len(source) if stop is None else stop
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
-        index = self.start + i
-        if not hasattr(self, "_plain"):  # built lazily so worker processes build their own
-            self._plain = pixel_transform(self.pre)
-            self._aug = view_transform(self.pre, self.augment) if self.views else None
-        try:
-            image = self.source.load(index)
-            return render_views(image, index, self.views, self.seed, self._plain, self._aug), index, ""
-        except ImageDecodeError as exc:
-            size = self.pre.input_size
-            return torch.zeros(self.views + 1, 3, size, size, dtype=torch.uint8), index, exc.reason
-
-
-def images_per_batch(batch_size: int, views: int) -> int:
-    """Images per forward pass: ``batch_size`` rows rounded down to whole images (at least one)."""
-    return max(1, batch_size // (views + 1))
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding workers must not fight the forward pass for cores
-
-
-def _default_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
-    if device.type == "cuda":
-        return min(8, cores)
-    # On CPU the forward pass already uses every core; decoding processes only pay off with cores to spare.
-    return 0 if cores <= 4 else min(4, cores // 4)
-
+__all__ = ["extract"]
 
 def extract(
     source: Any,
     *,
     out: str | os.PathLike,
     model: str | nn.Module | Backbone = DEFAULT_MODEL,
-    layers: str | Iterable[str] = "stages",
-    pool: str | Sequence[str | Pooling] = "avg",
+    taps: str | Iterable[str] = "stages",
+    poolings: str | Sequence[str | Pooling] = "avg",
     weights: str | os.PathLike | None = None,
     preprocessing: Preprocessing | None = None,
     input_size: int | None = None,
@@ -143,6 +57,8 @@ def extract(
     devices: str | Sequence[str] | None = None,
     merge: bool | None = None,
     shared: bool = False,
+    layers: str | Iterable[str] | None = None,
+    pool: str | Sequence[str | Pooling] | None = None,
 ) -> CodeStore:
     """Extract CNN codes from images into a memory-mapped code store.
 
@@ -159,9 +75,10 @@ def extract(
         Store directory.
     model : str, nn.Module or Backbone, default="efficientnet_lite0"
         Model spec (see :func:`cnncodes.load_backbone`).
-    layers : str or list of str, default="stages"
-        Taps: names, ``stages``, ``expanded``, ``rectified``, ``all``, ``last:K``.
-    pool : str or list, default="avg"
+    taps : str or list of str, default="stages"
+        Tap names or selections: ``stages``, ``expanded``, ``rectified``, ``all``, ``last:K`` (see
+        :func:`cnncodes.list_taps`).
+    poolings : str or list, default="avg"
         Poolings, e.g. ``"avg,avg4"``.
     weights, preprocessing, input_size
         Passed to :func:`cnncodes.load_backbone`.
@@ -196,9 +113,9 @@ def extract(
         Show a progress bar with images/s and ETA.
     shard : "I/N", (I, N), "auto" or None
         Extract only shard ``I`` of ``N`` (a contiguous slice of whole batches) into ``out/shards/I-of-N``; join the
-        shards with :func:`cnncodes.store.merge_shards` (``cnncodes merge``). ``"auto"`` reads torchrun or Slurm
-        array variables; with ``None`` a torchrun launch (``WORLD_SIZE`` > 1) is detected by itself. Each shard
-        resumes on its own.
+        shards with :func:`cnncodes.merge_shards` (``cnncodes merge``). ``"auto"`` reads torchrun or Slurm array
+        variables; ``None`` never reads the environment, so a call inside your own torchrun job stays one
+        extraction. Each shard resumes on its own.
     devices : str or list of str, optional
         Split the work over these devices, one process each (``"cuda:0,cuda:1"``), then merge; the result equals a
         one-process run.
@@ -209,6 +126,8 @@ def extract(
         With ``shard``: write straight into the arrays of one store at ``out`` preallocated on shared storage,
         instead of ``out/shards/I-of-N``; the last shard to finish publishes it, so no merge (and no second copy)
         is needed.
+    layers, pool
+        Deprecated spellings of ``taps`` and ``poolings``; removed in cnncodes 0.3.
 
     Returns
     -------
@@ -216,18 +135,20 @@ def extract(
         The complete store; for a shard that did not merge, the shard's own store (with ``shared``: the
         still-incomplete shared store).
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}; use one of {_DTYPES}.")
+    taps = deprecated_alias("layers", layers, "taps", taps, "stages")
+    poolings = deprecated_alias("pool", pool, "poolings", poolings, "avg")
+    if dtype not in DTYPES:
+        raise ParameterError(f"dtype={dtype!r}; use one of {DTYPES}.")
     if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error={on_error!r}; use 'skip' (record and continue) or 'raise'.")
+        raise ParameterError(f"on_error={on_error!r}; use 'skip' (record and continue) or 'raise'.")
     if batch_size < 1 or views < 0:
-        raise ValueError(f"need batch_size >= 1 and views >= 0, got batch_size={batch_size}, views={views}.")
+        raise ParameterError(f"need batch_size >= 1 and views >= 0, got batch_size={batch_size}, views={views}.")
     augment = parse_augment(augment)
     part, device_list, launched, device = _split_plan(shard, devices, device, shared, overwrite, merge)
     dev = resolve_device(device) if len(device_list) < 2 else None
     images = open_source(source, labels=labels, max_pixels=max_pixels)
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights=weights, preprocessing=preprocessing, input_size=input_size)
-    extractor = CodeExtractor(backbone, layers, pool, relu=relu)
+    extractor = CodeExtractor(backbone, taps, poolings, relu=relu)
     relu = extractor.relu
 
     specs = [
@@ -262,7 +183,7 @@ def extract(
     if len(device_list) > 1:
         for d in device_list:
             resolve_device(d)  # fail here, naming the device, rather than in a child process
-        kwargs = dict(source=source, out=out, model=backbone, layers=[t.name for t in extractor.taps], pool=[p.name for p in extractor.poolings],
+        kwargs = dict(source=source, out=out, model=backbone, taps=[t.name for t in extractor.taps], poolings=[p.name for p in extractor.poolings],
                       relu=relu, dtype=dtype, views=views, seed=seed, augment=augment, labels=labels, batch_size=batch_size,
                       workers=workers, amp=amp, on_error=on_error, max_pixels=max_pixels, overwrite=overwrite)  # fmt: skip
         return _extract_on_devices(device_list, kwargs, progress)
@@ -287,22 +208,22 @@ def _split_plan(
 ) -> tuple[Shard | None, list[str], bool, str]:
     """Check how the run is split: ``(shard, devices, launched by torchrun, device of this process)``."""
     device_list = parse_devices(devices)
-    launched = shard in (None, "auto") and shard_from_env(os.environ, slurm=False) is not None
+    launched = shard == "auto" and launched_by_torchrun()
     part = parse_shard(shard)
     if device_list and part is not None:
         if launched:
-            raise ValueError(f"devices={devices!r} under torchrun (WORLD_SIZE set): each rank is a shard already, on "
+            raise ParameterError(f"devices={devices!r} under torchrun (WORLD_SIZE set): each rank is a shard already, on "
                              "cuda:LOCAL_RANK; drop --devices.")  # fmt: skip
-        raise ValueError(f"got devices={devices!r} and shard {part}: --devices splits the work itself; give one of them.")
+        raise ParameterError(f"got devices={devices!r} and shard {part}: --devices splits the work itself; give one of them.")
     if shared and part is None:
-        raise ValueError("shared=True (--shared) needs a shard: give --shard I/N, or launch with torchrun.")
+        raise ParameterError("shared=True (--shared) needs a shard: give --shard I/N, or launch with torchrun.")
     if shared and overwrite:
-        raise ValueError(
+        raise ParameterError(
             "--overwrite cannot be combined with --shared: other shards may be writing the store. Delete the directory "
             "once no shard is running, or choose another --out."
         )
     if shared and merge:
-        raise ValueError("merge=True (--merge) does nothing with --shared: the last shard publishes the store itself.")
+        raise ParameterError("merge=True (--merge) does nothing with --shared: the last shard publishes the store itself.")
     if len(device_list) == 1:
         device = device_list[0]
     elif launched and device == "auto":
@@ -329,11 +250,11 @@ def _open_writer(
         return StoreWriter(out, sources=images.ids, labels=images.labels, config=config, overwrite=overwrite, **common), 0
     lo, hi = part.image_range(len(images), per_batch)
     if shared:
-        split = {"count": part.count, "images_per_batch": per_batch, "layout": "shared"}
+        split = ShardLayout(count=part.count, images_per_batch=per_batch)
         writer = SharedStoreWriter(out, shard=part, part=(lo, hi), sources=images.ids, labels=images.labels,
-                                   config={**config, "shard": split}, **common)  # fmt: skip
+                                   config={**config, "shard": split.to_dict()}, **common)  # fmt: skip
         return writer, lo
-    own = {**config, "shard": {"index": part.index, "count": part.count, "images": [lo, hi]}}
+    own = {**config, "shard": ShardLayout(count=part.count, index=part.index, images=(lo, hi)).to_dict()}
     writer = StoreWriter(shard_path(out, part), sources=images.ids[lo:hi], labels=images.labels[lo:hi], config=own,
                          overwrite=overwrite, **common)  # fmt: skip
     return writer, lo
@@ -387,92 +308,11 @@ def _extract_on_devices(devices: list[str], kwargs: dict[str, Any], progress: bo
             except Exception as exc:  # noqa: BLE001 - every shard is waited for; failures are reported together
                 failed.append(f"shard {i}/{n} on {devices[i]}: {type(exc).__name__}: {exc}")
     if failed:
-        raise RuntimeError(
+        raise ExtractionError(
             "extraction failed in " + "; ".join(failed) + ". Finished shards are kept: fix the cause and rerun the "
             "same command to resume."
         )
     return merge_shards(kwargs["out"], remove_shards=True, count=n, overwrite=kwargs["overwrite"])
-
-
-@dataclass
-class _Batch:
-    codes: dict[tuple[str, str], torch.Tensor]  # host tensors (rows, dims) at the storage dtype
-    index: list[int]  # image indices
-    reasons: list[str]  # "" or why the image failed
-    rows: int
-
-
-def _batches(
-    extractor: CodeExtractor,
-    images: ImageSource,
-    pre: Preprocessing,
-    *,
-    dev: torch.device,
-    views: int = 0,
-    seed: int = 0,
-    augment: Sequence[str] = ("crop", "flip"),
-    start_image: int = 0,
-    stop_image: int | None = None,
-    batch_size: int = 64,
-    workers: int | None = None,
-    amp: bool = True,
-    dtype: str = "float32",
-) -> Iterator[_Batch]:
-    """Decode, normalize on the device, run the extractor, pool, and bring codes back to the host, batch by batch."""
-    cuda = dev.type == "cuda"
-    loader = DataLoader(
-        ImageViews(images, pre, views, seed, augment, start=start_image, stop=stop_image),
-        batch_size=images_per_batch(batch_size, views),
-        shuffle=False,
-        num_workers=_default_workers(dev) if workers is None else workers,
-        pin_memory=cuda,
-        worker_init_fn=_worker_init,
-    )
-    net = extractor.to(dev, memory_format=torch.channels_last)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        if cuda and amp
-        else nullcontext()
-    )
-    store_dtype = getattr(torch, dtype)
-    keys = list(extractor.code_dims())
-    for batch, index, reasons in loader:
-        with torch.inference_mode():  # entered per batch: a generator must not leak the mode to its consumer
-            pixels = batch.flatten(0, 1).to(dev, non_blocking=cuda)
-            x = normalize(pixels, pre).contiguous(memory_format=torch.channels_last)
-            with autocast:
-                codes = net(x)
-            host = {(t, p): codes[t][p].to(store_dtype).to("cpu", non_blocking=cuda) for t, p in keys}
-            if cuda:
-                torch.cuda.current_stream().synchronize()
-        yield _Batch(host, [int(i) for i in index], list(reasons), x.shape[0])
-
-
-def encode(
-    images: ImageSource,
-    extractor: CodeExtractor,
-    pre: Preprocessing,
-    *,
-    batch_size: int = 64,
-    device: str = "auto",
-    workers: int | None = 0,
-    amp: bool = True,
-    progress: bool = False,
-) -> tuple[dict[tuple[str, str], np.ndarray], list[str]]:
-    """Codes of every image, in memory (no store): ``({(tap, pooling): (n, dims) float32}, reasons)``.
-
-    ``reasons[i]`` is ``""`` or why image ``i`` could not be decoded (its codes rows are then zeros).
-    """
-    dev = resolve_device(device)
-    parts: dict[tuple[str, str], list[np.ndarray]] = {k: [] for k in extractor.code_dims()}
-    reasons: list[str] = []
-    with tqdm(total=len(images), unit="img", disable=not progress, desc="encode", dynamic_ncols=True) as bar:
-        for b in _batches(extractor, images, pre, dev=dev, batch_size=batch_size, workers=workers, amp=amp):
-            for key, codes in b.codes.items():
-                parts[key].append(codes.numpy())
-            reasons.extend(b.reasons)
-            bar.update(b.rows)
-    return {k: np.concatenate(v) for k, v in parts.items()}, reasons
 
 
 def _run(
@@ -500,7 +340,7 @@ def _run(
     pending: deque[Future] = deque()
     bar = tqdm(total=writer.part_rows, initial=writer.rows_done, unit="img", unit_scale=True, disable=not progress, desc="extract", dynamic_ncols=True)
     row = writer.rows_done
-    batches = _batches(extractor, images, pre, dev=dev, views=views, seed=seed, augment=augment, start_image=start_image,
+    batches = iter_batches(extractor, images, pre, dev=dev, views=views, seed=seed, augment=augment, start_image=start_image,
                        stop_image=stop_image, batch_size=batch_size, workers=workers, amp=amp, dtype=specs[0].dtype)  # fmt: skip
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-writer") as pool:
         try:
@@ -524,3 +364,4 @@ def _run(
 def _write(writer: StoreWriter, start: int, host: dict[str, torch.Tensor], end: int, errors: list[dict[str, Any]]) -> None:
     writer.write(start, {k: v.numpy() for k, v in host.items()})
     writer.commit(end, errors)
+

@@ -1,7 +1,8 @@
 """Out-of-core probes: fit arrays larger than memory by streaming chunks from the store.
 
-Used by :func:`cnncodes.sweep.sweep` when an array's training rows exceed ``max_memory``. Chunks are read with plain
-file reads (:meth:`CodeStore.read_rows`), so resident memory stays near the chunk budget whatever the store size.
+Used by the sweep when an array's training rows exceed ``max_memory``. Chunks are contiguous row slices of the codes
+(a store's lazy handle reads them with plain file reads), so resident memory stays near the chunk budget whatever the
+store size.
 Probes become :class:`~sklearn.linear_model.SGDClassifier` fitted with ``partial_fit`` (hinge loss for ``linsvc`` and
 ``sgd``, log loss for ``logreg`` and ``sgd-log``); ``standard`` statistics come from a first streaming pass with
 ``StandardScaler.partial_fit``. C is chosen on the first CV fold's validation images (one hold-out, streamed), all C
@@ -17,8 +18,8 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .probes import make_normalizer, make_probe
-from .store import CodeStore
+from ._probes import make_normalizer, make_probe
+from ._results import Split, SweepConfig, SweepRow
 
 __all__ = ["evaluate_streaming", "STREAM_PROBE"]
 
@@ -27,7 +28,7 @@ STREAM_PROBE = {"logreg": "sgd-log", "sgd-log": "sgd-log", "linsvc": "sgd", "sgd
 _EPOCHS = 5
 
 
-def _chunks(store: CodeStore, tap: str, pooling: str, rows: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _chunks(codes: Any, rows: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (codes, row indices) for the sorted ``rows``, reading contiguous store blocks of ``chunk_rows``."""
     rows = np.sort(rows)
     pos = 0
@@ -35,29 +36,29 @@ def _chunks(store: CodeStore, tap: str, pooling: str, rows: np.ndarray, chunk_ro
         lo = int(rows[pos])
         hi = lo + chunk_rows
         end = int(np.searchsorted(rows, hi))
-        block = store.read_rows(tap, pooling, lo, hi)
+        block = np.asarray(codes[lo:hi])
         picked = rows[pos:end]
         yield block[picked - lo].astype(np.float32, copy=False), picked
         pos = end
 
 
-def evaluate_streaming(store: CodeStore, test_store: CodeStore, tap: str, pooling: str, split: Any, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def evaluate_streaming(
+    codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.ndarray, split: Split, config: SweepConfig,
+    *, tap: str, pooling: str, depth: int = -1,
+) -> list[tuple[SweepRow, Any]]:
     """Out-of-core counterpart of the in-memory evaluation: same result rows, ``solver="sgd-stream"``."""
-    from .sweep import c_grid, metrics_from_scores  # imported here: sweep imports this module lazily too
+    from ._search import Fitted, c_grid, metrics_from_scores  # the in-memory search calls this module
 
-    entry = next(a for a in store.arrays if a["tap"] == tap and a["pooling"] == pooling)
-    dims = int(entry["shape"][1])
-    chunk_rows = max(64, int(cfg["max_memory"]) // (dims * 4 * 4))  # float32 chunk, its normalized copy, slack
-    labels = np.asarray(store.labels)
-    test_labels = np.asarray(test_store.labels)
-    classes = np.arange(len(store.classes))
+    dims = int(codes.shape[1])
+    chunk_rows = max(64, int(config.max_memory) // (dims * 4 * 4))  # float32 chunk, its normalized copy, slack
+    classes = np.arange(int(labels.max()) + 1)
     fit_rows, val_rows = split.folds[0]
     out = []
-    for norm in cfg["normalizers"]:
+    for norm in config.normalizers:
         started = time.perf_counter()
         step = make_normalizer(norm)
         if isinstance(step, StandardScaler):
-            for X, _ in _chunks(store, tap, pooling, split.train_rows, chunk_rows):
+            for X, _ in _chunks(codes, split.train_rows, chunk_rows):
                 step.partial_fit(X)
         elif step != "passthrough":
             step.fit(np.zeros((1, dims), np.float32))  # stateless (L2, power)
@@ -67,57 +68,53 @@ def evaluate_streaming(store: CodeStore, test_store: CodeStore, tap: str, poolin
 
         prep_s = time.perf_counter() - started
         done: set[str] = set()
-        for probe in cfg["probes"]:
+        for probe in config.probes:
             stand_in = STREAM_PROBE[probe]
             if stand_in in done:
                 continue
             done.add(stand_in)
             t0 = time.perf_counter()
-            rng = np.random.default_rng(cfg["seed"])
-            grid = c_grid(cfg["c_min"], cfg["c_max"])
-            models = {C: make_probe(stand_in, "none", C, n_samples=len(fit_rows), random_state=cfg["seed"]).named_steps["classify"] for C in grid}
+            rng = np.random.default_rng(config.seed)
+            grid = c_grid(config.c_min, config.c_max)
+            models = {C: make_probe(stand_in, "none", C, n_samples=len(fit_rows), random_state=config.seed).named_steps["classify"] for C in grid}
             for _ in range(_EPOCHS):
-                for X, rows in _chunks(store, tap, pooling, fit_rows, chunk_rows):
+                for X, rows in _chunks(codes, fit_rows, chunk_rows):
                     order = rng.permutation(len(rows))
                     Xn = transform(X)[order]
                     for model in models.values():
                         model.partial_fit(Xn, labels[rows][order], classes=classes)
             correct = dict.fromkeys(grid, 0)
-            for X, rows in _chunks(store, tap, pooling, val_rows, chunk_rows):
+            for X, rows in _chunks(codes, val_rows, chunk_rows):
                 Xn = transform(X)
                 for C, model in models.items():
                     correct[C] += int((model.predict(Xn) == labels[rows]).sum())
             best_c = max(grid, key=lambda c: (correct[c], -c))
-            final = make_probe(stand_in, "none", best_c, n_samples=len(split.train_rows), random_state=cfg["seed"]).named_steps["classify"]
+            final = make_probe(stand_in, "none", best_c, n_samples=len(split.train_rows), random_state=config.seed).named_steps["classify"]
             for _ in range(_EPOCHS):
-                for X, rows in _chunks(store, tap, pooling, split.train_rows, chunk_rows):
+                for X, rows in _chunks(codes, split.train_rows, chunk_rows):
                     order = rng.permutation(len(rows))
                     final.partial_fit(transform(X)[order], labels[rows][order], classes=classes)
             estimator = Pipeline([("normalize", step), ("classify", final)])
             scores, y_test = [], []
-            for X, rows in _chunks(test_store, tap, pooling, split.test_rows, chunk_rows):
+            for X, rows in _chunks(test_codes, split.test_rows, chunk_rows):
                 scores.append(estimator.decision_function(X))
                 y_test.append(test_labels[rows])
             metrics, pred, plain = metrics_from_scores(np.concatenate(scores), np.concatenate(y_test), split.test_views, final.classes_)
-            out.append(
-                {
-                    "tap": tap,
-                    "depth": int(entry.get("depth", -1)),
-                    "pooling": pooling,
-                    "dims": dims,
-                    "normalizer": norm,
-                    "probe": stand_in,
-                    "solver": "sgd-stream",
-                    "C": float(best_c),
-                    "C_at_edge": bool(best_c in (grid[0], grid[-1])),
-                    "n_fits": len(grid) + 1,
-                    "cv_accuracy": correct[best_c] / max(1, len(val_rows)),
-                    "cv_std": 0.0,
-                    **metrics,
-                    "fit_seconds": float(time.perf_counter() - t0 + prep_s),
-                    "_estimator": estimator,
-                    "_pred": pred,
-                    "_scores": plain,
-                }
+            row = SweepRow(
+                tap=tap,
+                pooling=pooling,
+                depth=int(depth),
+                dims=dims,
+                normalizer=norm,
+                probe=stand_in,
+                solver="sgd-stream",
+                C=float(best_c),
+                C_at_edge=bool(best_c in (grid[0], grid[-1])),
+                n_fits=len(grid) + 1,
+                cv_accuracy=correct[best_c] / max(1, len(val_rows)),
+                cv_std=0.0,
+                **metrics,
+                fit_seconds=float(time.perf_counter() - t0 + prep_s),
             )
+            out.append((row, Fitted(estimator, pred, plain)))
     return out

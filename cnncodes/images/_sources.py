@@ -25,15 +25,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import ImageDecodeError, ParameterError, SourceError
+
 __all__ = [
-    "ImageDecodeError",
-    "SourceError",
     "ImageSource",
     "FileSource",
     "ArraySource",
     "DatasetSource",
     "DEMOS",
     "open_source",
+    "as_source",
+    "decode_image",
     "decode_image",
 ]
 
@@ -44,38 +46,6 @@ _ACCEPTED = (
     "an ImageSource, 'demo:digits', a path to a folder (class sub-folders or plain image files), a path to a .csv "
     "file with path,label rows, a uint8 ndarray of shape (N, H, W, 3) or (N, H, W), or a map-style torch Dataset"
 )
-
-
-class ImageDecodeError(Exception):
-    """One image could not be decoded.
-
-    Parameters
-    ----------
-    id : str
-        The file path or item id (``'array[3]'``, ``'dataset[7]'``) of the bad image.
-    reason : str
-        Short description of the problem, e.g. ``'zero-byte file'`` or ``'truncated image'``.
-
-    Attributes
-    ----------
-    id : str
-        Same as the parameter.
-    reason : str
-        Same as the parameter.
-    """
-
-    def __init__(self, id: str, reason: str) -> None:  # noqa: A002 - `id` is the public attribute name
-        # Both values go to Exception.args so the error survives pickling (DataLoader workers, multiprocessing).
-        super().__init__(id, reason)
-        self.id = id
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"cannot decode image {self.id!r}: {self.reason}"
-
-
-class SourceError(ValueError):
-    """The source as a whole is unusable (missing folder, empty folder, bad CSV, wrong array shape...)."""
 
 
 class ImageSource:
@@ -486,7 +456,7 @@ def _check_max_pixels(max_pixels: Any) -> int | None:
     if max_pixels is None:
         return None
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}.")
+        raise ParameterError(f"max_pixels must be a positive integer or None, got {max_pixels!r}.")
     return int(max_pixels)
 
 
@@ -815,3 +785,16 @@ def _check_classes(classes: Sequence[str], what: str) -> list[str]:
         dupes = sorted({c for c in names if names.count(c) > 1})
         raise SourceError(f"{what}: classes contain duplicates {dupes[:5]}; class names must be unique.")
     return names
+
+
+def as_source(images: Any) -> ImageSource:
+    """Image paths, PIL images, uint8 arrays (N, H, W[, C]), a folder/CSV path, or an ImageSource -> ImageSource."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise SourceError("no images given; pass image paths, PIL images or a uint8 array (N, H, W, C).")
+        if all(isinstance(i, (str, os.PathLike)) for i in images):
+            return FileSource([os.fspath(i) for i in images])
+        if all(isinstance(i, Image.Image) for i in images):
+            return DatasetSource(list(images))
+        raise SourceError("a list of images must hold only paths or only PIL images.")
+    return open_source(images)

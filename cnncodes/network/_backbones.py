@@ -30,22 +30,15 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .preprocess import Preprocessing
+from ..errors import BackboneError, WeightsUnavailableError
+from ..images import Preprocessing
 
-__all__ = ["Backbone", "BackboneError", "WeightsUnavailableError", "load_backbone", "weights_fingerprint", "DEFAULT_MODEL"]
+__all__ = ["Backbone", "load_backbone", "weights_fingerprint", "read_state_dict", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "efficientnet_lite0"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _NETWORK_TIMEOUT_S = 3.0
-
-
-class BackboneError(ValueError):
-    """A model spec or weights file cannot be turned into a backbone."""
-
-
-class WeightsUnavailableError(BackboneError):
-    """Pretrained weights are neither cached nor downloadable (typically: offline)."""
 
 
 @dataclass

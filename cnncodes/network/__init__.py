@@ -1,0 +1,33 @@
+"""Network: a model spec becomes a frozen backbone; its taps are found, each with the layout of its axes; codes are
+pooled on the device by a :class:`CodeExtractor` that stops after the deepest tap; :func:`encode` runs it over an
+image source batch by batch. Tensors in, codes out: nothing here writes files."""
+
+from ._backbones import DEFAULT_MODEL, Backbone, load_backbone, read_state_dict, weights_fingerprint
+from ._encode import DTYPES, ImageViews, iter_batches, encode, images_per_batch, resolve_device
+from ._extractor import CodeExtractor
+from ._layout import Layout
+from ._pooling import Pooling, parse_poolings
+from ._taps import RELU_MODES, TapCatalogue, TapInfo, check_relu_mode, list_taps
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "RELU_MODES",
+    "Backbone",
+    "CodeExtractor",
+    "ImageViews",
+    "Layout",
+    "Pooling",
+    "TapCatalogue",
+    "TapInfo",
+    "iter_batches",
+    "check_relu_mode",
+    "encode",
+    "images_per_batch",
+    "list_taps",
+    "load_backbone",
+    "parse_poolings",
+    "read_state_dict",
+    "resolve_device",
+    "weights_fingerprint",
+]

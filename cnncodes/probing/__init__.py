@@ -1,0 +1,31 @@
+"""Probing: linear probes on codes (compute only). scikit-learn pipelines and torch path solvers, C chosen by
+cross-validation, out of core when codes exceed memory, and the in-memory sweep over many arrays of codes."""
+
+from ._linear import ProblemStack, TorchLinearSVC, TorchLogisticRegression, fit_paths
+from ._probes import CLASSIFIERS, NORMALIZERS, PATH_LOSS, make_classifier, make_normalizer, make_probe, signed_sqrt
+from ._results import Split, SweepConfig, SweepResult, SweepRow
+from ._search import c_grid, evaluate_codes, joblib_backend, metrics_from_scores, split_images, sweep_codes
+
+__all__ = [
+    "CLASSIFIERS",
+    "NORMALIZERS",
+    "PATH_LOSS",
+    "ProblemStack",
+    "Split",
+    "SweepConfig",
+    "SweepResult",
+    "SweepRow",
+    "TorchLinearSVC",
+    "TorchLogisticRegression",
+    "c_grid",
+    "evaluate_codes",
+    "fit_paths",
+    "joblib_backend",
+    "make_classifier",
+    "make_normalizer",
+    "make_probe",
+    "metrics_from_scores",
+    "signed_sqrt",
+    "split_images",
+    "sweep_codes",
+]

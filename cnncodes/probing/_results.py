@@ -1,0 +1,197 @@
+"""The typed objects a sweep passes around: its configuration, the split, one result row, and the whole result."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from ..errors import ParameterError
+from ._probes import CLASSIFIERS, NORMALIZERS
+
+__all__ = ["SweepConfig", "SweepRow", "SweepResult", "Split"]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How every candidate of a sweep is fitted and scored (the same for all of them).
+
+    Parameters
+    ----------
+    probes : tuple of str, default=("logreg", "linsvc")
+        Any of ``logreg``, ``linsvc``, ``sgd``, ``sgd-log``.
+    normalizers : tuple of str, default=("standard",)
+        Any of ``standard``, ``l2``, ``power``, ``none``.
+    folds : int, default=5
+        Stratified k-fold over training images.
+    val_size : float, optional
+        One stratified validation split of this fraction instead of k-fold.
+    test_size : float, default=0.25
+        Held-out fraction of the images when no separate test set is given.
+    seed : int, default=0
+    c_min, c_max : float, default=1e-4, 1e4
+        Bounds of the C grid.
+    max_memory : int, optional
+        Bytes per task; a candidate whose in-memory fit needs more is fitted out of core by streaming.
+    device : str, default="cpu"
+        Torch device of the path solver.
+    cv_tol, cv_max_iter
+        Tolerance and iterations of the selection fits (the final refit is tight).
+    threads : int, default=0
+        Torch threads per task (0: leave torch's default).
+    """
+
+    probes: tuple[str, ...] = ("logreg", "linsvc")
+    normalizers: tuple[str, ...] = ("standard",)
+    folds: int = 5
+    val_size: float | None = None
+    test_size: float = 0.25
+    seed: int = 0
+    c_min: float = 1e-4
+    c_max: float = 1e4
+    max_memory: int | None = None
+    device: str = "cpu"
+    cv_tol: float = 2e-3  # selection needs accuracies, not exact optima (warm-started, early-stopped)
+    cv_max_iter: int = 30
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("probes", CLASSIFIERS), ("normalizers", NORMALIZERS)):
+            given = getattr(self, name)
+            given = (given,) if isinstance(given, str) else tuple(given)
+            object.__setattr__(self, name, given)
+            bad = [g for g in given if g not in allowed]
+            if bad or not given:
+                raise ParameterError(f"unknown {name[:-1]} {bad or list(given)!r}; use any of {list(allowed)}.")
+        c_min, c_max = _number("c_min", self.c_min), _number("c_max", self.c_max)
+        if not 0 < c_min < c_max:
+            raise ParameterError(f"need 0 < c_min < c_max, got c_min={self.c_min}, c_max={self.c_max} (--c-range MIN,MAX).")
+        object.__setattr__(self, "c_min", c_min)
+        object.__setattr__(self, "c_max", c_max)
+        if not 0 < _number("test_size", self.test_size) < 1:
+            raise ParameterError(f"test_size must be in (0, 1), got {self.test_size}.")
+        if self.val_size is not None and not 0 < _number("val_size", self.val_size) < 1:
+            raise ParameterError(f"val_size must be in (0, 1), got {self.val_size}.")
+        if _integer("folds", self.folds) < 2:
+            raise ParameterError(f"folds must be at least 2, got {self.folds}; or use val_size for one validation split.")
+        if self.max_memory is not None and _integer("max_memory", self.max_memory) < 1:
+            raise ParameterError(f"max_memory must be a positive number of bytes, got {self.max_memory}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _number(name: str, value: Any) -> float:
+    """A real number (numpy scalars welcome), or a ParameterError naming ``name``."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{name} must be a number, got {value!r}.") from None
+    if isinstance(value, bool) or not math.isfinite(out):
+        raise ParameterError(f"{name} must be a finite number, got {value!r}.")
+    return out
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ParameterError(f"{name} must be an integer, got {value!r}.")
+    return int(value)
+
+
+@dataclass
+class Split:
+    """Rows for training, CV folds and testing.
+
+    ``train_rows`` and the folds index the training codes, ``test_rows`` the test codes (the same array when the test
+    images are held out of it). Rows are image-major, ``views + 1`` per image, view 0 the plain view.
+    """
+
+    train_rows: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]  # (fit rows: every view, validation rows: plain views)
+    test_rows: np.ndarray  # every view of the test images
+    views: int
+    test_views: int
+
+
+@dataclass
+class SweepRow:
+    """One fitted candidate: a (tap, pooling, normalizer, probe) with its chosen C and its scores."""
+
+    tap: str
+    pooling: str
+    depth: int
+    dims: int
+    normalizer: str
+    probe: str
+    solver: str  # "path" (exact regularization path), "sgd", or "sgd-stream" (out of core)
+    C: float
+    C_at_edge: bool
+    n_fits: int
+    cv_accuracy: float
+    cv_std: float
+    test_accuracy: float
+    test_balanced_accuracy: float
+    test_macro_f1: float
+    fit_seconds: float
+    test_tta_accuracy: float | None = None  # with views: decision functions averaged over an image's views
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.tap, self.pooling, self.normalizer, self.probe)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if out["test_tta_accuracy"] is None:
+            del out["test_tta_accuracy"]
+        return out
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class SweepResult:
+    """What a sweep found.
+
+    Attributes
+    ----------
+    rows : list of SweepRow
+        One per (tap, pooling, normalizer, probe), in the order of the codes given.
+    best : SweepRow
+        The row with the best CV accuracy (ties: fewer dimensions). Selection never looks at the test split.
+    estimator : Pipeline
+        The best probe refit on every training row.
+    test_predictions : dict
+        ``sources``, ``labels``, ``predicted`` and ``scores`` of the best probe on the plain test views.
+    classes : list of str
+    config : SweepConfig
+    data : dict
+        What was swept: ``store``/``test_store`` paths (for a store sweep), ``n_train_images``, ``n_test_images``,
+        ``views``.
+    extractor : dict
+        For a store sweep, how the best codes were made (model, tap, pooling, rectification, dtype, dims): what a
+        probe bundle needs to compute them again.
+    """
+
+    rows: list[SweepRow]
+    best: SweepRow
+    estimator: Pipeline
+    test_predictions: dict[str, Any]
+    classes: list[str]
+    config: SweepConfig
+    data: dict[str, Any] = field(default_factory=dict)
+    extractor: dict[str, Any] = field(default_factory=dict)
+
+    def best_record(self) -> dict[str, Any]:
+        """The best row with where it came from: ``best.json`` and a bundle's metrics."""
+        keep = ("store", "n_train_images", "n_test_images")
+        return {**self.best.to_dict(), **{k: self.data[k] for k in keep if k in self.data}}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the fitted estimator and predictions, JSON-ready (``results.json``)."""
+        return {"config": self.config.to_dict(), "data": self.data, "classes": self.classes,
+                "rows": [r.to_dict() for r in self.rows]}  # fmt: skip

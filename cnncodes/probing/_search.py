@@ -1,0 +1,472 @@
+"""Layer sweeps: a linear probe per (tap, pooling, normalizer, classifier), compared honestly, best one picked.
+
+Protocol
+--------
+* A stratified held-out test split of *images* (default 25 %, fixed seed), or a separate test store, is used once, for
+  the final numbers only. Selection uses cross-validation on the training images only.
+* Every candidate is evaluated on the same folds (stratified k-fold over images, so the augmented views of one image
+  never straddle folds; training uses every view, validation and test the plain view).
+* C is chosen coarse-to-fine on a log grid (CLIP's linear-probe protocol): one pass per decade, ascending and
+  warm-started, stopped once CV accuracy has fallen twice past its best, then half-decade refinement around the best
+  (typically 6 to 9 fits per fold instead of 100). A C on the edge
+  of the grid is flagged.
+* Fast path: features are normalized once per fold, and when codes have more dimensions than training rows the solver
+  works in the span of the rows (one eigendecomposition per fold serves every C and both losses).
+* With views, test accuracy is reported on plain views and with test-time augmentation (decision functions averaged
+  over an image's views).
+* Arrays whose in-memory fit would exceed ``max_memory`` (float32 training rows plus one normalized copy per fold)
+  are fitted out of core: chunks streamed from the store into
+  :class:`~sklearn.linear_model.SGDClassifier` ``partial_fit`` (hinge loss for ``linsvc``, log loss for ``logreg``).
+
+Work is spread with joblib over (tap, pooling) tasks; any joblib backend (loky, threads, Dask) works. Codes may be any
+array-like with ``shape`` and NumPy indexing: in-memory arrays, memmaps, or a store's lazy handles, which pickle as
+a path so workers read the codes themselves instead of receiving a copy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+from joblib import Parallel, delayed, parallel_config
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, train_test_split
+from sklearn.pipeline import Pipeline
+from tqdm.auto import tqdm
+
+from ..errors import MissingExtraError, ParameterError, SchedulerError
+from ._linear import ProblemStack, fit_paths
+from ._probes import PATH_LOSS, make_classifier, make_normalizer, make_probe
+from ._results import Split, SweepConfig, SweepResult, SweepRow
+from ._streaming import evaluate_streaming
+
+__all__ = ["sweep_codes", "split_images", "evaluate_codes", "metrics_from_scores", "c_grid", "joblib_backend", "Fitted"]
+
+
+def c_grid(c_min: float = 1e-4, c_max: float = 1e4) -> list[float]:
+    """The coarse grid: one value per decade from ``c_min`` to ``c_max``."""
+    if not 0 < c_min < c_max:
+        raise ParameterError(f"need 0 < c_min < c_max, got c_min={c_min}, c_max={c_max}.")
+    lo, hi = math.log10(c_min), math.log10(c_max)
+    n = int(round(hi - lo)) + 1
+    return [float(10 ** v) for v in np.linspace(lo, hi, max(n, 2))]
+
+
+def split_images(
+    labels: np.ndarray, views: int, config: SweepConfig, *, test_rows: int | None = None, test_views: int = 0
+) -> Split:
+    """Stratified split by image: held-out test images (unless a separate test set of ``test_rows`` rows is given)
+    and CV folds on the rest.
+
+    ``labels`` has one entry per row (image-major, ``views + 1`` rows per image); augmented views of an image always
+    land on the same side of every split, and validation and test use plain views only.
+    """
+    per = views + 1
+    labels = np.asarray(labels)
+    if len(labels) % per:
+        raise ParameterError(f"{len(labels)} rows is not a whole number of images with views={views}.")
+    labels = labels[::per]
+    if (labels < 0).any():
+        raise ParameterError("some images are unlabeled (label -1); a sweep needs labels (ImageFolder, CSV with "
+                             "labels, or labels=).")  # fmt: skip
+    images = np.arange(len(labels))
+    if test_rows is None:
+        train_img, test_img = train_test_split(images, test_size=config.test_size, stratify=labels, random_state=config.seed)
+        train_img.sort()
+        test_img.sort()
+        test, test_views = (test_img[:, None] * per + np.arange(per)).ravel(), views
+    else:
+        train_img, test = images, np.arange(test_rows)
+    y_train = labels[train_img]
+    counts = np.bincount(y_train)
+    smallest = counts[counts > 0].min()
+    if config.val_size is not None:
+        splitter: Any = StratifiedShuffleSplit(n_splits=1, test_size=config.val_size, random_state=config.seed)
+    else:
+        if smallest < config.folds:
+            raise ParameterError(f"the smallest class has {smallest} training images, fewer than folds={config.folds}; "
+                                 "lower --folds.")  # fmt: skip
+        splitter = StratifiedKFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
+    fold_rows = []
+    for fit_idx, val_idx in splitter.split(train_img, y_train):
+        fit_rows = (train_img[fit_idx][:, None] * per + np.arange(per)).ravel()  # every view of fit images
+        val_rows = train_img[val_idx] * per  # plain views only
+        fold_rows.append((np.sort(fit_rows), np.sort(val_rows)))
+    train_rows = (train_img[:, None] * per + np.arange(per)).ravel()
+    return Split(train_rows, fold_rows, test, views, test_views)
+
+
+@dataclass
+class Fitted:
+    """What a task hands back besides its rows: the refit probe and its plain-view test predictions."""
+
+    estimator: Pipeline
+    predicted: np.ndarray
+    scores: np.ndarray
+
+
+def _load(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return np.asarray(codes[rows], dtype=np.float32)
+
+
+def _normalize(name: str, X_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    step = make_normalizer(name)
+    if step == "passthrough":
+        return [X_fit, *others]
+    step.fit(X_fit)
+    return [step.transform(X).astype(np.float32, copy=False) for X in (X_fit, *others)]
+
+
+def _refine(best: float, grid: Sequence[float], c_min: float, c_max: float) -> list[float]:
+    fine = [best * 10**s for s in (-0.5, 0.5)]
+    return sorted(c for c in fine if c_min <= c <= c_max and all(abs(math.log10(c / g)) > 1e-9 for g in grid))
+
+
+def _path_search(stack, val_data, loss, coarse, c_min, c_max, device, tol, max_iter, patience=1):
+    """CV accuracy along the coarse grid (ascending, warm-started, stopped once accuracy has fallen for
+    ``patience`` steps past its best) and then the refined grid.
+
+    Returns ``{C: [accuracy per fold]}`` and ``{C: fold states}`` (solutions in each fold's solve coordinates).
+    """
+    scores: dict[float, list[float]] = {}
+    states: dict[float, list] = {}
+
+    def fit_at(C: float, inits: list | None) -> list:
+        paths = fit_paths(stack, None, stack.n_classes, [C], loss, inits=inits, tol=tol, max_iter=max_iter, coefs=False)
+        for (Z_val, y_val), path in zip(val_data, paths):
+            A, b = path.states[0]
+            scores.setdefault(C, []).append(float(((Z_val @ A + b).argmax(1).cpu().numpy() == y_val).mean()))
+        states[C] = [path.states[0] for path in paths]
+        return states[C]
+
+    current, best, worse = None, None, 0
+    for C in coarse:
+        current = fit_at(C, current)
+        if best is None or np.mean(scores[C]) > np.mean(scores[best]):
+            best, worse = C, 0
+        else:
+            worse += 1
+            if worse > patience:
+                break
+    fine = _refine(best, coarse, c_min, c_max)
+    if fine:
+        start = max([c for c in states if c <= fine[0]] or [min(states)])
+        inits = states[start]
+        for C in fine:
+            inits = fit_at(C, inits)
+    return scores, states
+
+
+def _mean_solution(stack, fold_states) -> tuple[np.ndarray, np.ndarray]:
+    """The folds' mean solution in feature space (d, K), (K,): a warm start for the final refit."""
+    coefs = [basis.to_features(A).float().cpu().numpy() for basis, (A, _) in zip(stack.bases, fold_states)]
+    return np.mean(coefs, 0), np.mean([b.float().cpu().numpy() for _, b in fold_states], 0)
+
+
+def _sgd_search(folds_raw, name, coarse, c_min, c_max, seed):
+    scores: dict[float, list[float]] = {}
+
+    def run(Cs):
+        for X_fit, y_fit, X_val, y_val in folds_raw:
+            for C in Cs:
+                clf = make_classifier(name, C, n_samples=len(y_fit), random_state=seed).fit(X_fit, y_fit)
+                scores.setdefault(C, []).append(float((clf.predict(X_val) == y_val).mean()))
+
+    run(coarse)
+    best = max(coarse, key=lambda c: (np.mean(scores[c]), -c))
+    run(_refine(best, coarse, c_min, c_max))
+    return scores
+
+
+def metrics_from_scores(scores: np.ndarray, y_rows: np.ndarray, views: int, classes: np.ndarray) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Test metrics from decision scores of every test row (image-major, ``views + 1`` rows per image)."""
+    per = views + 1
+    plain = scores[::per]
+    y = y_rows[::per]
+
+    def predict(s: np.ndarray) -> np.ndarray:
+        return classes[(s > 0).astype(int)] if s.ndim == 1 else classes[s.argmax(1)]
+
+    pred = predict(plain)
+    metrics = {
+        "test_accuracy": float(accuracy_score(y, pred)),
+        "test_balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "test_macro_f1": float(f1_score(y, pred, average="macro")),
+    }
+    if views:
+        tta = scores.reshape(len(y), per, *scores.shape[1:]).mean(1)
+        metrics["test_tta_accuracy"] = float(accuracy_score(y, predict(tta)))
+    return metrics, pred, plain
+
+
+def evaluate_codes(
+    codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.ndarray, split: Split, config: SweepConfig,
+    *, tap: str, pooling: str, depth: int = -1,
+) -> list[tuple[SweepRow, Fitted]]:
+    """Every probe x normalizer on one array of codes: C chosen by CV on the training rows, then refit and tested.
+
+    ``codes``/``test_codes`` are (rows, dims) array-likes (the same object when the test images are held out of it).
+    Runs in a joblib worker; out of core when the fit would exceed ``config.max_memory``.
+    """
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    labels = np.asarray(labels)
+    test_labels = np.asarray(test_labels)
+    n_classes = int(labels.max()) + 1
+    # in memory: the float32 training rows plus one normalized copy per fold
+    nbytes = len(split.train_rows) * codes.shape[1] * 4 * (len(split.folds) + 1)
+    if config.max_memory is not None and nbytes > config.max_memory:
+        return evaluate_streaming(codes, labels, test_codes, test_labels, split, config, tap=tap, pooling=pooling, depth=depth)
+    X_train = _load(codes, split.train_rows)
+    y_train = labels[split.train_rows]
+    X_test = _load(test_codes, split.test_rows)
+    y_test = test_labels[split.test_rows]
+    coarse = c_grid(config.c_min, config.c_max)
+    out = []
+    for norm in config.normalizers:
+        started = time.perf_counter()
+        folds_raw = []
+        for fit_rows, val_rows in split.folds:
+            # train_rows is sorted, so a row's position in X_train is a binary search away
+            fit_i = np.searchsorted(split.train_rows, fit_rows)
+            val_i = np.searchsorted(split.train_rows, val_rows)
+            X_fit, X_val = _normalize(norm, X_train[fit_i], X_train[val_i])
+            folds_raw.append((X_fit, y_train[fit_i], X_val, y_train[val_i]))
+        stack = None
+        prep_s = time.perf_counter() - started
+        for probe in config.probes:
+            t0 = time.perf_counter()
+            if probe in PATH_LOSS:
+                if stack is None:  # one basis per fold serves every C of both losses
+                    t_basis = time.perf_counter()
+                    stack = ProblemStack([f[0] for f in folds_raw], [f[1] for f in folds_raw], n_classes, config.device)
+                    val_data = [(basis.project(f[2]), f[3]) for basis, f in zip(stack.bases, folds_raw)]
+                    prep_s += time.perf_counter() - t_basis
+                scores, states = _path_search(stack, val_data, PATH_LOSS[probe], coarse, config.c_min, config.c_max, config.device, config.cv_tol, config.cv_max_iter)
+            else:
+                scores, states = _sgd_search(folds_raw, probe, coarse, config.c_min, config.c_max, config.seed), {}
+            best_c = max(scores, key=lambda c: (np.mean(scores[c]), -c))
+            estimator = make_probe(probe, norm, best_c, n_samples=len(y_train), random_state=config.seed, device=config.device)
+            if best_c in states and n_classes > 2:
+                clf = estimator.named_steps["classify"]
+                clf.set_params(warm_start=True)
+                coef, intercept = _mean_solution(stack, states[best_c])
+                clf.coef_, clf.intercept_ = coef.T, intercept
+            estimator.fit(X_train, y_train)
+            metrics, pred, plain_scores = metrics_from_scores(estimator.decision_function(X_test), y_test, split.test_views, estimator.classes_)
+            cv = scores[best_c]
+            row = SweepRow(
+                tap=tap,
+                pooling=pooling,
+                depth=int(depth),
+                dims=int(codes.shape[1]),
+                normalizer=norm,
+                probe=probe,
+                solver="path" if probe in PATH_LOSS else "sgd",
+                C=float(best_c),
+                C_at_edge=bool(best_c <= config.c_min * 1.0001 or best_c >= config.c_max * 0.9999),
+                n_fits=int(sum(len(v) for v in scores.values())),
+                cv_accuracy=float(np.mean(cv)),
+                cv_std=float(np.std(cv)),
+                **metrics,
+                fit_seconds=float(time.perf_counter() - t0 + prep_s / len(config.probes)),
+            )
+            out.append((row, Fitted(estimator, pred, plain_scores)))
+    return out
+
+
+@contextmanager
+def joblib_backend(backend: str | None, scheduler: str | None) -> Iterator[None]:
+    """``None``: the active joblib backend. ``"dask"``: a client to ``scheduler`` (address or scheduler file) or to a
+    local cluster, closed afterwards."""
+    if backend is None:
+        if scheduler is not None:
+            raise ParameterError(f"scheduler={scheduler!r} needs backend='dask' (--backend dask).")
+        yield
+        return
+    if backend != "dask":
+        raise ParameterError(f"backend={backend!r}; use 'dask', or leave it unset for the active joblib backend.")
+    try:
+        from distributed import Client
+    except ImportError:
+        raise MissingExtraError("backend='dask' needs dask.distributed: pip install 'cnncodes[dask]'.") from None
+    if scheduler is None:
+        client = Client(processes=True, dashboard_address=None)
+    elif scheduler.endswith(".json") and os.path.isfile(scheduler):
+        client = Client(scheduler_file=scheduler)
+    else:
+        try:
+            client = Client(scheduler)  # waits distributed.comm.timeouts.connect (Dask config)
+        except OSError as exc:
+            raise SchedulerError(
+                f"cannot reach the Dask scheduler at {scheduler!r} ({exc}). Start one (`dask scheduler`) and give its "
+                "tcp://HOST:PORT address, or a scheduler JSON file, or leave --scheduler out for a local cluster."
+            ) from None
+    try:
+        with parallel_config(backend="dask"):
+            yield
+    finally:
+        client.close()  # also stops the local cluster it started
+
+
+def sweep_codes(
+    codes: Mapping[Hashable, Any],
+    labels: Any,
+    *,
+    test: Mapping[Hashable, Any] | None = None,
+    test_labels: Any = None,
+    views: int = 0,
+    test_views: int = 0,
+    classes: Sequence[str] | None = None,
+    depths: Mapping[Hashable, int] | None = None,
+    sources: Sequence[str] | None = None,
+    test_sources: Sequence[str] | None = None,
+    probes: Sequence[str] = ("logreg", "linsvc"),
+    normalizers: Sequence[str] = ("standard",),
+    folds: int = 5,
+    val_size: float | None = None,
+    test_size: float = 0.25,
+    seed: int = 0,
+    c_min: float = 1e-4,
+    c_max: float = 1e4,
+    jobs: int = 1,
+    max_memory: int | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    backend: str | None = None,
+    scheduler: str | None = None,
+) -> SweepResult:
+    """Probe every array of codes in memory and pick the best: arrays and labels in, a :class:`SweepResult` out.
+
+    The store-based :func:`cnncodes.sweep` calls this with the store's arrays; use it directly for codes you hold
+    yourself (from :class:`cnncodes.CNNCodes`, another library, or a store's arrays you filtered).
+
+    Parameters
+    ----------
+    codes : mapping of key to array-like of shape (n_rows, dims)
+        One array per candidate. A key is a tap name or a ``(tap, pooling)`` pair. Rows are image-major with
+        ``views + 1`` rows per image (view 0 plain).
+    labels : array-like of int or str, shape (n_rows,)
+        Class of every row; strings are mapped to sorted class names.
+    test, test_labels : optional
+        A separate test set with the same keys (otherwise ``test_size`` of the images are held out, stratified).
+    views, test_views : int, default=0
+        Augmented views per image in ``codes`` and in ``test``.
+    classes : list of str, optional
+        Class names of integer labels.
+    depths : mapping of key to int, optional
+        Forward-order position of each tap (for tables and plots).
+    sources, test_sources : list of str, optional
+        One id per image, for the test predictions.
+    probes, normalizers, folds, val_size, test_size, seed, c_min, c_max, max_memory, device
+        See :class:`SweepConfig`.
+    jobs : int, default=1
+        joblib workers (``-1``: all cores); runs under the active joblib backend.
+    progress : bool, default=False
+    backend, scheduler
+        ``backend="dask"`` runs the tasks on a Dask cluster (the ``dask`` extra): ``scheduler`` is its address or
+        scheduler file, default a local cluster.
+
+    Returns
+    -------
+    SweepResult
+        Equal on any backend: tasks are seeded and independent of where they run.
+
+    Examples
+    --------
+    >>> import numpy as np, cnncodes
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.arange(60) % 3
+    >>> codes = {"good": rng.normal(size=(60, 5)) + y[:, None], "noise": rng.normal(size=(60, 5))}
+    >>> cnncodes.sweep_codes(codes, y, probes=["logreg"], folds=3).best.tap
+    'good'
+    """
+    n_jobs = jobs if jobs != -1 else (os.cpu_count() or 1)
+    config = SweepConfig(
+        probes=tuple(probes), normalizers=tuple(normalizers), folds=folds, val_size=val_size, test_size=test_size,
+        seed=seed, c_min=c_min, c_max=c_max, max_memory=max_memory, device=device,
+        threads=max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else 0,
+    )  # fmt: skip
+    keys = list(codes)
+    if not keys:
+        raise ParameterError("codes is empty: give at least one array of codes.")
+    y, class_names = _encode_labels(labels, classes, "labels")
+    arrays = {k: _check_codes(codes[k], len(y), f"codes[{k!r}]") for k in keys}
+    if test is None:
+        if test_labels is not None:
+            raise ParameterError("test_labels given without test codes; pass test= too, or leave both out.")
+        test_arrays, y_test = arrays, y
+    else:
+        if test_labels is None:
+            raise ParameterError("test codes given without test_labels.")
+        missing = [k for k in keys if k not in test]
+        if missing:
+            raise ParameterError(f"the test codes lack {missing[:3]}; give test arrays for every key of codes.")
+        y_test, _ = _encode_labels(test_labels, class_names, "test_labels")
+        test_arrays = {k: _check_codes(test[k], len(y_test), f"test[{k!r}]") for k in keys}
+    split = split_images(y, views, config, test_rows=None if test is None else len(y_test), test_views=test_views)
+    names = {k: (k if isinstance(k, tuple) else (str(k), "")) for k in keys}
+    tasks = (
+        delayed(evaluate_codes)(arrays[k], y, test_arrays[k], y_test, split, config, tap=str(names[k][0]),
+                                pooling=str(names[k][1]), depth=int((depths or {}).get(k, -1)))  # fmt: skip
+        for k in keys
+    )
+    results: list[tuple[SweepRow, Fitted]] = []
+    with joblib_backend(backend, scheduler), tqdm(total=len(keys), desc="sweep", unit="array", disable=not progress, dynamic_ncols=True) as bar:
+        for part in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+            results.extend(part)
+            bar.update(1)
+    order = {names[k]: i for i, k in enumerate(keys)}
+    results.sort(key=lambda rf: (order[(rf[0].tap, rf[0].pooling)], rf[0].normalizer, rf[0].probe))
+    best_row, fit = max(results, key=lambda rf: (rf[0].cv_accuracy, -rf[0].dims))
+    per = split.test_views + 1
+    plain_rows = split.test_rows[::per]
+    ids = test_sources if test is not None else sources
+    test_predictions = {
+        "sources": [ids[r // per] if ids is not None else str(r // per) for r in plain_rows],
+        "labels": y_test[plain_rows],
+        "predicted": fit.predicted,
+        "scores": fit.scores,
+    }
+    data = {"n_train_images": int(len(split.train_rows) // (views + 1)), "n_test_images": int(len(plain_rows)),
+            "views": views, "test_views": split.test_views}  # fmt: skip
+    return SweepResult([r for r, _ in results], best_row, fit.estimator, test_predictions, class_names, config, data)
+
+
+def _encode_labels(labels: Any, classes: Sequence[str] | None, what: str) -> tuple[np.ndarray, list[str]]:
+    """Integer labels and class names; string labels are mapped onto ``classes`` (default: sorted)."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or len(y) == 0:
+        raise ParameterError(f"{what} must be a non-empty 1-d array of class labels, got shape {y.shape}.")
+    if y.dtype.kind in "iu":
+        names = list(classes) if classes is not None else [str(c) for c in range(int(y.max()) + 1)]
+        if y.min() < 0 or y.max() >= len(names):
+            raise ParameterError(f"{what} range from {y.min()} to {y.max()} but there are {len(names)} classes.")
+        return y.astype(np.int64), names
+    if y.dtype.kind not in "UO":
+        raise ParameterError(f"{what} must be integers or strings, got dtype {y.dtype}.")
+    text = y.astype(str)
+    names = list(classes) if classes is not None else sorted(set(text))
+    index = {c: i for i, c in enumerate(names)}
+    unknown = sorted(set(text) - set(index))
+    if unknown:
+        raise ParameterError(f"{what} holds classes {unknown[:5]} not among {names[:10]}.")
+    return np.array([index[t] for t in text], dtype=np.int64), names
+
+
+def _check_codes(array: Any, rows: int, what: str) -> Any:
+    shape = getattr(array, "shape", None)
+    if shape is None:
+        array = np.asarray(array)
+        shape = array.shape
+    if len(shape) != 2 or shape[0] != rows:
+        raise ParameterError(f"{what} has shape {tuple(shape)}; expected ({rows}, dims): one row per label.")
+    return array

@@ -1,0 +1,190 @@
+"""The on-disk format of a code store: names, array specs, the shard layout and manifest JSON helpers.
+
+The code store: the one module that knows the on-disk format of extracted codes.
+
+A store is a directory::
+
+    manifest.json                 # what is here and how it was made (format_version, complete, arrays, ...)
+    labels.npy                    # int64 (rows,), -1 for unlabeled images
+    <tap>__<pooling>.npy          # (rows, dims) float16/float32, one per (tap, pooling)
+    .partial/                     # only while extraction runs: preallocated arrays + progress.json
+    .lock                         # flock'ed by the process writing the store
+    shards/I-of-N/                # only for sharded extraction: one complete store per shard, joined by merge_shards
+
+Rows are images x views: row ``r`` is view ``r % (views + 1)`` of image ``r // (views + 1)``; view 0 is the plain view.
+
+Crash safety: arrays are preallocated with :func:`numpy.lib.format.open_memmap` under ``.partial/`` and filled in place
+with positioned writes (not through a mapping, so written pages never count towards the writer's resident memory).
+After each batch the files are fsync'ed and ``progress.json`` is replaced atomically, so a restart continues from
+the last committed batch. Final array names appear only when the store is complete, and ``manifest.json`` says
+``"complete": true`` only after they all exist, so an incomplete store cannot be mistaken for a complete one.
+Images that failed to decode are dropped at the end (their rows compacted away) and listed in ``errors``.
+
+Format versions: ``format_version`` in ``manifest.json`` is bumped whenever a reader of the previous version
+would misread a new store; readers refuse newer versions and keep reading every older one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ParameterError, StoreError
+
+FORMAT_VERSION = 1
+
+
+MANIFEST = "manifest.json"
+
+
+LABELS = "labels.npy"
+
+
+PARTIAL = ".partial"
+
+
+PROGRESS = "progress.json"
+
+
+LOCK = ".lock"
+
+
+SHARDS = "shards"
+
+
+COPY_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a store: the codes of one tap under one pooling."""
+
+    tap: str
+    pooling: str
+    dims: int
+    dtype: str
+    rectified: bool
+    relu_applied: bool
+    depth: int = -1  # the tap's position in forward order
+    layout: dict[str, Any] | None = None  # the tap's Layout.to_dict(): what the network's axes meant
+    relu: str | None = None  # the rectification mode asked for (auto, always, never)
+
+    @property
+    def file(self) -> str:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.tap)
+        return f"{safe}__{self.pooling}.npy"
+
+    def to_dict(self, rows: int) -> dict[str, Any]:
+        return {**asdict(self), "file": self.file, "shape": [rows, self.dims]}
+
+
+def atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"cannot read {path}: {exc}. The store is damaged; re-extract with --overwrite.") from exc
+
+
+def short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- shards -------------------------------------------------------------------------------------------------------------
+def shard_path(out: str | os.PathLike, shard: Any) -> Path:
+    """Where shard ``I/N`` of the store ``out`` is written: ``out/shards/I-of-N`` (``shard`` is a
+    :class:`cnncodes.shards.Shard`)."""
+    return Path(out) / SHARDS / shard.name
+
+
+def unsharded(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "shard"}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based)."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ParameterError(f"shard count must be at least 1, got {self.count}.")
+        if not 0 <= self.index < self.count:
+            raise ParameterError(
+                f"shard index {self.index} is out of range (0 to {self.count - 1}) for {self.count} shards; shards "
+                f"are numbered from 0, e.g. --shard 0/{self.count} ... --shard {self.count - 1}/{self.count}."
+            )
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def name(self) -> str:
+        """Directory name of the shard store, e.g. ``1-of-4``."""
+        return f"{self.index}-of-{self.count}"
+
+    def image_range(self, n_images: int, images_per_batch: int) -> tuple[int, int]:
+        """``[start, stop)`` of this shard's images: whole batches of the one-process run, spread evenly."""
+        n_batches = -(-n_images // images_per_batch)
+        first = self.index * n_batches // self.count
+        last = (self.index + 1) * n_batches // self.count
+        return min(first * images_per_batch, n_images), min(last * images_per_batch, n_images)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a store belongs to a sharded extraction; ``config["shard"]`` in its manifest.
+
+    A shard store (``out/shards/I-of-N``) holds images ``images[0]:images[1]`` of shard ``index`` of ``count``. A
+    shared store (``--shared``) is filled in place by ``count`` shards of ``images_per_batch``-image batches;
+    ``index`` is then ``None``.
+    """
+
+    count: int
+    index: int | None = None
+    images: tuple[int, int] | None = None
+    images_per_batch: int | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.index is None
+
+    @property
+    def shard(self) -> Shard | None:
+        """The ``I/N`` shard this store holds (``None`` for a shared store)."""
+        return None if self.index is None else Shard(self.index, self.count)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.shared:
+            return {"count": self.count, "images_per_batch": self.images_per_batch, "layout": "shared"}
+        return {"index": self.index, "count": self.count, "images": list(self.images or (0, 0))}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | os.PathLike) -> ShardLayout | None:
+        """Parse ``config["shard"]`` (``None`` or absent: not sharded); refuse anything malformed, naming ``where``."""
+        if data is None:
+            return None
+        try:
+            if data.get("layout") == "shared":
+                return cls(count=int(data["count"]), images_per_batch=int(data["images_per_batch"]))
+            lo, hi = (int(v) for v in data["images"])
+            return cls(count=int(data["count"]), index=int(data["index"]), images=(lo, hi))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise StoreError(f"{where}: its shard entry {data!r} is malformed. The store is damaged; re-extract it "
+                             "with --overwrite.") from None  # fmt: skip

@@ -1,0 +1,215 @@
+"""Reading a code store: :class:`CodeStore` opens a finished store and hands out memory-mapped arrays."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import IncompleteStoreError, StoreError
+from ._format import FORMAT_VERSION, LABELS, MANIFEST, ShardLayout, read_json
+
+class CodeStore:
+    """Read access to a code store; arrays come memory-mapped, never loaded whole.
+
+    Parameters
+    ----------
+    path : path-like
+        The store directory.
+    allow_incomplete : bool, default=False
+        Open a store whose extraction has not finished (arrays are then not available).
+
+    Attributes
+    ----------
+    manifest : dict
+        The parsed ``manifest.json``.
+
+    Examples
+    --------
+    >>> store = CodeStore("codes/")  # doctest: +SKIP
+    >>> X = store.codes("blocks.5.0.bn1", "avg4")  # (rows, dims) memmap  # doctest: +SKIP
+    >>> y = store.labels  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise StoreError(
+                f"{self.path} is not a code store (no {MANIFEST}). Create one with `cnncodes extract SOURCE --out "
+                f"{self.path}`."
+            )
+        self.manifest = read_json(manifest_path)
+        version = self.manifest.get("format_version")
+        if self.manifest.get("format") != "cnncodes.store" or not isinstance(version, int):
+            raise StoreError(f"{manifest_path} is not a cnncodes store manifest.")
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path} uses store format {version}, newer than this cnncodes supports ({FORMAT_VERSION}); "
+                "upgrade cnncodes."
+            )
+        if not self.complete and not allow_incomplete:
+            raise IncompleteStoreError(
+                f"{self.path} is incomplete ({self.manifest.get('rows_done')}/{self.manifest.get('rows_total')} rows): "
+                "its extraction was interrupted or is still running. Rerun the same `cnncodes extract` command to "
+                "resume it."
+            )
+
+    @staticmethod
+    def is_complete(path: str | os.PathLike) -> bool:
+        """Whether ``path`` holds a complete store (no exception for a missing or damaged one)."""
+        try:
+            return CodeStore(path).complete
+        except StoreError:
+            return False
+
+    # -- metadata ---------------------------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows_total"])
+
+    @property
+    def views(self) -> int:
+        """Number of augmented views per image (0: plain view only)."""
+        return int(self.manifest.get("views", 0))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("classes", []))
+
+    @property
+    def sources(self) -> list[str]:
+        """One entry per image, in row order."""
+        return list(self.manifest.get("sources", []))
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return list(self.manifest.get("errors", []))
+
+    @property
+    def arrays(self) -> list[dict[str, Any]]:
+        return list(self.manifest["arrays"])
+
+    @property
+    def shard(self) -> ShardLayout | None:
+        """How this store belongs to a sharded extraction (``None``: it does not)."""
+        return ShardLayout.from_dict((self.manifest.get("config") or {}).get("shard"), self.path / MANIFEST)
+
+    def keys(self) -> list[tuple[str, str]]:
+        """``(tap, pooling)`` pairs in forward order."""
+        return [(a["tap"], a["pooling"]) for a in self.arrays]
+
+    @property
+    def taps(self) -> list[str]:
+        return list(dict.fromkeys(a["tap"] for a in self.arrays))
+
+    @property
+    def poolings(self) -> list[str]:
+        return list(dict.fromkeys(a["pooling"] for a in self.arrays))
+
+    def _array(self, tap: str, pooling: str | None) -> dict[str, Any]:
+        matches = [a for a in self.arrays if a["tap"] == tap and (pooling is None or a["pooling"] == pooling)]
+        if len(matches) != 1:
+            have = ", ".join(f"{t}/{p}" for t, p in self.keys())
+            what = f"tap {tap!r}" + (f" with pooling {pooling!r}" if pooling else " (give a pooling: several exist)")
+            raise StoreError(f"{self.path} has no single array for {what}; it holds: {have}.")
+        return matches[0]
+
+    # -- arrays -----------------------------------------------------------------------------------------------------
+    def codes(self, tap: str, pooling: str | None = None) -> np.ndarray:
+        """The (rows, dims) codes of ``tap`` under ``pooling``, memory-mapped read-only."""
+        if not self.complete:
+            raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it.")
+        return np.load(self.path / self._array(tap, pooling)["file"], mmap_mode="r", allow_pickle=False)
+
+    def read_rows(self, tap: str, pooling: str | None, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` read with plain file reads: unlike slicing the memmap, the pages read do not stay
+        mapped in this process, so streaming a store larger than RAM keeps resident memory flat."""
+        if not self.complete:
+            raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it.")
+        entry = self._array(tap, pooling)
+        path = self.path / entry["file"]
+        header = np.load(path, mmap_mode="r", allow_pickle=False)
+        offset, dims, dtype = header.offset, header.shape[1], header.dtype
+        del header
+        stop = min(stop, self.rows)
+        count = max(0, stop - start) * dims
+        with open(path, "rb") as f:
+            block = np.fromfile(f, dtype=dtype, count=count, offset=offset + start * dims * dtype.itemsize)
+        return block.reshape(-1, dims)
+
+    def lazy(self, tap: str, pooling: str | None = None) -> StoredCodes:
+        """A handle on the codes of ``tap`` under ``pooling`` that pickles as a path: a joblib or Dask worker given it
+        reads the rows it needs from the store itself (shared storage) instead of receiving a copy."""
+        entry = self._array(tap, pooling)
+        return StoredCodes(self.path, entry["tap"], entry["pooling"], (self.rows, int(entry["shape"][1])), str(entry["dtype"]))
+
+    def items(self) -> Iterator[tuple[tuple[str, str], np.ndarray]]:
+        """Iterate ``((tap, pooling), codes)`` in forward order."""
+        for tap, pooling in self.keys():
+            yield (tap, pooling), self.codes(tap, pooling)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 (rows,), -1 where unlabeled."""
+        return np.load(self.path / LABELS, mmap_mode="r", allow_pickle=False)
+
+    @property
+    def groups(self) -> np.ndarray:
+        """Image index of every row (views of one image share it)."""
+        return np.arange(self.rows) // (self.views + 1)
+
+    @property
+    def view_index(self) -> np.ndarray:
+        """View of every row: 0 is the plain view, 1..views the augmented ones."""
+        return np.arange(self.rows) % (self.views + 1)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "incomplete"
+        return f"CodeStore({str(self.path)!r}, {state}, rows={self.rows}, arrays={len(self.arrays)})"
+
+
+class StoredCodes:
+    """The (rows, dims) codes of one store array, opened where they are used.
+
+    Supports ``shape``, ``dtype``, ``len`` and NumPy indexing: a contiguous slice ``[lo:hi]`` is read with plain file
+    reads (:meth:`CodeStore.read_rows`, so streaming keeps resident memory flat), anything else goes through a
+    read-only memory map opened on first use. Pickles as (path, tap, pooling), never as data.
+    """
+
+    def __init__(self, path: str | os.PathLike, tap: str, pooling: str, shape: tuple[int, int], dtype: str) -> None:
+        self.path, self.tap, self.pooling = Path(path), tap, pooling
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self._store: CodeStore | None = None
+        self._map: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _open(self) -> CodeStore:
+        if self._store is None:
+            self._store = CodeStore(self.path)
+        return self._store
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice) and key.step in (None, 1):
+            lo, hi, _ = key.indices(self.shape[0])
+            return self._open().read_rows(self.tap, self.pooling, lo, max(lo, hi))
+        if self._map is None:
+            self._map = self._open().codes(self.tap, self.pooling)
+        return self._map[key]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None, "_map": None}
+
+    def __repr__(self) -> str:
+        return f"StoredCodes({str(self.path)!r}, tap={self.tap!r}, pooling={self.pooling!r}, shape={self.shape})"
