@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from cnncodes import extract, list_taps, load_backbone
-from cnncodes.network import resolve_device
 from cnncodes.images import plain_transform
+from cnncodes.network import resolve_device
 
 
 def images(n: int, size: int) -> np.ndarray:

@@ -27,8 +27,7 @@ import torch
 from PIL import Image
 
 from cnncodes import extract, load_backbone
-from cnncodes.images import pixel_transform
-from cnncodes.images import decode_image
+from cnncodes.images import decode_image, pixel_transform
 from cnncodes.store import ArraySpec, StoreWriter, merge_shards
 
 

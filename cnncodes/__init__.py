@@ -118,6 +118,14 @@ if TYPE_CHECKING:  # what static tools see; at run time these import lazily
     from .extraction import extract
     from .images import ImageSource, Preprocessing, open_source
     from .network import Backbone, CodeExtractor, Pooling, TapCatalogue, TapInfo, list_taps, load_backbone
-    from .probing import SweepConfig, SweepResult, SweepRow, TorchLinearSVC, TorchLogisticRegression, make_probe, sweep_codes
+    from .probing import (
+        SweepConfig,
+        SweepResult,
+        SweepRow,
+        TorchLinearSVC,
+        TorchLogisticRegression,
+        make_probe,
+        sweep_codes,
+    )
     from .store import CodeStore, merge_shards
     from .sweeps import format_table, sweep, write_report

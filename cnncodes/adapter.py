@@ -92,13 +92,13 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         self.memory = memory
         self.pooling = pooling
 
-    def fit(self, X: Any, y: Any = None) -> "CNNCodes":
+    def fit(self, X: Any, y: Any = None) -> CNNCodes:
         """Load the backbone and resolve the taps; ``X`` and ``y`` are not used."""
         extractor = self._build()
         self.fingerprint_ = self._backbone.fingerprint
         self.taps_ = [t.name for t in extractor.taps]
         self.poolings_ = [p.name for p in extractor.poolings]
-        self.dims_ = [d for d in extractor.code_dims().values()]
+        self.dims_ = list(extractor.code_dims().values())
         self.n_features_out_ = int(sum(self.dims_))
         return self
 

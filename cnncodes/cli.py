@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import CnncodesError
@@ -186,7 +186,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, device=args.device)  # fmt: skip
     rows = probe.predict_source(args.source, progress=not args.quiet)
     names = score_names(probe)
-    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below unless stdout
     try:
         writer = csv.writer(out)
         writer.writerow(["path", "predicted", *names, "error"])
@@ -295,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="export a probe bundle as one TorchScript or ONNX model")
+    p = sub.add_parser("export", help="export a probe bundle as one torch.export, TorchScript or ONNX model")
     p.add_argument("bundle")
-    p.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
+    p.add_argument("--format", default="pt2", choices=["pt2", "torchscript", "onnx"],
+                   help="pt2: torch.export program (torch.export.load); torchscript; onnx (needs cnncodes[onnx]) (default: %(default)s)")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--weights", metavar="PATH", help="local weights for the bundle's model spec")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true")

@@ -7,10 +7,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cnncodes
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 
+import cnncodes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _data import make_folder  # noqa: E402

@@ -8,8 +8,8 @@ import torchvision
 from PIL import Image
 
 from cnncodes import BackboneError, Preprocessing, WeightsUnavailableError, load_backbone
-from cnncodes.network._backbones import _lite0_key_map, read_state_dict, weights_fingerprint
 from cnncodes.images import plain_transform
+from cnncodes.network._backbones import _lite0_key_map, read_state_dict, weights_fingerprint
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967

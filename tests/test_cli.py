@@ -25,9 +25,9 @@ def test_layers_json_matches_the_catalogue(capsys):
 def test_layers_table_shows_layout_rectification_and_shapes(capsys):
     assert main(["layers", "efficientnet_lite0", "--input-size", "96"]) == 0
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if " blocks.5.0.bn1 " in l)
+    line = next(ln for ln in out.splitlines() if " blocks.5.0.bn1 " in ln)
     assert line.startswith("e ") and " nchw " in line and " net " in line and "672x6x6" in line
-    stage = next(l for l in out.splitlines() if " blocks.4.2.add " in l)
+    stage = next(ln for ln in out.splitlines() if " blocks.4.2.add " in ln)
     assert stage.startswith("*") and " - " in stage  # a raw residual-stream stage output
 
 

@@ -12,11 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cnncodes.deploy import read_bundle, save_bundle
-from cnncodes.errors import BundleError
 from cnncodes.cli import main
-from cnncodes.deploy import load_bundle
-from cnncodes.errors import FingerprintMismatchError
+from cnncodes.deploy import export_probe, load_bundle, read_bundle, save_bundle
+from cnncodes.errors import BundleError, FingerprintMismatchError
 from cnncodes.images import normalize, pixel_transform
 
 MODEL = ["--model", "resnet18:none", "--input-size", "32"]
@@ -139,27 +137,48 @@ def test_fingerprint_mismatch_is_refused_unless_overridden(trained, tmp_path, ca
     assert load_bundle(path, allow_fingerprint_mismatch=True).classes == ["blue", "green", "red"]
 
 
-def test_torchscript_export_matches_the_bundle(trained, tmp_path):
+def _preprocessed(probe, paths):
+    tf = pixel_transform(probe.preprocessing)
+    return normalize(torch.stack([tf(Image.open(p).convert("RGB")) for p in paths]), probe.preprocessing)
+
+
+def test_pt2_export_is_the_default_and_matches_the_bundle_at_any_batch_size(trained, tmp_path, capsys):
+    probe = load_bundle(trained / "sweep" / "best_probe.zip", device="cpu")
+    assert main(["export", str(trained / "sweep" / "best_probe.zip"), "--out", str(tmp_path / "m.pt2")]) == 0
+    assert "wrote pt2 model" in capsys.readouterr().out
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    for n in (1, 3, 7):  # the batch dimension is dynamic
+        paths = sorted((trained / "imgs").rglob("*.png"))[:n]
+        with torch.no_grad():
+            got = program(_preprocessed(probe, paths)).numpy()
+        np.testing.assert_allclose(got, probe.decision_function([str(p) for p in paths]), atol=1e-4, rtol=0)
+
+
+def test_torchscript_export_is_kept_and_matches_the_bundle(trained, tmp_path):
     probe = load_bundle(trained / "sweep" / "best_probe.zip", device="cpu")
     paths = sorted((trained / "imgs").rglob("*.png"))[:6]
-    assert main(["export", str(trained / "sweep" / "best_probe.zip"), "--out", str(tmp_path / "m.pt")]) == 0
-    exported = torch.jit.load(str(tmp_path / "m.pt"))
-    tf = pixel_transform(probe.preprocessing)
-    x = normalize(torch.stack([tf(Image.open(p).convert("RGB")) for p in paths]), probe.preprocessing)
+    assert main(["export", str(trained / "sweep" / "best_probe.zip"), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    with pytest.warns(FutureWarning):  # torch deprecates torch.jit.load; that is why pt2 is the default
+        exported = torch.jit.load(str(tmp_path / "m.pt"))
     with torch.no_grad():
-        got = exported(x).numpy()
+        got = exported(_preprocessed(probe, paths)).numpy()
     np.testing.assert_allclose(got, probe.decision_function([str(p) for p in paths]), atol=1e-4, rtol=0)
 
 
-def test_onnx_export_matches_the_bundle(trained, tmp_path):
+def test_onnx_export_through_dynamo_matches_the_bundle(trained, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
     probe = load_bundle(trained / "sweep" / "best_probe.zip", device="cpu")
-    from cnncodes.deploy import export_probe
-
     path = export_probe(probe, tmp_path / "m.onnx", "onnx")
-    paths = sorted((trained / "imgs").rglob("*.png"))[:5]
-    tf = pixel_transform(probe.preprocessing)
-    x = normalize(torch.stack([tf(Image.open(p).convert("RGB")) for p in paths]), probe.preprocessing).numpy()
-    got = ort.InferenceSession(str(path)).run(None, {"images": x})[0]
-    np.testing.assert_allclose(got, probe.decision_function([str(p) for p in paths]), atol=1e-4, rtol=0)
+    session = ort.InferenceSession(str(path))
+    for n in (1, 5):
+        paths = sorted((trained / "imgs").rglob("*.png"))[:n]
+        got = session.run(None, {"images": _preprocessed(probe, paths).numpy()})[0]
+        np.testing.assert_allclose(got, probe.decision_function([str(p) for p in paths]), atol=1e-4, rtol=0)
+
+
+def test_export_refuses_unknown_formats_and_leaves_nothing(trained, tmp_path):
+    probe = load_bundle(trained / "sweep" / "best_probe.zip", device="cpu")
+    with pytest.raises(ValueError, match="use one of"):
+        export_probe(probe, tmp_path / "m.bin", "keras")
+    assert not (tmp_path / "m.bin").exists()

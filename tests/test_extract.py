@@ -4,22 +4,19 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from cnncodes import CodeExtractor, CodeStore, ImageDecodeError, StoreError, extract
 from torchvision.transforms import v2
 
+from cnncodes import CodeExtractor, CodeStore, ImageDecodeError, StoreError, extract
+from cnncodes.errors import IncompleteStoreError, StoreLockedError, StoreMismatchError
 from cnncodes.images import pixel_transform
 from cnncodes.store import StoreWriter
-from cnncodes.errors import IncompleteStoreError, StoreLockedError, StoreMismatchError
-
-from conftest import TINY_PRE, make_images, make_tiny_backbone
+from helpers import TINY_PRE, make_images, make_tiny_backbone, wait_for
 
 MANIFEST_KEYS = {"complete", "rows_total", "rows_done", "arrays", "classes", "sources", "errors", "model", "views", "seed", "versions"}
 
@@ -42,7 +39,7 @@ def test_store_layout_manifest_and_memmaps(tmp_path, tiny_images):
     images, labels = tiny_images
     store = run(images, labels, tmp_path / "s")
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert MANIFEST_KEYS <= set(manifest) and manifest["complete"] is True
+    assert set(manifest) >= MANIFEST_KEYS and manifest["complete"] is True
     assert manifest["rows_total"] == manifest["rows_done"] == len(images) == store.rows
     assert set(manifest["versions"]) >= {"cnncodes", "torch", "timm", "numpy"}
     assert manifest["model"]["fingerprint"].startswith("sha256:")
@@ -98,10 +95,10 @@ def test_interrupted_run_resumes_to_identical_store(tmp_path, tiny_images):
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from conftest import make_images, make_tiny_backbone
+from helpers import make_images, make_tiny_backbone
 from cnncodes import extract
 images, labels = make_images(48)
-extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(delay={delay}), poolings="avg,avg2",
+extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(pause={pause!r}), poolings="avg,avg2",
         batch_size=4, workers=0, progress=False)
 """
 
@@ -110,19 +107,17 @@ def test_sigkill_partway_then_rerun_is_bitwise_identical(tmp_path):
     images, labels = make_images(48)
     reference = arrays_of(run(images, labels, tmp_path / "ref", batch_size=4))
     out = tmp_path / "killed"
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.15)
-    proc = subprocess.Popen([sys.executable, "-c", script])
     progress = out / ".partial" / "progress.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if progress.exists() and json.loads(progress.read_text())["rows_done"] >= 12:
-            break
-        time.sleep(0.05)
+    ready = tmp_path / "ready"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=(str(progress), 12, str(ready)))
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    wait_for(ready, proc=proc)  # the child committed >= 12 rows and now blocks in its next forward
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = json.loads(progress.read_text())["rows_done"]
     assert 12 <= done < 48, f"kill came too late or too early ({done} rows)"
-    resumed = subprocess.run([sys.executable, "-c", script.replace("delay=0.15", "delay=0.0")], timeout=300)
+    plain = KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=None)
+    resumed = subprocess.run([sys.executable, "-c", plain], timeout=300)
     assert resumed.returncode == 0
     store = CodeStore(out)
     for key, codes in arrays_of(store).items():

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from cnncodes import CodeExtractor, Preprocessing, list_taps, load_backbone
-from cnncodes.network._layout import AxisLabels, Layout
-from cnncodes.network import Pooling, parse_poolings
 from cnncodes.errors import PoolingError
+from cnncodes.network import Pooling, parse_poolings
+from cnncodes.network._layout import AxisLabels, Layout
 
 
 def test_labels_follow_permute_flatten_and_class_token_concat():

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,10 @@ from PIL import Image
 
 from cnncodes import extract
 from cnncodes.cli import main
-from cnncodes.store import Shard
-from cnncodes.extraction import parse_devices, parse_shard, shard_from_env
-from cnncodes.store import CodeStore, merge_shards
 from cnncodes.errors import IncompleteStoreError, StoreError, StoreMismatchError
-
-from conftest import make_images, make_tiny_backbone
+from cnncodes.extraction import parse_devices, parse_shard, shard_from_env
+from cnncodes.store import CodeStore, Shard, merge_shards
+from helpers import make_images, make_tiny_backbone, wait_for
 
 CLI_MODEL = ["--model", "resnet18:none", "--input-size", "32", "--taps", "last:2", "--poolings", "avg,avg2", "--batch-size", "4"]
 
@@ -114,10 +111,10 @@ def test_two_shard_processes_then_merge_equal_a_one_process_run(tmp_path):
 
 SHARD_SCRIPT = """
 import sys; sys.path.insert(0, {tests!r})
-from conftest import make_images, make_tiny_backbone
+from helpers import make_images, make_tiny_backbone
 from cnncodes import extract
 images, labels = make_images(40)
-extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(delay={delay}), poolings="avg,avg2",
+extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(pause={pause!r}), poolings="avg,avg2",
         batch_size=4, workers=0, progress=False, shard={shard!r}, shared={shared!r})
 """
 
@@ -132,12 +129,11 @@ def test_a_killed_shard_resumes_on_its_own(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "sharded"
     run_tiny(out, shard="0/2")
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.15, shard="1/2", shared=False)
-    proc = subprocess.Popen([sys.executable, "-c", script])
     progress = out / "shards" / "1-of-2" / ".partial" / "progress.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (progress.exists() and json.loads(progress.read_text())["rows_done"] >= 8):
-        time.sleep(0.05)
+    ready = tmp_path / "ready"
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=(str(progress), 8, str(ready)), shard="1/2", shared=False)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    wait_for(ready, proc=proc)  # shard 1 committed >= 8 rows and now blocks in its next forward
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = json.loads(progress.read_text())["rows_done"]
@@ -153,7 +149,7 @@ def test_a_killed_shard_resumes_on_its_own(tmp_path):
 def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "launched"
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.0, shard="auto", shared=False)
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=None, shard="auto", shared=False)
     procs = [
         subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"})
         for r in range(2)
@@ -266,12 +262,11 @@ def test_shards_filling_one_shared_store_concurrently_equal_a_one_process_run(tm
 def test_a_killed_shard_of_a_shared_store_resumes_and_the_last_one_publishes(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "shared"
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), delay=0.15, shard="0/2", shared=True)
-    proc = subprocess.Popen([sys.executable, "-c", script])
     progress = out / ".partial" / "progress-0-of-2.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (progress.exists() and json.loads(progress.read_text())["rows_done"] >= 8):
-        time.sleep(0.05)
+    ready = tmp_path / "ready"
+    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=(str(progress), 8, str(ready)), shard="0/2", shared=True)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    wait_for(ready, proc=proc)  # shard 0 committed >= 8 rows and now blocks in its next forward
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 8 <= json.loads(progress.read_text())["rows_done"] < 20
@@ -352,9 +347,8 @@ def test_shards_with_other_batch_sizes_are_not_merged_even_when_bounds_line_up(t
 
 
 def test_overwrite_waits_for_running_shards_of_a_shared_store(tmp_path):
-    from cnncodes.store import Shard
-    from cnncodes.store import SharedStoreWriter
     from cnncodes.errors import StoreLockedError
+    from cnncodes.store import Shard, SharedStoreWriter
 
     images, labels = make_images(8)
     from cnncodes.store import ArraySpec

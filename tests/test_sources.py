@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import os
@@ -15,8 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from cnncodes.images import ArraySource, DatasetSource, FileSource, ImageSource, decode_image, open_source
 from cnncodes.errors import ImageDecodeError, SourceError
+from cnncodes.images import ArraySource, DatasetSource, FileSource, ImageSource, decode_image, open_source
 
 W, H = 16, 12
 
@@ -240,10 +241,8 @@ def test_no_file_handles_leak(odd_folder: dict[str, Path]) -> None:
         warnings.simplefilter("always", ResourceWarning)
         for _ in range(3):
             for i in range(len(src)):
-                try:
+                with contextlib.suppress(ImageDecodeError):
                     src.load(i)
-                except ImageDecodeError:
-                    pass
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     if fds_before is not None:  # <=: descriptors of earlier tests (process pools, clusters) may close meanwhile

@@ -9,13 +9,11 @@ import joblib
 import numpy as np
 import pytest
 
-from cnncodes.deploy import read_bundle
 from cnncodes.cli import main
-from cnncodes.sweeps import format_table, write_report
+from cnncodes.deploy import read_bundle
 from cnncodes.probing import SweepConfig
-from cnncodes.sweeps import make_split, sweep
-
-from conftest import make_code_store
+from cnncodes.sweeps import format_table, make_split, sweep, write_report
+from helpers import make_code_store
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +28,7 @@ def test_sweep_picks_the_informative_tap_by_cv_only(store):
     late = [r for r in result.rows if r.tap == "late"]
     assert all(r.cv_accuracy < 0.6 for r in late), "an uninformative tap must not look good"
     for r in result.rows:
-        assert 0 < r.C and r.n_fits >= 3 * 4 and r.fit_seconds >= 0
+        assert r.C > 0 and r.n_fits >= 3 * 4 and r.fit_seconds >= 0
     best = max(result.rows, key=lambda r: (r.cv_accuracy, -r.dims))
     assert (best.tap, best.probe) == (result.best.tap, result.best.probe)
     assert "* mid" in format_table(result)
@@ -102,7 +100,7 @@ OOC_SCRIPT = r"""
 import json, resource, sys
 sys.path.insert(0, {tests!r})
 import numpy as np
-from conftest import make_code_store
+from helpers import make_code_store
 from cnncodes.sweeps import sweep
 store = make_code_store({path!r}, n_images=3000, dims={{"early": 4, "mid": 2048, "late": 4}})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

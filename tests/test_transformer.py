@@ -11,11 +11,10 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import cnncodes.adapter as transformer_module
 from cnncodes import load_backbone
+from cnncodes.adapter import CNNCodes
 from cnncodes.errors import FingerprintMismatchError
 from cnncodes.probing._linear import TorchLogisticRegression
-from cnncodes.adapter import CNNCodes
-
-from conftest import make_images
+from helpers import make_images
 
 SPEC = dict(model="resnet18:none", input_size=32, taps="layer2.1.relu_1", poolings="avg,avg2")
 

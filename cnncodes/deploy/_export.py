@@ -1,8 +1,8 @@
 """Export a probe bundle as one self-contained model: truncated backbone, pooling, normalization and linear head.
 
 The exported model takes a *preprocessed* batch (float32, normalized as the bundle's ``preprocessing`` says, at its
-input size) and returns class scores equal to :meth:`DeployedProbe.decision_function`. TorchScript needs only torch;
-ONNX needs the ``onnx`` extra (checked with onnxruntime).
+input size) and returns class scores equal to :meth:`DeployedProbe.decision_function`, for any batch size. ``pt2``
+(:mod:`torch.export`) and TorchScript need only torch; ONNX needs the ``onnx`` extra (checked with onnxruntime).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import BundleError
+from ..errors import BundleError, MissingExtraError, ParameterError
 from ._predict import DeployedProbe
 
 __all__ = ["ProbeModule", "export_probe", "FORMATS"]
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("pt2", "torchscript", "onnx")
 
 
 class ProbeModule(nn.Module):
@@ -53,29 +53,78 @@ class ProbeModule(nn.Module):
         return codes @ self.coef.T + self.intercept
 
 
-def export_probe(probe: DeployedProbe, path: str | os.PathLike, format: str = "torchscript", batch_size: int = 2) -> Path:  # noqa: A002
-    """Write ``probe`` as TorchScript (``torch.jit.load``) or ONNX (``onnxruntime``) to ``path``.
+def export_probe(
+    probe: DeployedProbe, path: str | os.PathLike, format: str = "pt2", batch_size: int = 2, *, check_atol: float = 1e-4  # noqa: A002
+) -> Path:
+    """Write ``probe`` as one model taking a preprocessed batch and returning class scores.
 
-    The input size is fixed to the bundle's preprocessing input size; the batch dimension is dynamic for ONNX.
+    Parameters
+    ----------
+    probe : DeployedProbe
+        From :func:`cnncodes.load_bundle`.
+    path : path-like
+        Output file.
+    format : {"pt2", "torchscript", "onnx"}, default="pt2"
+        ``pt2``: a :func:`torch.export.export` program (``torch.export.load(path).module()``), the format torch is
+        moving to. ``torchscript``: ``torch.jit.load``, kept while torch ships it. ``onnx``: through torch's dynamo
+        exporter (the ``onnx`` extra), for onnxruntime.
+    batch_size : int, default=2
+        Batch size of the example used to trace; the batch dimension stays dynamic in every format.
+    check_atol : float, default=1e-4
+        The exported model is run again on a random batch of another size and must match the eager module within
+        this absolute tolerance, or nothing is left at ``path``.
+
+    Returns
+    -------
+    Path
     """
     if format not in FORMATS:
-        raise BundleError(f"format={format!r}; use one of {FORMATS}.")
+        raise ParameterError(f"format={format!r}; use one of {FORMATS}.")
+    if batch_size < 2:
+        raise ParameterError(f"batch_size={batch_size}: the example batch needs at least 2 images (1 would fix the batch size).")
     module = ProbeModule(probe).eval()
     size = probe.preprocessing.input_size
     example = torch.zeros(batch_size, 3, size, size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     with torch.inference_mode(False), torch.no_grad():
-        if format == "torchscript":
-            traced = torch.jit.trace(module, example, check_trace=False)
-            traced.save(str(path))
+        if format == "pt2":
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(tmp))
+            run = torch.export.load(str(tmp)).module()
+        elif format == "torchscript":
+            with warnings.catch_warnings():  # torch 2.9+ deprecates TorchScript; the pt2 format is the default
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.trace(module, example, check_trace=False).save(str(tmp))
+                scripted = torch.jit.load(str(tmp))
+            run = scripted
         else:
-            try:
-                # The TorchScript-based exporter needs nothing beyond `onnx`; torch.export's needs onnxscript too.
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning)
-                    torch.onnx.export(module, (example,), str(path), input_names=["images"], output_names=["scores"],
-                                      dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}}, dynamo=False)  # fmt: skip
-            except (ImportError, ModuleNotFoundError) as exc:
-                raise BundleError(f"ONNX export needs the onnx extra: pip install 'cnncodes[onnx]' ({exc}).") from exc
+            run = _export_onnx(module, example, tmp)
+        check = torch.randn(batch_size + 1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        expected = module(check)
+        got = run(check)
+    diff = float((torch.as_tensor(got) - expected).abs().max())
+    if not diff <= check_atol:
+        tmp.unlink(missing_ok=True)
+        raise BundleError(f"the exported {format} model differs from the probe by {diff:.2e} (> {check_atol:g}); "
+                          "nothing was written. Try another --format.")  # fmt: skip
+    os.replace(tmp, path)
     return path
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, tmp: Path):
+    """Export through torch's dynamo ONNX exporter; return a callable running the file with onnxruntime."""
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401 - the dynamo exporter needs it
+    except ImportError as exc:
+        raise MissingExtraError(f"ONNX export needs the onnx extra: pip install 'cnncodes[onnx]' ({exc}).") from None
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter narrates its steps as warnings
+        torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=["scores"],
+                          dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)  # fmt: skip
+    session = onnxruntime.InferenceSession(str(tmp))
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])

@@ -11,20 +11,48 @@ import json
 import multiprocessing
 import os
 from collections import deque
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._versions import versions
-from ..errors import ExtractionError, ImageDecodeError, IncompleteStoreError, ParameterError, StoreError, StoreMismatchError
-from ..images import ImageSource, Preprocessing, open_source, parse_augment
-from ..network import DEFAULT_MODEL, DTYPES, Backbone, CodeExtractor, Pooling, iter_batches, images_per_batch, load_backbone, resolve_device
-from ..store import ArraySpec, CodeStore, Shard, ShardLayout, SharedStoreWriter, StoreWriter, check_merge_target, merge_shards, shard_path
 from .._compat import deprecated_alias
+from .._versions import versions
+from ..errors import (
+    ExtractionError,
+    ImageDecodeError,
+    IncompleteStoreError,
+    ParameterError,
+    StoreError,
+    StoreMismatchError,
+)
+from ..images import ImageSource, Preprocessing, open_source, parse_augment
+from ..network import (
+    DEFAULT_MODEL,
+    DTYPES,
+    Backbone,
+    CodeExtractor,
+    Pooling,
+    images_per_batch,
+    iter_batches,
+    load_backbone,
+    resolve_device,
+)
+from ..store import (
+    ArraySpec,
+    CodeStore,
+    Shard,
+    ShardLayout,
+    SharedStoreWriter,
+    StoreWriter,
+    check_merge_target,
+    merge_shards,
+    shard_path,
+)
 from ._plan import launched_by_torchrun, launcher_device, parse_devices, parse_shard
 
 __all__ = ["extract"]

@@ -8,8 +8,9 @@ pixels never depend on batch size, worker count or the point a run was resumed f
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ class Preprocessing:
                 raise ParameterError(f"{name} must have 3 values (R, G, B), got {value!r}.")
             object.__setattr__(self, name, tuple(float(v) for v in value))
 
-    def with_input_size(self, input_size: int | None) -> "Preprocessing":
+    def with_input_size(self, input_size: int | None) -> Preprocessing:
         """Same preprocessing at another input size, keeping the resize/crop ratio."""
         if input_size is None or input_size == self.input_size:
             return self
@@ -97,7 +98,7 @@ class Preprocessing:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         """Inverse of :meth:`to_dict`."""
         return cls(
             input_size=int(data["input_size"]),

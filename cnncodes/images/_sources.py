@@ -18,8 +18,8 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Mapping
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

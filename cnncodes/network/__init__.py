@@ -3,7 +3,7 @@ pooled on the device by a :class:`CodeExtractor` that stops after the deepest ta
 image source batch by batch. Tensors in, codes out: nothing here writes files."""
 
 from ._backbones import DEFAULT_MODEL, Backbone, load_backbone, read_state_dict, weights_fingerprint
-from ._encode import DTYPES, ImageViews, iter_batches, encode, images_per_batch, resolve_device
+from ._encode import DTYPES, ImageViews, encode, images_per_batch, iter_batches, resolve_device
 from ._extractor import CodeExtractor
 from ._layout import Layout
 from ._pooling import Pooling, parse_poolings

@@ -5,9 +5,9 @@ scikit-learn adapter; writes nothing."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

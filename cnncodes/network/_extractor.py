@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,9 @@ class TapHead(nn.Module):
         for p in self.poolings:
             code = p(x, self.layout).float()
             # `none` and vector taps can be views of the network's tensor; a later in-place op would change them.
-            out[p.name] = code.clone() if code.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else code
+            # torch.export cannot look at storages, so an exported model always copies (cheap, and always safe).
+            aliased = torch.compiler.is_compiling() or code.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            out[p.name] = code.clone() if aliased else code
         return out
 
 
@@ -91,8 +93,11 @@ class CodeExtractor(nn.Module):
         self.relu = check_relu_mode(relu)
         self.relu_applied = {t.name: t.relu_applied(self.relu) for t in self.taps}
         heads = {t.name: TapHead(self.poolings, self.relu_applied[t.name], t.layout) for t in self.taps}
-        if self.catalogue.mode == "fx":
-            self.net: nn.Module = _graph.tapped_fx(backbone.model, heads)
+        trace = self.catalogue._trace
+        if self.catalogue.mode == "fx" and trace is not None and trace[0] is backbone.model:
+            self.net: nn.Module = _graph.tapped_from_trace(trace[1], trace[2], heads)
+        elif self.catalogue.mode == "fx":
+            self.net = _graph.tapped_fx(backbone.model, heads)
         else:
             self.net = _graph.TappedHooks(backbone.model, heads, self.catalogue.names)
         self.net.eval()

@@ -14,8 +14,10 @@ later calls of a reused module (ResNet's shared ``relu``).
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -53,6 +55,42 @@ def op_label(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None]:
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target)), None
     return str(node.target), None
+
+
+def tapped_from_trace(gm: fx.GraphModule, qualname: Mapping[fx.Node, str], heads: Mapping[str, nn.Module]) -> fx.GraphModule:
+    """Like :func:`tapped_fx`, from the whole-graph trace tap discovery made already (saves tracing the model again).
+
+    The trace is copied, never changed: the new graph returns the heads' outputs, and everything after the deepest
+    tap is dropped as dead code.
+    """
+    graph = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, remap)
+    node_of = {name: remap[node] for node, name in qualname.items()}
+    owners: dict[str, Any] = {}
+    outputs = {}
+    for i, (name, head) in enumerate(heads.items()):
+        attr = f"_cnncodes_head_{i}"
+        owners[attr] = head
+        with graph.inserting_after(node_of[name]):
+            outputs[name] = graph.call_module(attr, (node_of[name],))
+    graph.output(outputs)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in owners:
+            owners[node.target] = _fetch(gm, node.target)
+    cut = fx.GraphModule(owners, graph)
+    cut.graph.eliminate_dead_code()
+    cut.delete_all_unused_submodules()
+    cut.graph.lint()
+    cut.recompile()
+    return cut
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def tapped_fx(model: nn.Module, heads: Mapping[str, nn.Module]) -> fx.GraphModule:
@@ -146,10 +184,8 @@ class TappedHooks(nn.Module):
             for name, module in self.model.named_modules():
                 if name in self._bases:
                     handles.append(module.register_forward_hook(make_hook(name)))
-            try:
+            with contextlib.suppress(_StopForward):
                 self.model(x)
-            except _StopForward:
-                pass
         finally:
             for h in handles:
                 h.remove()

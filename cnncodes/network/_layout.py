@@ -361,7 +361,7 @@ def function_labels(name: str, inputs: Sequence[Input], args: Sequence[Any], kwa
     return generic_labels(inputs, out_shape)
 
 
-def _cat_labels(inputs: Sequence[Input], args: Sequence[Any], kwargs: dict[str, Any]) -> "AxisLabels | None":
+def _cat_labels(inputs: Sequence[Input], args: Sequence[Any], kwargs: dict[str, Any]) -> AxisLabels | None:
     dim = int(kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], int) else 0))
     for k, (labels, _) in enumerate(inputs):
         if labels is not None and labels.axes[dim % len(labels.axes)] == T:

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import _graph
 from ..errors import ParameterError, PoolingError, TapSelectionError
+from . import _graph
 from ._backbones import Backbone
 from ._layout import AxisLabels, Layout, function_labels, generic_labels, module_labels
 from ._pooling import Pooling, parse_poolings
@@ -141,6 +141,7 @@ class TapCatalogue(Sequence[TapInfo]):
         self.mode = mode
         self.input_size = input_size
         self._by_name = {t.name: t for t in taps}
+        self._trace: tuple[nn.Module, fx.GraphModule, dict] | None = None  # (model, whole-graph trace, node names)
         self.stage_taps = [self._by_name[n] for n in stage_names]
         self.stage_source = stage_source
         self.expanded_taps = [self._by_name[n] for n in expanded_names]
@@ -299,8 +300,10 @@ def list_taps(backbone: Backbone | nn.Module, input_size: int | None = None, mod
         with torch.inference_mode():
             if mode in ("auto", "fx"):
                 try:
-                    raw, final = _discover_fx(model, x)
-                    return _assemble(model, raw, "fx", size, final)
+                    raw, final, (gm, qualname) = _discover_fx(model, x)
+                    catalogue = _assemble(model, raw, "fx", size, final)
+                    catalogue._trace = (model, gm, qualname)  # the extractor cuts this graph instead of re-tracing
+                    return catalogue
                 except Exception:  # tracing fails in many ways on dynamic models
                     if mode == "fx":
                         raise
@@ -322,7 +325,10 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         result = super().run_node(n)
-        strip = lambda a: None if isinstance(a, torch.Tensor) else a
+
+        def strip(a: Any) -> Any:
+            return None if isinstance(a, torch.Tensor) else a
+
         self.concrete[n] = (fx.node.map_aggregate(args, strip), fx.node.map_aggregate(kwargs, strip))
         if isinstance(result, torch.Tensor):
             self.shapes[n] = tuple(result.shape)
@@ -338,7 +344,7 @@ def _fx_function_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).lstrip("_")
 
 
-def _discover_fx(model: nn.Module, x: torch.Tensor) -> tuple[list[_Raw], str]:
+def _discover_fx(model: nn.Module, x: torch.Tensor) -> tuple[list[_Raw], str, tuple[fx.GraphModule, dict]]:
     gm, qualname = _graph.traced(model)
     recorder = _Recorder(gm)
     recorder.run(x)
@@ -377,7 +383,7 @@ def _discover_fx(model: nn.Module, x: torch.Tensor) -> tuple[list[_Raw], str]:
         r.main_path = node_of[r.name] in main
     order = _order(gm)
     final = qualname[max(main, key=order.__getitem__)] if main else raw[-1].name
-    return raw, final
+    return raw, final, (gm, qualname)
 
 
 def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:

@@ -13,8 +13,8 @@ serves every C.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -201,8 +201,8 @@ def fit_paths(
             line_search_fn="strong_wolfe",
         )  # fmt: skip
 
-        def closure() -> torch.Tensor:
-            value, W.grad, b.grad = stack.value_and_grad(W, b, lam, loss)
+        def closure() -> torch.Tensor:  # called by this iteration's optimizer.step only
+            value, W.grad, b.grad = stack.value_and_grad(W, b, lam, loss)  # noqa: B023
             return value
 
         with torch.no_grad():
@@ -245,7 +245,7 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
         self.device = device
         self.warm_start = warm_start
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "_TorchLinear":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> _TorchLinear:
         """Fit on features X (n_samples, n_features) and labels y (n_samples,)."""
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], reset=True)
         check_classification_targets(y)

@@ -28,34 +28,25 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, train_test_split
-from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
 from ..errors import MissingExtraError, ParameterError, SchedulerError
 from ._linear import ProblemStack, fit_paths
 from ._probes import PATH_LOSS, make_classifier, make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepResult, SweepRow
+from ._scoring import Fitted, c_grid, metrics_from_scores
 from ._streaming import evaluate_streaming
 
-__all__ = ["sweep_codes", "split_images", "evaluate_codes", "metrics_from_scores", "c_grid", "joblib_backend", "Fitted"]
+__all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend"]
 
 
-def c_grid(c_min: float = 1e-4, c_max: float = 1e4) -> list[float]:
-    """The coarse grid: one value per decade from ``c_min`` to ``c_max``."""
-    if not 0 < c_min < c_max:
-        raise ParameterError(f"need 0 < c_min < c_max, got c_min={c_min}, c_max={c_max}.")
-    lo, hi = math.log10(c_min), math.log10(c_max)
-    n = int(round(hi - lo)) + 1
-    return [float(10 ** v) for v in np.linspace(lo, hi, max(n, 2))]
 
 
 def split_images(
@@ -102,13 +93,6 @@ def split_images(
     return Split(train_rows, fold_rows, test, views, test_views)
 
 
-@dataclass
-class Fitted:
-    """What a task hands back besides its rows: the refit probe and its plain-view test predictions."""
-
-    estimator: Pipeline
-    predicted: np.ndarray
-    scores: np.ndarray
 
 
 def _load(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -184,25 +168,6 @@ def _sgd_search(folds_raw, name, coarse, c_min, c_max, seed):
     return scores
 
 
-def metrics_from_scores(scores: np.ndarray, y_rows: np.ndarray, views: int, classes: np.ndarray) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Test metrics from decision scores of every test row (image-major, ``views + 1`` rows per image)."""
-    per = views + 1
-    plain = scores[::per]
-    y = y_rows[::per]
-
-    def predict(s: np.ndarray) -> np.ndarray:
-        return classes[(s > 0).astype(int)] if s.ndim == 1 else classes[s.argmax(1)]
-
-    pred = predict(plain)
-    metrics = {
-        "test_accuracy": float(accuracy_score(y, pred)),
-        "test_balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-        "test_macro_f1": float(f1_score(y, pred, average="macro")),
-    }
-    if views:
-        tta = scores.reshape(len(y), per, *scores.shape[1:]).mean(1)
-        metrics["test_tta_accuracy"] = float(accuracy_score(y, predict(tta)))
-    return metrics, pred, plain
 
 
 def evaluate_codes(

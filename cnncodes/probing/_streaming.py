@@ -12,7 +12,8 @@ values being trained in the same passes over the data.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from sklearn.pipeline import Pipeline
@@ -20,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ._probes import make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepRow
+from ._scoring import Fitted, c_grid, metrics_from_scores
 
 __all__ = ["evaluate_streaming", "STREAM_PROBE"]
 
@@ -47,8 +49,6 @@ def evaluate_streaming(
     *, tap: str, pooling: str, depth: int = -1,
 ) -> list[tuple[SweepRow, Any]]:
     """Out-of-core counterpart of the in-memory evaluation: same result rows, ``solver="sgd-stream"``."""
-    from ._search import Fitted, c_grid, metrics_from_scores  # the in-memory search calls this module
-
     dims = int(codes.shape[1])
     chunk_rows = max(64, int(config.max_memory) // (dims * 4 * 4))  # float32 chunk, its normalized copy, slack
     classes = np.arange(int(labels.max()) + 1)
@@ -64,7 +64,7 @@ def evaluate_streaming(
             step.fit(np.zeros((1, dims), np.float32))  # stateless (L2, power)
 
         def transform(X: np.ndarray) -> np.ndarray:
-            return X if step == "passthrough" else step.transform(X).astype(np.float32, copy=False)
+            return X if step == "passthrough" else step.transform(X).astype(np.float32, copy=False)  # noqa: B023 - used in this iteration only
 
         prep_s = time.perf_counter() - started
         done: set[str] = set()

@@ -5,16 +5,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import IncompleteStoreError, StoreError, StoreMismatchError
-from ._format import COPY_CHUNK_ROWS, ShardLayout, LABELS, LOCK, MANIFEST, PARTIAL, SHARDS, atomic_json, read_json, unsharded
+from ._format import (
+    COPY_CHUNK_ROWS,
+    LABELS,
+    LOCK,
+    MANIFEST,
+    PARTIAL,
+    SHARDS,
+    ShardLayout,
+    atomic_json,
+    read_json,
+    unsharded,
+)
 from ._reader import CodeStore
 from ._writer import RowFile, clear_store, config_diff, hold_lock, shared_progress
+
 
 def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None, count: int | None = None) -> list[CodeStore]:
     """Open the shard stores of one run and return them in shard order, or say exactly what is missing."""

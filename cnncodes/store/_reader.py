@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from ..errors import IncompleteStoreError, StoreError
 from ._format import FORMAT_VERSION, LABELS, MANIFEST, ShardLayout, read_json
+
 
 class CodeStore:
     """Read access to a code store; arrays come memory-mapped, never loaded whole.

@@ -6,9 +6,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -234,7 +235,7 @@ class StoreWriter:
             self._lock_file.close()  # closing the descriptor releases the flock
             self._lock_file = None
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -400,7 +401,7 @@ class RowFile:
 
 def hold_lock(path: Path, name: str = LOCK, wait: float = 0.0) -> Any:
     """Hold ``path/name`` exclusively until the returned file is closed, waiting up to ``wait`` seconds for it."""
-    f = open(path / name, "a+")
+    f = open(path / name, "a+")  # noqa: SIM115 - the open file is the lock; the caller closes it
     if fcntl is None:
         return f
     deadline = time.monotonic() + wait

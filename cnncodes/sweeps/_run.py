@@ -15,7 +15,7 @@ arrays as lazy handles that workers (loky processes or Dask workers on shared st
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -109,8 +109,9 @@ def sweep(
     store = _open(store)
     test_store = None if test is None else _open(test)
     wanted_taps, wanted_pools = _names(taps), _names(poolings)
+    available = store.keys()
     keys = [
-        (t, p) for t, p in store.keys()
+        (t, p) for t, p in available
         if (wanted_taps is None or t in wanted_taps) and (wanted_pools is None or p in wanted_pools)
     ]  # fmt: skip
     if not keys:
@@ -119,7 +120,8 @@ def sweep(
         if test_store.classes != store.classes:
             raise ParameterError(f"test store {test_store.path} has classes {test_store.classes[:5]}..., the train "
                                  f"store {store.classes[:5]}...; they must match.")  # fmt: skip
-        missing = [k for k in keys if k not in test_store.keys()]
+        test_keys = set(test_store.keys())
+        missing = [k for k in keys if k not in test_keys]
         if missing:
             raise ParameterError(f"test store {test_store.path} lacks {missing[:3]}; extract it with the same "
                                  "--taps/--poolings.")  # fmt: skip

@@ -1,0 +1,51 @@
+"""What every probe search shares: the C grid, test metrics from decision scores, and a fitted candidate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.pipeline import Pipeline
+
+from ..errors import ParameterError
+
+__all__ = ["c_grid", "metrics_from_scores", "Fitted"]
+
+
+def c_grid(c_min: float = 1e-4, c_max: float = 1e4) -> list[float]:
+    """The coarse grid: one value per decade from ``c_min`` to ``c_max``."""
+    if not 0 < c_min < c_max:
+        raise ParameterError(f"need 0 < c_min < c_max, got c_min={c_min}, c_max={c_max}.")
+    lo, hi = math.log10(c_min), math.log10(c_max)
+    n = int(round(hi - lo)) + 1
+    return [float(10 ** v) for v in np.linspace(lo, hi, max(n, 2))]
+
+@dataclass
+class Fitted:
+    """What a task hands back besides its rows: the refit probe and its plain-view test predictions."""
+
+    estimator: Pipeline
+    predicted: np.ndarray
+    scores: np.ndarray
+
+def metrics_from_scores(scores: np.ndarray, y_rows: np.ndarray, views: int, classes: np.ndarray) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Test metrics from decision scores of every test row (image-major, ``views + 1`` rows per image)."""
+    per = views + 1
+    plain = scores[::per]
+    y = y_rows[::per]
+
+    def predict(s: np.ndarray) -> np.ndarray:
+        return classes[(s > 0).astype(int)] if s.ndim == 1 else classes[s.argmax(1)]
+
+    pred = predict(plain)
+    metrics = {
+        "test_accuracy": float(accuracy_score(y, pred)),
+        "test_balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "test_macro_f1": float(f1_score(y, pred, average="macro")),
+    }
+    if views:
+        tta = scores.reshape(len(y), per, *scores.shape[1:]).mean(1)
+        metrics["test_tta_accuracy"] = float(accuracy_score(y, predict(tta)))
+    return metrics, pred, plain
