@@ -147,6 +147,7 @@ def test_prediction_reaches_neither_the_store_nor_the_extraction_run():
     assert not {m for m in reached if _room(m) in ("store", "extraction", "sweeps")}, sorted(reached)
 
 
+@pytest.mark.slow
 def test_a_bundle_only_predict_loads_neither_the_store_writer_nor_the_extraction_run(tmp_path):
     """Run it: save a bundle, then in a fresh interpreter load it and predict, and list what got imported."""
     from helpers import tiny_bundle

@@ -15,7 +15,10 @@ from torch import nn
 
 from cnncodes import Preprocessing, load_backbone
 
-__all__ = ["TinyNet", "TINY_PRE", "SYNTHETIC_MODEL", "make_tiny_backbone", "make_images", "make_code_store",
+#: The tests directory: child processes put it on sys.path to import these helpers.
+TESTS = Path(__file__).resolve().parents[1]
+
+__all__ = ["TESTS", "TinyNet", "TINY_PRE", "SYNTHETIC_MODEL", "make_tiny_backbone", "make_images", "make_code_store",
            "write_image_folder", "tiny_bundle", "wait_for"]  # fmt: skip
 
 

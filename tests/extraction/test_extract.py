@@ -16,7 +16,7 @@ from cnncodes import CodeExtractor, CodeStore, ImageDecodeError, StoreError, ext
 from cnncodes.errors import IncompleteStoreError, StoreLockedError, StoreMismatchError
 from cnncodes.images import pixel_transform
 from cnncodes.store import StoreWriter
-from helpers import TINY_PRE, make_images, make_tiny_backbone, wait_for
+from helpers import TESTS, TINY_PRE, make_images, make_tiny_backbone, wait_for
 
 MANIFEST_KEYS = {"complete", "rows_total", "rows_done", "arrays", "classes", "sources", "errors", "model", "views", "seed", "versions"}
 
@@ -103,20 +103,21 @@ extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(pause={paus
 """
 
 
+@pytest.mark.slow
 def test_sigkill_partway_then_rerun_is_bitwise_identical(tmp_path):
     images, labels = make_images(48)
     reference = arrays_of(run(images, labels, tmp_path / "ref", batch_size=4))
     out = tmp_path / "killed"
     progress = out / ".partial" / "progress.json"
     ready = tmp_path / "ready"
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=(str(progress), 12, str(ready)))
+    script = KILL_SCRIPT.format(tests=str(TESTS), out=str(out), pause=(str(progress), 12, str(ready)))
     proc = subprocess.Popen([sys.executable, "-c", script])
     wait_for(ready, proc=proc)  # the child committed >= 12 rows and now blocks in its next forward
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = json.loads(progress.read_text())["rows_done"]
     assert 12 <= done < 48, f"kill came too late or too early ({done} rows)"
-    plain = KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=None)
+    plain = KILL_SCRIPT.format(tests=str(TESTS), out=str(out), pause=None)
     resumed = subprocess.run([sys.executable, "-c", plain], timeout=300)
     assert resumed.returncode == 0
     store = CodeStore(out)

@@ -165,6 +165,7 @@ def test_torchscript_export_is_kept_and_matches_the_bundle(trained, tmp_path):
     np.testing.assert_allclose(got, probe.decision_function([str(p) for p in paths]), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_onnx_export_through_dynamo_matches_the_bundle(trained, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -18,7 +18,7 @@ from cnncodes.cli import main
 from cnncodes.errors import IncompleteStoreError, StoreError, StoreMismatchError
 from cnncodes.extraction import parse_devices, parse_shard, shard_from_env
 from cnncodes.store import CodeStore, Shard, merge_shards
-from helpers import make_images, make_tiny_backbone, wait_for
+from helpers import TESTS, make_images, make_tiny_backbone, wait_for
 
 CLI_MODEL = ["--model", "resnet18:none", "--input-size", "32", "--taps", "last:2", "--poolings", "avg,avg2", "--batch-size", "4"]
 
@@ -89,6 +89,7 @@ def test_shard_parsing_and_launcher_environments():
 
 
 # -- shards as separate processes -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_shard_processes_then_merge_equal_a_one_process_run(tmp_path):
     folder = str(image_folder(tmp_path / "images"))
     assert main(["extract", folder, "--out", str(tmp_path / "one"), "--quiet", *CLI_MODEL]) == 0
@@ -125,13 +126,14 @@ def run_tiny(out: Path, **kwargs) -> CodeStore:
     return extract(images, labels=labels, out=out, **{**settings, **kwargs})
 
 
+@pytest.mark.slow
 def test_a_killed_shard_resumes_on_its_own(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "sharded"
     run_tiny(out, shard="0/2")
     progress = out / "shards" / "1-of-2" / ".partial" / "progress.json"
     ready = tmp_path / "ready"
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=(str(progress), 8, str(ready)), shard="1/2", shared=False)
+    script = SHARD_SCRIPT.format(tests=str(TESTS), out=str(out), pause=(str(progress), 8, str(ready)), shard="1/2", shared=False)
     proc = subprocess.Popen([sys.executable, "-c", script])
     wait_for(ready, proc=proc)  # shard 1 committed >= 8 rows and now blocks in its next forward
     proc.send_signal(signal.SIGKILL)
@@ -146,10 +148,11 @@ def test_a_killed_shard_resumes_on_its_own(tmp_path):
     assert not (out / "shards").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "launched"
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=None, shard="auto", shared=False)
+    script = SHARD_SCRIPT.format(tests=str(TESTS), out=str(out), pause=None, shard="auto", shared=False)
     procs = [
         subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"})
         for r in range(2)
@@ -169,6 +172,7 @@ def test_a_library_call_inside_a_torchrun_job_is_not_a_shard(tmp_path, monkeypat
     assert store_files(tmp_path / "inside") == store_files(tmp_path / "one")
 
 
+@pytest.mark.slow
 def test_devices_split_over_processes_equals_one_process(tmp_path):
     one = run_tiny(tmp_path / "one")
     split = run_tiny(tmp_path / "split", devices="cpu,cpu")
@@ -230,6 +234,7 @@ def test_cli_reports_shard_errors(tmp_path, capsys):
     assert "does not exist; give the --out directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shards_as_dask_tasks_then_merge_equal_one_process(tmp_path):
     distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
     folder = str(image_folder(tmp_path / "images", n=16))
@@ -245,6 +250,7 @@ def test_shards_as_dask_tasks_then_merge_equal_one_process(tmp_path):
 
 
 # -- one shared, preallocated store -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_shards_filling_one_shared_store_concurrently_equal_a_one_process_run(tmp_path, capsys):
     folder = str(image_folder(tmp_path / "images"))
     assert main(["extract", folder, "--out", str(tmp_path / "one"), "--quiet", *CLI_MODEL]) == 0
@@ -259,12 +265,13 @@ def test_shards_filling_one_shared_store_concurrently_equal_a_one_process_run(tm
     assert store_files(Path(out)) == store_files(tmp_path / "one")
 
 
+@pytest.mark.slow
 def test_a_killed_shard_of_a_shared_store_resumes_and_the_last_one_publishes(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "shared"
     progress = out / ".partial" / "progress-0-of-2.json"
     ready = tmp_path / "ready"
-    script = SHARD_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), pause=(str(progress), 8, str(ready)), shard="0/2", shared=True)
+    script = SHARD_SCRIPT.format(tests=str(TESTS), out=str(out), pause=(str(progress), 8, str(ready)), shard="0/2", shared=True)
     proc = subprocess.Popen([sys.executable, "-c", script])
     wait_for(ready, proc=proc)  # shard 0 committed >= 8 rows and now blocks in its next forward
     proc.send_signal(signal.SIGKILL)
@@ -294,6 +301,7 @@ def test_shared_store_refusals(tmp_path):
 
 
 # -- what was there before is never lost or silently reused --------------------------------------------------------------
+@pytest.mark.slow
 def test_a_sharded_run_into_another_store_is_refused_before_any_work(tmp_path):
     other = run_tiny(tmp_path / "out", poolings="max")
     before = store_files(other.path)

@@ -11,6 +11,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from cnncodes import CodeExtractor, list_taps, load_backbone
 
+pytestmark = pytest.mark.slow  # builds dozens of real architectures
+
 # torchvision model -> (input size, the modules whose outputs are its stages, in order, and their channels)
 TORCHVISION = {
     "resnet50": (64, ["relu", "layer1", "layer2", "layer3", "layer4"], [64, 256, 512, 1024, 2048]),

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import joblib
 import numpy as np
@@ -13,7 +12,7 @@ from cnncodes.cli import main
 from cnncodes.deploy import read_bundle
 from cnncodes.probing import SweepConfig
 from cnncodes.sweeps import format_table, make_split, sweep, write_report
-from helpers import make_code_store
+from helpers import TESTS, make_code_store
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +109,11 @@ print(json.dumps({{"grew_kib": peak - base, "solver": result.rows[0].solver, "ac
 """
 
 
+@pytest.mark.slow
 def test_out_of_core_fit_stays_under_its_memory_cap(tmp_path):
     array_mib = 3000 * 2048 * 4 / 2**20  # 23 MiB of float32 codes for the 'mid' tap
     cap = 4 * 2**20
-    tests = str(Path(__file__).parent)
+    tests = str(TESTS)
     # make the store first in its own process so its creation does not count towards the peak
     out = subprocess.run([sys.executable, "-c", OOC_SCRIPT.format(tests=tests, path=str(tmp_path / "big"), cap=cap)],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -128,6 +128,7 @@ def _without_timings(rows):
     return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]
 
 
+@pytest.mark.slow
 def test_sweep_on_a_dask_local_cluster_equals_the_local_sweep(store, tmp_path):
     distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
     args = ["--probes", "logreg,linsvc,sgd", "--folds", "3", "--jobs", "2", "--quiet"]
@@ -146,6 +147,7 @@ def test_sweep_on_a_dask_local_cluster_equals_the_local_sweep(store, tmp_path):
     assert (tmp_path / "dask" / "test_predictions.csv").read_text() == (tmp_path / "local" / "test_predictions.csv").read_text()
 
 
+@pytest.mark.slow
 def test_dask_backend_errors_say_what_to_do(store, tmp_path, capsys):
     pytest.importorskip("distributed", reason="the dask extra is not installed")
     import dask

@@ -1,0 +1,76 @@
+"""The code store on its own: what the writer writes the reader reads back, lazy handles, locks, shard layouts."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from cnncodes.errors import StoreError, StoreLockedError
+from cnncodes.store import ArraySpec, CodeStore, ShardLayout, StoredCodes, StoreWriter
+from helpers import make_code_store
+
+
+def _writer(path, rows=6, dims=3, **kw):
+    spec = ArraySpec("a", "avg", dims, "float32", True, False)
+    return StoreWriter(path, arrays=[spec], sources=[f"{i}.png" for i in range(rows)], labels=np.arange(rows) % 2,
+                       classes=["x", "y"], views=0, config={"k": 1}, info={}, **kw), spec  # fmt: skip
+
+
+def test_what_the_writer_writes_the_reader_reads_back(tmp_path):
+    writer, spec = _writer(tmp_path / "s")
+    codes = np.arange(18, dtype=np.float32).reshape(6, 3)
+    writer.write(0, {spec.file: codes[:4]})
+    writer.commit(4)
+    writer.write(4, {spec.file: codes[4:]})
+    writer.commit(6)
+    store = writer.finalize()
+    writer.close()
+    again = CodeStore(tmp_path / "s")
+    np.testing.assert_array_equal(again.codes("a", "avg"), codes)
+    np.testing.assert_array_equal(again.labels, np.arange(6) % 2)
+    assert again.keys() == [("a", "avg")] and again.classes == ["x", "y"] and store.rows == 6
+    assert again.shard is None
+
+
+def test_lazy_handles_read_the_same_rows_and_pickle_as_a_path(tmp_path):
+    store = make_code_store(tmp_path / "s", n_images=40)
+    lazy = store.lazy("mid", "avg")
+    assert isinstance(lazy, StoredCodes) and lazy.shape == store.codes("mid", "avg").shape
+    full = np.asarray(store.codes("mid", "avg"))
+    np.testing.assert_array_equal(lazy[5:17], full[5:17])  # plain file reads
+    rows = np.array([3, 0, 39, 7])
+    np.testing.assert_array_equal(lazy[rows], full[rows])  # memory map
+    np.testing.assert_array_equal(np.asarray(lazy), full)
+    blob = pickle.dumps(lazy)
+    assert len(blob) < 1000, "a handle must not carry the codes"
+    np.testing.assert_array_equal(pickle.loads(blob)[rows], full[rows])
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
+    holder, _ = _writer(tmp_path / "s")
+    try:
+        with pytest.raises(StoreLockedError, match="another cnncodes process is writing"):
+            _writer(tmp_path / "s")
+    finally:
+        holder.close()
+
+
+def test_opening_what_is_not_a_store_says_how_to_make_one(tmp_path):
+    with pytest.raises(StoreError, match="not a code store.*cnncodes extract"):
+        CodeStore(tmp_path)
+    store = make_code_store(tmp_path / "s", n_images=30)
+    with pytest.raises(StoreError, match="no single array for tap 'nope'"):
+        store.codes("nope", "avg")
+
+
+def test_shard_layouts_round_trip_and_malformed_ones_are_refused(tmp_path):
+    own = ShardLayout(count=4, index=1, images=(8, 16))
+    shared = ShardLayout(count=4, images_per_batch=8)
+    for layout in (own, shared):
+        assert ShardLayout.from_dict(layout.to_dict(), tmp_path) == layout
+    assert own.shard is not None and str(own.shard) == "1/4" and shared.shared and shared.shard is None
+    assert ShardLayout.from_dict(None, tmp_path) is None
+    with pytest.raises(StoreError, match="shard entry .* is malformed"):
+        ShardLayout.from_dict({"index": 1}, tmp_path / "manifest.json")
