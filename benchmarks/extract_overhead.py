@@ -47,9 +47,28 @@ def bare(backbone, x: torch.Tensor, batch: int, dev: torch.device) -> float:
 
 def through_cnncodes(backbone, data: np.ndarray, layers: str, batch: int, device: str, workers: int | None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        extract(data[:batch], out=f"{tmp}/warm", model=backbone, taps=layers, batch_size=batch, device=device, progress=False, workers=0)
+        extract(
+            data[:batch],
+            out=f"{tmp}/warm",
+            model=backbone,
+            taps=layers,
+            batch_size=batch,
+            device=device,
+            progress=False,
+            workers=0,
+        )
         start = time.perf_counter()
-        extract(data, out=f"{tmp}/run", model=backbone, taps=layers, poolings="avg", batch_size=batch, device=device, workers=workers, progress=False)
+        extract(
+            data,
+            out=f"{tmp}/run",
+            model=backbone,
+            taps=layers,
+            poolings="avg",
+            batch_size=batch,
+            device=device,
+            workers=workers,
+            progress=False,
+        )
         return len(data) / (time.perf_counter() - start)
 
 

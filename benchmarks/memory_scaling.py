@@ -45,12 +45,16 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(n), f"{tmp}/store{n}"], check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(n), f"{tmp}/store{n}"], check=True, capture_output=True, text=True
+            )
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     for r in results:
         print(f"N={r['n']:>7}  store={r['store_bytes'] / 2**20:8.1f} MiB  peak RSS={r['peak_rss_kib'] / 1024:7.1f} MiB")
     first, last = results[0], results[-1]
-    print(f"store grew x{last['store_bytes'] / first['store_bytes']:.1f}; peak RSS grew x{last['peak_rss_kib'] / first['peak_rss_kib']:.3f}")
+    print(
+        f"store grew x{last['store_bytes'] / first['store_bytes']:.1f}; peak RSS grew x{last['peak_rss_kib'] / first['peak_rss_kib']:.3f}"
+    )
 
 
 if __name__ == "__main__":

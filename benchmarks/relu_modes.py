@@ -61,7 +61,12 @@ def run(task: str, images: np.ndarray, labels: np.ndarray, model: str, size: int
         result = sweep(store, probes=("logreg",), jobs=-1, progress=False)
         rectified = {(a["tap"], a["pooling"]): a["relu_applied"] for a in store.arrays}
         rows = {(r["tap"], r["pooling"]): r for r in result.rows}
-        results[mode] = {"rows": rows, "best": result.best, "applied": rectified, "seconds": time.perf_counter() - start}
+        results[mode] = {
+            "rows": rows,
+            "best": result.best,
+            "applied": rectified,
+            "seconds": time.perf_counter() - start,
+        }
     return results
 
 

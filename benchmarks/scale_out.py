@@ -93,7 +93,9 @@ def probe_rates(folder: Path, rows: int, dims: int) -> tuple[float, float, float
                      classes=[str(k) for k in range(10)], views=0, config={"bench": 2}, info={}) as writer:  # fmt: skip
         for lo in range(0, rows, 8192):
             hi = min(rows, lo + 8192)
-            writer.write(lo, {spec.file: (centers[labels[lo:hi]] + rng.standard_normal((hi - lo, dims))).astype(np.float16)})
+            writer.write(
+                lo, {spec.file: (centers[labels[lo:hi]] + rng.standard_normal((hi - lo, dims))).astype(np.float16)}
+            )
         writer.commit(rows)
         writer.finalize()
     out = []

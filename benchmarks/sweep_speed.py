@@ -63,11 +63,15 @@ def main() -> None:
         ours = sweep(store, jobs=args.jobs, progress=False)
         t_ours = time.perf_counter() - start
     print(f"store: {store.rows} rows x {len(store.arrays)} arrays; cpu cores: {os.cpu_count()}")
-    print(f"baseline GridSearchCV  {t_base:8.1f} s  best {base['tap']}/{base['pooling']}  test accuracy {base['test']:.4f}")
+    print(
+        f"baseline GridSearchCV  {t_base:8.1f} s  best {base['tap']}/{base['pooling']}  test accuracy {base['test']:.4f}"
+    )
     print(f"cnncodes sweep         {t_ours:8.1f} s  best {ours.best['tap']}/{ours.best['pooling']}/{ours.best['probe']}  "
           f"test accuracy {ours.best['test_accuracy']:.4f}")  # fmt: skip
-    print(f"speed ratio baseline/cnncodes = {t_base / t_ours:.2f}x (target >= 5); "
-          f"accuracy difference = {100 * (ours.best['test_accuracy'] - base['test']):+.2f} points (target within 0.5)")
+    print(
+        f"speed ratio baseline/cnncodes = {t_base / t_ours:.2f}x (target >= 5); "
+        f"accuracy difference = {100 * (ours.best['test_accuracy'] - base['test']):+.2f} points (target within 0.5)"
+    )
 
 
 if __name__ == "__main__":

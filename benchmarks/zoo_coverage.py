@@ -120,7 +120,9 @@ def main(argv: list[str]) -> None:
         finally:
             signal.alarm(0)
         rows.append(row)
-        status = row.get("error") or f"{row['taps']} taps, {len(row['stages'])} stages ({row['source']}), {row['check']}"
+        status = (
+            row.get("error") or f"{row['taps']} taps, {len(row['stages'])} stages ({row['source']}), {row['check']}"
+        )
         print(f"{spec:<45} {status}", flush=True)
         gc.collect()
     if argv:

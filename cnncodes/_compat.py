@@ -15,6 +15,10 @@ def deprecated_alias(old: str, old_value: Any, new: str, new_value: Any, default
     if old_value is None:
         return new_value
     if new_value is not None and new_value != default:
-        raise ParameterError(f"got both {old}= and {new}=; {old}= is the deprecated spelling of {new}=, give only {new}=.")
-    warnings.warn(f"{old}= is deprecated and will be removed in cnncodes 0.3; use {new}= instead.", FutureWarning, stacklevel=3)
+        raise ParameterError(
+            f"got both {old}= and {new}=; {old}= is the deprecated spelling of {new}=, give only {new}=."
+        )
+    warnings.warn(
+        f"{old}= is deprecated and will be removed in cnncodes 0.3; use {new}= instead.", FutureWarning, stacklevel=3
+    )
     return old_value

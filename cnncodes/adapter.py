@@ -104,7 +104,9 @@ class CNNCodes(TransformerMixin, BaseEstimator):
 
     def _build(self) -> CodeExtractor:
         if not isinstance(self.model, str):
-            raise ParameterError(f"model must be a model spec string (got {type(self.model).__name__}); see cnncodes.load_backbone.")
+            raise ParameterError(
+                f"model must be a model spec string (got {type(self.model).__name__}); see cnncodes.load_backbone."
+            )
         self._backbone = _shared_backbone(self.model, self.weights, self.input_size)
         poolings = deprecated_alias("pooling", self.pooling, "poolings", self.poolings, "avg")
         self._extractor = CodeExtractor(self._backbone, self.taps, poolings, relu=self.relu)
@@ -132,7 +134,9 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             todo = [i for i in todo if not self._cached(keys[i], out, i)]
         if todo:
             subset = _Subset(source, todo)
-            codes, reasons = encode(subset, extractor, self._backbone.preprocessing, batch_size=self.batch_size, device=self.device)
+            codes, reasons = encode(
+                subset, extractor, self._backbone.preprocessing, batch_size=self.batch_size, device=self.device
+            )
             bad = [(source.ids[todo[j]], r) for j, r in enumerate(reasons) if r]
             if bad:
                 raise ImageDecodeError(*bad[0])
@@ -154,7 +158,9 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     # -- per-image code cache -----------------------------------------------------------------------------------------
     def _cache_dir(self) -> Path:
         location = getattr(self.memory, "location", self.memory)
-        config = json.dumps([self.fingerprint_, self.taps_, self.poolings_, self.relu, self._backbone.preprocessing.to_dict()])
+        config = json.dumps(
+            [self.fingerprint_, self.taps_, self.poolings_, self.relu, self._backbone.preprocessing.to_dict()]
+        )
         return Path(location) / "cnncodes-codes" / hashlib.sha256(config.encode()).hexdigest()[:16]
 
     def _cache_keys(self, source: ImageSource) -> list[str | None]:

@@ -169,7 +169,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .extraction import extract
 
     out = Path(args.out)
-    print(f"[1/2] extracting demo:digits with efficientnet_lite0 at 96 px: stage and expanded taps x avg, avg2, avg4 -> {out / 'codes'}")
+    print(
+        f"[1/2] extracting demo:digits with efficientnet_lite0 at 96 px: stage and expanded taps x avg, avg2, avg4 -> {out / 'codes'}"
+    )
     store = extract("demo:digits", out=out / "codes", input_size=96, taps="stages,expanded", poolings="avg,avg2,avg4",
                     progress=not args.quiet)  # fmt: skip
     print(f"      {store.rows} images x {len(store.arrays)} arrays")
@@ -205,7 +207,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_probe, load_bundle
 
-    probe = load_bundle(args.bundle, weights=args.weights, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device="cpu")
+    probe = load_bundle(
+        args.bundle, weights=args.weights, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device="cpu"
+    )
     path = export_probe(probe, args.out, args.format)
     size = probe.preprocessing.input_size
     print(f"wrote {args.format} model to {path}: input float32 (N, 3, {size}, {size}) normalized with mean "
@@ -218,27 +222,47 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", default="logreg,linsvc", help="logreg,linsvc,sgd,sgd-log (default: %(default)s)")
     p.add_argument("--normalizers", default="standard", help="standard,l2,power,none (default: %(default)s)")
     p.add_argument("--folds", type=int, default=5, help="stratified CV folds over training images")
-    p.add_argument("--val-size", type=float, default=None, help="one validation split of this fraction instead of k-fold")
+    p.add_argument(
+        "--val-size", type=float, default=None, help="one validation split of this fraction instead of k-fold"
+    )
     p.add_argument("--test-size", type=float, default=0.25, help="held-out test fraction (ignored with --test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--c-range", type=_parse_c_range, default=(1e-4, 1e4), metavar="MIN,MAX")
     p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
-    p.add_argument("--max-memory", type=_parse_bytes, default=None, metavar="SIZE", help="memory per sweep task; arrays whose in-memory fit (train rows x dims x 4 B x (folds+1)) needs more stream out of core (e.g. 2G)")
+    p.add_argument(
+        "--max-memory",
+        type=_parse_bytes,
+        default=None,
+        metavar="SIZE",
+        help="memory per sweep task; arrays whose in-memory fit (train rows x dims x 4 B x (folds+1)) needs more stream out of core (e.g. 2G)",
+    )
     p.add_argument("--device", default="cpu", help="device of the linear solvers (cpu, cuda)")
     p.add_argument("--backend", choices=["dask"], help="run the sweep's tasks on a Dask cluster (needs cnncodes[dask])")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="with --backend dask: tcp://HOST:PORT or a scheduler JSON file (default: local cluster)")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --backend dask: tcp://HOST:PORT or a scheduler JSON file (default: local cluster)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(test=None, taps=None, poolings=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnncodes", description="CNN codes + linear probes: which layer of a frozen CNN works best for your images?")
+    parser = argparse.ArgumentParser(
+        prog="cnncodes",
+        description="CNN codes + linear probes: which layer of a frozen CNN works best for your images?",
+    )
     parser.add_argument("--version", action="version", version=f"cnncodes {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("layers", help="list the taps of a model in forward order")
     _add_model_args(p, positional=True)
-    p.add_argument("--poolings", "--pool", default="avg,avg2", help="poolings to size, e.g. avg,avg2,cls,mean (default: %(default)s)")
+    p.add_argument(
+        "--poolings",
+        "--pool",
+        default="avg,avg2",
+        help="poolings to size, e.g. avg,avg2,cls,mean (default: %(default)s)",
+    )
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_layers)
@@ -246,12 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract CNN codes from images into a code store")
     p.add_argument("source", help="ImageFolder dir, path,label CSV, unlabeled dir, or demo:digits")
     _add_model_args(p)
-    p.add_argument("--taps", "--layers", default="stages", help="tap names or stages|expanded|rectified|all|last:K (default: %(default)s)")
-    p.add_argument("--poolings", "--pool", default="avg", help="poolings: avg,max,avgK,maxK,none; token taps also cls,mean (default: %(default)s)")
+    p.add_argument(
+        "--taps",
+        "--layers",
+        default="stages",
+        help="tap names or stages|expanded|rectified|all|last:K (default: %(default)s)",
+    )
+    p.add_argument(
+        "--poolings",
+        "--pool",
+        default="avg",
+        help="poolings: avg,max,avgK,maxK,none; token taps also cls,mean (default: %(default)s)",
+    )
     p.add_argument("--out", required=True, help="store directory")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--relu", default="auto", choices=["auto", "always", "never"],
-                   help="auto: rectify only where the network thresholds (ReLU/ReLU6); always; never (default: %(default)s)")
+    p.add_argument(
+        "--relu",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="auto: rectify only where the network thresholds (ReLU/ReLU6); always; never (default: %(default)s)",
+    )
     p.add_argument("--no-relu", action="store_true", help=argparse.SUPPRESS)  # deprecated spelling of --relu never
     p.add_argument("--views", type=int, default=0, metavar="K", help="augmented views per image (default: 0)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the augmented views")
@@ -263,9 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="bad images: record and skip, or stop")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--shard", metavar="I/N", help="extract only shard I of N (0-based) into OUT/shards/I-of-N; auto: from torchrun/Slurm (a torchrun launch is detected without it)")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="extract only shard I of N (0-based) into OUT/shards/I-of-N; auto: from torchrun/Slurm (a torchrun launch is detected without it)",
+    )
     p.add_argument("--merge", action="store_true", help="with --shard: merge all shards if this is the last to finish")
-    p.add_argument("--shared", action="store_true", help="with --shard: fill one store preallocated at OUT (shared storage) instead of OUT/shards/I-of-N; no merge needed")
+    p.add_argument(
+        "--shared",
+        action="store_true",
+        help="with --shard: fill one store preallocated at OUT (shared storage) instead of OUT/shards/I-of-N; no merge needed",
+    )
     p.add_argument("--devices", metavar="LIST", help="one process per device, e.g. cuda:0,cuda:1; merged at the end")
     p.set_defaults(func=_cmd_extract)
 
@@ -289,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="ImageFolder dir, CSV, unlabeled folder or demo:digits")
     p.add_argument("--out", help="CSV file to write (default: standard output)")
     p.add_argument("--weights", metavar="PATH", help="local weights for the bundle's model spec")
-    p.add_argument("--allow-fingerprint-mismatch", action="store_true", help="predict with other backbone weights anyway")
+    p.add_argument(
+        "--allow-fingerprint-mismatch", action="store_true", help="predict with other backbone weights anyway"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -297,8 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a probe bundle as one torch.export, TorchScript or ONNX model")
     p.add_argument("bundle")
-    p.add_argument("--format", default="pt2", choices=["pt2", "torchscript", "onnx"],
-                   help="pt2: torch.export program (torch.export.load); torchscript; onnx (needs cnncodes[onnx]) (default: %(default)s)")
+    p.add_argument(
+        "--format",
+        default="pt2",
+        choices=["pt2", "torchscript", "onnx"],
+        help="pt2: torch.export program (torch.export.load); torchscript; onnx (needs cnncodes[onnx]) (default: %(default)s)",
+    )
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--weights", metavar="PATH", help="local weights for the bundle's model spec")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true")

@@ -1,6 +1,6 @@
 """Sweep, save the best probe as a safe bundle, predict new images with it and export it to TorchScript.
 
-    python examples/deploy_probe.py
+python examples/deploy_probe.py
 """
 
 import sys
@@ -13,7 +13,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _data import make_folder  # noqa: E402
 
 work = Path(tempfile.mkdtemp())
-store = cnncodes.extract(make_folder(work / "images"), out=work / "codes", model="resnet18:none", input_size=32, taps="last:2", progress=False)
+store = cnncodes.extract(
+    make_folder(work / "images"),
+    out=work / "codes",
+    model="resnet18:none",
+    input_size=32,
+    taps="last:2",
+    progress=False,
+)
 bundle_path = cnncodes.save_probe(cnncodes.sweep(store, probes=("logreg",), folds=3, progress=False), work)
 probe = cnncodes.load_bundle(bundle_path)
 new = make_folder(work / "new", per_class=2)

@@ -28,7 +28,10 @@ def extract_shard(index: int, count: int, images: Path, out: Path) -> str:
 if __name__ == "__main__":
     work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
     images = make_folder(work / "images")
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         for line in client.gather(client.map(extract_shard, range(3), count=3, images=images, out=work / "codes")):
             print(line)
         store = cnncodes.merge_shards(work / "codes", remove_shards=True)

@@ -1,6 +1,6 @@
 """CNN codes inside a scikit-learn Pipeline, with a grid search over the probe's C that extracts each image once.
 
-    python examples/sklearn_pipeline.py
+python examples/sklearn_pipeline.py
 """
 
 import sys

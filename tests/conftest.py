@@ -16,6 +16,7 @@ from helpers import make_images, make_tiny_backbone  # noqa: E402
 def tiny_backbone():
     return make_tiny_backbone()
 
+
 @pytest.fixture
 def tiny_images():
     return make_images()

@@ -30,7 +30,11 @@ def test_transform_equals_the_extractor_and_names_features(data):
     codes = t.transform(images[:5])
     assert codes.shape == (5, t.n_features_out_) == (5, 128 + 512)
     names = t.get_feature_names_out()
-    assert len(names) == codes.shape[1] and names[0] == "layer2.1.relu_1__avg_0" and names[-1] == "layer2.1.relu_1__avg2_511"
+    assert (
+        len(names) == codes.shape[1]
+        and names[0] == "layer2.1.relu_1__avg_0"
+        and names[-1] == "layer2.1.relu_1__avg2_511"
+    )
     same = t.transform([Image.fromarray(im) for im in images[:5]])  # PIL route
     np.testing.assert_allclose(codes, same, rtol=1e-6)
 
@@ -45,7 +49,9 @@ def test_grid_over_C_does_not_reextract_codes(data, tmp_path, monkeypatch):
         return original(source, *args, **kwargs)
 
     monkeypatch.setattr(transformer_module, "encode", counting)
-    pipe = Pipeline([("codes", CNNCodes(**SPEC, device="cpu", memory=str(tmp_path))), ("probe", TorchLogisticRegression())])
+    pipe = Pipeline(
+        [("codes", CNNCodes(**SPEC, device="cpu", memory=str(tmp_path))), ("probe", TorchLogisticRegression())]
+    )
     search = GridSearchCV(pipe, {"probe__C": [0.01, 0.1, 1.0]}, cv=3).fit(images, labels)
     assert sum(seen) == len(images), f"the network ran on {sum(seen)} images for {len(images)} distinct ones"
     assert search.best_estimator_.predict(images[:4]).shape == (4,)

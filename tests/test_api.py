@@ -31,8 +31,10 @@ def test_every_public_name_resolves_after_import_cnncodes_alone():
 
 
 def test_help_and_argument_errors_do_not_load_torch():
-    code = ("import sys\nfrom cnncodes.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'sklearn', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys\nfrom cnncodes.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'sklearn', 'numpy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

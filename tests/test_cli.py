@@ -57,13 +57,25 @@ def test_installed_script_extracts_a_folder(tmp_path):
     assert "broken.jpg" in done.stdout
     store = CodeStore(tmp_path / "s")
     assert store.rows == 12 and len(store.errors) == 1 and store.classes == ["a", "b"]
-    module = subprocess.run([sys.executable, "-m", "cnncodes", "extract", *cmd[2:]], capture_output=True, text=True, timeout=300)
+    module = subprocess.run(
+        [sys.executable, "-m", "cnncodes", "extract", *cmd[2:]], capture_output=True, text=True, timeout=300
+    )
     assert module.returncode == 0, module.stderr  # the same command again reuses the complete store
 
 
 def test_in_process_extract_then_mismatch_is_refused(tmp_path, capsys):
     _folder(tmp_path / "imgs", n=3)
-    base = ["extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32", "--out", str(tmp_path / "s"), "--quiet"]
+    base = [
+        "extract",
+        str(tmp_path / "imgs"),
+        "--model",
+        "resnet18:none",
+        "--input-size",
+        "32",
+        "--out",
+        str(tmp_path / "s"),
+        "--quiet",
+    ]
     assert main(base) == 0
     assert main(base[:-1] + ["--poolings", "max", "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -81,4 +93,6 @@ def test_relu_choice_is_recorded_per_array_and_matches_the_python_route(tmp_path
     assert all(a["relu"] == "never" and not a["relu_applied"] for a in never.arrays)
     assert all(a["layout"] == {"kind": "nchw"} for a in auto.arrays)
     np.testing.assert_array_equal(auto.codes("layer1.0.bn2", "avg"), never.codes("layer1.0.bn2", "avg"))
-    assert (np.asarray(never.codes("layer1.0.bn1", "avg")) < 0).any() and (np.asarray(auto.codes("layer1.0.bn1", "avg")) >= 0).all()
+    assert (np.asarray(never.codes("layer1.0.bn1", "avg")) < 0).any() and (
+        np.asarray(auto.codes("layer1.0.bn1", "avg")) >= 0
+    ).all()

@@ -68,7 +68,11 @@ def _edges(module: str) -> frozenset[str]:
         if isinstance(node, ast.ImportFrom):
             if node.level == 0 and not (node.module or "").startswith("cnncodes"):
                 continue
-            target = _resolve(module, node.level, node.module) if node.level else node.module.removeprefix("cnncodes").lstrip(".")
+            target = (
+                _resolve(module, node.level, node.module)
+                if node.level
+                else node.module.removeprefix("cnncodes").lstrip(".")
+            )
             for alias in node.names:
                 found.add(_defining(target, alias.name))
         elif isinstance(node, ast.Import):
@@ -116,7 +120,9 @@ def test_rooms_import_only_the_rooms_before_them(module):
     room = _room(module)
     for dep in _edges(module):
         other = _room(dep)
-        assert other == room or other in BASE or other in ALLOWED[room], f"{module} imports {dep}: {room} may not use {other}"
+        assert other == room or other in BASE or other in ALLOWED[room], (
+            f"{module} imports {dep}: {room} may not use {other}"
+        )
 
 
 def test_no_import_cycles_between_rooms_or_modules():
@@ -127,7 +133,7 @@ def test_no_import_cycles_between_rooms_or_modules():
         state[m] = 1
         for d in graph.get(m, ()):
             if state.get(d) == 1:
-                pytest.fail("import cycle: " + " -> ".join([*path[path.index(d):], d]) if d in path else d)
+                pytest.fail("import cycle: " + " -> ".join([*path[path.index(d) :], d]) if d in path else d)
             if d not in state:
                 visit(d, [*path, d])
         state[m] = 2
@@ -162,7 +168,9 @@ def test_a_bundle_only_predict_loads_neither_the_store_writer_nor_the_extraction
         f"probe.predict({str(images)!r})\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('cnncodes'))))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
+    )
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert "cnncodes.deploy._predict" in loaded
     assert not {m for m in loaded if m.startswith(("cnncodes.store", "cnncodes.extraction", "cnncodes.sweeps"))}, loaded

@@ -34,7 +34,15 @@ from .._versions import versions
 from ..errors import BundleError
 from ..probing import TorchLinearSVC, TorchLogisticRegression
 
-__all__ = ["ExtractorSpec", "ProbeBundle", "save_bundle", "read_bundle", "bundle_from_pipeline", "save_probe", "FORMAT_VERSION"]
+__all__ = [
+    "ExtractorSpec",
+    "ProbeBundle",
+    "save_bundle",
+    "read_bundle",
+    "bundle_from_pipeline",
+    "save_probe",
+    "FORMAT_VERSION",
+]
 
 FORMAT = "cnncodes.probe"
 FORMAT_VERSION = 1
@@ -84,7 +92,9 @@ class ExtractorSpec:
         need(model, "preprocessing", dict, "extractor.model.")
         code_dtype = data.get("code_dtype", "float32")
         if code_dtype not in ("float16", "float32"):
-            raise BundleError(f"{where}: bundle.json extractor.code_dtype is {code_dtype!r}; expected float16 or float32.")
+            raise BundleError(
+                f"{where}: bundle.json extractor.code_dtype is {code_dtype!r}; expected float16 or float32."
+            )
         return cls(model=dict(model), tap=need(data, "tap", str, "extractor."), pooling=need(data, "pooling", str, "extractor."),
                    relu=bool(need(data, "relu", (bool, int), "extractor.")), code_dtype=code_dtype,
                    dims=int(data.get("dims", -1)) if isinstance(data.get("dims", -1), int) else -1)  # fmt: skip
@@ -162,7 +172,12 @@ class ProbeBundle:
         return p / p.sum(1, keepdims=True)
 
 
-def bundle_from_pipeline(pipeline: Pipeline, extractor: ExtractorSpec | dict[str, Any], classes: list[str], metrics: dict[str, Any] | None = None) -> ProbeBundle:
+def bundle_from_pipeline(
+    pipeline: Pipeline,
+    extractor: ExtractorSpec | dict[str, Any],
+    classes: list[str],
+    metrics: dict[str, Any] | None = None,
+) -> ProbeBundle:
     """Take the parameters out of a fitted probe Pipeline (see :func:`cnncodes.probes.make_probe`)."""
     norm_step, clf = pipeline.named_steps["normalize"], pipeline.named_steps["classify"]
     arrays: dict[str, np.ndarray] = {}
@@ -188,7 +203,9 @@ def bundle_from_pipeline(pipeline: Pipeline, extractor: ExtractorSpec | dict[str
         raise BundleError(f"cannot bundle classifier {type(clf).__name__}; use a linear probe from make_probe.")
     arrays["coef"] = np.asarray(clf.coef_, dtype=np.float32)
     arrays["intercept"] = np.asarray(clf.intercept_, dtype=np.float32)
-    fitted = [classes[int(c)] if isinstance(c, (int, np.integer)) and len(classes) > int(c) else str(c) for c in clf.classes_]
+    fitted = [
+        classes[int(c)] if isinstance(c, (int, np.integer)) and len(classes) > int(c) else str(c) for c in clf.classes_
+    ]
     if isinstance(extractor, dict):
         extractor = ExtractorSpec.from_dict(extractor, "the sweep's extractor")
     return ProbeBundle(extractor, normalizer, classifier, fitted, arrays, dict(metrics or {}), versions())
@@ -265,7 +282,9 @@ def read_bundle(path: str | os.PathLike) -> ProbeBundle:
     except (zipfile.BadZipFile, EOFError, KeyError, json.JSONDecodeError, ValueError, OSError) as exc:
         if isinstance(exc, BundleError):
             raise
-        raise BundleError(f"{path} is not a readable probe bundle ({type(exc).__name__}: {exc}); it may be truncated.") from exc
+        raise BundleError(
+            f"{path} is not a readable probe bundle ({type(exc).__name__}: {exc}); it may be truncated."
+        ) from exc
     return ProbeBundle(ExtractorSpec.from_dict(meta["extractor"], path), meta["normalizer"], meta["classifier"], list(meta["classes"]), arrays,
                        meta.get("metrics", {}), meta.get("versions", {}))  # fmt: skip
 

@@ -54,7 +54,12 @@ class ProbeModule(nn.Module):
 
 
 def export_probe(
-    probe: DeployedProbe, path: str | os.PathLike, format: str = "pt2", batch_size: int = 2, *, check_atol: float = 1e-4  # noqa: A002
+    probe: DeployedProbe,
+    path: str | os.PathLike,
+    format: str = "pt2",
+    batch_size: int = 2,
+    *,
+    check_atol: float = 1e-4,  # noqa: A002
 ) -> Path:
     """Write ``probe`` as one model taking a preprocessed batch and returning class scores.
 
@@ -81,7 +86,9 @@ def export_probe(
     if format not in FORMATS:
         raise ParameterError(f"format={format!r}; use one of {FORMATS}.")
     if batch_size < 2:
-        raise ParameterError(f"batch_size={batch_size}: the example batch needs at least 2 images (1 would fix the batch size).")
+        raise ParameterError(
+            f"batch_size={batch_size}: the example batch needs at least 2 images (1 would fix the batch size)."
+        )
     module = ProbeModule(probe).eval()
     size = probe.preprocessing.input_size
     example = torch.zeros(batch_size, 3, size, size)

@@ -62,12 +62,21 @@ class DeployedProbe:
                 "(Python: allow_fingerprint_mismatch=True) to predict anyway."
             )
         self.backbone = backbone
-        self.extractor = CodeExtractor(backbone, [bundle.extractor.tap], [bundle.extractor.pooling], relu=bundle.extractor.relu)
+        self.extractor = CodeExtractor(
+            backbone, [bundle.extractor.tap], [bundle.extractor.pooling], relu=bundle.extractor.relu
+        )
 
     def codes(self, images: Any, *, progress: bool = False) -> tuple[np.ndarray, list[str]]:
         """``(codes (n, dims), reasons)``; ``reasons[i]`` is ``""`` or why image ``i`` failed to decode."""
         source = as_source(images)
-        codes, reasons = encode(source, self.extractor, self.preprocessing, batch_size=self.batch_size, device=self.device, progress=progress)
+        codes, reasons = encode(
+            source,
+            self.extractor,
+            self.preprocessing,
+            batch_size=self.batch_size,
+            device=self.device,
+            progress=progress,
+        )
         return codes[(self.bundle.extractor.tap, self.bundle.extractor.pooling)], reasons
 
     def _checked(self, images: Any) -> np.ndarray:
@@ -95,7 +104,9 @@ class DeployedProbe:
         images = as_source(source)
         codes, reasons = self.codes(images, progress=progress)
         scores = (
-            self.bundle.predict_proba_codes(codes) if self.bundle.has_proba else self.bundle.decision_function_codes(codes)
+            self.bundle.predict_proba_codes(codes)
+            if self.bundle.has_proba
+            else self.bundle.decision_function_codes(codes)
         )
         pred = self.bundle.predict_codes(codes)
         rows = []

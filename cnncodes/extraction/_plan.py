@@ -45,7 +45,9 @@ def parse_shard(text: str | Shard | tuple[int, int] | None, env: Mapping[str, st
         return found
     match = _SHARD.match(str(text))
     if not match:
-        raise ParameterError(f"--shard {text!r} is not I/N; use e.g. --shard 0/4 for the first of four shards, or auto.")
+        raise ParameterError(
+            f"--shard {text!r} is not I/N; use e.g. --shard 0/4 for the first of four shards, or auto."
+        )
     return Shard(int(match[1]), int(match[2]))
 
 

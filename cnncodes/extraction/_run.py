@@ -57,6 +57,7 @@ from ._plan import launched_by_torchrun, launcher_device, parse_devices, parse_s
 
 __all__ = ["extract"]
 
+
 def extract(
     source: Any,
     *,
@@ -175,13 +176,26 @@ def extract(
     part, device_list, launched, device = _split_plan(shard, devices, device, shared, overwrite, merge)
     dev = resolve_device(device) if len(device_list) < 2 else None
     images = open_source(source, labels=labels, max_pixels=max_pixels)
-    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights=weights, preprocessing=preprocessing, input_size=input_size)
+    backbone = (
+        model
+        if isinstance(model, Backbone)
+        else load_backbone(model, weights=weights, preprocessing=preprocessing, input_size=input_size)
+    )
     extractor = CodeExtractor(backbone, taps, poolings, relu=relu)
     relu = extractor.relu
 
     specs = [
-        ArraySpec(t.name, p.name, t.code_dims(p), dtype, rectified=t.codes_rectified(relu), relu_applied=extractor.relu_applied[t.name],
-                  depth=t.index, layout=t.layout.to_dict(), relu=relu)  # fmt: skip
+        ArraySpec(
+            t.name,
+            p.name,
+            t.code_dims(p),
+            dtype,
+            rectified=t.codes_rectified(relu),
+            relu_applied=extractor.relu_applied[t.name],
+            depth=t.index,
+            layout=t.layout.to_dict(),
+            relu=relu,
+        )  # fmt: skip
         for t in extractor.taps
         for p in extractor.poolings
     ]
@@ -216,11 +230,29 @@ def extract(
                       workers=workers, amp=amp, on_error=on_error, max_pixels=max_pixels, overwrite=overwrite)  # fmt: skip
         return _extract_on_devices(device_list, kwargs, progress)
 
-    writer, first_image = _open_writer(out, images, part, shared, specs, config, info, views, images_per_batch(batch_size, views), overwrite)
+    writer, first_image = _open_writer(
+        out, images, part, shared, specs, config, info, views, images_per_batch(batch_size, views), overwrite
+    )
     try:
         if writer.already_complete:
             return CodeStore(writer.path)
-        _run(extractor, images, first_image, writer, backbone.preprocessing, specs, dev, views, seed, augment, batch_size, workers, amp, on_error, progress)
+        _run(
+            extractor,
+            images,
+            first_image,
+            writer,
+            backbone.preprocessing,
+            specs,
+            dev,
+            views,
+            seed,
+            augment,
+            batch_size,
+            workers,
+            amp,
+            on_error,
+            progress,
+        )
         store = writer.finalize()
     finally:
         writer.close()
@@ -242,7 +274,9 @@ def _split_plan(
         if launched:
             raise ParameterError(f"devices={devices!r} under torchrun (WORLD_SIZE set): each rank is a shard already, on "
                              "cuda:LOCAL_RANK; drop --devices.")  # fmt: skip
-        raise ParameterError(f"got devices={devices!r} and shard {part}: --devices splits the work itself; give one of them.")
+        raise ParameterError(
+            f"got devices={devices!r} and shard {part}: --devices splits the work itself; give one of them."
+        )
     if shared and part is None:
         raise ParameterError("shared=True (--shared) needs a shard: give --shard I/N, or launch with torchrun.")
     if shared and overwrite:
@@ -251,7 +285,9 @@ def _split_plan(
             "once no shard is running, or choose another --out."
         )
     if shared and merge:
-        raise ParameterError("merge=True (--merge) does nothing with --shared: the last shard publishes the store itself.")
+        raise ParameterError(
+            "merge=True (--merge) does nothing with --shared: the last shard publishes the store itself."
+        )
     if len(device_list) == 1:
         device = device_list[0]
     elif launched and device == "auto":
@@ -275,7 +311,9 @@ def _open_writer(
     source index of the first image it fills."""
     common = dict(arrays=specs, classes=images.classes, views=views, info=info)
     if part is None:
-        return StoreWriter(out, sources=images.ids, labels=images.labels, config=config, overwrite=overwrite, **common), 0
+        return StoreWriter(
+            out, sources=images.ids, labels=images.labels, config=config, overwrite=overwrite, **common
+        ), 0
     lo, hi = part.image_range(len(images), per_batch)
     if shared:
         split = ShardLayout(count=part.count, images_per_batch=per_batch)
@@ -297,7 +335,9 @@ def _finished_store(out: str | os.PathLike, config: dict[str, Any]) -> CodeStore
     return store if store.manifest.get("config") == json.loads(json.dumps(config)) else None
 
 
-def _merge_when_complete(out: str | os.PathLike, config: dict[str, Any], count: int, overwrite: bool) -> CodeStore | None:
+def _merge_when_complete(
+    out: str | os.PathLike, config: dict[str, Any], count: int, overwrite: bool
+) -> CodeStore | None:
     """Merge the shards of ``out`` if all are complete; ``None`` while some still run. Waits for a shard that is
     merging already and returns its result."""
     try:
@@ -306,7 +346,9 @@ def _merge_when_complete(out: str | os.PathLike, config: dict[str, Any], count: 
         return None  # another shard is still running; the last one to finish merges
     expected = json.loads(json.dumps(config))
     if store.manifest.get("config") != expected:
-        raise StoreMismatchError(f"{store.path} holds a store with other settings than these shards; nothing was merged.")
+        raise StoreMismatchError(
+            f"{store.path} holds a store with other settings than these shards; nothing was merged."
+        )
     return store
 
 
@@ -324,7 +366,11 @@ def _extract_on_devices(devices: list[str], kwargs: dict[str, Any], progress: bo
     threads = max(1, torch.get_num_threads() // max(1, cpu_processes))
     with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
         futures = [
-            pool.submit(_extract_shard, {**kwargs, "device": d, "shard": Shard(i, n), "merge": False, "progress": progress and i == 0}, threads)
+            pool.submit(
+                _extract_shard,
+                {**kwargs, "device": d, "shard": Shard(i, n), "merge": False, "progress": progress and i == 0},
+                threads,
+            )
             for i, d in enumerate(devices)
         ]
         failed = []
@@ -332,7 +378,9 @@ def _extract_on_devices(devices: list[str], kwargs: dict[str, Any], progress: bo
             try:
                 future.result()
             except BrokenProcessPool:
-                failed.append(f"shard {i}/{n} on {devices[i]}: stopped because a shard process died (killed, or out of memory)")
+                failed.append(
+                    f"shard {i}/{n} on {devices[i]}: stopped because a shard process died (killed, or out of memory)"
+                )
             except Exception as exc:  # noqa: BLE001 - every shard is waited for; failures are reported together
                 failed.append(f"shard {i}/{n} on {devices[i]}: {type(exc).__name__}: {exc}")
     if failed:
@@ -366,14 +414,26 @@ def _run(
     if start_image >= stop_image:
         return
     pending: deque[Future] = deque()
-    bar = tqdm(total=writer.part_rows, initial=writer.rows_done, unit="img", unit_scale=True, disable=not progress, desc="extract", dynamic_ncols=True)
+    bar = tqdm(
+        total=writer.part_rows,
+        initial=writer.rows_done,
+        unit="img",
+        unit_scale=True,
+        disable=not progress,
+        desc="extract",
+        dynamic_ncols=True,
+    )
     row = writer.rows_done
     batches = iter_batches(extractor, images, pre, dev=dev, views=views, seed=seed, augment=augment, start_image=start_image,
                        stop_image=stop_image, batch_size=batch_size, workers=workers, amp=amp, dtype=specs[0].dtype)  # fmt: skip
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-writer") as pool:
         try:
             for b in batches:
-                errors = [{"path": images.ids[i], "reason": r, "image": i - first_image} for i, r in zip(b.index, b.reasons) if r]
+                errors = [
+                    {"path": images.ids[i], "reason": r, "image": i - first_image}
+                    for i, r in zip(b.index, b.reasons)
+                    if r
+                ]
                 if errors and on_error == "raise":
                     raise ImageDecodeError(errors[0]["path"], errors[0]["reason"])
                 host = {s.file: b.codes[(s.tap, s.pooling)] for s in specs}
@@ -389,7 +449,8 @@ def _run(
             bar.close()
 
 
-def _write(writer: StoreWriter, start: int, host: dict[str, torch.Tensor], end: int, errors: list[dict[str, Any]]) -> None:
+def _write(
+    writer: StoreWriter, start: int, host: dict[str, torch.Tensor], end: int, errors: list[dict[str, Any]]
+) -> None:
     writer.write(start, {k: v.numpy() for k, v in host.items()})
     writer.commit(end, errors)
-

@@ -19,7 +19,15 @@ from torchvision.transforms import v2
 
 from ..errors import ParameterError
 
-__all__ = ["Preprocessing", "AUGMENTATIONS", "normalize", "pixel_transform", "plain_transform", "view_transform", "view_seed"]
+__all__ = [
+    "Preprocessing",
+    "AUGMENTATIONS",
+    "normalize",
+    "pixel_transform",
+    "plain_transform",
+    "view_transform",
+    "view_seed",
+]
 
 _INTERPOLATIONS = {
     "bilinear": v2.InterpolationMode.BILINEAR,
@@ -123,7 +131,11 @@ def pixel_transform(pre: Preprocessing) -> v2.Compose:
     """Resize the shorter side and center-crop: the un-augmented view as uint8 (3, S, S)."""
     interp = _INTERPOLATIONS[pre.interpolation]
     return v2.Compose(
-        [v2.Resize(pre.resize_size, interpolation=interp, antialias=True), v2.CenterCrop(pre.input_size), v2.PILToTensor()]
+        [
+            v2.Resize(pre.resize_size, interpolation=interp, antialias=True),
+            v2.CenterCrop(pre.input_size),
+            v2.PILToTensor(),
+        ]
     )
 
 

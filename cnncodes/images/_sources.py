@@ -217,7 +217,9 @@ class ArraySource(ImageSource):
                 f"image array has shape {images.shape}; expected (N, H, W, 3) for RGB or (N, H, W) for grayscale."
             )
         if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-            raise SourceError(f"image array of shape {images.shape} holds no pixels; pass at least one non-empty image.")
+            raise SourceError(
+                f"image array of shape {images.shape} holds no pixels; pass at least one non-empty image."
+            )
         n = images.shape[0]
         label_array, class_names = _resolve_labels(labels, classes, n, description)
         super().__init__([f"{id_prefix}[{i}]" for i in range(n)], label_array, class_names, description)
@@ -348,7 +350,7 @@ def open_source(
     if isinstance(source, ImageSource):
         return source
     if isinstance(source, str) and source.startswith("demo:"):
-        return _open_demo(source[len("demo:"):])
+        return _open_demo(source[len("demo:") :])
     if isinstance(source, (str, os.PathLike)):
         return _open_path(os.fspath(source), max_pixels)
     if isinstance(source, np.ndarray):
@@ -603,9 +605,7 @@ def _open_demo(name: str) -> ImageSource:
     # 0..16 -> 0..255; 32x32 so the demo looks like a small image, the backbone's preprocessing resizes further.
     small = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     big = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BICUBIC)) for im in small])
-    return ArraySource(
-        big, digits.target, [str(k) for k in range(10)], description="demo:digits", id_prefix="digits"
-    )
+    return ArraySource(big, digits.target, [str(k) for k in range(10)], description="demo:digits", id_prefix="digits")
 
 
 def _open_path(path: str, max_pixels: int | None) -> ImageSource:
@@ -661,7 +661,10 @@ def _open_folder(folder: str, max_pixels: int | None) -> ImageSource:
                 f"{', ...' if len(class_dirs) > 5 else ''}) are empty; put images inside the class sub-folders."
             )
         return FileSource(
-            paths, np.asarray(labels, dtype=np.int64), class_dirs, description=f"imagefolder:{folder}",
+            paths,
+            np.asarray(labels, dtype=np.int64),
+            class_dirs,
+            description=f"imagefolder:{folder}",
             max_pixels=max_pixels,
         )
     files = [e.path for e in entries if not e.is_dir() and (e.is_file() or e.is_symlink())]
@@ -731,7 +734,9 @@ def _resolve_labels(labels: Any, classes: Sequence[str] | None, n: int, what: st
         return np.full(n, -1, dtype=np.int64), []
     values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if values.ndim != 1 or len(values) != n:
-        raise SourceError(f"{what}: labels have shape {values.shape} but there are {n} images; pass one label per image.")
+        raise SourceError(
+            f"{what}: labels have shape {values.shape} but there are {n} images; pass one label per image."
+        )
 
     if values.dtype.kind == "O" and all(v is None or isinstance(v, str) for v in values):
         names = np.array(["" if v is None else v for v in values], dtype=str)
@@ -772,7 +777,9 @@ def _labels_from_names(names: np.ndarray, class_names: list[str] | None, what: s
     else:
         missing = [v for v in present if v not in class_names]
         if missing:
-            raise SourceError(f"{what}: labels {missing[:5]} are not in classes {class_names[:10]}; add them to classes.")
+            raise SourceError(
+                f"{what}: labels {missing[:5]} are not in classes {class_names[:10]}; add them to classes."
+            )
     index = {c: k for k, c in enumerate(class_names)}
     return np.array([index[v] if v != "" else -1 for v in names], dtype=np.int64), class_names
 

@@ -317,7 +317,9 @@ def _timm(name: str, weights_name: str | None, weights_path: str | os.PathLike |
     hub = name.startswith("hf-hub:")
     if not hub and not timm.list_models(name) and not timm.list_models(name.split(".")[0]):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise BackboneError(f"unknown timm model {name!r}. Close matches: {close or 'none'}. List them with timm.list_models().")
+        raise BackboneError(
+            f"unknown timm model {name!r}. Close matches: {close or 'none'}. List them with timm.list_models()."
+        )
     pretrained = weights_path is None and (weights_name or "").lower() != "none"
     if hub:
         _check_hub_download(name[len("hf-hub:") :], name, weights_only=not pretrained)
@@ -343,7 +345,9 @@ def _timm(name: str, weights_name: str | None, weights_path: str | os.PathLike |
         resize_size=int(math.floor(size / float(cfg.get("crop_pct", 0.875)))),
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
-        interpolation=cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in ("bilinear", "bicubic") else "bicubic",
+        interpolation=cfg.get("interpolation", "bicubic")
+        if cfg.get("interpolation") in ("bilinear", "bicubic")
+        else "bicubic",
     )
     return model, pre, label
 
@@ -370,7 +374,9 @@ def _check_hub_download(hub_id: str, name: str, weights_only: bool) -> None:
     from huggingface_hub import constants, try_to_load_from_cache
 
     repo = hub_id.split("@")[0]
-    wanted = ("config.json",) if weights_only else ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    wanted = (
+        ("config.json",) if weights_only else ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    )
     cached = any(isinstance(try_to_load_from_cache(repo, f), str) for f in wanted)
     needs_config = not weights_only and name.startswith("hf-hub:")
     if cached and (not needs_config or isinstance(try_to_load_from_cache(repo, "config.json"), str)):
@@ -406,7 +412,9 @@ def _parse_spec(spec: str) -> tuple[str, str, str | None]:
             )
         return "timm", parts[1], parts[2] if len(parts) == 3 else None
     if len(parts) > 2:
-        raise BackboneError(f"model spec {spec!r} must look like 'NAME' or 'NAME:WEIGHTS' (e.g. 'resnet50:IMAGENET1K_V2').")
+        raise BackboneError(
+            f"model spec {spec!r} must look like 'NAME' or 'NAME:WEIGHTS' (e.g. 'resnet50:IMAGENET1K_V2')."
+        )
     family = "embedded" if parts[0] == DEFAULT_MODEL else "torchvision"
     return family, parts[0], parts[1] if len(parts) == 2 else None
 
@@ -460,7 +468,9 @@ def load_backbone(
             if weights_name not in (None, "imagenet", "embedded"):
                 raise BackboneError(f"{DEFAULT_MODEL!r} has only its embedded ImageNet weights; got {weights_name!r}.")
             net, label = _embedded_lite0(weights)
-            pre = Preprocessing(input_size=224, resize_size=256, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
+            pre = Preprocessing(
+                input_size=224, resize_size=256, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic"
+            )
         elif family == "timm":
             net, pre, label = _timm(name, weights_name, weights, input_size)
         else:

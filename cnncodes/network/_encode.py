@@ -47,7 +47,14 @@ class ImageViews(Dataset):
     """
 
     def __init__(
-        self, source: ImageSource, pre: Preprocessing, views: int, seed: int, augment: Sequence[str], start: int = 0, stop: int | None = None
+        self,
+        source: ImageSource,
+        pre: Preprocessing,
+        views: int,
+        seed: int,
+        augment: Sequence[str],
+        start: int = 0,
+        stop: int | None = None,
     ) -> None:
         self.source = source
         self.pre = pre
@@ -169,4 +176,3 @@ def encode(
             reasons.extend(b.reasons)
             bar.update(b.rows)
     return {k: np.concatenate(v) for k, v in parts.items()}, reasons
-

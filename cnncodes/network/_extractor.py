@@ -36,7 +36,9 @@ class TapHead(nn.Module):
             code = p(x, self.layout).float()
             # `none` and vector taps can be views of the network's tensor; a later in-place op would change them.
             # torch.export cannot look at storages, so an exported model always copies (cheap, and always safe).
-            aliased = torch.compiler.is_compiling() or code.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            aliased = (
+                torch.compiler.is_compiling() or code.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            )
             out[p.name] = code.clone() if aliased else code
         return out
 

@@ -57,7 +57,9 @@ def op_label(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module | None]:
     return str(node.target), None
 
 
-def tapped_from_trace(gm: fx.GraphModule, qualname: Mapping[fx.Node, str], heads: Mapping[str, nn.Module]) -> fx.GraphModule:
+def tapped_from_trace(
+    gm: fx.GraphModule, qualname: Mapping[fx.Node, str], heads: Mapping[str, nn.Module]
+) -> fx.GraphModule:
     """Like :func:`tapped_fx`, from the whole-graph trace tap discovery made already (saves tracing the model again).
 
     The trace is copied, never changed: the new graph returns the heads' outputs, and everything after the deepest

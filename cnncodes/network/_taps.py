@@ -363,7 +363,9 @@ def _discover_fx(model: nn.Module, x: torch.Tensor) -> tuple[list[_Raw], str, tu
         op, module = _graph.op_label(gm, node)
         labels[node] = _fx_node_labels(node, module, inputs, recorder, shape, labels)
         activation = _activation_name(op, module)
-        is_relu = activation in _RELU_FAMILY or (activation == "hardtanh" and _is_relu6_hardtanh(recorder, node, module))
+        is_relu = activation in _RELU_FAMILY or (
+            activation == "hardtanh" and _is_relu6_hardtanh(recorder, node, module)
+        )
         if is_relu and op.lower() in _ACTIVATIONS:  # the op itself thresholds its input (not a block ending in one)
             relu_nodes.add(node)
         lab = labels[node]
@@ -480,7 +482,13 @@ def _labels_from_channels(shape: tuple[int, ...], channels: int) -> AxisLabels |
     """The layout of a declared stage output whose input the hooks could not follow: where its declared channel
     count sits says which axis holds channels."""
     if len(shape) == 4:
-        return AxisLabels.channels_first(4) if shape[1] == channels else AxisLabels.channels_last(4) if shape[3] == channels else None
+        return (
+            AxisLabels.channels_first(4)
+            if shape[1] == channels
+            else AxisLabels.channels_last(4)
+            if shape[3] == channels
+            else None
+        )
     if len(shape) == 3 and shape[2] == channels:
         return AxisLabels.channels_last(3)
     return None
@@ -539,7 +547,9 @@ def _assemble(model: nn.Module, raw: list[_Raw], mode: str, size: int, final: st
     for i, r in enumerate(raw):
         grid = r.layout.positions(r.shape) if r.layout.spatial else None
         stage = stage_of.setdefault(grid, len(stage_of)) if r.main_path and grid is not None else None
-        taps.append(TapInfo(r.name, i, r.op, r.shape, r.layout, r.activation, r.relu, r.thresholded, r.main_path, stage))
+        taps.append(
+            TapInfo(r.name, i, r.op, r.shape, r.layout, r.activation, r.relu, r.thresholded, r.main_path, stage)
+        )
     taps = _token_grids_from_feature_info(model, taps, size)
     stages, source = _feature_info_stages(model, taps), "feature_info"
     if stages is None:
@@ -626,7 +636,9 @@ def _resolution_stages(taps: list[TapInfo], size: int) -> list[TapInfo]:
             if not members:
                 continue
         if k + 1 < len(runs):
-            scope = _downsample_scope(runs[k + 1][0].name, spatial, {_octave(members[0], size), _octave(runs[k + 1][0], size)}, size)
+            scope = _downsample_scope(
+                runs[k + 1][0].name, spatial, {_octave(members[0], size), _octave(runs[k + 1][0], size)}, size
+            )
             members = [m for m in members if not _inside(m.name, scope)] or members
         picked.append(members[-1])
     return picked

@@ -25,7 +25,15 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import ParameterError
 
-__all__ = ["FeatureBasis", "LinearPath", "ProblemStack", "fit_path", "fit_paths", "TorchLogisticRegression", "TorchLinearSVC"]
+__all__ = [
+    "FeatureBasis",
+    "LinearPath",
+    "ProblemStack",
+    "fit_path",
+    "fit_paths",
+    "TorchLogisticRegression",
+    "TorchLinearSVC",
+]
 
 _LOSSES = ("multinomial", "squared_hinge")
 
@@ -51,7 +59,9 @@ class FeatureBasis:
     """
 
     def __init__(self, X: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> None:
-        X = torch.as_tensor(np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X, device=device).float()
+        X = torch.as_tensor(
+            np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X, device=device
+        ).float()
         n, d = X.shape
         self.X = X
         self.reduced = d > n
@@ -67,7 +77,9 @@ class FeatureBasis:
 
     def project(self, X: np.ndarray | torch.Tensor) -> torch.Tensor:
         """New rows (m, d) in solve coordinates (m, r): their scores are ``project(X) @ A + b``."""
-        X = torch.as_tensor(np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X, device=self.Z.device).float()
+        X = torch.as_tensor(
+            np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X, device=self.Z.device
+        ).float()
         return (X @ self.X.T) @ self.inv_sqrt if self.reduced else X
 
     def from_features(self, W: torch.Tensor) -> torch.Tensor:
@@ -89,7 +101,13 @@ class ProblemStack:
     Build it once for a set of CV folds and reuse it for every C and both losses.
     """
 
-    def __init__(self, problems: Sequence[np.ndarray | torch.Tensor | FeatureBasis], ys: Sequence[np.ndarray], n_classes: int, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        problems: Sequence[np.ndarray | torch.Tensor | FeatureBasis],
+        ys: Sequence[np.ndarray],
+        n_classes: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.bases = [p if isinstance(p, FeatureBasis) else FeatureBasis(p, device) for p in problems]
         self.n_classes = n_classes
         device, dtype = self.bases[0].Z.device, self.bases[0].Z.dtype
@@ -120,7 +138,9 @@ class ProblemStack:
                 self._targets[loss] = 2 * onehot.to(self.Z.dtype) - 1
         return self._targets[loss]
 
-    def value_and_grad(self, W: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def value_and_grad(
+        self, W: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, loss: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Objective summed over problems and its gradients, in closed form (no autograd graph; these products are
         memory-bound, so the transposed one reads the contiguous copy ``ZT``)."""
         targets = self.targets(loss)
@@ -238,7 +258,9 @@ def fit_path(
 class _TorchLinear(ClassifierMixin, BaseEstimator):
     _loss = "multinomial"
 
-    def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, device: str = "cpu", warm_start: bool = False) -> None:
+    def __init__(
+        self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, device: str = "cpu", warm_start: bool = False
+    ) -> None:
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
@@ -257,9 +279,17 @@ class _TorchLinear(ClassifierMixin, BaseEstimator):
         basis = FeatureBasis(X, self.device)
         init = None
         k = len(self.classes_)
-        if self.warm_start and getattr(self, "coef_", None) is not None and self.coef_.shape == (k, X.shape[1]) and k > 2:
+        if (
+            self.warm_start
+            and getattr(self, "coef_", None) is not None
+            and self.coef_.shape == (k, X.shape[1])
+            and k > 2
+        ):
             W0 = torch.as_tensor(self.coef_.T, dtype=basis.Z.dtype, device=basis.Z.device)
-            init = (basis.from_features(W0), torch.as_tensor(self.intercept_, dtype=basis.Z.dtype, device=basis.Z.device))
+            init = (
+                basis.from_features(W0),
+                torch.as_tensor(self.intercept_, dtype=basis.Z.dtype, device=basis.Z.device),
+            )
         path = fit_path(basis, encoded, k, [float(self.C)], self._loss, init=init, max_iter=self.max_iter, tol=self.tol)
         coef, intercept = path.coefs[0].T, path.intercepts[0]
         if len(self.classes_) == 2 and coef.shape[0] == 2:  # binary: one row, as scikit-learn reports it

@@ -47,12 +47,24 @@ def make_normalizer(name: str) -> BaseEstimator | str:
     raise ParameterError(f"unknown normalizer {name!r}; use one of {list(NORMALIZERS)}.")
 
 
-def make_classifier(name: str, C: float = 1.0, *, backend: str = "torch", n_samples: int | None = None, random_state: int = 0, device: str = "cpu") -> BaseEstimator:
+def make_classifier(
+    name: str,
+    C: float = 1.0,
+    *,
+    backend: str = "torch",
+    n_samples: int | None = None,
+    random_state: int = 0,
+    device: str = "cpu",
+) -> BaseEstimator:
     """The classifier step. For ``sgd``, ``alpha = 1 / (C * n_samples)`` matches the C scale of the other probes."""
     if backend not in ("torch", "sklearn"):
         raise ParameterError(f"backend={backend!r}; use 'torch' or 'sklearn'.")
     if name == "logreg":
-        return TorchLogisticRegression(C=C, device=device) if backend == "torch" else LogisticRegression(C=C, max_iter=1000)
+        return (
+            TorchLogisticRegression(C=C, device=device)
+            if backend == "torch"
+            else LogisticRegression(C=C, max_iter=1000)
+        )
     if name == "linsvc":
         return TorchLinearSVC(C=C, device=device) if backend == "torch" else LinearSVC(C=C, dual="auto", max_iter=5000)
     if name in ("sgd", "sgd-log"):
@@ -69,4 +81,6 @@ def make_probe(classifier: str = "logreg", normalizer: str = "standard", C: floa
     >>> make_probe("linsvc", "l2", C=0.1)
     Pipeline(steps=[('normalize', Normalizer()), ('classify', TorchLinearSVC(C=0.1))])
     """
-    return Pipeline([("normalize", make_normalizer(normalizer)), ("classify", make_classifier(classifier, C, **kwargs))])
+    return Pipeline(
+        [("normalize", make_normalizer(normalizer)), ("classify", make_classifier(classifier, C, **kwargs))]
+    )

@@ -68,7 +68,9 @@ class SweepConfig:
                 raise ParameterError(f"unknown {name[:-1]} {bad or list(given)!r}; use any of {list(allowed)}.")
         c_min, c_max = _number("c_min", self.c_min), _number("c_max", self.c_max)
         if not 0 < c_min < c_max:
-            raise ParameterError(f"need 0 < c_min < c_max, got c_min={self.c_min}, c_max={self.c_max} (--c-range MIN,MAX).")
+            raise ParameterError(
+                f"need 0 < c_min < c_max, got c_min={self.c_min}, c_max={self.c_max} (--c-range MIN,MAX)."
+            )
         object.__setattr__(self, "c_min", c_min)
         object.__setattr__(self, "c_max", c_max)
         if not 0 < _number("test_size", self.test_size) < 1:
@@ -76,7 +78,9 @@ class SweepConfig:
         if self.val_size is not None and not 0 < _number("val_size", self.val_size) < 1:
             raise ParameterError(f"val_size must be in (0, 1), got {self.val_size}.")
         if _integer("folds", self.folds) < 2:
-            raise ParameterError(f"folds must be at least 2, got {self.folds}; or use val_size for one validation split.")
+            raise ParameterError(
+                f"folds must be at least 2, got {self.folds}; or use val_size for one validation split."
+            )
         if self.max_memory is not None and _integer("max_memory", self.max_memory) < 1:
             raise ParameterError(f"max_memory must be a positive number of bytes, got {self.max_memory}.")
 

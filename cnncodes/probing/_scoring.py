@@ -20,7 +20,8 @@ def c_grid(c_min: float = 1e-4, c_max: float = 1e4) -> list[float]:
         raise ParameterError(f"need 0 < c_min < c_max, got c_min={c_min}, c_max={c_max}.")
     lo, hi = math.log10(c_min), math.log10(c_max)
     n = int(round(hi - lo)) + 1
-    return [float(10 ** v) for v in np.linspace(lo, hi, max(n, 2))]
+    return [float(10**v) for v in np.linspace(lo, hi, max(n, 2))]
+
 
 @dataclass
 class Fitted:
@@ -30,7 +31,10 @@ class Fitted:
     predicted: np.ndarray
     scores: np.ndarray
 
-def metrics_from_scores(scores: np.ndarray, y_rows: np.ndarray, views: int, classes: np.ndarray) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+
+def metrics_from_scores(
+    scores: np.ndarray, y_rows: np.ndarray, views: int, classes: np.ndarray
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Test metrics from decision scores of every test row (image-major, ``views + 1`` rows per image)."""
     per = views + 1
     plain = scores[::per]

@@ -47,8 +47,6 @@ from ._streaming import evaluate_streaming
 __all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend"]
 
 
-
-
 def split_images(
     labels: np.ndarray, views: int, config: SweepConfig, *, test_rows: int | None = None, test_views: int = 0
 ) -> Split:
@@ -68,7 +66,9 @@ def split_images(
                              "labels, or labels=).")  # fmt: skip
     images = np.arange(len(labels))
     if test_rows is None:
-        train_img, test_img = train_test_split(images, test_size=config.test_size, stratify=labels, random_state=config.seed)
+        train_img, test_img = train_test_split(
+            images, test_size=config.test_size, stratify=labels, random_state=config.seed
+        )
         train_img.sort()
         test_img.sort()
         test, test_views = (test_img[:, None] * per + np.arange(per)).ravel(), views
@@ -91,8 +91,6 @@ def split_images(
         fold_rows.append((np.sort(fit_rows), np.sort(val_rows)))
     train_rows = (train_img[:, None] * per + np.arange(per)).ravel()
     return Split(train_rows, fold_rows, test, views, test_views)
-
-
 
 
 def _load(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -168,11 +166,17 @@ def _sgd_search(folds_raw, name, coarse, c_min, c_max, seed):
     return scores
 
 
-
-
 def evaluate_codes(
-    codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.ndarray, split: Split, config: SweepConfig,
-    *, tap: str, pooling: str, depth: int = -1,
+    codes: Any,
+    labels: np.ndarray,
+    test_codes: Any,
+    test_labels: np.ndarray,
+    split: Split,
+    config: SweepConfig,
+    *,
+    tap: str,
+    pooling: str,
+    depth: int = -1,
 ) -> list[tuple[SweepRow, Fitted]]:
     """Every probe x normalizer on one array of codes: C chosen by CV on the training rows, then refit and tested.
 
@@ -189,7 +193,9 @@ def evaluate_codes(
     # in memory: the float32 training rows plus one normalized copy per fold
     nbytes = len(split.train_rows) * codes.shape[1] * 4 * (len(split.folds) + 1)
     if config.max_memory is not None and nbytes > config.max_memory:
-        return evaluate_streaming(codes, labels, test_codes, test_labels, split, config, tap=tap, pooling=pooling, depth=depth)
+        return evaluate_streaming(
+            codes, labels, test_codes, test_labels, split, config, tap=tap, pooling=pooling, depth=depth
+        )
     X_train = _load(codes, split.train_rows)
     y_train = labels[split.train_rows]
     X_test = _load(test_codes, split.test_rows)
@@ -215,18 +221,32 @@ def evaluate_codes(
                     stack = ProblemStack([f[0] for f in folds_raw], [f[1] for f in folds_raw], n_classes, config.device)
                     val_data = [(basis.project(f[2]), f[3]) for basis, f in zip(stack.bases, folds_raw)]
                     prep_s += time.perf_counter() - t_basis
-                scores, states = _path_search(stack, val_data, PATH_LOSS[probe], coarse, config.c_min, config.c_max, config.device, config.cv_tol, config.cv_max_iter)
+                scores, states = _path_search(
+                    stack,
+                    val_data,
+                    PATH_LOSS[probe],
+                    coarse,
+                    config.c_min,
+                    config.c_max,
+                    config.device,
+                    config.cv_tol,
+                    config.cv_max_iter,
+                )
             else:
                 scores, states = _sgd_search(folds_raw, probe, coarse, config.c_min, config.c_max, config.seed), {}
             best_c = max(scores, key=lambda c: (np.mean(scores[c]), -c))
-            estimator = make_probe(probe, norm, best_c, n_samples=len(y_train), random_state=config.seed, device=config.device)
+            estimator = make_probe(
+                probe, norm, best_c, n_samples=len(y_train), random_state=config.seed, device=config.device
+            )
             if best_c in states and n_classes > 2:
                 clf = estimator.named_steps["classify"]
                 clf.set_params(warm_start=True)
                 coef, intercept = _mean_solution(stack, states[best_c])
                 clf.coef_, clf.intercept_ = coef.T, intercept
             estimator.fit(X_train, y_train)
-            metrics, pred, plain_scores = metrics_from_scores(estimator.decision_function(X_test), y_test, split.test_views, estimator.classes_)
+            metrics, pred, plain_scores = metrics_from_scores(
+                estimator.decision_function(X_test), y_test, split.test_views, estimator.classes_
+            )
             cv = scores[best_c]
             row = SweepRow(
                 tap=tap,
@@ -380,12 +400,24 @@ def sweep_codes(
     split = split_images(y, views, config, test_rows=None if test is None else len(y_test), test_views=test_views)
     names = {k: (k if isinstance(k, tuple) else (str(k), "")) for k in keys}
     tasks = (
-        delayed(evaluate_codes)(arrays[k], y, test_arrays[k], y_test, split, config, tap=str(names[k][0]),
-                                pooling=str(names[k][1]), depth=int((depths or {}).get(k, -1)))  # fmt: skip
+        delayed(evaluate_codes)(
+            arrays[k],
+            y,
+            test_arrays[k],
+            y_test,
+            split,
+            config,
+            tap=str(names[k][0]),
+            pooling=str(names[k][1]),
+            depth=int((depths or {}).get(k, -1)),
+        )  # fmt: skip
         for k in keys
     )
     results: list[tuple[SweepRow, Fitted]] = []
-    with joblib_backend(backend, scheduler), tqdm(total=len(keys), desc="sweep", unit="array", disable=not progress, dynamic_ncols=True) as bar:
+    with (
+        joblib_backend(backend, scheduler),
+        tqdm(total=len(keys), desc="sweep", unit="array", disable=not progress, dynamic_ncols=True) as bar,
+    ):
         for part in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
             results.extend(part)
             bar.update(1)

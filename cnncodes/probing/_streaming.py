@@ -45,8 +45,16 @@ def _chunks(codes: Any, rows: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.
 
 
 def evaluate_streaming(
-    codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.ndarray, split: Split, config: SweepConfig,
-    *, tap: str, pooling: str, depth: int = -1,
+    codes: Any,
+    labels: np.ndarray,
+    test_codes: Any,
+    test_labels: np.ndarray,
+    split: Split,
+    config: SweepConfig,
+    *,
+    tap: str,
+    pooling: str,
+    depth: int = -1,
 ) -> list[tuple[SweepRow, Any]]:
     """Out-of-core counterpart of the in-memory evaluation: same result rows, ``solver="sgd-stream"``."""
     dims = int(codes.shape[1])
@@ -76,7 +84,12 @@ def evaluate_streaming(
             t0 = time.perf_counter()
             rng = np.random.default_rng(config.seed)
             grid = c_grid(config.c_min, config.c_max)
-            models = {C: make_probe(stand_in, "none", C, n_samples=len(fit_rows), random_state=config.seed).named_steps["classify"] for C in grid}
+            models = {
+                C: make_probe(stand_in, "none", C, n_samples=len(fit_rows), random_state=config.seed).named_steps[
+                    "classify"
+                ]
+                for C in grid
+            }
             for _ in range(_EPOCHS):
                 for X, rows in _chunks(codes, fit_rows, chunk_rows):
                     order = rng.permutation(len(rows))
@@ -89,7 +102,9 @@ def evaluate_streaming(
                 for C, model in models.items():
                     correct[C] += int((model.predict(Xn) == labels[rows]).sum())
             best_c = max(grid, key=lambda c: (correct[c], -c))
-            final = make_probe(stand_in, "none", best_c, n_samples=len(split.train_rows), random_state=config.seed).named_steps["classify"]
+            final = make_probe(
+                stand_in, "none", best_c, n_samples=len(split.train_rows), random_state=config.seed
+            ).named_steps["classify"]
             for _ in range(_EPOCHS):
                 for X, rows in _chunks(codes, split.train_rows, chunk_rows):
                     order = rng.permutation(len(rows))
@@ -99,7 +114,9 @@ def evaluate_streaming(
             for X, rows in _chunks(test_codes, split.test_rows, chunk_rows):
                 scores.append(estimator.decision_function(X))
                 y_test.append(test_labels[rows])
-            metrics, pred, plain = metrics_from_scores(np.concatenate(scores), np.concatenate(y_test), split.test_views, final.classes_)
+            metrics, pred, plain = metrics_from_scores(
+                np.concatenate(scores), np.concatenate(y_test), split.test_views, final.classes_
+            )
             row = SweepRow(
                 tap=tap,
                 pooling=pooling,

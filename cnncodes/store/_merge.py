@@ -52,7 +52,9 @@ def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None, count: 
         store = CodeStore(path, allow_incomplete=True)
         layout = store.shard
         if layout is None or layout.shared:
-            raise StoreError(f"{path} is not a shard store; merge joins stores written by `cnncodes extract --shard I/N`.")
+            raise StoreError(
+                f"{path} is not a shard store; merge joins stores written by `cnncodes extract --shard I/N`."
+            )
         if count is None:
             count = layout.count
         if layout.count != count:
@@ -243,7 +245,9 @@ def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> 
     partial.mkdir()
     for entry in first["arrays"]:
         target = partial / entry["file"]
-        mm = np.lib.format.open_memmap(target, mode="w+", dtype=np.dtype(entry["dtype"]), shape=(rows, entry["shape"][1]))
+        mm = np.lib.format.open_memmap(
+            target, mode="w+", dtype=np.dtype(entry["dtype"]), shape=(rows, entry["shape"][1])
+        )
         del mm  # only the preallocated file and its header are needed
         writer = RowFile(target)
         try:
@@ -268,4 +272,3 @@ def _remove(parts: list[CodeStore], out: Path, shards: Sequence[str | os.PathLik
         shutil.rmtree(store.path, ignore_errors=True)
     if shards is None and (out / SHARDS).is_dir() and not any((out / SHARDS).iterdir()):
         (out / SHARDS).rmdir()
-

@@ -150,7 +150,9 @@ class CodeStore:
         """A handle on the codes of ``tap`` under ``pooling`` that pickles as a path: a joblib or Dask worker given it
         reads the rows it needs from the store itself (shared storage) instead of receiving a copy."""
         entry = self._array(tap, pooling)
-        return StoredCodes(self.path, entry["tap"], entry["pooling"], (self.rows, int(entry["shape"][1])), str(entry["dtype"]))
+        return StoredCodes(
+            self.path, entry["tap"], entry["pooling"], (self.rows, int(entry["shape"][1])), str(entry["dtype"])
+        )
 
     def items(self) -> Iterator[tuple[tuple[str, str], np.ndarray]]:
         """Iterate ``((tap, pooling), codes)`` in forward order."""

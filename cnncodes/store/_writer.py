@@ -36,6 +36,7 @@ try:  # POSIX advisory locks die with the process, so kill -9 never leaves a sta
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+
 class StoreWriter:
     """Create, resume and finish a store. Used by :func:`cnncodes.extract`; one writer per directory at a time.
 
@@ -320,7 +321,9 @@ class SharedStoreWriter(StoreWriter):
         manifest_path = self.path / MANIFEST
         if not manifest_path.exists():
             if any(p.name not in (LOCK, PARTIAL, SHARDS) for p in self.path.iterdir()):
-                raise StoreError(f"{self.path} is not empty and holds no {MANIFEST}; choose a new or empty --out directory.")
+                raise StoreError(
+                    f"{self.path} is not empty and holds no {MANIFEST}; choose a new or empty --out directory."
+                )
             self._create()
             return
         old = read_json(manifest_path)
@@ -342,7 +345,9 @@ class SharedStoreWriter(StoreWriter):
         """Record this shard as done; publish the store if every shard is. Returns the store, or ``None`` while other
         shards still run (the last one publishes)."""
         if self.rows_done != self.part_rows:
-            raise StoreError(f"cannot finish shard {self.shard} of {self.path}: {self.rows_done}/{self.part_rows} rows done.")
+            raise StoreError(
+                f"cannot finish shard {self.shard} of {self.path}: {self.rows_done}/{self.part_rows} rows done."
+            )
         lock = hold_lock(self.path, wait=float("inf"))  # waits out another shard's publishing
         try:
             if read_json(self.path / MANIFEST).get("complete"):

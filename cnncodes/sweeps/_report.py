@@ -30,7 +30,9 @@ def format_table(result: SweepResult) -> str:
         star = "*" if r.key == result.best.key else " "
         edge = "!" if r.C_at_edge else " "
         probe = r.probe if r.normalizer == "standard" else f"{r.normalizer}+{r.probe}"
-        line = f"{star} {r.tap[:22]:<22} {r.depth:>5} {r.pooling or '-':<5} {r.dims:>6} {probe[:16]:<16} {r.C:>8.3g}{edge}"
+        line = (
+            f"{star} {r.tap[:22]:<22} {r.depth:>5} {r.pooling or '-':<5} {r.dims:>6} {probe[:16]:<16} {r.C:>8.3g}{edge}"
+        )
         line += f" {100 * r.cv_accuracy:6.2f}±{100 * r.cv_std:<5.2f} {100 * r.test_accuracy:6.2f}"
         line += f" {100 * r.test_balanced_accuracy:6.2f} {100 * r.test_macro_f1:6.2f}"
         line += f" {100 * (r.test_tta_accuracy or 0):6.2f}" if tta else ""

@@ -31,8 +31,41 @@ def trained(tmp_path_factory):
             img = rng.integers(0, 90, (28, 28, 3), dtype=np.uint8)
             img[..., k] += 150
             Image.fromarray(img).save(root / "imgs" / cls / f"{i}.png")
-    assert main(["extract", str(root / "imgs"), *MODEL, "--taps", "last:2", "--poolings", "avg", "--out", str(root / "codes"), "--quiet"]) == 0
-    assert main(["sweep", str(root / "codes"), "--out", str(root / "sweep"), "--probes", "logreg", "--folds", "3", "--jobs", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(root / "imgs"),
+                *MODEL,
+                "--taps",
+                "last:2",
+                "--poolings",
+                "avg",
+                "--out",
+                str(root / "codes"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sweep",
+                str(root / "codes"),
+                "--out",
+                str(root / "sweep"),
+                "--probes",
+                "logreg",
+                "--folds",
+                "3",
+                "--jobs",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -45,7 +78,19 @@ def test_predict_cli_reproduces_the_sweeps_test_predictions(trained, tmp_path):
     expected = _csv(trained / "sweep" / "test_predictions.csv")
     listing = tmp_path / "test.csv"
     listing.write_text("path\n" + "\n".join(r["path"] for r in expected) + "\n")
-    assert main(["predict", str(trained / "sweep" / "best_probe.zip"), str(listing), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(trained / "sweep" / "best_probe.zip"),
+                str(listing),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     got = _csv(tmp_path / "p.csv")
     assert [r["path"] for r in got] == [r["path"] for r in expected]
     assert [r["predicted"] for r in got] == [r["predicted"] for r in expected]
@@ -62,7 +107,19 @@ def test_bad_image_gets_an_error_row(trained, tmp_path):
     folder.mkdir()
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "ok.png")
     (folder / "broken.png").write_bytes(b"nope")
-    assert main(["predict", str(trained / "sweep" / "best_probe.zip"), str(folder), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(trained / "sweep" / "best_probe.zip"),
+                str(folder),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = {Path(r["path"]).name: r for r in _csv(tmp_path / "p.csv")}
     assert rows["broken.png"]["error"] and not rows["broken.png"]["predicted"]
     assert rows["ok.png"]["predicted"] in ("red", "green", "blue") and not rows["ok.png"]["error"]
@@ -157,7 +214,19 @@ def test_pt2_export_is_the_default_and_matches_the_bundle_at_any_batch_size(trai
 def test_torchscript_export_is_kept_and_matches_the_bundle(trained, tmp_path):
     probe = load_bundle(trained / "sweep" / "best_probe.zip", device="cpu")
     paths = sorted((trained / "imgs").rglob("*.png"))[:6]
-    assert main(["export", str(trained / "sweep" / "best_probe.zip"), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(trained / "sweep" / "best_probe.zip"),
+                "--format",
+                "torchscript",
+                "--out",
+                str(tmp_path / "m.pt"),
+            ]
+        )
+        == 0
+    )
     with pytest.warns(FutureWarning):  # torch deprecates torch.jit.load; that is why pt2 is the default
         exported = torch.jit.load(str(tmp_path / "m.pt"))
     with torch.no_grad():

@@ -18,7 +18,19 @@ from cnncodes.images import pixel_transform
 from cnncodes.store import StoreWriter
 from helpers import TESTS, TINY_PRE, make_images, make_tiny_backbone, wait_for
 
-MANIFEST_KEYS = {"complete", "rows_total", "rows_done", "arrays", "classes", "sources", "errors", "model", "views", "seed", "versions"}
+MANIFEST_KEYS = {
+    "complete",
+    "rows_total",
+    "rows_done",
+    "arrays",
+    "classes",
+    "sources",
+    "errors",
+    "model",
+    "views",
+    "seed",
+    "versions",
+}
 
 
 def run(images, labels, out, **kw):
@@ -56,7 +68,9 @@ def test_store_codes_equal_the_extractor_on_the_same_pixels(tmp_path, tiny_image
     backbone = make_tiny_backbone()
     store = run(images, labels, tmp_path / "s", model=backbone, dtype="float32")
     # reference preprocessing through torchvision's own Normalize, not cnncodes' on-device normalization
-    tf = v2.Compose([pixel_transform(TINY_PRE), v2.ToDtype(torch.float32, scale=True), v2.Normalize(TINY_PRE.mean, TINY_PRE.std)])
+    tf = v2.Compose(
+        [pixel_transform(TINY_PRE), v2.ToDtype(torch.float32, scale=True), v2.Normalize(TINY_PRE.mean, TINY_PRE.std)]
+    )
     x = torch.stack([tf(Image.fromarray(im)) for im in images])
     with torch.inference_mode():
         direct = CodeExtractor(backbone, "stages", "avg,avg2")(x)

@@ -20,7 +20,18 @@ from cnncodes.extraction import parse_devices, parse_shard, shard_from_env
 from cnncodes.store import CodeStore, Shard, merge_shards
 from helpers import TESTS, make_images, make_tiny_backbone, wait_for
 
-CLI_MODEL = ["--model", "resnet18:none", "--input-size", "32", "--taps", "last:2", "--poolings", "avg,avg2", "--batch-size", "4"]
+CLI_MODEL = [
+    "--model",
+    "resnet18:none",
+    "--input-size",
+    "32",
+    "--taps",
+    "last:2",
+    "--poolings",
+    "avg,avg2",
+    "--batch-size",
+    "4",
+]
 
 
 def store_files(path: Path) -> dict[str, bytes]:
@@ -133,7 +144,9 @@ def test_a_killed_shard_resumes_on_its_own(tmp_path):
     run_tiny(out, shard="0/2")
     progress = out / "shards" / "1-of-2" / ".partial" / "progress.json"
     ready = tmp_path / "ready"
-    script = SHARD_SCRIPT.format(tests=str(TESTS), out=str(out), pause=(str(progress), 8, str(ready)), shard="1/2", shared=False)
+    script = SHARD_SCRIPT.format(
+        tests=str(TESTS), out=str(out), pause=(str(progress), 8, str(ready)), shard="1/2", shared=False
+    )
     proc = subprocess.Popen([sys.executable, "-c", script])
     wait_for(ready, proc=proc)  # shard 1 committed >= 8 rows and now blocks in its next forward
     proc.send_signal(signal.SIGKILL)
@@ -154,7 +167,9 @@ def test_torchrun_ranks_split_the_work_and_the_last_one_merges(tmp_path):
     out = tmp_path / "launched"
     script = SHARD_SCRIPT.format(tests=str(TESTS), out=str(out), pause=None, shard="auto", shared=False)
     procs = [
-        subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"})
+        subprocess.Popen(
+            [sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"}
+        )
         for r in range(2)
     ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
@@ -212,7 +227,9 @@ def test_merge_names_what_is_wrong(tmp_path):
         merge_shards(out)
     run_tiny(out, shard="2/3", overwrite=True)
     with pytest.raises(StoreError, match="is shard 1/2 but .* is one of 3"):
-        merge_shards(out, [out / "shards" / "0-of-3", out / "shards" / "1-of-3", run_tiny(tmp_path / "t", shard="1/2").path])
+        merge_shards(
+            out, [out / "shards" / "0-of-3", out / "shards" / "1-of-3", run_tiny(tmp_path / "t", shard="1/2").path]
+        )
     with pytest.raises(StoreError, match="not a shard store"):
         merge_shards(out, [run_tiny(tmp_path / "plain").path])
     run_tiny(tmp_path / "b", batch_size=8, shard="1/3")
@@ -241,7 +258,9 @@ def test_shards_as_dask_tasks_then_merge_equal_one_process(tmp_path):
     settings = dict(model="resnet18:none", input_size=32, taps="last:2", poolings="avg", batch_size=4, progress=False)
     extract(folder, out=tmp_path / "one", **settings)
     out = str(tmp_path / "dask")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         with distributed.Client(cluster) as client:
             futures = client.map(lambda i: str(extract(folder, out=out, shard=(i, 3), **settings).path), range(3))
             assert sorted(client.gather(futures)) == [f"{out}/shards/{i}-of-3" for i in range(3)]
@@ -255,7 +274,9 @@ def test_shards_filling_one_shared_store_concurrently_equal_a_one_process_run(tm
     folder = str(image_folder(tmp_path / "images"))
     assert main(["extract", folder, "--out", str(tmp_path / "one"), "--quiet", *CLI_MODEL]) == 0
     out = str(tmp_path / "shared")
-    procs = [cli("extract", folder, "--out", out, "--shard", f"{i}/3", "--shared", "--quiet", *CLI_MODEL) for i in range(3)]
+    procs = [
+        cli("extract", folder, "--out", out, "--shard", f"{i}/3", "--shared", "--quiet", *CLI_MODEL) for i in range(3)
+    ]
     logs = [finish(p) for p in procs]  # three processes create, fill and publish one store at the same time
     assert sum("wrote 30 rows" in log for log in logs) >= 1, logs
     assert store_files(Path(out)) == store_files(tmp_path / "one")
@@ -271,7 +292,9 @@ def test_a_killed_shard_of_a_shared_store_resumes_and_the_last_one_publishes(tmp
     out = tmp_path / "shared"
     progress = out / ".partial" / "progress-0-of-2.json"
     ready = tmp_path / "ready"
-    script = SHARD_SCRIPT.format(tests=str(TESTS), out=str(out), pause=(str(progress), 8, str(ready)), shard="0/2", shared=True)
+    script = SHARD_SCRIPT.format(
+        tests=str(TESTS), out=str(out), pause=(str(progress), 8, str(ready)), shard="0/2", shared=True
+    )
     proc = subprocess.Popen([sys.executable, "-c", script])
     wait_for(ready, proc=proc)  # shard 0 committed >= 8 rows and now blocks in its next forward
     proc.send_signal(signal.SIGKILL)
@@ -290,7 +313,9 @@ def test_shared_store_refusals(tmp_path):
     with pytest.raises(ValueError, match="--overwrite cannot be combined with --shared"):
         run_tiny(tmp_path / "a", shard="0/2", shared=True, overwrite=True)
     run_tiny(tmp_path / "a", shard="0/2", shared=True)
-    with pytest.raises(StoreMismatchError, match="other settings than this shard .*Give every shard the same arguments"):
+    with pytest.raises(
+        StoreMismatchError, match="other settings than this shard .*Give every shard the same arguments"
+    ):
         run_tiny(tmp_path / "a", shard="1/2", shared=True, poolings="max")
     with pytest.raises(StoreMismatchError, match="images_per_batch"):
         run_tiny(tmp_path / "a", shard="1/2", shared=True, batch_size=8)

@@ -72,7 +72,6 @@ def make_tiny_backbone(pause: tuple[str, int, str] | None = None):
     return backbone
 
 
-
 def make_images(n: int = 24, size: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 3
@@ -81,13 +80,14 @@ def make_images(n: int = 24, size: int = 20, seed: int = 0) -> tuple[np.ndarray,
     return base, labels
 
 
-
 #: What a synthetic store says made its codes: enough for a bundle, though no network can recompute them.
 SYNTHETIC_MODEL = {"spec": "module:synthetic", "weights": "none", "fingerprint": "sha256:" + "0" * 64,
                    "preprocessing": TINY_PRE.to_dict()}  # fmt: skip
 
 
-def make_code_store(path, n_images: int = 150, views: int = 0, dims: dict | None = None, seed: int = 0, n_classes: int = 3):
+def make_code_store(
+    path, n_images: int = 150, views: int = 0, dims: dict | None = None, seed: int = 0, n_classes: int = 3
+):
     """A complete store of synthetic codes written through the real StoreWriter.
 
     Tap ``mid`` separates the classes well, ``early`` weakly and ``late`` not at all, so a sweep must pick ``mid``.
@@ -98,7 +98,9 @@ def make_code_store(path, n_images: int = 150, views: int = 0, dims: dict | None
     rng = np.random.default_rng(seed)
     labels = np.arange(n_images) % n_classes
     strength = {"early": 0.6, "mid": 3.0, "late": 0.0}
-    specs = [ArraySpec(t, p, d, "float32", True, False, depth=i) for i, (t, d) in enumerate(dims.items()) for p in ("avg",)]
+    specs = [
+        ArraySpec(t, p, d, "float32", True, False, depth=i) for i, (t, d) in enumerate(dims.items()) for p in ("avg",)
+    ]
     writer = StoreWriter(path, arrays=specs, sources=[f"img{i}.png" for i in range(n_images)], labels=labels,
                          classes=[f"c{k}" for k in range(n_classes)], views=views, config={"synthetic": seed}, info={"model": SYNTHETIC_MODEL})  # fmt: skip
     rows = n_images * (views + 1)

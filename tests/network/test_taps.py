@@ -69,7 +69,13 @@ def test_residual_add_node_equals_manual_block(resnet):
 def test_stage_taps_are_the_block_outputs_after_the_residual_add_and_its_relu(resnet):
     cat = list_taps(resnet)
     assert cat.mode == "fx" and cat.stage_source == "resolution"
-    assert [t.name for t in cat.stage_taps] == ["relu", "layer1.1.relu_1", "layer2.1.relu_1", "layer3.1.relu_1", "layer4.1.relu_1"]
+    assert [t.name for t in cat.stage_taps] == [
+        "relu",
+        "layer1.1.relu_1",
+        "layer2.1.relu_1",
+        "layer3.1.relu_1",
+        "layer4.1.relu_1",
+    ]
     assert all(t.main_path and t.rectified for t in cat.stage_taps)
     assert not cat["layer1.0.conv1"].main_path and not cat["layer2.0.downsample.1"].main_path  # inside branches
     assert cat["layer2.0.add"].shape == (128, 8, 8) and cat["layer2.0.add"].main_path
@@ -89,7 +95,13 @@ def test_lite0_stages_follow_its_feature_info_and_expanded_keeps_the_inner_activ
     cat = list_taps(load_backbone(input_size=64))
     assert cat.stage_source == "feature_info"
     assert [t.layout.channels(t.shape) for t in cat.stage_taps] == [16, 24, 40, 112, 320]
-    assert [t.name for t in cat.select("expanded")] == ["blocks.1.0.bn1", "blocks.2.0.bn1", "blocks.3.0.bn1", "blocks.5.0.bn1", "bn2"]
+    assert [t.name for t in cat.select("expanded")] == [
+        "blocks.1.0.bn1",
+        "blocks.2.0.bn1",
+        "blocks.3.0.bn1",
+        "blocks.5.0.bn1",
+        "bn2",
+    ]
     assert all(t.rectified for t in cat.expanded_taps)  # BatchNormAct2d with ReLU6
     block_out = cat["blocks.5.1.bn3"]  # linear projection of an MBConv block: not thresholded
     assert not block_out.thresholded and not block_out.post_activation
@@ -125,7 +137,9 @@ def test_selection_errors_name_close_matches_and_the_fix(resnet):
 
 
 def test_forward_stops_after_the_deepest_tap(resnet):
-    extractors = {m: CodeExtractor(resnet, "layer1.0.relu_1", "avg", catalogue=list_taps(resnet, mode=m)) for m in ("fx", "hooks")}
+    extractors = {
+        m: CodeExtractor(resnet, "layer1.0.relu_1", "avg", catalogue=list_taps(resnet, mode=m)) for m in ("fx", "hooks")
+    }
     assert "layer2" not in extractors["fx"].net.code
     deeper = []
     handle = resnet.model.layer2.register_forward_hook(lambda *a: deeper.append(1))

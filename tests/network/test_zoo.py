@@ -57,13 +57,18 @@ def test_torchvision_stage_taps_are_block_outputs_and_equal_torchvisions_extract
         ours = CodeExtractor(bb, [t.name for t in stages], "avg,none", relu="never", catalogue=cat)(x)
         theirs = reference(x)
     for tap, module in zip(stages, modules):
-        torch.testing.assert_close(ours[tap.name]["none"], theirs[module].flatten(1), msg=f"{name}: {tap.name} vs {module}")
+        torch.testing.assert_close(
+            ours[tap.name]["none"], theirs[module].flatten(1), msg=f"{name}: {tap.name} vs {module}"
+        )
         want = _reference_avg(theirs[module], tap.layout.kind, tap.layout.prefix)
         torch.testing.assert_close(ours[tap.name]["avg"], want, msg=f"{name}: avg of {tap.name} ({tap.layout.kind})")
 
 
 def test_hidden_fc_codes_are_stage_taps_and_channels_last_and_token_layouts_are_found():
-    assert any(t.layout.kind == "vector" and t.shape == (4096,) for t in list_taps(load_backbone("alexnet:none", input_size=96)).stage_taps)
+    assert any(
+        t.layout.kind == "vector" and t.shape == (4096,)
+        for t in list_taps(load_backbone("alexnet:none", input_size=96)).stage_taps
+    )
     swin = list_taps(load_backbone("swin_t:none", input_size=64))
     assert [t.layout.kind for t in swin.stage_taps[:3]] == ["nhwc"] * 3
     vit = list_taps(load_backbone("vit_b_16:none", input_size=32))
@@ -72,7 +77,13 @@ def test_hidden_fc_codes_are_stage_taps_and_channels_last_and_token_layouts_are_
 
 
 # timm model -> input size; stage taps must match feature_info, codes must equal forward_intermediates
-TIMM = {"convnext_atto": 64, "resnet18": 64, "vit_tiny_patch16_224": 32, "efficientnet_b0": 64, "swin_tiny_patch4_window7_224": 64}
+TIMM = {
+    "convnext_atto": 64,
+    "resnet18": 64,
+    "vit_tiny_patch16_224": 32,
+    "efficientnet_b0": 64,
+    "swin_tiny_patch4_window7_224": 64,
+}
 
 
 @pytest.mark.parametrize("name", list(TIMM))
@@ -114,7 +125,11 @@ def test_cli_layers_json_lists_one_stage_tap_per_convnext_stage(capsys):
 def test_model_spec_forms_users_write(monkeypatch):
     from cnncodes.network._backbones import _parse_spec
 
-    assert _parse_spec("timm:hf-hub:timm/convnext_tiny.fb_in22k") == ("timm", "hf-hub:timm/convnext_tiny.fb_in22k", None)
+    assert _parse_spec("timm:hf-hub:timm/convnext_tiny.fb_in22k") == (
+        "timm",
+        "hf-hub:timm/convnext_tiny.fb_in22k",
+        None,
+    )
     assert _parse_spec("timm:hf-hub:timm/convnext_tiny.fb_in22k:none")[2] == "none"
     assert load_backbone("timm:resnet18.a1_in1k:none", input_size=32).model.feature_info[-1]["num_chs"] == 512
     called = {}

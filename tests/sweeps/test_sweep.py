@@ -69,7 +69,9 @@ def test_report_files_and_bundle_round_trip(store, tmp_path):
     rows = [store.sources.index(s) for s in result.test_predictions["sources"]]
     X = np.asarray(store.codes(result.best.tap, result.best.pooling))[rows]
     np.testing.assert_array_equal(bundle.predict_codes(X), result.test_predictions["predicted"])
-    np.testing.assert_allclose(bundle.decision_function_codes(X), result.test_predictions["scores"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        bundle.decision_function_codes(X), result.test_predictions["scores"], rtol=1e-5, atol=1e-5
+    )
     assert paths["sweep.png"].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -82,7 +84,24 @@ def test_any_joblib_backend_gives_the_same_result(store):
 
 
 def test_cli_sweep_writes_everything(store, tmp_path, capsys):
-    assert main(["sweep", str(store.path), "--out", str(tmp_path), "--probes", "logreg,sgd", "--folds", "3", "--jobs", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                str(store.path),
+                "--out",
+                str(tmp_path),
+                "--probes",
+                "logreg,sgd",
+                "--folds",
+                "3",
+                "--jobs",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "best: mid" in out
     assert {"results.csv", "best.json", "sweep.png", "best_probe.zip"} <= {p.name for p in tmp_path.iterdir()}
@@ -144,7 +163,9 @@ def test_sweep_on_a_dask_local_cluster_equals_the_local_sweep(store, tmp_path):
     assert (tmp_path / "dask" / "best.json").read_bytes() == (tmp_path / "local" / "best.json").read_bytes()
     assert _without_timings(on_dask["rows"]) == _without_timings(local["rows"])
     assert _without_timings([r.to_dict() for r in api.rows]) == _without_timings(local["rows"])
-    assert (tmp_path / "dask" / "test_predictions.csv").read_text() == (tmp_path / "local" / "test_predictions.csv").read_text()
+    assert (tmp_path / "dask" / "test_predictions.csv").read_text() == (
+        tmp_path / "local" / "test_predictions.csv"
+    ).read_text()
 
 
 @pytest.mark.slow
@@ -155,5 +176,20 @@ def test_dask_backend_errors_say_what_to_do(store, tmp_path, capsys):
     with pytest.raises(ValueError, match="needs backend='dask'"):
         sweep(store, scheduler="tcp://127.0.0.1:1", progress=False)
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
-        assert main(["sweep", str(store.path), "--out", str(tmp_path), "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9", "--quiet"]) == 2
+        assert (
+            main(
+                [
+                    "sweep",
+                    str(store.path),
+                    "--out",
+                    str(tmp_path),
+                    "--backend",
+                    "dask",
+                    "--scheduler",
+                    "tcp://127.0.0.1:9",
+                    "--quiet",
+                ]
+            )
+            == 2
+        )
     assert "cannot reach the Dask scheduler at 'tcp://127.0.0.1:9'" in capsys.readouterr().err
