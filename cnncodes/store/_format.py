@@ -82,6 +82,24 @@ class ArraySpec:
         return {**asdict(self), "file": self.file, "shape": [rows, self.dims]}
 
 
+_MEMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.npy")
+
+
+def member_path(root: Path, entry: Any, where: str | os.PathLike) -> Path:
+    """Where the array file an ``arrays[]`` manifest entry names lives: always a plain ``.npy`` name directly inside
+    ``root``. Absolute paths, ``..``, sub-directories and links out of the store are refused, so neither reading nor
+    ``--overwrite`` can touch a file outside the store whatever the manifest says."""
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not _MEMBER.fullmatch(name):
+        raise StoreError(f"{where}: an array entry names the file {name!r}, which is not a plain .npy file name inside "
+                         "the store. The manifest is damaged or was edited; re-extract with --overwrite into a new "
+                         "--out directory.")  # fmt: skip
+    path = root / name
+    if path.is_symlink() and path.resolve().parent != root.resolve():
+        raise StoreError(f"{path} is a link to {path.resolve()}, outside the store; refusing to use it.")
+    return path
+
+
 def atomic_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:

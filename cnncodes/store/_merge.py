@@ -22,6 +22,7 @@ from ._format import (
     SHARDS,
     ShardLayout,
     atomic_json,
+    member_path,
     read_json,
     unsharded,
 )
@@ -228,6 +229,7 @@ def merge_shards(
 
 def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> None:
     first = parts[0].manifest
+    first_path = parts[0].path / MANIFEST
     rows = sum(s.rows for s in parts)
     manifest = {
         **first,
@@ -244,7 +246,7 @@ def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     for entry in first["arrays"]:
-        target = partial / entry["file"]
+        target = member_path(partial, entry, first_path)
         mm = np.lib.format.open_memmap(
             target, mode="w+", dtype=np.dtype(entry["dtype"]), shape=(rows, entry["shape"][1])
         )
@@ -261,7 +263,7 @@ def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> 
             writer.close()
     np.save(partial / LABELS, np.concatenate([np.asarray(s.labels) for s in parts]), allow_pickle=False)
     for entry in first["arrays"]:
-        os.replace(partial / entry["file"], out / entry["file"])
+        os.replace(member_path(partial, entry, first_path), member_path(out, entry, first_path))
     os.replace(partial / LABELS, out / LABELS)
     atomic_json(out / MANIFEST, {**manifest, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     shutil.rmtree(partial, ignore_errors=True)

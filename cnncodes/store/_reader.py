@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IncompleteStoreError, StoreError
-from ._format import FORMAT_VERSION, LABELS, MANIFEST, ShardLayout, read_json
+from ._format import FORMAT_VERSION, LABELS, MANIFEST, ShardLayout, member_path, read_json
 
 
 class CodeStore:
@@ -128,15 +128,15 @@ class CodeStore:
         """The (rows, dims) codes of ``tap`` under ``pooling``, memory-mapped read-only."""
         if not self.complete:
             raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it.")
-        return np.load(self.path / self._array(tap, pooling)["file"], mmap_mode="r", allow_pickle=False)
+        path = member_path(self.path, self._array(tap, pooling), self.path / MANIFEST)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
     def read_rows(self, tap: str, pooling: str | None, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` read with plain file reads: unlike slicing the memmap, the pages read do not stay
         mapped in this process, so streaming a store larger than RAM keeps resident memory flat."""
         if not self.complete:
             raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it.")
-        entry = self._array(tap, pooling)
-        path = self.path / entry["file"]
+        path = member_path(self.path, self._array(tap, pooling), self.path / MANIFEST)
         header = np.load(path, mmap_mode="r", allow_pickle=False)
         offset, dims, dtype = header.offset, header.shape[1], header.dtype
         del header

@@ -25,6 +25,7 @@ from ._format import (
     SHARDS,
     ArraySpec,
     atomic_json,
+    member_path,
     read_json,
     short,
     unsharded,
@@ -442,8 +443,8 @@ def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> s
 
 def clear_store(path: Path, manifest: dict[str, Any]) -> None:
     """Remove a store's files (not its shard stores or lock)."""
-    for entry in manifest.get("arrays", []):
-        (path / entry["file"]).unlink(missing_ok=True)
+    for entry in manifest.get("arrays", []) if isinstance(manifest, dict) else []:
+        member_path(path, entry, path / MANIFEST).unlink(missing_ok=True)
     for name in (LABELS, MANIFEST):
         (path / name).unlink(missing_ok=True)
     shutil.rmtree(path / PARTIAL, ignore_errors=True)

@@ -74,3 +74,26 @@ def test_shard_layouts_round_trip_and_malformed_ones_are_refused(tmp_path):
     assert ShardLayout.from_dict(None, tmp_path) is None
     with pytest.raises(StoreError, match="shard entry .* is malformed"):
         ShardLayout.from_dict({"index": 1}, tmp_path / "manifest.json")
+
+
+@pytest.mark.parametrize("name", ["../victim.npy", "/ABS/victim.npy", "sub/x.npy", "..", ".hidden.npy", 7])
+def test_manifest_paths_outside_the_store_are_refused_and_never_deleted(tmp_path, name):
+    import json
+
+    import cnncodes
+    from helpers import make_images, make_tiny_backbone
+
+    victim = tmp_path / "victim.npy"
+    np.save(victim, np.zeros(3))
+    images, labels = make_images(8)
+    kw = dict(labels=labels, model=make_tiny_backbone(), batch_size=4, workers=0, progress=False)
+    store = cnncodes.extract(images, out=tmp_path / "s", **kw)
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["arrays"][0]["file"] = str(victim) if name == "/ABS/victim.npy" else name
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    entry = manifest["arrays"][0]
+    with pytest.raises(StoreError, match="not a plain .npy file name inside the store"):
+        CodeStore(store.path).codes(entry["tap"], entry["pooling"])
+    with pytest.raises(StoreError, match="not a plain .npy file name inside the store"):
+        cnncodes.extract(images, out=tmp_path / "s", poolings="max", overwrite=True, **kw)
+    assert victim.is_file()
