@@ -100,6 +100,50 @@ def member_path(root: Path, entry: Any, where: str | os.PathLike) -> Path:
     return path
 
 
+def check_manifest(manifest: Any, where: str | os.PathLike) -> dict[str, Any]:
+    """Refuse a manifest whose structure or types are wrong (strict: ``true`` is not a version, ``"false"`` is not
+    false), naming the file and the field, before anything trusts it."""
+
+    def bad(field: str, value: Any, expected: str) -> StoreError:
+        return StoreError(f"{where}: {field} is {short(value)}, expected {expected}. The store is damaged; re-extract "
+                          "it with --overwrite (or into a new --out directory).")  # fmt: skip
+
+    if not isinstance(manifest, dict):
+        raise bad("the manifest", manifest, "a JSON object")
+    if manifest.get("format") != "cnncodes.store":
+        raise StoreError(f"{where} is not a cnncodes store manifest (format {short(manifest.get('format'))}).")
+    version = manifest.get("format_version")
+    if type(version) is not int or version < 1:
+        raise bad("format_version", version, "a positive integer")
+    if version > FORMAT_VERSION:
+        raise StoreError(f"{where} uses store format {version}, newer than this cnncodes supports ({FORMAT_VERSION}); "
+                         "upgrade cnncodes.")  # fmt: skip
+    if type(manifest.get("complete", False)) is not bool:
+        raise bad("complete", manifest.get("complete"), "true or false")
+    for key in ("rows_total", "rows_done", "views"):
+        if key in manifest and (type(manifest[key]) is not int or manifest[key] < 0):
+            raise bad(key, manifest[key], "a non-negative integer")
+    arrays = manifest.get("arrays", [])
+    if not isinstance(arrays, list):
+        raise bad("arrays", arrays, "a list")
+    for i, entry in enumerate(arrays):
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("tap"), str)
+            and isinstance(entry.get("pooling"), str)
+            and entry.get("dtype") in ("float16", "float32")
+            and isinstance(entry.get("shape"), list)
+            and len(entry["shape"]) == 2
+            and all(type(v) is int and v >= 0 for v in entry["shape"])
+        )
+        if not ok:
+            raise bad(f"arrays[{i}]", entry, "{tap, pooling, dtype float16|float32, shape [rows, dims], file}")
+    for key in ("classes", "sources", "errors"):
+        if key in manifest and not isinstance(manifest[key], list):
+            raise bad(key, manifest[key], "a list")
+    return manifest
+
+
 def atomic_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:

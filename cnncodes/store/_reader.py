@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IncompleteStoreError, StoreError
-from ._format import FORMAT_VERSION, LABELS, MANIFEST, ShardLayout, member_path, read_json
+from ._format import LABELS, MANIFEST, ShardLayout, check_manifest, member_path, read_json
 
 
 class CodeStore:
@@ -43,15 +43,7 @@ class CodeStore:
                 f"{self.path} is not a code store (no {MANIFEST}). Create one with `cnncodes extract SOURCE --out "
                 f"{self.path}`."
             )
-        self.manifest = read_json(manifest_path)
-        version = self.manifest.get("format_version")
-        if self.manifest.get("format") != "cnncodes.store" or not isinstance(version, int):
-            raise StoreError(f"{manifest_path} is not a cnncodes store manifest.")
-        if version > FORMAT_VERSION:
-            raise StoreError(
-                f"{self.path} uses store format {version}, newer than this cnncodes supports ({FORMAT_VERSION}); "
-                "upgrade cnncodes."
-            )
+        self.manifest = check_manifest(read_json(manifest_path), manifest_path)
         if not self.complete and not allow_incomplete:
             raise IncompleteStoreError(
                 f"{self.path} is incomplete ({self.manifest.get('rows_done')}/{self.manifest.get('rows_total')} rows): "
@@ -70,7 +62,7 @@ class CodeStore:
     # -- metadata ---------------------------------------------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
+        return self.manifest.get("complete") is True
 
     @property
     def rows(self) -> int:

@@ -97,3 +97,25 @@ def test_manifest_paths_outside_the_store_are_refused_and_never_deleted(tmp_path
     with pytest.raises(StoreError, match="not a plain .npy file name inside the store"):
         cnncodes.extract(images, out=tmp_path / "s", poolings="max", overwrite=True, **kw)
     assert victim.is_file()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: [m], "the manifest is .* expected a JSON object"),
+        (lambda m: {**m, "format_version": True}, "format_version is true, expected a positive integer"),
+        (lambda m: {**m, "format_version": 0}, "format_version is 0"),
+        (lambda m: {**m, "complete": "false"}, 'complete is "false", expected true or false'),
+        (lambda m: {**m, "arrays": [{"tap": 1}]}, r"arrays\[0\] is"),
+        (lambda m: {**m, "format_version": 99}, "newer than this cnncodes supports"),
+    ],
+)
+def test_a_manifest_with_wrong_types_is_refused_naming_the_field(tmp_path, edit, message):
+    import json
+
+    store = make_code_store(tmp_path / "s", n_images=30)
+    path = store.path / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(StoreError, match=message):
+        CodeStore(store.path)
+    assert not CodeStore.is_complete(store.path)
