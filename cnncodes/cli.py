@@ -128,10 +128,49 @@ def _parse_c_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _output_dir(path: str, flag: str = "--out") -> None:
+    """Refuse an output directory that cannot be one before any work is done (and create it)."""
+    import os
+    from pathlib import Path
+
+    from .errors import ParameterError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ParameterError(f"{flag} {p} is a file; give a directory for the results (nothing was computed).")
+    p.mkdir(parents=True, exist_ok=True)  # OSError (a file in the way, no permission) is reported by main()
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ParameterError(f"{flag} {p} is not writable; choose another directory (nothing was computed).")
+
+
+def _output_file(path: str | None, flag: str = "--out") -> None:
+    """Refuse an output file path that cannot be written before any work is done."""
+    import os
+    from pathlib import Path
+
+    from .errors import ParameterError
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ParameterError(
+            f"{flag} {p} is a directory; give a file name, e.g. {p / 'predictions.csv'} (nothing was computed)."
+        )
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ParameterError(
+            f"{flag} {p}: its directory {parent} does not exist or is not a directory; create it first."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ParameterError(f"{flag} {p} is not writable; choose another path (nothing was computed).")
+
+
 def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
     from .deploy import save_probe
     from .sweeps import format_table, sweep, write_report
 
+    _output_dir(out)
     result = sweep(
         store,
         test=args.test,
@@ -184,6 +223,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from .deploy import load_bundle, score_names
 
+    _output_file(args.out)
     probe = load_bundle(args.bundle, weights=args.weights, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
                         batch_size=args.batch_size, device=args.device)  # fmt: skip
     rows = probe.predict_source(args.source, progress=not args.quiet)
@@ -207,6 +247,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_probe, load_bundle
 
+    _output_file(args.out)
     probe = load_bundle(
         args.bundle, weights=args.weights, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device="cpu"
     )

@@ -96,3 +96,18 @@ def test_relu_choice_is_recorded_per_array_and_matches_the_python_route(tmp_path
     assert (np.asarray(never.codes("layer1.0.bn1", "avg")) < 0).any() and (
         np.asarray(auto.codes("layer1.0.bn1", "avg")) >= 0
     ).all()
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    from helpers import make_code_store
+
+    store = make_code_store(tmp_path / "codes", n_images=30)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert main(["sweep", str(store.path), "--out", str(a_file), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file; give a directory" in err and "nothing was computed" in err
+    assert main(["predict", str(tmp_path / "no.zip"), "demo:digits", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "no.zip"), "--out", str(tmp_path / "missing" / "m.pt2")]) == 2
+    assert "does not exist or is not a directory" in capsys.readouterr().err
