@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BundleError, FingerprintMismatchError, ImageDecodeError
+from ..errors import BundleError, FingerprintMismatchError, ImageDecodeError, ParameterError
 from ..images import Preprocessing, as_source
 from ..network import Backbone, CodeExtractor, encode, load_backbone
 from ._bundle import ProbeBundle, read_bundle
@@ -43,6 +43,8 @@ class DeployedProbe:
     ) -> None:
         self.bundle = bundle
         self.classes = list(bundle.classes)
+        if type(batch_size) is not int or batch_size < 1:
+            raise ParameterError(f"batch_size={batch_size!r}; use a positive integer (--batch-size 64).")
         self.batch_size = batch_size
         self.device = device
         model = bundle.extractor.model

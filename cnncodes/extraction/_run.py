@@ -170,6 +170,8 @@ def extract(
         raise ParameterError(f"dtype={dtype!r}; use one of {DTYPES}.")
     if on_error not in ("skip", "raise"):
         raise ParameterError(f"on_error={on_error!r}; use 'skip' (record and continue) or 'raise'.")
+    if type(seed) is not int or seed < 0:
+        raise ParameterError(f"seed={seed!r}; use a non-negative integer (--seed 0).")
     if batch_size < 1 or views < 0:
         raise ParameterError(f"need batch_size >= 1 and views >= 0, got batch_size={batch_size}, views={views}.")
     augment = parse_augment(augment)

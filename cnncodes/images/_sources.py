@@ -732,6 +732,10 @@ def _resolve_labels(labels: Any, classes: Sequence[str] | None, n: int, what: st
         if class_names:
             raise SourceError(f"{what}: classes= was given without labels=; pass labels too, or drop classes.")
         return np.full(n, -1, dtype=np.int64), []
+    if isinstance(labels, (list, tuple)):
+        kinds = {type(v).__name__ for v in labels if v is not None}
+        if "str" in kinds and len(kinds) > 1:
+            raise SourceError(f"{what}: labels mix types ({sorted(kinds)}); use all ints or all class-name strings.")
     values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if values.ndim != 1 or len(values) != n:
         raise SourceError(

@@ -132,11 +132,12 @@ class StoreWriter:
             else:
                 self._resume()
                 return
-        elif any(p.name not in (LOCK, PARTIAL, SHARDS) for p in self.path.iterdir()):
+        elif any(p.name not in (LOCK, PARTIAL, SHARDS, MANIFEST + ".tmp") for p in self.path.iterdir()):
             raise StoreError(
                 f"{self.path} is not empty and holds no {MANIFEST}; refusing to write a store over unrelated files. "
                 "Choose a new or empty --out directory."
             )
+        (self.path / (MANIFEST + ".tmp")).unlink(missing_ok=True)  # a kill while the first manifest was written
         self._create()
 
     def _create(self) -> None:

@@ -252,3 +252,9 @@ def test_export_refuses_unknown_formats_and_leaves_nothing(trained, tmp_path):
     with pytest.raises(ValueError, match="use one of"):
         export_probe(probe, tmp_path / "m.bin", "keras")
     assert not (tmp_path / "m.bin").exists()
+
+
+def test_predict_arguments_are_checked_before_any_image_work(trained, tmp_path, capsys):
+    bundle = str(trained / "sweep" / "best_probe.zip")
+    assert main(["predict", bundle, str(trained / "imgs"), "--batch-size", "-3", "--quiet"]) == 2
+    assert "batch_size=-3; use a positive integer" in capsys.readouterr().err

@@ -229,3 +229,10 @@ def test_views_are_reproducible_and_independent_of_batching(tmp_path, tiny_image
     other_seed = run(images, labels, tmp_path / "c", batch_size=6, **{**kw, "seed": 8})
     key = a.keys()[0]
     assert not np.allclose(np.asarray(other_seed.codes(*key))[1::3], np.asarray(a.codes(*key))[1::3])
+
+
+def test_arguments_are_checked_before_anything_is_written(tmp_path, tiny_images):
+    images, labels = tiny_images
+    with pytest.raises(ValueError, match="seed=-1; use a non-negative integer"):
+        run(images, labels, tmp_path / "s", views=2, seed=-1)
+    assert not (tmp_path / "s").exists()

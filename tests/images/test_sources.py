@@ -501,3 +501,9 @@ def test_demo_digits() -> None:
 def test_unknown_demo_lists_known() -> None:
     with pytest.raises(SourceError, match=r"unknown demo 'demo:cifar'.*'demo:digits'"):
         open_source("demo:cifar")
+
+
+def test_labels_that_mix_names_and_numbers_are_refused():
+    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    with pytest.raises(SourceError, match="labels mix types"):
+        open_source(images, labels=[1, "cat", 2.0])

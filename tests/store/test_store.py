@@ -119,3 +119,14 @@ def test_a_manifest_with_wrong_types_is_refused_naming_the_field(tmp_path, edit,
     with pytest.raises(StoreError, match=message):
         CodeStore(store.path)
     assert not CodeStore.is_complete(store.path)
+
+
+def test_a_kill_while_the_first_manifest_was_written_does_not_block_the_rerun(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json.tmp").write_text('{"format": "cnncodes.st')  # torn by the kill
+    writer, spec = _writer(tmp_path / "s")
+    writer.write(0, {spec.file: np.ones((6, 3), np.float32)})
+    writer.commit(6)
+    assert writer.finalize().rows == 6
+    writer.close()
+    assert not (tmp_path / "s" / "manifest.json.tmp").exists()
