@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -416,7 +417,14 @@ def hold_lock(path: Path, name: str = LOCK, wait: float = 0.0) -> Any:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             return f
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                f.close()  # ENOLCK, EOPNOTSUPP...: this filesystem cannot lock at all; waiting would never end
+                raise StoreError(
+                    f"cannot lock {path / name}: {exc.strerror} (errno {exc.errno}). The filesystem of {path} does not "
+                    "support file locks (e.g. NFS without a lock manager). Write the store to a local disk, or to NFS "
+                    "with lockd running, then copy it."
+                ) from None
             if time.monotonic() >= deadline:
                 f.close()
                 raise StoreLockedError(

@@ -130,3 +130,16 @@ def test_a_kill_while_the_first_manifest_was_written_does_not_block_the_rerun(tm
     assert writer.finalize().rows == 6
     writer.close()
     assert not (tmp_path / "s" / "manifest.json.tmp").exists()
+
+
+def test_a_filesystem_without_locks_is_named_instead_of_waiting_forever(tmp_path, monkeypatch):
+    import errno
+
+    from cnncodes.store import _writer
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(_writer.fcntl, "flock", no_locks)
+    with pytest.raises(StoreError, match="does not support file locks .*NFS without a lock manager"):
+        _writer.hold_lock(tmp_path, wait=float("inf"))
