@@ -22,6 +22,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    ArrayNotFoundError,
     BackboneError,
     BundleError,
     CnncodesError,
@@ -31,6 +32,7 @@ from .errors import (
     IncompleteStoreError,
     MissingExtraError,
     ParameterError,
+    ParameterTypeError,
     PoolingError,
     SchedulerError,
     SourceError,
@@ -84,9 +86,11 @@ __all__ = [
     "ExtractionError",
     "FingerprintMismatchError",
     "ImageDecodeError",
+    "ArrayNotFoundError",
     "IncompleteStoreError",
     "MissingExtraError",
     "ParameterError",
+    "ParameterTypeError",
     "PoolingError",
     "SchedulerError",
     "SourceError",

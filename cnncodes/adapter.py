@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ._compat import deprecated_alias
-from .errors import FingerprintMismatchError, ImageDecodeError, ParameterError
+from .errors import FingerprintMismatchError, ImageDecodeError, ParameterTypeError
 from .images import ImageSource, as_source
 from .network import Backbone, CodeExtractor, encode, load_backbone
 
@@ -104,11 +104,11 @@ class CNNCodes(TransformerMixin, BaseEstimator):
 
     def _build(self) -> CodeExtractor:
         if not isinstance(self.model, str):
-            raise ParameterError(
+            raise ParameterTypeError(
                 f"model must be a model spec string (got {type(self.model).__name__}); see cnncodes.load_backbone."
             )
         self._backbone = _shared_backbone(self.model, self.weights, self.input_size)
-        poolings = deprecated_alias("pooling", self.pooling, "poolings", self.poolings, "avg")
+        poolings = deprecated_alias("pooling", self.pooling, "poolings", self.poolings, "avg", stacklevel=4)
         self._extractor = CodeExtractor(self._backbone, self.taps, poolings, relu=self.relu)
         return self._extractor
 
@@ -200,6 +200,11 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         state.pop("_backbone", None)
         state.pop("_extractor", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "poolings" not in state:  # pickled by cnncodes 0.1, which spelled it `pooling`
+            state = {**state, "poolings": state.get("pooling") or "avg", "pooling": None}
+        super().__setstate__(state)
 
     def __sklearn_tags__(self):  # noqa: D105 - scikit-learn protocol
         tags = super().__sklearn_tags__()

@@ -154,14 +154,9 @@ def _output_file(path: str | None, flag: str = "--out") -> None:
         return
     p = Path(path)
     if p.is_dir():
-        raise ParameterError(
-            f"{flag} {p} is a directory; give a file name, e.g. {p / 'predictions.csv'} (nothing was computed)."
-        )
+        raise ParameterError(f"{flag} {p} is a directory; give a file name inside it (nothing was computed).")
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ParameterError(
-            f"{flag} {p}: its directory {parent} does not exist or is not a directory; create it first."
-        )
+    parent.mkdir(parents=True, exist_ok=True)  # a file in the way is an OSError, reported by main() as one line
     if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise ParameterError(f"{flag} {p} is not writable; choose another path (nothing was computed).")
 
@@ -254,7 +249,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     path = export_probe(probe, args.out, args.format)
     size = probe.preprocessing.input_size
     print(f"wrote {args.format} model to {path}: input float32 (N, 3, {size}, {size}) normalized with mean "
-          f"{list(probe.preprocessing.mean)} std {list(probe.preprocessing.std)}; output scores (N, {len(probe.classes)}) "
+          f"{list(probe.preprocessing.mean)} std {list(probe.preprocessing.std)}; output scores (N, {1 if len(probe.classes) == 2 else len(probe.classes)}) "
           f"for classes {probe.classes[:10]}")  # fmt: skip
     return 0
 

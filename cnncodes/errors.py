@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "CnncodesError",
     "ParameterError",
+    "ParameterTypeError",
     "BackboneError",
     "WeightsUnavailableError",
     "TapSelectionError",
@@ -21,6 +22,7 @@ __all__ = [
     "StoreLockedError",
     "StoreMismatchError",
     "IncompleteStoreError",
+    "ArrayNotFoundError",
     "ExtractionError",
     "BundleError",
     "FingerprintMismatchError",
@@ -35,6 +37,10 @@ class CnncodesError(Exception):
 
 class ParameterError(CnncodesError, ValueError):
     """An argument has a value cnncodes cannot use; the message names the argument and what is allowed."""
+
+
+class ParameterTypeError(ParameterError, TypeError):
+    """An argument has the wrong type (also a ``TypeError``, as it was before the hierarchy existed)."""
 
 
 class BackboneError(CnncodesError, ValueError):
@@ -99,6 +105,13 @@ class StoreMismatchError(StoreError):
 
 class IncompleteStoreError(StoreError):
     """The store's extraction has not finished."""
+
+
+class ArrayNotFoundError(StoreError, KeyError):
+    """A store holds no array for the tap and pooling asked for (also a ``KeyError``, as before)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class ExtractionError(CnncodesError, RuntimeError):

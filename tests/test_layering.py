@@ -26,7 +26,7 @@ ALLOWED = {
     "extraction": {"images", "network", "store"},
     "probing": set(),
     "deploy": {"images", "network", "probing"},
-    "sweeps": {"store", "probing", "deploy"},
+    "sweeps": {"store", "probing"},
     "adapter": {"images", "network"},
 }
 BASE = {"errors", "_compat", "_versions"}

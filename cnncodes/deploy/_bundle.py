@@ -263,8 +263,12 @@ def read_bundle(path: str | os.PathLike) -> ProbeBundle:
             if _JSON not in names:
                 raise BundleError(f"{path} has no {_JSON}: not a cnncodes probe bundle.")
             meta = json.loads(zf.read(_JSON))
-            if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
-                raise BundleError(f"{path} is not a cnncodes probe bundle (format {meta.get('format')!r}).")
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise BundleError(f"{path} is not a cnncodes probe bundle ({_JSON} is not a {FORMAT} object).")
+            if type(meta.get("format_version")) is not int or meta["format_version"] < 1:
+                raise BundleError(f"{path}: format_version {meta.get('format_version')!r} is not a positive integer.")
+            if not isinstance(meta.get("checksums", {}), dict):
+                raise BundleError(f"{path}: checksums must be an object of member name to sha256 hex digest.")
             if meta["format_version"] > FORMAT_VERSION:
                 raise BundleError(f"{path} uses bundle format {meta['format_version']}; upgrade cnncodes to read it.")
             expected = dict(meta.get("checksums", {}))
@@ -285,11 +289,55 @@ def read_bundle(path: str | os.PathLike) -> ProbeBundle:
         raise BundleError(
             f"{path} is not a readable probe bundle ({type(exc).__name__}: {exc}); it may be truncated."
         ) from exc
-    return ProbeBundle(ExtractorSpec.from_dict(meta["extractor"], path), meta["normalizer"], meta["classifier"], list(meta["classes"]), arrays,
-                       meta.get("metrics", {}), meta.get("versions", {}))  # fmt: skip
+    bundle = ProbeBundle(ExtractorSpec.from_dict(meta.get("extractor"), path), meta.get("normalizer"),
+                         meta.get("classifier"), meta.get("classes"), arrays, meta.get("metrics") or {},
+                         meta.get("versions") or {})  # fmt: skip
+    check_bundle(bundle, path)
+    return bundle
+
+
+def check_bundle(bundle: ProbeBundle, where: str | os.PathLike) -> None:
+    """Refuse a bundle whose parts do not fit together, before any image is touched."""
+    from ..probing import CLASSIFIERS, NORMALIZERS
+
+    def refuse(what: str) -> BundleError:
+        return BundleError(f"{where}: {what}; the bundle is malformed. Save it again from a sweep (cnncodes sweep).")
+
+    if bundle.normalizer not in NORMALIZERS:
+        raise refuse(f"normalizer {bundle.normalizer!r} is not one of {list(NORMALIZERS)}")
+    if bundle.classifier not in CLASSIFIERS:
+        raise refuse(f"classifier {bundle.classifier!r} is not one of {list(CLASSIFIERS)}")
+    classes = bundle.classes
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise refuse(f"classes {str(classes)[:80]} is not a list of at least 2 class names")
+    missing = [k for k in ("coef", "intercept") + (("scaler_mean", "scaler_scale") if bundle.normalizer == "standard" else ())
+               if k not in bundle.arrays]  # fmt: skip
+    if missing:
+        raise refuse(f"arrays {missing} are missing")
+    for name, array in bundle.arrays.items():
+        if array.dtype.kind != "f" or not np.isfinite(array).all():
+            raise refuse(f"array {name} is not finite floating point (dtype {array.dtype})")
+    coef, intercept = bundle.arrays["coef"], bundle.arrays["intercept"]
+    outputs = 1 if len(classes) == 2 else len(classes)
+    dims = bundle.extractor.dims
+    if (
+        coef.ndim != 2
+        or coef.shape[0] != outputs
+        or intercept.shape != (outputs,)
+        or (dims > 0 and coef.shape[1] != dims)
+    ):
+        raise refuse(f"coef {coef.shape} and intercept {intercept.shape} do not fit {len(classes)} classes and "
+                     f"{dims} code dimensions")  # fmt: skip
+    if bundle.normalizer == "standard":
+        mean, scale = bundle.arrays["scaler_mean"], bundle.arrays["scaler_scale"]
+        if mean.shape != (coef.shape[1],) or scale.shape != (coef.shape[1],) or (scale <= 0).any():
+            raise refuse("scaler_mean/scaler_scale do not match the coefficients, or a scale is not positive")
 
 
 def save_probe(result: Any, out: str | os.PathLike) -> Path:
     """Save a sweep's best probe as ``best_probe.zip`` in ``out``."""
+    if not result.extractor:
+        raise BundleError("this sweep ran on codes in memory, so nothing says how to compute them from images; a "
+                          "bundle needs a sweep of a store (cnncodes.sweep) made by cnncodes.extract.")  # fmt: skip
     bundle = bundle_from_pipeline(result.estimator, result.extractor, result.classes, result.best_record())
     return save_bundle(bundle, Path(out) / "best_probe.zip")

@@ -94,31 +94,35 @@ def export_probe(
     example = torch.zeros(batch_size, 3, size, size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with torch.inference_mode(False), torch.no_grad():
-        if format == "pt2":
-            batch = torch.export.Dim("batch", min=1, max=65536)
-            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(tmp))
-            run = torch.export.load(str(tmp)).module()
-        elif format == "torchscript":
-            with warnings.catch_warnings():  # torch 2.9+ deprecates TorchScript; the pt2 format is the default
-                warnings.simplefilter("ignore", FutureWarning)
-                torch.jit.trace(module, example, check_trace=False).save(str(tmp))
-                scripted = torch.jit.load(str(tmp))
-            run = scripted
-        else:
-            run = _export_onnx(module, example, tmp)
-        check = torch.randn(batch_size + 1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        expected = module(check)
-        got = run(check)
-    diff = float((torch.as_tensor(got) - expected).abs().max())
-    if not diff <= check_atol:
+    if path.is_dir():
+        raise ParameterError(f"{path} is a directory; give the model's file name, e.g. {path / 'probe.pt2'}.")
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # keeps the suffix torch.export.load looks for
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            run = _EXPORTERS[format](module, example, tmp)
+            check = torch.randn(batch_size + 1, 3, size, size, generator=torch.Generator().manual_seed(0))
+            diff = float((torch.as_tensor(run(check)) - module(check)).abs().max())
+        if not diff <= check_atol:
+            raise BundleError(f"the exported {format} model differs from the probe by {diff:.2e} (> {check_atol:g}); "
+                              "nothing was written. Try another --format.")  # fmt: skip
+        os.replace(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise BundleError(f"the exported {format} model differs from the probe by {diff:.2e} (> {check_atol:g}); "
-                          "nothing was written. Try another --format.")  # fmt: skip
-    os.replace(tmp, path)
     return path
+
+
+def _export_pt2(module: nn.Module, example: torch.Tensor, tmp: Path):
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp))
+    return torch.export.load(str(tmp)).module()
+
+
+def _export_torchscript(module: nn.Module, example: torch.Tensor, tmp: Path):
+    with warnings.catch_warnings():  # torch deprecates TorchScript; the pt2 format is the default
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(module, example, check_trace=False).save(str(tmp))
+        return torch.jit.load(str(tmp))
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, tmp: Path):
@@ -135,3 +139,6 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, tmp: Path):
                           dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)  # fmt: skip
     session = onnxruntime.InferenceSession(str(tmp))
     return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+
+_EXPORTERS = {"pt2": _export_pt2, "torchscript": _export_torchscript, "onnx": _export_onnx}

@@ -53,13 +53,21 @@ def parse_shard(text: str | Shard | tuple[int, int] | None, env: Mapping[str, st
 
 def shard_from_env(env: Mapping[str, str], *, slurm: bool = True) -> Shard | None:
     """The shard a launcher assigned to this process, or ``None`` when not launched as one of several."""
-    world = int(env.get("WORLD_SIZE", "1") or 1)
+
+    def number(name: str, default: str) -> int:
+        text = env.get(name, default) or default
+        try:
+            return int(text)
+        except ValueError:
+            raise ParameterError(f"the launcher variable {name}={text!r} is not an integer; fix or unset it.") from None
+
+    world = number("WORLD_SIZE", "1")
     if world > 1 and "RANK" in env:
-        return Shard(int(env["RANK"]), world)
+        return Shard(number("RANK", "0"), world)
     if slurm and "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)  # --array=0-14:2 has step 2
-        return Shard((int(env["SLURM_ARRAY_TASK_ID"]) - first) // step, int(env["SLURM_ARRAY_TASK_COUNT"]))
+        first = number("SLURM_ARRAY_TASK_MIN", "0")
+        step = number("SLURM_ARRAY_TASK_STEP", "1")  # --array=0-14:2 has step 2
+        return Shard((number("SLURM_ARRAY_TASK_ID", "0") - first) // step, number("SLURM_ARRAY_TASK_COUNT", "1"))
     return None
 
 

@@ -170,8 +170,12 @@ def extract(
         raise ParameterError(f"dtype={dtype!r}; use one of {DTYPES}.")
     if on_error not in ("skip", "raise"):
         raise ParameterError(f"on_error={on_error!r}; use 'skip' (record and continue) or 'raise'.")
-    if type(seed) is not int or seed < 0:
-        raise ParameterError(f"seed={seed!r}; use a non-negative integer (--seed 0).")
+    if workers is not None and (type(workers) is not int or workers < 0):
+        raise ParameterError(
+            f"workers={workers!r}; use 0 (decode in this process), a positive count, or leave it unset."
+        )
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise ParameterError(f"seed={seed!r}; use an integer in [0, 2**32) (--seed 0).")
     if batch_size < 1 or views < 0:
         raise ParameterError(f"need batch_size >= 1 and views >= 0, got batch_size={batch_size}, views={views}.")
     augment = parse_augment(augment)

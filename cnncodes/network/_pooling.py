@@ -22,7 +22,7 @@ __all__ = ["Pooling", "parse_poolings"]
 _PATTERN = re.compile(r"^(avg|max)(\d*)$|^(none|cls|mean)$")
 _FORMS = (
     "avg, max, avgK or maxK (K x K grid, e.g. avg2, avg4), none (flatten), and for token taps cls (class token) and "
-    "mean (mean of the patch tokens); comma-separated: --pool avg,avg2"
+    "mean (mean of the patch tokens); comma-separated: --poolings avg,avg2"
 )
 
 

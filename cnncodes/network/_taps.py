@@ -182,7 +182,7 @@ class TapCatalogue(Sequence[TapInfo]):
         items = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else [str(s).strip() for s in layers]
         items = [s for s in items if s]
         if not items:
-            raise TapSelectionError("no taps selected; use e.g. --layers stages (see `cnncodes layers MODEL`).")
+            raise TapSelectionError("no taps selected; use e.g. --taps stages (see `cnncodes layers MODEL`).")
         chosen: dict[str, TapInfo] = {}
         for item in items:
             for tap in self._expand(item):

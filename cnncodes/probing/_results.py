@@ -81,6 +81,9 @@ class SweepConfig:
             raise ParameterError(
                 f"folds must be at least 2, got {self.folds}; or use val_size for one validation split."
             )
+        if not 0 <= _integer("seed", self.seed) < 2**32:
+            raise ParameterError(f"seed must be in [0, 2**32), got {self.seed}.")
+        _check_device(self.device)
         if self.max_memory is not None and _integer("max_memory", self.max_memory) < 1:
             raise ParameterError(f"max_memory must be a positive number of bytes, got {self.max_memory}.")
 
@@ -97,6 +100,18 @@ def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not math.isfinite(out):
         raise ParameterError(f"{name} must be a finite number, got {value!r}.")
     return out
+
+
+def _check_device(device: Any) -> None:
+    """The solver's torch device must exist here (checked before any fit, not by the first one)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ParameterError(f"device={device!r} is not a device; use cpu, cuda or cuda:INDEX.") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ParameterError(f"device={device!r} but that CUDA device is not available here; use --device cpu.")
 
 
 def _integer(name: str, value: Any) -> int:

@@ -65,6 +65,18 @@ def split_images(
         raise ParameterError("some images are unlabeled (label -1); a sweep needs labels (ImageFolder, CSV with "
                              "labels, or labels=).")  # fmt: skip
     images = np.arange(len(labels))
+    counts = np.bincount(labels)
+    held_out = test_rows is None
+    if held_out and counts[counts > 0].min() < 2:
+        rare = [int(c) for c in np.flatnonzero((counts > 0) & (counts < 2))[:5]]
+        raise ParameterError(f"classes {rare} have a single image; a stratified held-out test split needs at least 2 "
+                             "per class. Add images, drop those classes, or give a separate test set (--test).")  # fmt: skip
+    if held_out:
+        n_test = int(round(config.test_size * len(labels)))
+        if not len(counts[counts > 0]) <= n_test <= len(labels) - len(counts[counts > 0]):
+            raise ParameterError(f"test_size={config.test_size} holds out {n_test} of {len(labels)} images, but every one "
+                                 f"of the {int((counts > 0).sum())} classes needs an image on each side; choose a "
+                                 "test_size between those bounds.")  # fmt: skip
     if test_rows is None:
         train_img, test_img = train_test_split(
             images, test_size=config.test_size, stratify=labels, random_state=config.seed
@@ -78,6 +90,12 @@ def split_images(
     counts = np.bincount(y_train)
     smallest = counts[counts > 0].min()
     if config.val_size is not None:
+        n_val = int(np.ceil(config.val_size * len(train_img)))
+        n_cls = int((np.bincount(y_train) > 0).sum())
+        if not n_cls <= n_val <= len(train_img) - n_cls:
+            raise ParameterError(f"val_size={config.val_size} gives {n_val} validation images of {len(train_img)}, but "
+                                 f"each of the {n_cls} classes needs one on each side; choose a larger or smaller "
+                                 "--val-size, or k-fold (--folds).")  # fmt: skip
         splitter: Any = StratifiedShuffleSplit(n_splits=1, test_size=config.val_size, random_state=config.seed)
     else:
         if smallest < config.folds:
@@ -177,6 +195,7 @@ def evaluate_codes(
     tap: str,
     pooling: str,
     depth: int = -1,
+    n_classes: int | None = None,
 ) -> list[tuple[SweepRow, Fitted]]:
     """Every probe x normalizer on one array of codes: C chosen by CV on the training rows, then refit and tested.
 
@@ -189,7 +208,7 @@ def evaluate_codes(
         torch.set_num_threads(config.threads)
     labels = np.asarray(labels)
     test_labels = np.asarray(test_labels)
-    n_classes = int(labels.max()) + 1
+    n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
     # in memory: the float32 training rows plus one normalized copy per fold
     nbytes = len(split.train_rows) * codes.shape[1] * 4 * (len(split.folds) + 1)
     if config.max_memory is not None and nbytes > config.max_memory:
@@ -374,6 +393,8 @@ def sweep_codes(
     >>> cnncodes.sweep_codes(codes, y, probes=["logreg"], folds=3).best.tap
     'good'
     """
+    if type(jobs) is not int or jobs == 0 or jobs < -1:
+        raise ParameterError(f"jobs={jobs!r}; use a positive number of workers, or -1 for all cores.")
     n_jobs = jobs if jobs != -1 else (os.cpu_count() or 1)
     config = SweepConfig(
         probes=tuple(probes), normalizers=tuple(normalizers), folds=folds, val_size=val_size, test_size=test_size,
@@ -398,7 +419,7 @@ def sweep_codes(
         y_test, _ = _encode_labels(test_labels, class_names, "test_labels")
         test_arrays = {k: _check_codes(test[k], len(y_test), f"test[{k!r}]") for k in keys}
     split = split_images(y, views, config, test_rows=None if test is None else len(y_test), test_views=test_views)
-    names = {k: (k if isinstance(k, tuple) else (str(k), "")) for k in keys}
+    names = {k: (str(k[0]), str(k[1])) if isinstance(k, tuple) else (str(k), "") for k in keys}
     tasks = (
         delayed(evaluate_codes)(
             arrays[k],
@@ -410,6 +431,7 @@ def sweep_codes(
             tap=str(names[k][0]),
             pooling=str(names[k][1]),
             depth=int((depths or {}).get(k, -1)),
+            n_classes=len(class_names),
         )  # fmt: skip
         for k in keys
     )
@@ -441,6 +463,9 @@ def sweep_codes(
 def _encode_labels(labels: Any, classes: Sequence[str] | None, what: str) -> tuple[np.ndarray, list[str]]:
     """Integer labels and class names; string labels are mapped onto ``classes`` (default: sorted)."""
     y = np.asarray(labels)
+    if y.dtype.kind in "iu" and y.size and y.min() < 0:
+        raise ParameterError(f"{what}: some images are unlabeled (label -1); a sweep needs labels (ImageFolder, CSV "
+                             "with labels, or labels=).")  # fmt: skip
     if y.ndim != 1 or len(y) == 0:
         raise ParameterError(f"{what} must be a non-empty 1-d array of class labels, got shape {y.shape}.")
     if y.dtype.kind in "iu":

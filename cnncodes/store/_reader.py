@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import IncompleteStoreError, StoreError
+from ..errors import ArrayNotFoundError, IncompleteStoreError, StoreError
 from ._format import LABELS, MANIFEST, ShardLayout, check_manifest, member_path, read_json
 
 
@@ -112,7 +112,7 @@ class CodeStore:
         if len(matches) != 1:
             have = ", ".join(f"{t}/{p}" for t, p in self.keys())
             what = f"tap {tap!r}" + (f" with pooling {pooling!r}" if pooling else " (give a pooling: several exist)")
-            raise StoreError(f"{self.path} has no single array for {what}; it holds: {have}.")
+            raise ArrayNotFoundError(f"{self.path} has no single array for {what}; it holds: {have}.")
         return matches[0]
 
     # -- arrays -----------------------------------------------------------------------------------------------------
