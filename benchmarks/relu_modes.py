@@ -60,10 +60,10 @@ def run(task: str, images: np.ndarray, labels: np.ndarray, model: str, size: int
                         taps="stages,expanded", poolings="avg,avg2", relu=mode, progress=False)  # fmt: skip
         result = sweep(store, probes=("logreg",), jobs=-1, progress=False)
         rectified = {(a["tap"], a["pooling"]): a["relu_applied"] for a in store.arrays}
-        rows = {(r["tap"], r["pooling"]): r for r in result.rows}
+        rows = {(r.tap, r.pooling): r.to_dict() for r in result.rows}
         results[mode] = {
             "rows": rows,
-            "best": result.best,
+            "best": result.best.to_dict(),
             "applied": rectified,
             "seconds": time.perf_counter() - start,
         }

@@ -102,7 +102,7 @@ def probe_rates(folder: Path, rows: int, dims: int) -> tuple[float, float, float
     for max_memory in (None, 32 * 2**20):
         start = time.perf_counter()
         result = sweep(folder, probes=("logreg",), folds=3, jobs=1, max_memory=max_memory, progress=False)
-        out += [result.best["n_train_images"] / (time.perf_counter() - start), result.best["test_accuracy"]]
+        out += [result.data["n_train_images"] / (time.perf_counter() - start), result.best.test_accuracy]
     return tuple(out)
 
 

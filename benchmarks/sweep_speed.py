@@ -25,11 +25,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cnncodes import CodeStore, extract
+from cnncodes.probing import SweepConfig
 from cnncodes.sweeps import make_split, sweep
 
 
 def baseline(store: CodeStore, seed: int = 0) -> dict:
-    split = make_split(store, seed=seed)
+    split = make_split(store, config=SweepConfig(seed=seed))
     y = np.asarray(store.labels)
     results = []
     for (tap, pooling), codes in store.items():
@@ -66,11 +67,11 @@ def main() -> None:
     print(
         f"baseline GridSearchCV  {t_base:8.1f} s  best {base['tap']}/{base['pooling']}  test accuracy {base['test']:.4f}"
     )
-    print(f"cnncodes sweep         {t_ours:8.1f} s  best {ours.best['tap']}/{ours.best['pooling']}/{ours.best['probe']}  "
-          f"test accuracy {ours.best['test_accuracy']:.4f}")  # fmt: skip
+    print(f"cnncodes sweep         {t_ours:8.1f} s  best {ours.best.tap}/{ours.best.pooling}/{ours.best.probe}  "
+          f"test accuracy {ours.best.test_accuracy:.4f}")  # fmt: skip
     print(
         f"speed ratio baseline/cnncodes = {t_base / t_ours:.2f}x (target >= 5); "
-        f"accuracy difference = {100 * (ours.best['test_accuracy'] - base['test']):+.2f} points (target within 0.5)"
+        f"accuracy difference = {100 * (ours.best.test_accuracy - base['test']):+.2f} points (target within 0.5)"
     )
 
 

@@ -29,12 +29,14 @@ ALLOWED = {
     "sweeps": {"store", "probing"},
     "adapter": {"images", "network"},
 }
-BASE = {"errors", "_compat", "_versions"}
+BASE = {"errors", "_compat", "_versions"}  # may import nothing but each other
 #: compute works on arrays and tensors only
 COMPUTE = {"network._graph", "network._layout", "network._pooling", "network._taps", "network._extractor",
            "images._preprocess", "probing._linear", "probing._probes", "probing._results", "probing._search",
            "probing._streaming", "probing._scoring"}  # fmt: skip
 #: modules that read or write files of images, codes, bundles or reports
+#: neither: they load models or run compute over images (checked by the room rules only)
+RUNNERS = {"network._backbones", "network._encode", "deploy._predict", "adapter"}
 IO = {"images._sources", "store._format", "store._reader", "store._writer", "store._merge", "extraction._run",
       "extraction._plan", "deploy._bundle", "deploy._export", "sweeps._report", "sweeps._run"}  # fmt: skip
 
@@ -61,10 +63,14 @@ def _resolve(module: str, level: int, target: str | None) -> str:
 
 @cache
 def _edges(module: str) -> frozenset[str]:
-    """Package modules that ``module`` imports, anywhere in its body, resolved through room re-exports."""
+    """Package modules that ``module`` imports, anywhere in its body, resolved through room re-exports and the lazy
+    top-level names; dynamic imports of package modules are refused outright."""
     tree = ast.parse(MODULES[module].read_text())
     found: set[str] = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _dynamic_import(node) and module != "":
+            pytest.fail(f"cnncodes.{module} imports a package module dynamically (line {node.lineno}); the layering "
+                        "rules cannot see that: import it statically.")  # fmt: skip
         if isinstance(node, ast.ImportFrom):
             if node.level == 0 and not (node.module or "").startswith("cnncodes"):
                 continue
@@ -81,10 +87,30 @@ def _edges(module: str) -> frozenset[str]:
     return frozenset(m for m in found if m != module)
 
 
+def _dynamic_import(call: ast.Call) -> bool:
+    func = call.func
+    named = (isinstance(func, ast.Name) and func.id == "__import__") or (
+        isinstance(func, ast.Attribute) and func.attr == "import_module"
+    )
+    text = [a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    return named and (not text or any(t.startswith(("cnncodes", ".")) for t in text))
+
+
+@cache
+def _lazy_names() -> dict[str, str]:
+    """The top-level package's lazy public names -> the room that defines them (``cnncodes._LAZY``)."""
+    for node in ast.parse(MODULES[""].read_text()).body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and "_LAZY" in ast.unparse(node).split("=")[0]:
+            return ast.literal_eval(node.value)
+    raise AssertionError("cnncodes/__init__.py has no _LAZY table")
+
+
 def _defining(target: str, name: str) -> str:
     """The module that defines ``name`` imported from ``target`` (a submodule, or what a room's __init__ re-exports)."""
     if f"{target}.{name}".strip(".") in MODULES:
         return f"{target}.{name}".strip(".")
+    if target == "" and name in _lazy_names():
+        return _defining(_lazy_names()[name], name)
     path = MODULES.get(target)
     if path is None or path.name != "__init__.py" or target == "":
         return target
@@ -111,8 +137,17 @@ def _closure(module: str) -> set[str]:
 def test_the_rules_cover_every_module():
     rooms = {_room(m) for m in MODULES if m} - BASE - {"cli", "__main__"}
     assert rooms == set(ALLOWED), "a new room needs a line in ALLOWED (and in the README's layout table)"
-    for m in COMPUTE | IO:
+    for m in COMPUTE | IO | RUNNERS:
         assert m in MODULES, f"{m} is listed but does not exist"
+    inner = {m for m in MODULES if _room(m) in ALLOWED and MODULES[m].name != "__init__.py"}
+    unclassified = inner - COMPUTE - IO - RUNNERS
+    assert not unclassified, f"say whether {sorted(unclassified)} is compute, IO or a runner"
+
+
+@pytest.mark.parametrize("module", sorted(BASE))
+def test_the_shared_base_imports_only_itself(module):
+    for dep in _edges(module):
+        assert _room(dep) in BASE, f"cnncodes.{module} imports {dep}; the base every room uses must stay at the bottom"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m and _room(m) in ALLOWED))
