@@ -120,17 +120,25 @@ class CodeStore:
         """The (rows, dims) codes of ``tap`` under ``pooling``, memory-mapped read-only."""
         if not self.complete:
             raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it.")
-        path = member_path(self.path, self._array(tap, pooling), self.path / MANIFEST)
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        entry = self._array(tap, pooling)
+        path = member_path(self.path, entry, self.path / MANIFEST)
+        try:
+            codes = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {path} ({type(exc).__name__}: {exc}); the store is damaged: re-extract it "
+                             "with --overwrite.") from None  # fmt: skip
+        if list(codes.shape) != [self.rows, entry["shape"][1]] or codes.dtype != np.dtype(entry["dtype"]):
+            raise StoreError(f"{path} holds {codes.dtype} {tuple(codes.shape)} but the manifest says {entry['dtype']} "
+                             f"({self.rows}, {entry['shape'][1]}); the store is damaged: re-extract it with --overwrite.")  # fmt: skip
+        return codes
 
     def read_rows(self, tap: str, pooling: str | None, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` read with plain file reads: unlike slicing the memmap, the pages read do not stay
         mapped in this process, so streaming a store larger than RAM keeps resident memory flat."""
         if not self.complete:
             raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it.")
-        path = member_path(self.path, self._array(tap, pooling), self.path / MANIFEST)
-        header = np.load(path, mmap_mode="r", allow_pickle=False)
-        offset, dims, dtype = header.offset, header.shape[1], header.dtype
+        header = self.codes(tap, pooling)  # validated against the manifest, naming the file
+        path, offset, dims, dtype = Path(header.filename), header.offset, header.shape[1], header.dtype
         del header
         stop = min(stop, self.rows)
         count = max(0, stop - start) * dims

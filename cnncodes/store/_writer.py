@@ -116,6 +116,9 @@ class StoreWriter:
 
     def _prepare(self, overwrite: bool) -> None:
         manifest_path = self.path / MANIFEST
+        recovered = manifest_path.exists() and overwrite and not _readable(manifest_path)
+        if recovered:
+            _clear_damaged(self.path)  # the advice in the "damaged" message must work; other files are kept
         if manifest_path.exists():
             old = read_json(manifest_path)
             if old.get("config") != self.config:
@@ -133,7 +136,9 @@ class StoreWriter:
             else:
                 self._resume()
                 return
-        elif any(p.name not in (LOCK, PARTIAL, SHARDS, MANIFEST + ".tmp") for p in self.path.iterdir()):
+        elif not recovered and any(
+            p.name not in (LOCK, PARTIAL, SHARDS, MANIFEST + ".tmp") for p in self.path.iterdir()
+        ):
             raise StoreError(
                 f"{self.path} is not empty and holds no {MANIFEST}; refusing to write a store over unrelated files. "
                 "Choose a new or empty --out directory."
@@ -154,8 +159,12 @@ class StoreWriter:
         atomic_json(self.path / MANIFEST, self._manifest(complete=False))
 
     def _resume(self) -> None:
-        progress = read_json(self._progress) if self._progress.exists() else None
-        if progress is None:  # crashed between manifest and first commit: start over
+        progress = read_json(self._progress) if self._progress.exists() and _readable(self._progress) else None
+        missing = [
+            s.file for s in self.arrays if not (self._partial / s.file).exists() and not (self.path / s.file).exists()
+        ]
+        if progress is None or missing:  # crashed before the first commit, or damaged: start over, nothing to lose
+            shutil.rmtree(self._partial, ignore_errors=True)
             self._create()
             return
         self._open_files(progress)
@@ -448,6 +457,23 @@ def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> s
         f"{path} already holds codes made with different settings ({config_diff(old, new)}). Nothing was changed.{hint} "
         "Pass --overwrite (Python: overwrite=True) to replace them, or choose another --out directory."
     )
+
+
+def _readable(path: Path) -> bool:
+    try:
+        read_json(path)
+        return True
+    except StoreError:
+        return False
+
+
+def _clear_damaged(path: Path) -> None:
+    """Remove what a store whose manifest cannot be read may hold: only our own names, never other files."""
+    for p in path.iterdir():
+        ours = p.name in (MANIFEST, MANIFEST + ".tmp", LABELS) or (p.suffix == ".npy" and "__" in p.name)
+        if ours and p.is_file() and not p.is_symlink():
+            p.unlink()
+    shutil.rmtree(path / PARTIAL, ignore_errors=True)
 
 
 def clear_store(path: Path, manifest: dict[str, Any]) -> None:

@@ -143,3 +143,51 @@ def test_a_filesystem_without_locks_is_named_instead_of_waiting_forever(tmp_path
     monkeypatch.setattr(_writer.fcntl, "flock", no_locks)
     with pytest.raises(StoreError, match="does not support file locks .*NFS without a lock manager"):
         _writer.hold_lock(tmp_path, wait=float("inf"))
+
+
+def test_a_truncated_or_missing_array_is_named(tmp_path):
+    store = make_code_store(tmp_path / "s", n_images=30)
+    path = store.path / "mid__avg.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(StoreError, match=r"mid__avg\.npy .*damaged"):
+        CodeStore(store.path).codes("mid", "avg")
+    with pytest.raises(StoreError, match=r"mid__avg\.npy .*damaged"):
+        CodeStore(store.path).read_rows("mid", "avg", 0, 5)
+    path.unlink()
+    with pytest.raises(StoreError, match=r"cannot read .*mid__avg\.npy"):
+        CodeStore(store.path).codes("mid", "avg")
+
+
+def test_overwrite_recovers_a_store_whose_manifest_is_truncated(tmp_path):
+    writer, spec = _writer(tmp_path / "s")
+    writer.close()
+    (tmp_path / "s" / "manifest.json").write_text('{"format": "cnncodes.store", "forma')
+    (tmp_path / "s" / "keep.txt").write_text("not ours")
+    with pytest.raises(StoreError, match="re-extract with --overwrite"):
+        _writer(tmp_path / "s")
+    writer, spec = _writer(tmp_path / "s", overwrite=True)
+    writer.write(0, {spec.file: np.ones((6, 3), np.float32)})
+    writer.commit(6)
+    assert writer.finalize().rows == 6
+    writer.close()
+    assert (tmp_path / "s" / "keep.txt").read_text() == "not ours"
+
+
+@pytest.mark.parametrize("damage", ["truncate progress", "delete partial array"])
+def test_a_resume_over_damaged_progress_starts_the_part_again(tmp_path, damage):
+    writer, spec = _writer(tmp_path / "s")
+    writer.write(0, {spec.file: np.ones((3, 3), np.float32)})
+    writer.commit(3)
+    writer.close()
+    partial = tmp_path / "s" / ".partial"
+    if damage == "truncate progress":
+        (partial / "progress.json").write_text('{"rows_do')
+    else:
+        (partial / spec.file).unlink()
+    writer, spec = _writer(tmp_path / "s")
+    assert writer.rows_done == 0
+    codes = np.arange(18, dtype=np.float32).reshape(6, 3)
+    writer.write(0, {spec.file: codes})
+    writer.commit(6)
+    np.testing.assert_array_equal(writer.finalize().codes("a", "avg"), codes)
+    writer.close()
