@@ -71,6 +71,7 @@ _LAZY = {
     "TorchLogisticRegression": "probing",
     "TorchLinearSVC": "probing",
     "load_bundle": "deploy",
+    "bundle_digest": "deploy",
     "save_probe": "deploy",
     "export_probe": "deploy",
     "DeployedProbe": "deploy",
@@ -118,7 +119,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what static tools see; at run time these import lazily
     from .adapter import CNNCodes
-    from .deploy import DeployedProbe, ProbeBundle, export_probe, load_bundle, save_probe
+    from .deploy import DeployedProbe, ProbeBundle, bundle_digest, export_probe, load_bundle, save_probe
     from .extraction import extract
     from .images import ImageSource, Preprocessing, open_source
     from .network import Backbone, CodeExtractor, Pooling, TapCatalogue, TapInfo, list_taps, load_backbone

@@ -162,7 +162,7 @@ def _output_file(path: str | None, flag: str = "--out") -> None:
 
 
 def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
-    from .deploy import save_probe
+    from .deploy import bundle_digest, save_probe
     from .sweeps import format_table, sweep, write_report
 
     _output_dir(out)
@@ -190,6 +190,7 @@ def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
     paths = write_report(result, out)
     paths["probe"] = save_probe(result, out)
     print(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
+    print(f"{paths['probe']} digest {bundle_digest(paths['probe'])} (pin it: cnncodes predict --digest ...)")
     return 0
 
 
@@ -219,8 +220,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .deploy import load_bundle, score_names
 
     _output_file(args.out)
-    probe = load_bundle(args.bundle, weights=args.weights, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
-                        batch_size=args.batch_size, device=args.device)  # fmt: skip
+    probe = load_bundle(args.bundle, digest=args.digest, weights=args.weights, batch_size=args.batch_size,
+                        allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device=args.device)  # fmt: skip
     rows = probe.predict_source(args.source, progress=not args.quiet)
     names = score_names(probe)
     out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below unless stdout
@@ -244,7 +245,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     _output_file(args.out)
     probe = load_bundle(
-        args.bundle, weights=args.weights, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device="cpu"
+        args.bundle,
+        digest=args.digest,
+        weights=args.weights,
+        allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
+        device="cpu",
     )
     path = export_probe(probe, args.out, args.format)
     size = probe.preprocessing.input_size
@@ -374,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-fingerprint-mismatch", action="store_true", help="predict with other backbone weights anyway"
     )
+    p.add_argument(
+        "--digest", metavar="SHA256", help="refuse the bundle unless its file has this digest (sweep prints it)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -390,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--weights", metavar="PATH", help="local weights for the bundle's model spec")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true")
+    p.add_argument(
+        "--digest", metavar="SHA256", help="refuse the bundle unless its file has this digest (sweep prints it)"
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="extract sklearn digits with the embedded model and sweep every layer")

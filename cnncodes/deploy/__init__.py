@@ -1,7 +1,15 @@
 """Deploy: a probe saved as a safe bundle (JSON + ``.npy``, no pickle), prediction on new images from a bundle alone,
 and export as one TorchScript, ``torch.export`` or ONNX model. Never imports the store or the extraction run."""
 
-from ._bundle import ExtractorSpec, ProbeBundle, bundle_from_pipeline, read_bundle, save_bundle, save_probe
+from ._bundle import (
+    ExtractorSpec,
+    ProbeBundle,
+    bundle_digest,
+    bundle_from_pipeline,
+    read_bundle,
+    save_bundle,
+    save_probe,
+)
 from ._export import FORMATS, export_probe
 from ._predict import DeployedProbe, load_bundle, score_names
 
@@ -10,6 +18,7 @@ __all__ = [
     "DeployedProbe",
     "ExtractorSpec",
     "ProbeBundle",
+    "bundle_digest",
     "bundle_from_pipeline",
     "export_probe",
     "load_bundle",

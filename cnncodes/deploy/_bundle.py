@@ -31,11 +31,12 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
 from .._versions import versions
-from ..errors import BundleError
+from ..errors import BundleError, CnncodesError
 from ..probing import TorchLinearSVC, TorchLogisticRegression
 
 __all__ = [
     "ExtractorSpec",
+    "bundle_digest",
     "ProbeBundle",
     "save_bundle",
     "read_bundle",
@@ -248,20 +249,68 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in a bundle")
 
 
-def read_bundle(path: str | os.PathLike) -> ProbeBundle:
+_MAX_JSON_BYTES = 16 * 2**20  # a bundle.json is a few KiB; anything near this is padding or an attack
+_MAX_CODE_DIMS = 2**24
+
+
+def bundle_digest(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of the whole bundle file: what :func:`read_bundle`'s ``digest`` pins."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _check_digest(path: Path, digest: str | None) -> None:
+    if digest is None:
+        return
+    want = digest.strip().lower().removeprefix("sha256:")
+    if len(want) != 64 or any(c not in "0123456789abcdef" for c in want):
+        raise BundleError(
+            f"digest {digest!r} is not a sha256 digest; give the sha256:HEX printed when the bundle was saved."
+        )
+    have = bundle_digest(path)
+    if have != "sha256:" + want:
+        raise BundleError(f"{path} has digest {have}, not the pinned sha256:{want}: it is not the bundle you pinned "
+                          "(modified, replaced or another version). Refusing to use it.")  # fmt: skip
+
+
+def _member_limit(name: str, spec: ExtractorSpec, n_classes: int) -> int:
+    """Largest size a member can have for this bundle's dims and classes (float64, plus the .npy header)."""
+    dims = spec.dims if 0 < spec.dims <= _MAX_CODE_DIMS else _MAX_CODE_DIMS
+    outputs = 1 if n_classes == 2 else max(n_classes, 1)
+    elements = {"coef": outputs * dims, "intercept": outputs}.get(name, dims)
+    return 8 * elements + 4096
+
+
+def read_bundle(path: str | os.PathLike, *, digest: str | None = None) -> ProbeBundle:
     """Read and verify a bundle; never unpickles anything.
+
+    Parameters
+    ----------
+    path : path-like
+    digest : str, optional
+        ``sha256:HEX`` of the whole file, as printed when it was saved (:func:`bundle_digest`). The member checksums
+        inside a bundle only catch corruption: anyone who edits a bundle can recompute them. Pinning the digest is
+        what refuses a modified or substituted bundle.
 
     Raises
     ------
     BundleError
-        Not a zip, truncated, unknown members, checksum mismatch, pickled arrays, or a newer format version.
+        Not a zip, truncated, oversized, unknown members, checksum or digest mismatch, pickled arrays, a malformed
+        schema, or a newer format version.
     """
     path = Path(path)
+    _check_digest(path, digest)
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
             if _JSON not in names:
                 raise BundleError(f"{path} has no {_JSON}: not a cnncodes probe bundle.")
+            if zf.getinfo(_JSON).file_size > _MAX_JSON_BYTES:
+                raise BundleError(f"{path}: {_JSON} is {zf.getinfo(_JSON).file_size} bytes, over the "
+                                  f"{_MAX_JSON_BYTES} a bundle can need; refusing it.")  # fmt: skip
             meta = json.loads(zf.read(_JSON))
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise BundleError(f"{path} is not a cnncodes probe bundle ({_JSON} is not a {FORMAT} object).")
@@ -276,20 +325,25 @@ def read_bundle(path: str | os.PathLike) -> ProbeBundle:
             if unexpected:
                 raise BundleError(f"{path} holds unexpected members {sorted(unexpected)}; refusing a tampered bundle.")
             arrays = {}
-            for name, digest in expected.items():
+            spec = ExtractorSpec.from_dict(meta.get("extractor"), path)
+            n_classes = len(meta["classes"]) if isinstance(meta.get("classes"), list) else 0
+            for name, checksum in expected.items():
                 if not (name.startswith("arrays/") and name.endswith(".npy") and name[7:-4] in _ARRAYS):
                     raise BundleError(f"{path} lists an unknown member {name!r}; refusing a tampered bundle.")
+                if zf.getinfo(name).file_size > _member_limit(name[7:-4], spec, n_classes):
+                    raise BundleError(f"{path}: member {name} is {zf.getinfo(name).file_size} bytes, more than "
+                                      f"{spec.dims} dims x {n_classes} classes can need; refusing it.")  # fmt: skip
                 data = zf.read(name)
-                if hashlib.sha256(data).hexdigest() != digest:
+                if hashlib.sha256(data).hexdigest() != checksum:
                     raise BundleError(f"{path}: member {name} does not match its checksum; the file was modified.")
                 arrays[name[7:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, KeyError, json.JSONDecodeError, ValueError, OSError) as exc:
+    except (zipfile.BadZipFile, EOFError, KeyError, json.JSONDecodeError, ValueError, OSError, RecursionError) as exc:
         if isinstance(exc, BundleError):
             raise
         raise BundleError(
             f"{path} is not a readable probe bundle ({type(exc).__name__}: {exc}); it may be truncated."
         ) from exc
-    bundle = ProbeBundle(ExtractorSpec.from_dict(meta.get("extractor"), path), meta.get("normalizer"),
+    bundle = ProbeBundle(spec, meta.get("normalizer"),
                          meta.get("classifier"), meta.get("classes"), arrays, meta.get("metrics") or {},
                          meta.get("versions") or {})  # fmt: skip
     check_bundle(bundle, path)
@@ -303,6 +357,12 @@ def check_bundle(bundle: ProbeBundle, where: str | os.PathLike) -> None:
     def refuse(what: str) -> BundleError:
         return BundleError(f"{where}: {what}; the bundle is malformed. Save it again from a sweep (cnncodes sweep).")
 
+    from ..images import Preprocessing
+
+    try:
+        Preprocessing.from_dict(bundle.extractor.model["preprocessing"])
+    except CnncodesError as exc:
+        raise refuse(f"extractor.model.preprocessing: {exc}") from None
     if bundle.normalizer not in NORMALIZERS:
         raise refuse(f"normalizer {bundle.normalizer!r} is not one of {list(NORMALIZERS)}")
     if bundle.classifier not in CLASSIFIERS:

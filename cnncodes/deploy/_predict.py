@@ -120,13 +120,13 @@ class DeployedProbe:
         return rows
 
 
-def load_bundle(path: str | os.PathLike, **kwargs: Any) -> DeployedProbe:
-    """Read a probe bundle safely (see :mod:`cnncodes.bundle`) and attach its backbone.
+def load_bundle(path: str | os.PathLike, *, digest: str | None = None, **kwargs: Any) -> DeployedProbe:
+    """Read a probe bundle safely (see :func:`cnncodes.deploy.read_bundle`) and attach its backbone.
 
-    Keyword arguments go to :class:`DeployedProbe` (``weights``, ``backbone``, ``allow_fingerprint_mismatch``,
-    ``batch_size``, ``device``).
+    ``digest="sha256:HEX"`` (printed when the bundle was saved) refuses any other file. Other keyword arguments go
+    to :class:`DeployedProbe` (``weights``, ``backbone``, ``allow_fingerprint_mismatch``, ``batch_size``, ``device``).
     """
-    return DeployedProbe(read_bundle(path), **kwargs)
+    return DeployedProbe(read_bundle(path, digest=digest), **kwargs)
 
 
 def score_names(probe: DeployedProbe) -> Sequence[str]:

@@ -38,6 +38,7 @@ _INTERPOLATIONS = {
 
 #: Augmentations a view may combine (``--augment crop,flip``).
 AUGMENTATIONS = ("crop", "flip", "color")
+_MAX_SIDE = 8192  # pixels: larger inputs are a mistake, not a model
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,22 @@ class Preprocessing:
             raise ParameterError(
                 f"interpolation={self.interpolation!r} is not supported; use one of {sorted(_INTERPOLATIONS)}."
             )
-        if self.input_size < 8 or self.resize_size < self.input_size:
+        for name in ("input_size", "resize_size"):
+            if type(getattr(self, name)) is not int:
+                raise ParameterError(f"{name} must be an integer, got {getattr(self, name)!r}.")
+        if not 8 <= self.input_size <= self.resize_size <= _MAX_SIDE:
             raise ParameterError(
-                f"need 8 <= input_size <= resize_size, got input_size={self.input_size}, "
+                f"need 8 <= input_size <= resize_size <= {_MAX_SIDE}, got input_size={self.input_size}, "
                 f"resize_size={self.resize_size}."
             )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3:
                 raise ParameterError(f"{name} must have 3 values (R, G, B), got {value!r}.")
-            object.__setattr__(self, name, tuple(float(v) for v in value))
+            value = tuple(float(v) for v in value)
+            if not all(math.isfinite(v) for v in value) or (name == "std" and min(value) <= 0):
+                raise ParameterError(f"{name} must be finite{' and positive' if name == 'std' else ''}, got {value!r}.")
+            object.__setattr__(self, name, value)
 
     def with_input_size(self, input_size: int | None) -> Preprocessing:
         """Same preprocessing at another input size, keeping the resize/crop ratio."""
@@ -107,14 +114,21 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            input_size=int(data["input_size"]),
-            resize_size=int(data["resize_size"]),
-            mean=tuple(data["mean"]),
-            std=tuple(data["std"]),
-            interpolation=str(data["interpolation"]),
-        )
+        """Inverse of :meth:`to_dict`; anything malformed is a :class:`ParameterError` naming the field."""
+        try:
+            return cls(
+                input_size=data["input_size"],
+                resize_size=data["resize_size"],
+                mean=tuple(data["mean"]),
+                std=tuple(data["std"]),
+                interpolation=str(data["interpolation"]),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            if isinstance(exc, ParameterError):
+                raise
+            raise ParameterError(
+                f"preprocessing {str(data)[:120]} is malformed ({type(exc).__name__}: {exc})."
+            ) from None
 
 
 def normalize(pixels: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
