@@ -27,7 +27,7 @@ from ._format import (
     unsharded,
 )
 from ._reader import CodeStore
-from ._writer import RowFile, clear_store, config_diff, hold_lock, shared_progress
+from ._writer import RowFile, clear_store, config_diff, hold_lock, preallocate, shared_progress
 
 
 def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None, count: int | None = None) -> list[CodeStore]:
@@ -247,10 +247,7 @@ def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> 
     partial.mkdir()
     for entry in first["arrays"]:
         target = member_path(partial, entry, first_path)
-        mm = np.lib.format.open_memmap(
-            target, mode="w+", dtype=np.dtype(entry["dtype"]), shape=(rows, entry["shape"][1])
-        )
-        del mm  # only the preallocated file and its header are needed
+        preallocate(target, entry["dtype"], (rows, entry["shape"][1]))
         writer = RowFile(target)
         try:
             pos = 0

@@ -150,10 +150,7 @@ class StoreWriter:
         shutil.rmtree(self._partial, ignore_errors=True)
         self._partial.mkdir()
         for spec in self.arrays:
-            mm = np.lib.format.open_memmap(
-                self._partial / spec.file, mode="w+", dtype=np.dtype(spec.dtype), shape=(self.rows_total, spec.dims)
-            )
-            del mm  # only the preallocated file and its header are needed
+            preallocate(self._partial / spec.file, spec.dtype, (self.rows_total, spec.dims))
             self._files[spec.file] = RowFile(self._partial / spec.file)
         self._save_progress()
         atomic_json(self.path / MANIFEST, self._manifest(complete=False))
@@ -220,14 +217,20 @@ class StoreWriter:
                 continue
             tmp = final.with_name(final.name + ".tmp")
             src = np.load(partial, mmap_mode="r", allow_pickle=False)
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(int(keep_rows.sum()), spec.dims))
-            pos = 0
-            for lo in range(0, self.rows_total, COPY_CHUNK_ROWS):
-                block = src[lo : lo + COPY_CHUNK_ROWS][keep_rows[lo : lo + COPY_CHUNK_ROWS]]
-                out[pos : pos + len(block)] = block
-                pos += len(block)
-            out.flush()
-            del out, src
+            try:  # positioned writes into a preallocated file: a full disk is an error here, never a SIGBUS
+                preallocate(tmp, spec.dtype, (int(keep_rows.sum()), spec.dims))
+                out = RowFile(tmp)
+                pos = 0
+                for lo in range(0, self.rows_total, COPY_CHUNK_ROWS):
+                    block = src[lo : lo + COPY_CHUNK_ROWS][keep_rows[lo : lo + COPY_CHUNK_ROWS]]
+                    out.write_rows(pos, block)
+                    pos += len(block)
+                out.close()
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # the partial array is untouched: rerunning finishes the store
+                raise
+            finally:
+                del src
             os.replace(tmp, final)
             partial.unlink()
         labels = np.repeat(self.image_labels[keep_images], self.views + 1)
@@ -391,6 +394,30 @@ def shared_progress(path: str | os.PathLike, count: int) -> list[tuple[int | Non
         progress = read_json(f) if f.exists() else {}
         out.append((progress.get("rows_done"), progress.get("rows_part")))
     return out
+
+
+def preallocate(path: Path, dtype: str | np.dtype, shape: tuple[int, int]) -> None:
+    """Create a ``.npy`` file of ``shape`` with every block allocated now, so that filling it can never hit a full
+    disk halfway (which, through a memory map, would kill the process with SIGBUS)."""
+    header = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
+    size = header.offset + header.nbytes
+    del header
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if size and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            os.close(fd)
+            fd = -1
+            path.unlink(missing_ok=True)
+            raise StoreError(f"disk full: {path} needs {size / 2**20:.1f} MiB ({exc.strerror}). Free space (or choose "
+                             "another --out) and rerun the same command: everything committed so far is kept.") from None  # fmt: skip
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # filesystems without fallocate
+            raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 class RowFile:

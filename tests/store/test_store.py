@@ -191,3 +191,27 @@ def test_a_resume_over_damaged_progress_starts_the_part_again(tmp_path, damage):
     writer.commit(6)
     np.testing.assert_array_equal(writer.finalize().codes("a", "avg"), codes)
     writer.close()
+
+
+def test_a_full_disk_while_publishing_is_an_error_and_the_store_stays_resumable(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    writer, spec = _writer(tmp_path / "s")
+    codes = np.arange(18, dtype=np.float32).reshape(6, 3)
+    writer.write(0, {spec.file: codes})
+    writer.commit(6, [{"path": "2.png", "reason": "truncated image", "image": 2}])  # compaction must copy rows
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(StoreError, match="disk full: .*rerun the same command"):
+        writer.finalize()
+    writer.close()
+    assert not list((tmp_path / "s").glob("*.tmp"))
+    monkeypatch.undo()
+    writer, spec = _writer(tmp_path / "s")  # the rerun: nothing to recompute, it publishes
+    store = writer.finalize()
+    writer.close()
+    np.testing.assert_array_equal(store.codes("a", "avg"), codes[[0, 1, 3, 4, 5]])
