@@ -182,7 +182,14 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         path = self._cache_dir() / f"{key}.npy"
         if not path.exists():
             return False
-        out[i] = np.load(path, allow_pickle=False)
+        try:
+            row = np.load(path, allow_pickle=False)
+            if row.shape != out[i].shape or not np.isfinite(row).all():
+                raise ValueError(f"shape {row.shape}")
+        except (OSError, ValueError, EOFError):
+            path.unlink(missing_ok=True)  # a damaged entry (a kill mid-write, a full disk) is a miss: recompute it
+            return False
+        out[i] = row
         return True
 
     def _store(self, key: str | None, row: np.ndarray) -> None:

@@ -80,3 +80,15 @@ EXPECTED_FAILED_CHECKS = {
 @parametrize_with_checks([CNNCodes(**SPEC, device="cpu")], expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS)
 def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
+
+
+def test_a_damaged_cache_entry_is_recomputed_not_fatal(data, tmp_path):
+    images, labels = data
+    codes = CNNCodes(**SPEC, device="cpu", memory=str(tmp_path))
+    first = codes.fit(images).transform(images)
+    entries = sorted(tmp_path.rglob("*.npy"))
+    assert len(entries) == len(images)
+    entries[0].write_bytes(entries[0].read_bytes()[:40])  # truncated by a kill mid-write
+    entries[1].write_bytes(b"not an array")
+    np.testing.assert_array_equal(codes.transform(images), first)
+    np.testing.assert_array_equal(codes.transform(images), first)  # and the repaired entries are read back
