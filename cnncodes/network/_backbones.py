@@ -130,6 +130,12 @@ def _load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
             key = f"{name}.weight"
             if key in state and key in own and state[key].shape != own[key].shape:
                 out_f, in_f = state[key].shape
+                if state[key].ndim != 2 or in_f != module.in_features:
+                    raise BackboneError(
+                        f"weights from {source}: the classifier {key} is {tuple(state[key].shape)}, but the model's "
+                        f"takes {module.in_features} features. Only the number of classes may differ (a fine-tuned "
+                        "head); this checkpoint comes from another architecture or input size."
+                    )
                 parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
                 setattr(parent, name.rpartition(".")[2], nn.Linear(in_f, out_f, bias=f"{name}.bias" in state))
             break

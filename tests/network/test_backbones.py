@@ -148,3 +148,12 @@ def test_weights_enum_of_another_model_is_refused():
         load_backbone("resnet18:ResNet50_Weights.IMAGENET1K_V2")
     with pytest.raises(BackboneError, match="not a torchvision weights enum"):
         load_backbone("Nope_Weights.X")
+
+
+def test_a_classifier_of_other_input_features_is_refused_not_adapted(tmp_path):
+    state = torchvision.models.resnet18(num_classes=7).state_dict()
+    state["fc.weight"] = torch.zeros(7, 256)  # the head of another trunk width
+    path = tmp_path / "wide.pth"
+    torch.save(state, path)
+    with pytest.raises(BackboneError, match=r"fc.weight is \(7, 256\), but the model's takes 512 features"):
+        load_backbone("resnet18", weights=path)
