@@ -21,6 +21,7 @@ import math
 import os
 import re
 import socket
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -220,10 +221,27 @@ def _embedded_lite0(weights: str | os.PathLike | None) -> tuple[nn.Module, str]:
 # Downloads: fail fast and say what to do when offline
 
 
+def _resolve(host: str) -> tuple | OSError:
+    try:
+        return socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)[0][4]
+    except OSError as exc:
+        return exc
+
+
 def _fail_if_unreachable(url: str, cache_path: str, what: str) -> None:
     host = urlparse(url).hostname or url
     try:
-        socket.create_connection((host, 443), timeout=_NETWORK_TIMEOUT_S).close()
+        # getaddrinfo has no timeout of its own: resolve in a daemon thread and stop waiting after the bound
+        found: list = []
+        resolver = threading.Thread(target=lambda: found.append(_resolve(host)), daemon=True, name="cnncodes-dns")
+        resolver.start()
+        resolver.join(_NETWORK_TIMEOUT_S)
+        if not found:
+            raise OSError(f"resolving {host} took over {_NETWORK_TIMEOUT_S:g} s")
+        if isinstance(found[0], OSError):
+            raise found[0]
+        address = found[0]
+        socket.create_connection(address[:2], timeout=_NETWORK_TIMEOUT_S).close()
     except OSError as exc:
         raise WeightsUnavailableError(
             f"{what} must be downloaded from {url}, but {host} cannot be reached ({exc}) and nothing is cached at "

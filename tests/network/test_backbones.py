@@ -157,3 +157,18 @@ def test_a_classifier_of_other_input_features_is_refused_not_adapted(tmp_path):
     torch.save(state, path)
     with pytest.raises(BackboneError, match=r"fc.weight is \(7, 256\), but the model's takes 512 features"):
         load_backbone("resnet18", weights=path)
+
+
+def test_the_offline_check_bounds_name_resolution_too(monkeypatch):
+    import socket
+    import time
+
+    from cnncodes.errors import WeightsUnavailableError
+    from cnncodes.network import _backbones
+
+    monkeypatch.setattr(_backbones, "_NETWORK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(5))
+    started = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="resolving example.org took over 0.2 s"):
+        _backbones._fail_if_unreachable("https://example.org/w.pth", "/cache/w.pth", "weights")
+    assert time.perf_counter() - started < 2
