@@ -27,6 +27,7 @@ from ..errors import (
     ImageDecodeError,
     IncompleteStoreError,
     ParameterError,
+    SourceError,
     StoreError,
     StoreMismatchError,
 )
@@ -264,6 +265,12 @@ def extract(
         writer.close()
     if store is None:  # a shard of a shared store; the last shard to finish publishes it
         return CodeStore(out, allow_incomplete=True)
+    if store.rows == 0 and store.errors:
+        first = store.errors[0]
+        raise SourceError(
+            f"none of the {len(store.errors)} images could be decoded (first: {first['path']}: {first['reason']}); "
+            f"the store at {store.path} is empty and lists them all under errors in manifest.json. Check the source."
+        )
     if part is not None and not shared and (merge if merge is not None else launched):
         return _merge_when_complete(out, config, part.count, overwrite) or store
     return store

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArrayNotFoundError, IncompleteStoreError, StoreError
-from ._format import LABELS, MANIFEST, ShardLayout, check_manifest, member_path, read_json
+from ._format import LABELS, MANIFEST, PARTIAL, PROGRESS, ShardLayout, check_manifest, member_path, read_json
 
 
 class CodeStore:
@@ -46,10 +46,17 @@ class CodeStore:
         self.manifest = check_manifest(read_json(manifest_path), manifest_path)
         if not self.complete and not allow_incomplete:
             raise IncompleteStoreError(
-                f"{self.path} is incomplete ({self.manifest.get('rows_done')}/{self.manifest.get('rows_total')} rows): "
+                f"{self.path} is incomplete ({self._rows_committed()}/{self.manifest.get('rows_total')} rows): "
                 "its extraction was interrupted or is still running. Rerun the same `cnncodes extract` command to "
                 "resume it."
             )
+
+    def _rows_committed(self) -> Any:
+        """Rows committed so far: the writer's progress file knows, the manifest only says where it started."""
+        try:
+            return read_json(self.path / PARTIAL / PROGRESS).get("rows_done", self.manifest.get("rows_done"))
+        except (StoreError, AttributeError):
+            return self.manifest.get("rows_done")
 
     @staticmethod
     def is_complete(path: str | os.PathLike) -> bool:

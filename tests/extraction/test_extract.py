@@ -236,3 +236,16 @@ def test_arguments_are_checked_before_anything_is_written(tmp_path, tiny_images)
     with pytest.raises(ValueError, match=r"seed=-1; use an integer in \[0, 2\*\*32\)"):
         run(images, labels, tmp_path / "s", views=2, seed=-1)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_source_whose_every_image_is_bad_fails_clearly(tmp_path, capsys):
+    from cnncodes.cli import main
+
+    root = tmp_path / "imgs" / "a"
+    root.mkdir(parents=True)
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(b"")  # zero-byte files
+    assert main(["extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32",
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "none of the 3 images could be decoded" in err and "0.png" in err

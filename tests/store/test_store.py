@@ -215,3 +215,14 @@ def test_a_full_disk_while_publishing_is_an_error_and_the_store_stays_resumable(
     store = writer.finalize()
     writer.close()
     np.testing.assert_array_equal(store.codes("a", "avg"), codes[[0, 1, 3, 4, 5]])
+
+
+def test_an_incomplete_store_reports_the_rows_really_committed(tmp_path):
+    from cnncodes.errors import IncompleteStoreError
+
+    writer, spec = _writer(tmp_path / "s")
+    writer.write(0, {spec.file: np.ones((4, 3), np.float32)})
+    writer.commit(4)
+    writer.close()
+    with pytest.raises(IncompleteStoreError, match=r"is incomplete \(4/6 rows\)"):
+        CodeStore(tmp_path / "s")
