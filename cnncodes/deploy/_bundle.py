@@ -30,6 +30,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
+from .._fsutil import replace as durable_replace
 from .._versions import versions
 from ..errors import BundleError, CnncodesError
 from ..probing import TorchLinearSVC, TorchLogisticRegression
@@ -239,7 +240,7 @@ def save_bundle(bundle: ProbeBundle, path: str | os.PathLike) -> Path:
         zf.writestr(_JSON, json.dumps(meta, indent=1, default=_json_default))
         for name, data in members.items():
             zf.writestr(name, data)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
     return path
 
 

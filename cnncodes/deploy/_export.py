@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._fsutil import replace as durable_replace
 from ..errors import BundleError, MissingExtraError, ParameterError
 from ._predict import DeployedProbe
 
@@ -105,7 +106,7 @@ def export_probe(
         if not diff <= check_atol:
             raise BundleError(f"the exported {format} model differs from the probe by {diff:.2e} (> {check_atol:g}); "
                               "nothing was written. Try another --format.")  # fmt: skip
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -651,7 +651,14 @@ def _open_folder(folder: str, max_pixels: int | None) -> ImageSource:
     if class_dirs:
         paths: list[str] = []
         labels: list[int] = []
+        reached: dict[str, str] = {}
         for k, name in enumerate(class_dirs):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in reached:
+                warnings.warn(f"{folder}: class folders {reached[real]!r} and {name!r} are the same folder ({real}), "
+                              "reached twice through a link; its images are counted in both classes. Remove the link "
+                              "if that is not meant.", UserWarning, stacklevel=4)  # fmt: skip
+            reached.setdefault(real, name)
             files = _list_files(os.path.join(folder, name))
             paths.extend(files)
             labels.extend([k] * len(files))

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._fsutil import replace as durable_replace
 from ..errors import ParameterError, StoreError
 
 FORMAT_VERSION = 1
@@ -150,7 +151,7 @@ def atomic_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .._fsutil import replace as durable_replace
 from ..errors import IncompleteStoreError, StoreError, StoreMismatchError
 from ._format import (
     COPY_CHUNK_ROWS,
@@ -260,8 +261,8 @@ def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> 
             writer.close()
     np.save(partial / LABELS, np.concatenate([np.asarray(s.labels) for s in parts]), allow_pickle=False)
     for entry in first["arrays"]:
-        os.replace(member_path(partial, entry, first_path), member_path(out, entry, first_path))
-    os.replace(partial / LABELS, out / LABELS)
+        durable_replace(member_path(partial, entry, first_path), member_path(out, entry, first_path))
+    durable_replace(partial / LABELS, out / LABELS)
     atomic_json(out / MANIFEST, {**manifest, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     shutil.rmtree(partial, ignore_errors=True)
 

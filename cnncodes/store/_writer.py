@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .._fsutil import replace as durable_replace
 from ..errors import StoreError, StoreLockedError, StoreMismatchError
 from ._format import (
     COPY_CHUNK_ROWS,
@@ -132,6 +133,7 @@ class StoreWriter:
                 clear_store(self.path, old)
             elif old.get("complete"):
                 self.already_complete = True
+                shutil.rmtree(self._partial, ignore_errors=True)  # left by a kill after publishing; we hold the lock
                 return
             else:
                 self._resume()
@@ -213,7 +215,7 @@ class StoreWriter:
                 continue
             rows.close()
             if keep_rows.all():
-                os.replace(partial, final)
+                durable_replace(partial, final)
                 continue
             tmp = final.with_name(final.name + ".tmp")
             src = np.load(partial, mmap_mode="r", allow_pickle=False)
@@ -231,7 +233,7 @@ class StoreWriter:
                 raise
             finally:
                 del src
-            os.replace(tmp, final)
+            durable_replace(tmp, final)
             partial.unlink()
         labels = np.repeat(self.image_labels[keep_images], self.views + 1)
         np.save(self.path / LABELS, labels, allow_pickle=False)

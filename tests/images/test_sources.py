@@ -507,3 +507,14 @@ def test_labels_that_mix_names_and_numbers_are_refused():
     images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
     with pytest.raises(SourceError, match="labels mix types"):
         open_source(images, labels=[1, "cat", 2.0])
+
+
+def test_a_class_folder_reached_twice_through_a_link_is_warned_about(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.png")
+    (tmp_path / "kittens").symlink_to(tmp_path / "cats")
+    with pytest.warns(UserWarning, match="'cats' and 'kittens' are the same folder"):
+        source = open_source(str(tmp_path))
+    assert len(source) == 2

@@ -226,3 +226,17 @@ def test_an_incomplete_store_reports_the_rows_really_committed(tmp_path):
     writer.close()
     with pytest.raises(IncompleteStoreError, match=r"is incomplete \(4/6 rows\)"):
         CodeStore(tmp_path / "s")
+
+
+def test_a_stale_partial_folder_of_a_complete_store_is_cleaned_on_the_rerun(tmp_path):
+    writer, spec = _writer(tmp_path / "s")
+    writer.write(0, {spec.file: np.ones((6, 3), np.float32)})
+    writer.commit(6)
+    writer.finalize()
+    writer.close()
+    (tmp_path / "s" / ".partial").mkdir()  # a kill between publishing and removing the work folder
+    (tmp_path / "s" / ".partial" / "a__avg.npy").write_bytes(b"x" * 100)
+    writer, _ = _writer(tmp_path / "s")
+    assert writer.already_complete
+    writer.close()
+    assert not (tmp_path / "s" / ".partial").exists()
