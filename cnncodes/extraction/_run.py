@@ -58,6 +58,8 @@ from ._plan import launched_by_torchrun, launcher_device, parse_devices, parse_s
 
 __all__ = ["extract"]
 
+_MAX_WORKERS = max(64, 8 * (os.cpu_count() or 1))  # decoding processes; more only exhausts the machine
+
 
 def extract(
     source: Any,
@@ -171,9 +173,9 @@ def extract(
         raise ParameterError(f"dtype={dtype!r}; use one of {DTYPES}.")
     if on_error not in ("skip", "raise"):
         raise ParameterError(f"on_error={on_error!r}; use 'skip' (record and continue) or 'raise'.")
-    if workers is not None and (type(workers) is not int or workers < 0):
+    if workers is not None and (type(workers) is not int or not 0 <= workers <= _MAX_WORKERS):
         raise ParameterError(
-            f"workers={workers!r}; use 0 (decode in this process), a positive count, or leave it unset."
+            f"workers={workers!r}; use 0 (decode in this process) up to {_MAX_WORKERS}, or leave it unset."
         )
     if type(seed) is not int or not 0 <= seed < 2**32:
         raise ParameterError(f"seed={seed!r}; use an integer in [0, 2**32) (--seed 0).")

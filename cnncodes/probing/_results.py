@@ -67,9 +67,9 @@ class SweepConfig:
             if bad or not given:
                 raise ParameterError(f"unknown {name[:-1]} {bad or list(given)!r}; use any of {list(allowed)}.")
         c_min, c_max = _number("c_min", self.c_min), _number("c_max", self.c_max)
-        if not 0 < c_min < c_max:
+        if not 1e-12 <= c_min < c_max <= 1e12:  # beyond these the solvers overflow
             raise ParameterError(
-                f"need 0 < c_min < c_max, got c_min={self.c_min}, c_max={self.c_max} (--c-range MIN,MAX)."
+                f"need 1e-12 <= c_min < c_max <= 1e12, got c_min={self.c_min}, c_max={self.c_max} (--c-range MIN,MAX)."
             )
         object.__setattr__(self, "c_min", c_min)
         object.__setattr__(self, "c_max", c_max)

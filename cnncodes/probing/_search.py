@@ -393,8 +393,10 @@ def sweep_codes(
     >>> cnncodes.sweep_codes(codes, y, probes=["logreg"], folds=3).best.tap
     'good'
     """
-    if type(jobs) is not int or jobs == 0 or jobs < -1:
-        raise ParameterError(f"jobs={jobs!r}; use a positive number of workers, or -1 for all cores.")
+    if type(jobs) is not int or jobs == 0 or jobs < -1 or jobs > 4096:
+        raise ParameterError(
+            f"jobs={jobs!r}; use 1 to 4096 workers, or -1 for all cores (or every Dask worker thread)."
+        )
     n_jobs = jobs if jobs != -1 else (os.cpu_count() or 1)
     config = SweepConfig(
         probes=tuple(probes), normalizers=tuple(normalizers), folds=folds, val_size=val_size, test_size=test_size,

@@ -169,7 +169,19 @@ class CodeStore:
     @property
     def labels(self) -> np.ndarray:
         """int64 (rows,), -1 where unlabeled."""
-        return np.load(self.path / LABELS, mmap_mode="r", allow_pickle=False)
+        path = self.path / LABELS
+        try:
+            labels = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"cannot read {path} ({type(exc).__name__}: {exc}); the store is damaged: re-extract it with --overwrite."
+            ) from None
+        if labels.shape != (self.rows,) or labels.dtype.kind not in "iu":
+            raise StoreError(
+                f"{path} holds {labels.dtype} {labels.shape}, not {self.rows} integer labels; the store is damaged: "
+                "re-extract it with --overwrite."
+            )
+        return labels
 
     @property
     def groups(self) -> np.ndarray:

@@ -162,11 +162,24 @@ class StoreWriter:
         missing = [
             s.file for s in self.arrays if not (self._partial / s.file).exists() and not (self.path / s.file).exists()
         ]
-        if progress is None or missing:  # crashed before the first commit, or damaged: start over, nothing to lose
-            shutil.rmtree(self._partial, ignore_errors=True)
-            self._create()
-            return
-        self._open_files(progress)
+        valid = (
+            isinstance(progress, dict)
+            and type(progress.get("rows_done")) is int
+            and 0 <= progress["rows_done"] <= self.part_rows
+            and isinstance(progress.get("errors"), list)
+        )
+        if valid and not missing:
+            try:
+                self._open_files(progress)
+                return
+            except (OSError, ValueError):  # a partial array cut short: its committed rows cannot be trusted
+                for rows in self._files.values():
+                    rows.close()
+                self._files.clear()
+        # crashed before the first commit, or the work folder is damaged: start the part over, nothing to lose
+        self.rows_done, self.errors = 0, []
+        shutil.rmtree(self._partial, ignore_errors=True)
+        self._create()
 
     def _open_files(self, progress: dict[str, Any] | None) -> None:
         """Continue from ``progress`` (``None``: from the first row) in the preallocated arrays."""

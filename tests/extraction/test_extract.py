@@ -249,3 +249,10 @@ def test_a_source_whose_every_image_is_bad_fails_clearly(tmp_path, capsys):
                  "--out", str(tmp_path / "s"), "--quiet"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "none of the 3 images could be decoded" in err and "0.png" in err
+
+
+def test_a_runaway_worker_count_is_refused(tmp_path, tiny_images):
+    images, labels = tiny_images
+    with pytest.raises(ValueError, match="workers=100000"):
+        run(images, labels, tmp_path / "s", workers=100000)
+    assert not (tmp_path / "s").exists()

@@ -51,7 +51,7 @@ def test_bad_inputs_name_the_argument_and_what_is_allowed():
         cnncodes.sweep_codes({"a": np.zeros((30, 2))}, y, probes=["svm"])
     with pytest.raises(cnncodes.ParameterError, match=r"codes\['a'\] has shape \(29, 2\); expected \(30, dims\)"):
         cnncodes.sweep_codes({"a": np.zeros((29, 2))}, y)
-    with pytest.raises(cnncodes.ParameterError, match="need 0 < c_min < c_max"):
+    with pytest.raises(cnncodes.ParameterError, match="need 1e-12 <= c_min < c_max <= 1e12"):
         SweepConfig(c_min=10, c_max=1)
     with pytest.raises(cnncodes.ParameterError, match="test_labels given without test codes"):
         cnncodes.sweep_codes({"a": np.zeros((30, 2))}, y, test_labels=y)
@@ -71,3 +71,12 @@ def test_every_probe_pipeline_fits_and_predicts(classifier, normalizer):
     X[np.arange(60), y] += 3  # one direction per class, so the l2/power normalizers keep the classes apart
     probe = make_probe(classifier, normalizer, C=1.0).fit(X, y)
     assert (probe.predict(X) == y).mean() > 0.8
+
+
+def test_runaway_job_counts_and_c_ranges_are_refused():
+    y = np.arange(30) % 3
+    with pytest.raises(cnncodes.ParameterError, match="use 1 to 4096 workers"):
+        cnncodes.sweep_codes({"a": np.zeros((30, 2))}, y, jobs=100000)
+    for lo, hi in ((1e-300, 1e300), (1e-320, 1.0)):
+        with pytest.raises(cnncodes.ParameterError, match="need 1e-12 <= c_min < c_max <= 1e12"):
+            SweepConfig(c_min=lo, c_max=hi)

@@ -240,3 +240,36 @@ def test_a_stale_partial_folder_of_a_complete_store_is_cleaned_on_the_rerun(tmp_
     assert writer.already_complete
     writer.close()
     assert not (tmp_path / "s" / ".partial").exists()
+
+
+@pytest.mark.parametrize("damage", ["progress is a list", "rows_done negative", "rows_done past the end", "array cut"])
+def test_a_resume_over_a_malformed_work_folder_starts_the_part_again(tmp_path, damage):
+    import json
+
+    writer, spec = _writer(tmp_path / "s")
+    writer.write(0, {spec.file: np.ones((3, 3), np.float32)})
+    writer.commit(3)
+    writer.close()
+    partial = tmp_path / "s" / ".partial"
+    progress = json.loads((partial / "progress.json").read_text())
+    if damage == "progress is a list":
+        (partial / "progress.json").write_text("[]")
+    elif damage == "array cut":
+        (partial / spec.file).write_bytes((partial / spec.file).read_bytes()[:40])
+    else:
+        progress["rows_done"] = -5 if damage == "rows_done negative" else 9999
+        (partial / "progress.json").write_text(json.dumps(progress))
+    writer, spec = _writer(tmp_path / "s")
+    assert writer.rows_done == 0
+    codes = np.arange(18, dtype=np.float32).reshape(6, 3)
+    writer.write(0, {spec.file: codes})
+    writer.commit(6)
+    np.testing.assert_array_equal(writer.finalize().codes("a", "avg"), codes)
+    writer.close()
+
+
+def test_truncated_labels_are_named(tmp_path):
+    store = make_code_store(tmp_path / "s", n_images=30)
+    (store.path / "labels.npy").write_bytes((store.path / "labels.npy").read_bytes()[:100])
+    with pytest.raises(StoreError, match=r"labels\.npy .*damaged"):
+        CodeStore(store.path).labels  # noqa: B018
