@@ -161,11 +161,26 @@ def _output_file(path: str | None, flag: str = "--out") -> None:
         raise ParameterError(f"{flag} {p} is not writable; choose another path (nothing was computed).")
 
 
+def _check_bundle_source(path: str) -> None:
+    """The CLI sweep ends by saving a bundle: refuse, before the work, a store that cannot say how its codes were made."""
+    from .errors import StoreError
+    from .store import CodeStore
+
+    store = CodeStore(path)
+    model = store.manifest.get("model")
+    if not (isinstance(model, dict) and isinstance(model.get("spec"), str) and isinstance(model.get("fingerprint"), str)
+            and isinstance(model.get("preprocessing"), dict)):  # fmt: skip
+        raise StoreError(f"{store.path / 'manifest.json'} does not say which model made its codes (model: "
+                         f"{str(model)[:60]}), so no probe bundle could be saved from a sweep of it. The store is "
+                         "damaged: re-extract it with --overwrite.")  # fmt: skip
+
+
 def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
     from .deploy import bundle_digest, save_probe
     from .sweeps import format_table, sweep, write_report
 
     _output_dir(out)
+    _check_bundle_source(store)
     result = sweep(
         store,
         test=args.test,

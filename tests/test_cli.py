@@ -111,3 +111,17 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
     assert "is a directory; give a file name" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "no.zip"), "--out", str(a_file / "m.pt2")]) == 2
     assert "File exists" in capsys.readouterr().err  # a file where the directory should be, before any work
+
+
+def test_a_store_without_its_model_is_refused_before_the_sweep(tmp_path, capsys):
+    import json
+
+    from helpers import make_code_store
+
+    store = make_code_store(tmp_path / "codes", n_images=30)
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["model"] = None
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["sweep", str(store.path), "--out", str(tmp_path / "sw"), "--quiet"]) == 2
+    assert "does not say which model made its codes" in capsys.readouterr().err
+    assert not (tmp_path / "sw" / "results.csv").exists()
