@@ -213,7 +213,16 @@ def evaluate_codes(
     nbytes = len(split.train_rows) * codes.shape[1] * 4 * (len(split.folds) + 1)
     if config.max_memory is not None and nbytes > config.max_memory:
         return evaluate_streaming(
-            codes, labels, test_codes, test_labels, split, config, tap=tap, pooling=pooling, depth=depth
+            codes,
+            labels,
+            test_codes,
+            test_labels,
+            split,
+            config,
+            tap=tap,
+            pooling=pooling,
+            depth=depth,
+            n_classes=n_classes,
         )
     X_train = _load(codes, split.train_rows)
     y_train = labels[split.train_rows]

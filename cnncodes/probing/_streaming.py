@@ -55,11 +55,12 @@ def evaluate_streaming(
     tap: str,
     pooling: str,
     depth: int = -1,
+    n_classes: int | None = None,
 ) -> list[tuple[SweepRow, Any]]:
     """Out-of-core counterpart of the in-memory evaluation: same result rows, ``solver="sgd-stream"``."""
     dims = int(codes.shape[1])
     chunk_rows = max(64, int(config.max_memory) // (dims * 4 * 4))  # float32 chunk, its normalized copy, slack
-    classes = np.arange(int(labels.max()) + 1)
+    classes = np.arange(int(labels.max()) + 1 if n_classes is None else n_classes)
     fit_rows, val_rows = split.folds[0]
     out = []
     for norm in config.normalizers:

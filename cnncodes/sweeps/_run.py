@@ -30,12 +30,16 @@ def _open(store: CodeStore | str | os.PathLike) -> CodeStore:
     return store if isinstance(store, CodeStore) else CodeStore(store)
 
 
-def make_split(store: CodeStore, *, test: CodeStore | None = None, config: SweepConfig | None = None) -> Split:
-    """The split a sweep of ``store`` uses: by image, stratified, seeded (see :func:`cnncodes.probing.split_images`)."""
-    config = config or SweepConfig()
+def _check_test_classes(store: CodeStore, test: CodeStore | None) -> None:
     if test is not None and test.classes != store.classes:
         raise ParameterError(f"test store {test.path} has classes {test.classes[:5]}..., the train store "
                              f"{store.classes[:5]}...; they must match.")  # fmt: skip
+
+
+def make_split(store: CodeStore, *, test: CodeStore | None = None, config: SweepConfig | None = None) -> Split:
+    """The split a sweep of ``store`` uses: by image, stratified, seeded (see :func:`cnncodes.probing.split_images`)."""
+    config = config or SweepConfig()
+    _check_test_classes(store, test)
     return split_images(np.asarray(store.labels), store.views, config, test_rows=None if test is None else test.rows,
                         test_views=0 if test is None else test.views)  # fmt: skip
 
@@ -117,9 +121,7 @@ def sweep(
     if not keys:
         raise ParameterError(f"nothing to sweep: {store.path} holds {store.keys()} and the filter kept none.")
     if test_store is not None:
-        if test_store.classes != store.classes:
-            raise ParameterError(f"test store {test_store.path} has classes {test_store.classes[:5]}..., the train "
-                                 f"store {store.classes[:5]}...; they must match.")  # fmt: skip
+        _check_test_classes(store, test_store)
         test_keys = set(test_store.keys())
         missing = [k for k in keys if k not in test_keys]
         if missing:
