@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .errors import CnncodesError
@@ -55,6 +57,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from .extraction import extract, launched_by_torchrun
     from .store import completed_shards
 
+    _output_dir(args.out)
     shard = args.shard or ("auto" if launched_by_torchrun() else None)  # a torchrun launch of the CLI is a shard
     store = extract(
         args.source,
@@ -121,33 +124,62 @@ def _parse_bytes(text: str) -> int:
 
 
 def _parse_c_range(text: str) -> tuple[float, float]:
+    import math
+
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: use MIN,MAX, e.g. 1e-4,1e4") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise argparse.ArgumentTypeError(f"{text!r}: need finite 0 < MIN <= MAX, e.g. 1e-4,1e4")
     return lo, hi
 
 
-def _output_dir(path: str, flag: str = "--out") -> None:
-    """Refuse an output directory that cannot be one before any work is done (and create it)."""
-    import os
-    from pathlib import Path
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (argparse then names the flag in its error)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _writable_target(p: Path, flag: str, what: str) -> None:
+    """Refuse ``p`` as an output path when it could not be created: the nearest existing ancestor must be a writable
+    directory. Nothing is created here, so a refused command leaves no trace."""
+    import os
+
+    from .errors import ParameterError
+
+    ancestor = p.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ParameterError(f"{flag} {p}: {ancestor} is a file, not a directory; choose another path for the "
+                             f"{what} (nothing was computed).")  # fmt: skip
+    if not os.access(ancestor, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ParameterError(f"{flag} {p} is not writable; choose another path for the {what} (nothing was computed).")
+
+
+def _output_dir(path: str, flag: str = "--out") -> None:
+    """Refuse an output directory that cannot be one, before any work is done."""
     from .errors import ParameterError
 
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise ParameterError(f"{flag} {p} is a file; give a directory for the results (nothing was computed).")
-    p.mkdir(parents=True, exist_ok=True)  # OSError (a file in the way, no permission) is reported by main()
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise ParameterError(f"{flag} {p} is not writable; choose another directory (nothing was computed).")
+        raise ParameterError(f"{flag} {p} is a file; give a directory (nothing was computed).")
+    _writable_target(p, flag, "directory")
 
 
 def _output_file(path: str | None, flag: str = "--out") -> None:
-    """Refuse an output file path that cannot be written before any work is done."""
-    import os
-    from pathlib import Path
-
+    """Refuse an output file path that cannot be written, before any work is done."""
     from .errors import ParameterError
 
     if path is None:
@@ -155,10 +187,7 @@ def _output_file(path: str | None, flag: str = "--out") -> None:
     p = Path(path)
     if p.is_dir():
         raise ParameterError(f"{flag} {p} is a directory; give a file name inside it (nothing was computed).")
-    parent = p.parent if str(p.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)  # a file in the way is an OSError, reported by main() as one line
-    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ParameterError(f"{flag} {p} is not writable; choose another path (nothing was computed).")
+    _writable_target(p, flag, "file")
 
 
 def _check_bundle_source(path: str) -> None:
@@ -214,8 +243,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .extraction import extract
 
     out = Path(args.out)
@@ -277,12 +304,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", default="logreg,linsvc", help="logreg,linsvc,sgd,sgd-log (default: %(default)s)")
     p.add_argument("--normalizers", default="standard", help="standard,l2,power,none (default: %(default)s)")
-    p.add_argument("--folds", type=int, default=5, help="stratified CV folds over training images")
+    p.add_argument("--folds", type=_int_at_least(2), default=5, help="stratified CV folds over training images")
     p.add_argument(
         "--val-size", type=float, default=None, help="one validation split of this fraction instead of k-fold"
     )
     p.add_argument("--test-size", type=float, default=0.25, help="held-out test fraction (ignored with --test)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--c-range", type=_parse_c_range, default=(1e-4, 1e4), metavar="MIN,MAX")
     p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
     p.add_argument(
@@ -303,13 +330,20 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(test=None, taps=None, poolings=None)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the CLI, with where to look next."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cnncodes",
         description="CNN codes + linear probes: which layer of a frozen CNN works best for your images?",
     )
     parser.add_argument("--version", action="version", version=f"cnncodes {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("layers", help="list the taps of a model in forward order")
     _add_model_args(p, positional=True)
@@ -347,11 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: rectify only where the network thresholds (ReLU/ReLU6); always; never (default: %(default)s)",
     )
     p.add_argument("--no-relu", action="store_true", help=argparse.SUPPRESS)  # deprecated spelling of --relu never
-    p.add_argument("--views", type=int, default=0, metavar="K", help="augmented views per image (default: 0)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the augmented views")
+    p.add_argument(
+        "--views", type=_int_at_least(0), default=0, metavar="K", help="augmented views per image (default: 0)"
+    )
+    p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S", help="seed of the augmented views")
     p.add_argument("--augment", default="crop,flip", help="view augmentations: crop,flip,color (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: auto)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    p.add_argument("--workers", type=_int_at_least(0), default=None, help="decoding processes (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:INDEX")
     p.add_argument("--no-amp", action="store_true", help="run CUDA in float32")
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="bad images: record and skip, or stop")
@@ -397,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--digest", metavar="SHA256", help="refuse the bundle unless its file has this digest (sweep prints it)"
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_predict)
@@ -427,7 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnncodes`` script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors end here; a caller of main() gets the status
+        return exc.code if isinstance(exc.code, int) else 0
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -57,7 +57,24 @@ def test_the_cli_prints_user_errors_and_os_errors_as_one_line_and_exits_2(tmp_pa
     assert main(["extract", "demo:digits", "--out", str(blocker / "sub"), "--model", "resnet18:none", "--input-size", "32",
                  "--quiet"]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Not a directory" in err and "choose another path" in err
+    assert err.count("\n") == 1 and "is a file, not a directory" in err and "choose another path" in err
+
+
+def test_an_os_error_mid_command_is_one_line_with_what_to_do(monkeypatch, capsys):
+    import errno
+
+    import cnncodes.cli as cli
+
+    def disk_full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/codes/.partial/a.npy")
+
+    monkeypatch.setattr(cli, "_cmd_merge", disk_full)
+    assert main(["merge", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "cnncodes merge: error: No space left on device: '/data/codes/.partial/a.npy' (OSError); free disk "
+        "space (or point --out elsewhere) and rerun the same command to resume\n"
+    )
 
 
 def test_our_own_bugs_keep_their_traceback(monkeypatch):

@@ -110,7 +110,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "no.zip"), "demo:digits", "--out", str(tmp_path), "--quiet"]) == 2
     assert "is a directory; give a file name" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "no.zip"), "--out", str(a_file / "m.pt2")]) == 2
-    assert "File exists" in capsys.readouterr().err  # a file where the directory should be, before any work
+    assert "is a file, not a directory" in capsys.readouterr().err  # before any work
 
 
 def test_a_store_without_its_model_is_refused_before_the_sweep(tmp_path, capsys):

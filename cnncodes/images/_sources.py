@@ -726,10 +726,27 @@ def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:
                 f"{name} line {line}: {'missing' if labeled else 'unexpected'} label, but line {first_line} "
                 f"{'has one' if labeled else 'has none'}; label every row or none."
             )
+    _check_number_spellings(name, rows)
     base = os.path.dirname(csv_path)
     paths = [os.path.normpath(os.path.join(base, p)) for _, p, _ in rows]
     labels = [label for _, _, label in rows] if labeled else None
     return FileSource(paths, labels, description=f"csv:{csv_path}", max_pixels=max_pixels)
+
+
+def _check_number_spellings(name: str, rows: list[tuple[int, str, str | None]]) -> None:
+    """Refuse one number written two ways in a label column (``2`` and ``2.0``): they would become two classes."""
+    first_spelling: dict[float, tuple[str, int]] = {}
+    for line, _, label in rows:
+        try:
+            value = float(label)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        spelling, seen_at = first_spelling.setdefault(value, (label, line))  # type: ignore[arg-type]
+        if spelling != label:
+            raise SourceError(
+                f"{name} line {line}: label {label!r} is the number that line {seen_at} writes as {spelling!r}; "
+                "they would become two classes. Write each label one way."
+            )
 
 
 def _resolve_labels(labels: Any, classes: Sequence[str] | None, n: int, what: str) -> tuple[np.ndarray, list[str]]:

@@ -127,30 +127,78 @@ def check_manifest(manifest: Any, where: str | os.PathLike) -> dict[str, Any]:
     arrays = manifest.get("arrays", [])
     if not isinstance(arrays, list):
         raise bad("arrays", arrays, "a list")
+    rows = manifest.get("rows_total")
+    seen_files: set[Any] = set()
+    seen_keys: set[tuple[Any, Any]] = set()
     for i, entry in enumerate(arrays):
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("tap"), str)
-            and isinstance(entry.get("pooling"), str)
-            and entry.get("dtype") in ("float16", "float32")
-            and isinstance(entry.get("shape"), list)
-            and len(entry["shape"]) == 2
-            and all(type(v) is int and v >= 0 for v in entry["shape"])
-        )
-        if not ok:
-            raise bad(f"arrays[{i}]", entry, "{tap, pooling, dtype float16|float32, shape [rows, dims], file}")
+        problem = _array_entry_problem(entry, rows)
+        if problem:
+            raise bad(f"arrays[{i}]", entry, problem)
+        if entry.get("file") in seen_files or (entry["tap"], entry["pooling"]) in seen_keys:
+            raise bad(f"arrays[{i}]", entry, "a file and a (tap, pooling) pair no earlier entry names")
+        seen_files.add(entry.get("file"))
+        seen_keys.add((entry["tap"], entry["pooling"]))
     for key in ("classes", "sources", "errors"):
         if key in manifest and not isinstance(manifest[key], list):
             raise bad(key, manifest[key], "a list")
+    classes = manifest.get("classes", [])
+    if not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise bad("classes", classes, "a list of distinct class names (strings)")
+    config = manifest.get("config", {})
+    if not isinstance(config, dict):
+        raise bad("config", config, "an object")
+    ShardLayout.from_dict(config.get("shard"), where)
+    sources = manifest.get("sources")
+    if not all(isinstance(s, str) for s in sources or []):
+        raise bad("sources", sources, "a list of image paths (strings)")
+    views = manifest.get("views", 0)
+    if manifest.get("complete") and sources is not None and type(rows) is int and len(sources) * (views + 1) != rows:
+        raise bad("rows_total", rows, f"{len(sources)} sources x {manifest.get('views', 0) + 1} views")
     return manifest
+
+
+_LAYOUT_KINDS = ("nchw", "nhwc", "tokens", "vector")  # network.Layout's kinds; a test keeps the two equal
+
+
+def _array_entry_problem(entry: Any, rows: Any) -> str | None:
+    """What is wrong with one ``arrays[]`` manifest entry (``None``: nothing), every field the readers use."""
+    shape_ok = (
+        isinstance(entry, dict)
+        and isinstance(entry.get("shape"), list)
+        and len(entry["shape"]) == 2
+        and all(type(v) is int and v >= 0 for v in entry["shape"])
+    )
+    if not shape_ok:
+        return "{tap, pooling, dtype float16|float32, shape [rows, dims], file}"
+    if not (isinstance(entry.get("tap"), str) and entry["tap"] and isinstance(entry.get("pooling"), str)):
+        return "a tap name and a pooling name (strings)"
+    if entry.get("dtype") not in ("float16", "float32"):
+        return "dtype float16 or float32"
+    if type(rows) is int and entry["shape"][0] != rows:
+        return f"shape [{rows}, dims]: the store's rows_total is {rows}"
+    if "dims" in entry and (type(entry["dims"]) is not int or entry["dims"] != entry["shape"][1]):
+        return f"dims equal to shape[1] ({entry['shape'][1]})"
+    for flag in ("rectified", "relu_applied"):
+        if flag in entry and type(entry[flag]) is not bool:
+            return f"{flag} true or false"
+    if "depth" in entry and type(entry["depth"]) is not int:
+        return "depth an integer"
+    layout = entry.get("layout")
+    if layout is not None and not (isinstance(layout, dict) and layout.get("kind") in _LAYOUT_KINDS):
+        return f"layout null or an object whose kind is one of {', '.join(_LAYOUT_KINDS)}"
+    return None
 
 
 def atomic_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # a write error carries no file name; say which file could not be written
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
     durable_replace(tmp, path)
 
 

@@ -414,25 +414,26 @@ def shared_progress(path: str | os.PathLike, count: int) -> list[tuple[int | Non
 def preallocate(path: Path, dtype: str | np.dtype, shape: tuple[int, int]) -> None:
     """Create a ``.npy`` file of ``shape`` with every block allocated now, so that filling it can never hit a full
     disk halfway (which, through a memory map, would kill the process with SIGBUS)."""
-    header = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
-    size = header.offset + header.nbytes
-    del header
-    fd = os.open(path, os.O_RDWR)
     try:
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        size = header.offset + header.nbytes
+        del header
         if size and hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # filesystems without fallocate
+                    raise
+            finally:
+                os.close(fd)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            os.close(fd)
-            fd = -1
-            path.unlink(missing_ok=True)
-            raise StoreError(f"disk full: {path} needs {size / 2**20:.1f} MiB ({exc.strerror}). Free space (or choose "
-                             "another --out) and rerun the same command: everything committed so far is kept.") from None  # fmt: skip
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # filesystems without fallocate
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        path.unlink(missing_ok=True)
+        need = _size_text(np.dtype(dtype).itemsize * shape[0] * shape[1])
+        raise StoreError(f"disk full: {path} needs {need} ({exc.strerror}). Free space (or choose another --out) and "
+                         "rerun the same command: everything committed so far is kept.") from None  # fmt: skip
 
 
 class RowFile:
@@ -535,3 +536,10 @@ def shards_running(path: Path) -> bool:
         except StoreLockedError:
             return True
     return False
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"

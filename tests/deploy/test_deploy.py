@@ -257,4 +257,4 @@ def test_export_refuses_unknown_formats_and_leaves_nothing(trained, tmp_path):
 def test_predict_arguments_are_checked_before_any_image_work(trained, tmp_path, capsys):
     bundle = str(trained / "sweep" / "best_probe.zip")
     assert main(["predict", bundle, str(trained / "imgs"), "--batch-size", "-3", "--quiet"]) == 2
-    assert "batch_size=-3; use a positive integer" in capsys.readouterr().err
+    assert "argument --batch-size: -3 is below 1" in capsys.readouterr().err

@@ -306,6 +306,7 @@ def test_csv_without_header_absolute_and_unlabeled(tmp_path: Path) -> None:
         ("a.png,cat\nb.png,cat,extra\n", r"bad\.csv line 2: 3 fields"),
         ("a.png,cat\n,cat\n", r"bad\.csv line 2: empty path"),
         ("path,label\n\n", "lists no images"),
+        ("a.png,2\nb.png,3\nc.png,2.0\n", r"bad\.csv line 3: label '2\.0' is the number that line 1 writes as '2'"),
         ("a.png,cat\n" + "x" * 200_000 + "\n", r"bad\.csv line 2: malformed CSV"),
     ],
 )

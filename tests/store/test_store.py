@@ -273,3 +273,10 @@ def test_truncated_labels_are_named(tmp_path):
     (store.path / "labels.npy").write_bytes((store.path / "labels.npy").read_bytes()[:100])
     with pytest.raises(StoreError, match=r"labels\.npy .*damaged"):
         CodeStore(store.path).labels  # noqa: B018
+
+
+def test_the_manifest_check_knows_every_layout_the_network_can_record():
+    from cnncodes.network._layout import LAYOUT_KINDS
+    from cnncodes.store._format import _LAYOUT_KINDS
+
+    assert _LAYOUT_KINDS == LAYOUT_KINDS

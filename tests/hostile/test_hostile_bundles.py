@@ -1,0 +1,49 @@
+"""Hostile bundles (``helpers.hostile.BUNDLE_CASES``): damaged, malformed, oversized and tampered bundles, each
+refused with a BundleError (exit 2, one line, from the CLI) before any image work."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnncodes.cli import main
+from cnncodes.deploy import bundle_digest, load_bundle, read_bundle
+from cnncodes.errors import BundleError
+from helpers import tiny_bundle
+from helpers.hostile import BUNDLE_CASES, bundle_members, make_bundle_case, write_bundle
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory):
+    return tiny_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.mark.parametrize("case", list(BUNDLE_CASES))
+def test_hostile_bundles_are_refused_before_any_image_work(valid, tmp_path, case, capsys):
+    bundle, images = valid
+    path = make_bundle_case(bundle, tmp_path / "hostile.zip", case)
+    with pytest.raises(BundleError, match=BUNDLE_CASES[case][1]):
+        read_bundle(path)
+    assert main(["predict", str(path), str(images), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnncodes predict: error: ") and err.count("\n") == 1
+
+
+def test_member_checksums_catch_corruption_but_only_a_pinned_digest_catches_tampering(valid, tmp_path, capsys):
+    bundle, images = valid
+    digest = bundle_digest(bundle)
+    meta, arrays = bundle_members(bundle)
+    forged = write_bundle(tmp_path / "forged.zip", meta, {**arrays, "coef": -arrays["coef"]})  # checksums recomputed
+    assert read_bundle(forged).arrays["coef"].sum() == pytest.approx(-arrays["coef"].sum())  # looks valid
+    with pytest.raises(BundleError, match="not the pinned sha256"):
+        read_bundle(forged, digest=digest)
+    assert main(["predict", str(forged), str(images), "--digest", digest, "--quiet"]) == 2
+    assert "not the bundle you pinned" in capsys.readouterr().err
+    assert load_bundle(bundle, digest=digest, backbone=_tiny()).classes == meta["classes"]
+    with pytest.raises(BundleError, match="is not a sha256 digest"):
+        read_bundle(bundle, digest="abc")
+
+
+def _tiny():
+    from helpers import make_tiny_backbone
+
+    return make_tiny_backbone()
