@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._compat import deprecated_alias
 from .errors import FingerprintMismatchError, ImageDecodeError, ParameterTypeError
 from .images import ImageSource, as_source
-from .network import Backbone, CodeExtractor, encode, load_backbone
+from .network import Backbone, CodeExtractor, encode, load_backbone, numerics, resolve_device
 
 __all__ = ["CNNCodes"]
 
@@ -46,9 +46,11 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         Local weights file for the model spec.
     batch_size : int, default=64
     device : str, default="auto"
+    amp : bool, default=True
+        On CUDA, run the network in bfloat16 (float16 where the GPU lacks it); ``False`` runs IEEE float32 (no TF32).
     memory : str or joblib.Memory, optional
-        Directory caching the codes of every image (keyed by its pixels and the extractor), so a grid search over the
-        probe never runs the network twice on the same image.
+        Directory caching the codes of every image (keyed by its pixels, the extractor and the numerics it runs at), so
+        a grid search over the probe never runs the network twice on the same image.
     pooling : str, optional
         Deprecated spelling of ``poolings``; removed in cnncodes 0.3.
 
@@ -78,6 +80,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         weights: str | None = None,
         batch_size: int = 64,
         device: str = "auto",
+        amp: bool = True,
         memory: Any = None,
         pooling: str | None = None,
     ) -> None:
@@ -89,6 +92,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         self.weights = weights
         self.batch_size = batch_size
         self.device = device
+        self.amp = amp
         self.memory = memory
         self.pooling = pooling
 
@@ -135,8 +139,9 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         if todo:
             subset = _Subset(source, todo)
             codes, reasons = encode(
-                subset, extractor, self._backbone.preprocessing, batch_size=self.batch_size, device=self.device
-            )
+                subset, extractor, self._backbone.preprocessing, batch_size=self.batch_size, device=self.device,
+                amp=self.amp,
+            )  # fmt: skip
             bad = [(source.ids[todo[j]], r) for j, r in enumerate(reasons) if r]
             if bad:
                 raise ImageDecodeError(*bad[0])
@@ -159,8 +164,9 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     def _cache_dir(self) -> Path:
         location = getattr(self.memory, "location", self.memory)
         config = json.dumps(
-            [self.fingerprint_, self.taps_, self.poolings_, self.relu, self._backbone.preprocessing.to_dict()]
-        )
+            [self.fingerprint_, self.taps_, self.poolings_, self.relu, self._backbone.preprocessing.to_dict(),
+             numerics(resolve_device(self.device), self.amp)]
+        )  # fmt: skip
         return Path(location) / "cnncodes-codes" / hashlib.sha256(config.encode()).hexdigest()[:16]
 
     def _cache_keys(self, source: ImageSource) -> list[str | None]:

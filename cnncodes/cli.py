@@ -263,7 +263,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     _output_file(args.out)
     probe = load_bundle(args.bundle, digest=args.digest, weights=args.weights, batch_size=args.batch_size,
-                        allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device=args.device)  # fmt: skip
+                        allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device=args.device, amp=args.amp)  # fmt: skip
     rows = probe.predict_source(args.source, progress=not args.quiet)
     names = score_names(probe)
     out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below unless stdout
@@ -389,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)
     p.add_argument("--workers", type=_int_at_least(0), default=None, help="decoding processes (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:INDEX")
-    p.add_argument("--no-amp", action="store_true", help="run CUDA in float32")
+    p.add_argument(
+        "--no-amp", action="store_true", help="on CUDA, run in IEEE float32: no bfloat16/float16 autocast, no TF32"
+    )
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="bad images: record and skip, or stop")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -435,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="on CUDA, bfloat16/float16 (--amp) or IEEE float32 (--no-amp); default: as the bundle's codes were made")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_predict)
 

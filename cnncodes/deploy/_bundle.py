@@ -68,6 +68,9 @@ class ExtractorSpec:
         The dtype the codes were stored in during training (predictions round to it).
     dims : int
         Code dimensions.
+    numerics : dict, optional
+        How the training codes were computed (``device``, ``precision`` and software versions; see
+        :func:`cnncodes.network.numerics`). Prediction runs at the same precision by default.
     """
 
     model: dict[str, Any]
@@ -76,6 +79,12 @@ class ExtractorSpec:
     relu: bool
     code_dtype: str = "float32"
     dims: int = -1
+    numerics: dict[str, Any] | None = None
+
+    @property
+    def amp(self) -> bool:
+        """Whether the codes were computed under mixed precision (bfloat16/float16) rather than float32."""
+        return self.numerics is None or self.numerics.get("precision") != "float32"
 
     @classmethod
     def from_dict(cls, data: Any, where: str | os.PathLike) -> ExtractorSpec:
@@ -97,13 +106,20 @@ class ExtractorSpec:
             raise BundleError(
                 f"{where}: bundle.json extractor.code_dtype is {code_dtype!r}; expected float16 or float32."
             )
+        numerics = data.get("numerics")
+        if numerics is not None and not (
+            isinstance(numerics, dict) and numerics.get("precision") in ("float32", "bfloat16", "float16")
+        ):
+            raise BundleError(f"{where}: bundle.json extractor.numerics is {str(numerics)[:80]}; expected null or an "
+                              "object whose precision is float32, bfloat16 or float16. The bundle is malformed.")  # fmt: skip
         return cls(model=dict(model), tap=need(data, "tap", str, "extractor."), pooling=need(data, "pooling", str, "extractor."),
                    relu=bool(need(data, "relu", (bool, int), "extractor.")), code_dtype=code_dtype,
-                   dims=int(data.get("dims", -1)) if isinstance(data.get("dims", -1), int) else -1)  # fmt: skip
+                   dims=int(data.get("dims", -1)) if isinstance(data.get("dims", -1), int) else -1,
+                   numerics=None if numerics is None else dict(numerics))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "tap": self.tap, "pooling": self.pooling, "relu": self.relu,
-                "code_dtype": self.code_dtype, "dims": self.dims}  # fmt: skip
+                "code_dtype": self.code_dtype, "dims": self.dims, "numerics": self.numerics}  # fmt: skip
 
 
 @dataclass

@@ -29,6 +29,9 @@ class DeployedProbe:
     allow_fingerprint_mismatch : bool, default=False
         Use a backbone whose weights differ from the bundle's (its predictions are then not the trained probe's).
     batch_size, device : extraction settings.
+    amp : bool, optional
+        On CUDA, run the network in bfloat16/float16 (``True``) or IEEE float32 (``False``). Default: the precision the
+        bundle's training codes were computed at, so predictions see codes made the same way.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class DeployedProbe:
         allow_fingerprint_mismatch: bool = False,
         batch_size: int = 64,
         device: str = "auto",
+        amp: bool | None = None,
     ) -> None:
         self.bundle = bundle
         self.classes = list(bundle.classes)
@@ -47,6 +51,7 @@ class DeployedProbe:
             raise ParameterError(f"batch_size={batch_size!r}; use a positive integer (--batch-size 64).")
         self.batch_size = batch_size
         self.device = device
+        self.amp = bundle.extractor.amp if amp is None else bool(amp)
         model = bundle.extractor.model
         self.preprocessing = Preprocessing.from_dict(model["preprocessing"])
         if backbone is None:
@@ -77,6 +82,7 @@ class DeployedProbe:
             self.preprocessing,
             batch_size=self.batch_size,
             device=self.device,
+            amp=self.amp,
             progress=progress,
         )
         return codes[(self.bundle.extractor.tap, self.bundle.extractor.pooling)], reasons
@@ -124,7 +130,8 @@ def load_bundle(path: str | os.PathLike, *, digest: str | None = None, **kwargs:
     """Read a probe bundle safely (see :func:`cnncodes.deploy.read_bundle`) and attach its backbone.
 
     ``digest="sha256:HEX"`` (printed when the bundle was saved) refuses any other file. Other keyword arguments go
-    to :class:`DeployedProbe` (``weights``, ``backbone``, ``allow_fingerprint_mismatch``, ``batch_size``, ``device``).
+    to :class:`DeployedProbe` (``weights``, ``backbone``, ``allow_fingerprint_mismatch``, ``batch_size``, ``device``,
+    ``amp``).
     """
     return DeployedProbe(read_bundle(path, digest=digest), **kwargs)
 

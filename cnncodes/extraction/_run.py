@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -41,6 +42,7 @@ from ..network import (
     images_per_batch,
     iter_batches,
     load_backbone,
+    numerics,
     resolve_device,
 )
 from ..store import (
@@ -57,6 +59,10 @@ from ..store import (
 from ._plan import launched_by_torchrun, launcher_device, parse_devices, parse_shard
 
 __all__ = ["extract"]
+
+#: Rows are made durable (fsync + progress) at most this often: a crash redoes at most these seconds of work, and a
+#: fast GPU is not held up by a flush per batch. A resume continues exactly from the last commit.
+COMMIT_SECONDS = 2.0
 
 _MAX_WORKERS = max(64, 8 * (os.cpu_count() or 1))  # decoding processes; more only exhausts the machine
 
@@ -184,6 +190,7 @@ def extract(
     augment = parse_augment(augment)
     part, device_list, launched, device = _split_plan(shard, devices, device, shared, overwrite, merge)
     dev = resolve_device(device) if len(device_list) < 2 else None
+    run_numerics = numerics(dev or resolve_device(device_list[0]), amp)
     images = open_source(source, labels=labels, max_pixels=max_pixels)
     backbone = (
         model
@@ -216,6 +223,7 @@ def extract(
         "augment": list(augment) if views else None,
         "source": images.description,
         "n_images": len(images),
+        "numerics": run_numerics,  # bit-identical resumes and merges need the same device, precision and software
     }
     info = {
         "model": backbone.describe(),
@@ -305,7 +313,7 @@ def _split_plan(
         )
     if len(device_list) == 1:
         device = device_list[0]
-    elif launched and device == "auto":
+    elif launched and device in ("auto", "cuda"):  # each rank on its own GPU; "cuda" alone would put all on GPU 0
         device = launcher_device() or device
     return part, device_list, launched, device
 
@@ -367,7 +375,8 @@ def _merge_when_complete(
     return store
 
 
-def _extract_shard(kwargs: dict[str, Any], cpu_threads: int) -> str:
+def _extract_shard(kwargs: dict[str, Any], cpu_threads: int, processes: int) -> str:
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(processes))  # decode workers share the node's cores between us
     if resolve_device(kwargs["device"]).type == "cpu":
         torch.set_num_threads(cpu_threads)  # processes sharing the CPU split its cores instead of oversubscribing
     return str(extract(**kwargs).path)
@@ -385,6 +394,7 @@ def _extract_on_devices(devices: list[str], kwargs: dict[str, Any], progress: bo
                 _extract_shard,
                 {**kwargs, "device": d, "shard": Shard(i, n), "merge": False, "progress": progress and i == 0},
                 threads,
+                n,
             )
             for i, d in enumerate(devices)
         ]
@@ -441,6 +451,8 @@ def _run(
     row = writer.rows_done
     batches = iter_batches(extractor, images, pre, dev=dev, views=views, seed=seed, augment=augment, start_image=start_image,
                        stop_image=stop_image, batch_size=batch_size, workers=workers, amp=amp, dtype=specs[0].dtype)  # fmt: skip
+    uncommitted: list[dict[str, Any]] = []  # image errors of rows written since the last commit
+    last_commit = time.monotonic()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-writer") as pool:
         try:
             for b in batches:
@@ -451,21 +463,38 @@ def _run(
                 ]
                 if errors and on_error == "raise":
                     raise ImageDecodeError(errors[0]["path"], errors[0]["reason"])
+                uncommitted += errors
+                commit = time.monotonic() - last_commit >= COMMIT_SECONDS
                 host = {s.file: b.codes[(s.tap, s.pooling)] for s in specs}
-                pending.append(pool.submit(_write, writer, row, host, row + b.rows, errors))
+                pending.append(pool.submit(_write, writer, row, host, row + b.rows, uncommitted if commit else None))
                 row += b.rows
+                if commit:
+                    uncommitted, last_commit = [], time.monotonic()
                 while len(pending) > 2:  # bound host memory; surfaces writer errors early
                     pending.popleft().result()
                 bar.update(b.rows)
         finally:
             # Commit everything computed so far, even when interrupted: nothing done is lost.
-            while pending:
-                pending.popleft().result()
-            bar.close()
+            written = None
+            try:
+                while pending:
+                    written = pending.popleft().result()
+            finally:
+                if written is not None and written > writer.rows_done:
+                    writer.commit(written, [e for e in uncommitted if e["image"] * (views + 1) < written])
+                bar.close()
 
 
 def _write(
-    writer: StoreWriter, start: int, host: dict[str, torch.Tensor], end: int, errors: list[dict[str, Any]]
-) -> None:
+    writer: StoreWriter,
+    start: int,
+    host: dict[str, torch.Tensor],
+    end: int,
+    errors: list[dict[str, Any]] | None,
+) -> int:
+    """Write rows ``[start, end)``; with ``errors`` (a list, maybe empty) also commit them: make every row written so
+    far durable and record it as done. Returns ``end``."""
     writer.write(start, {k: v.numpy() for k, v in host.items()})
-    writer.commit(end, errors)
+    if errors is not None:
+        writer.commit(end, errors)
+    return end

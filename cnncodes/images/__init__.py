@@ -3,6 +3,7 @@ plain or seeded augmented pixel views a network is fed. The only room that decod
 
 from ._preprocess import (
     AUGMENTATIONS,
+    PixelNormalizer,
     Preprocessing,
     normalize,
     parse_augment,
@@ -24,6 +25,7 @@ __all__ = [
     "Preprocessing",
     "as_source",
     "decode_image",
+    "PixelNormalizer",
     "normalize",
     "open_source",
     "parse_augment",

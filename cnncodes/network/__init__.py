@@ -3,7 +3,17 @@ pooled on the device by a :class:`CodeExtractor` that stops after the deepest ta
 image source batch by batch. Tensors in, codes out: nothing here writes files."""
 
 from ._backbones import DEFAULT_MODEL, Backbone, load_backbone, read_state_dict, weights_fingerprint
-from ._encode import DTYPES, ImageViews, encode, images_per_batch, iter_batches, resolve_device
+from ._encode import (
+    DTYPES,
+    ImageViews,
+    autocast_dtype,
+    default_workers,
+    encode,
+    images_per_batch,
+    iter_batches,
+    numerics,
+    resolve_device,
+)
 from ._extractor import CodeExtractor
 from ._layout import Layout
 from ._pooling import Pooling, parse_poolings
@@ -21,6 +31,9 @@ __all__ = [
     "TapCatalogue",
     "TapInfo",
     "iter_batches",
+    "autocast_dtype",
+    "default_workers",
+    "numerics",
     "check_relu_mode",
     "encode",
     "images_per_batch",

@@ -4,10 +4,12 @@ scikit-learn adapter; writes nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,18 +17,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import ImageDecodeError, ParameterError
-from ..images import ImageSource, Preprocessing, normalize, pixel_transform, render_views, view_transform
+from ..images import ImageSource, PixelNormalizer, Preprocessing, pixel_transform, render_views, view_transform
 from ._extractor import CodeExtractor
 
-__all__ = ["encode", "resolve_device", "images_per_batch", "ImageViews"]
+__all__ = ["encode", "resolve_device", "images_per_batch", "ImageViews", "autocast_dtype", "numerics"]
 
 DTYPES = ("float16", "float32")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; validates ``cuda:i``."""
+    """``"auto"`` -> CUDA when available, else CPU; validates ``cuda:i``. A CUDA device always comes back with its
+    index (a bare ``cuda`` is the current device), so every later call names the device it means."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -34,9 +37,77 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ParameterError(f"device={device!r} but CUDA is not available here; use --device cpu (or auto).")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
             raise ParameterError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
     return dev
+
+
+def autocast_dtype(dev: torch.device, amp: bool) -> torch.dtype | None:
+    """The dtype the network runs in on ``dev``: bfloat16 where the GPU has it natively, else float16; ``None`` (float32)
+    on the CPU or without ``amp``."""
+    if dev.type != "cuda" or not amp:
+        return None
+    with torch.cuda.device(dev):  # the question is about this GPU, not GPU 0
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native else torch.float16
+
+
+def numerics(dev: torch.device, amp: bool) -> dict[str, Any]:
+    """What the exact values of codes depend on beyond the model and the images: the device type, the precision the
+    network runs in and, on CUDA, the GPU model and the CUDA and cuDNN versions; always the torch version.
+
+    Stores record it in their config (a resume or merge under other numerics is refused) and bundles carry it (a
+    prediction runs at the same precision by default)."""
+    precision = autocast_dtype(dev, amp) or torch.float32
+    out: dict[str, Any] = {
+        "device": dev.type,
+        "precision": str(precision).removeprefix("torch."),
+        "torch": torch.__version__,
+    }
+    if dev.type == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(dev), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return out
+
+
+@contextmanager
+def _precision(dev: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Run at the precision :func:`numerics` records: autocast to ``dtype``, or, on CUDA without it, IEEE float32
+    (cuDNN convolutions and matmuls otherwise default to TF32)."""
+    if dev.type != "cuda":
+        yield
+    elif dtype is not None:
+        with torch.autocast("cuda", dtype=dtype):
+            yield
+    else:
+        conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+
+
+def _on(dev: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``dev`` the current CUDA device for a block (restored after): pinned-memory threads, streams and
+    allocations then belong to it, not to GPU 0."""
+    return torch.cuda.device(dev) if dev.type == "cuda" else nullcontext()
+
+
+class _Fence:
+    """Marks the point in ``dev``'s stream after a batch's device-to-host copies; :meth:`wait` returns once they landed."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.event = None
+        if dev.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(dev))
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
 
 
 class ImageViews(Dataset):
@@ -89,12 +160,17 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the forward pass for cores
 
 
-def _default_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
+def default_workers(device: torch.device, processes: int | None = None) -> int:
+    """Decoding processes for one extraction process on ``device``, when ``processes`` extraction processes share the
+    node's cores (default: torchrun's ``LOCAL_WORLD_SIZE``, else 1)."""
+    if processes is None:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cores // max(1, processes))
     if device.type == "cuda":
-        return min(8, cores)
+        return min(8, share)
     # On CPU the forward pass already uses every core; decoding processes only pay off with cores to spare.
-    return 0 if cores <= 4 else min(4, cores // 4)
+    return 0 if share <= 4 else min(4, share // 4)
 
 
 @dataclass
@@ -121,34 +197,56 @@ def iter_batches(
     amp: bool = True,
     dtype: str = "float32",
 ) -> Iterator[Batch]:
-    """Decode, normalize on the device, run the extractor, pool, and bring codes back to the host, batch by batch."""
+    """Decode, normalize on the device, run the extractor, pool, and bring codes back to the host, batch by batch.
+
+    On CUDA, batch ``i + 1`` is launched before batch ``i`` is waited for, so the GPU never idles while the host hands
+    a batch over; each batch's copies are fenced by an event on ``dev``'s own stream. The caller's backbone is never
+    moved or converted: the network runs from the extractor's private copy on ``dev`` (:meth:`CodeExtractor.on`).
+    """
     cuda = dev.type == "cuda"
     loader = DataLoader(
         ImageViews(images, pre, views, seed, augment, start=start_image, stop=stop_image),
         batch_size=images_per_batch(batch_size, views),
         shuffle=False,
-        num_workers=_default_workers(dev) if workers is None else workers,
+        num_workers=default_workers(dev) if workers is None else workers,
         pin_memory=cuda,
         worker_init_fn=_worker_init,
     )
-    net = extractor.to(dev, memory_format=torch.channels_last)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        if cuda and amp
-        else nullcontext()
-    )
+    with _on(dev):
+        net = extractor.on(dev)
+        to_input = PixelNormalizer(pre, dev)
+        batches = iter(loader)  # its pin-memory thread pins for the current device: dev
+    run_dtype = autocast_dtype(dev, amp)
     store_dtype = getattr(torch, dtype)
     keys = list(extractor.code_dims())
-    for batch, index, reasons in loader:
-        with torch.inference_mode():  # entered per batch: a generator must not leak the mode to its consumer
-            pixels = batch.flatten(0, 1).to(dev, non_blocking=cuda)
-            x = normalize(pixels, pre).contiguous(memory_format=torch.channels_last)
-            with autocast:
-                codes = net(x)
+
+    def launch(batch: torch.Tensor) -> tuple[dict[tuple[str, str], torch.Tensor], _Fence, int]:
+        with _on(dev), torch.inference_mode(), _precision(dev, run_dtype):
+            x = to_input(batch.flatten(0, 1).to(dev, non_blocking=cuda)).contiguous(memory_format=torch.channels_last)
+            codes = net(x)
             host = {(t, p): codes[t][p].to(store_dtype).to("cpu", non_blocking=cuda) for t, p in keys}
-            if cuda:
-                torch.cuda.current_stream().synchronize()
-        yield Batch(host, [int(i) for i in index], list(reasons), x.shape[0])
+            return host, _Fence(dev), x.shape[0]
+
+    pending: Batch | None = None
+    fence = _Fence(torch.device("cpu"))
+    while True:
+        try:
+            with _on(dev):
+                item = next(batches, None)
+            if item is not None:
+                batch, index, reasons = item
+                host, next_fence, rows = launch(batch)
+        except BaseException:
+            if pending is not None:  # hand over the batch already computed before the error surfaces
+                fence.wait()
+                yield pending
+            raise
+        if pending is not None:  # batch i is collected only now that batch i + 1 is queued on the device
+            fence.wait()
+            yield pending
+        if item is None:
+            return
+        pending, fence = Batch(host, [int(i) for i in index], list(reasons), rows), next_fence
 
 
 def encode(
@@ -158,7 +256,7 @@ def encode(
     *,
     batch_size: int = 64,
     device: str = "auto",
-    workers: int | None = 0,
+    workers: int | None = None,
     amp: bool = True,
     progress: bool = False,
 ) -> tuple[dict[tuple[str, str], np.ndarray], list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -103,6 +104,22 @@ class CodeExtractor(nn.Module):
         else:
             self.net = _graph.TappedHooks(backbone.model, heads, self.catalogue.names)
         self.net.eval()
+        self._placed: dict[str, nn.Module] = {}  # a plain dict, not submodules: copies on other devices
+
+    def on(self, device: torch.device | str) -> nn.Module:
+        """This extractor's network on ``device`` in channels_last, for running batches.
+
+        The network shares its modules with the backbone, so moving or converting it in place would change the
+        caller's model (and leave a discovery or a later run on the wrong device). Unless the network already sits
+        on ``device`` in channels_last, a private copy is made there once and kept for later calls.
+        """
+        device = torch.device(device)
+        if _placed_on(self.net, device):
+            return self.net
+        key = str(device)
+        if key not in self._placed:
+            self._placed[key] = copy.deepcopy(self.net).to(device, memory_format=torch.channels_last)
+        return self._placed[key]
 
     def forward(self, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """``{tap: {pooling: (B, D) float32 tensor}}`` on the images' device."""
@@ -111,3 +128,14 @@ class CodeExtractor(nn.Module):
     def code_dims(self) -> dict[tuple[str, str], int]:
         """``{(tap, pooling): D}`` in output order."""
         return {(t.name, p.name): t.code_dims(p) for t in self.taps for p in self.poolings}
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_placed": {}}  # device copies are rebuilt where they are needed
+
+
+def _placed_on(net: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer of ``net`` is on ``device`` and every 4-d weight is channels_last."""
+    tensors = [*net.parameters(), *net.buffers()]
+    return all(t.device == device for t in tensors) and all(
+        t.dim() != 4 or t.is_contiguous(memory_format=torch.channels_last) for t in net.parameters()
+    )

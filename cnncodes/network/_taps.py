@@ -23,6 +23,7 @@ the network thresholds); ``all``; ``last:K`` (the deepest K stage taps).
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -269,9 +270,12 @@ def _activation_name(op: str, module: nn.Module | None) -> str:
     return name if name in _ACTIVATIONS else ""
 
 
-def _probe_input(size: int) -> torch.Tensor:
+def _probe_input(size: int, model: nn.Module) -> torch.Tensor:
+    """The discovery input, on the device the model's weights are on (a model already on a GPU is probed there)."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(_PROBE_BATCH, 3, size, size, generator=gen)
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    x = torch.randn(_PROBE_BATCH, 3, size, size, generator=gen)
+    return x if first is None else x.to(first.device)
 
 
 def list_taps(backbone: Backbone | nn.Module, input_size: int | None = None, mode: str = "auto") -> TapCatalogue:
@@ -293,7 +297,7 @@ def list_taps(backbone: Backbone | nn.Module, input_size: int | None = None, mod
         raise ParameterError(f"mode={mode!r}; use 'auto', 'fx' or 'hooks'.")
     model = backbone.model if isinstance(backbone, Backbone) else backbone
     size = int(input_size or (backbone.preprocessing.input_size if isinstance(backbone, Backbone) else 224))
-    x = _probe_input(size)
+    x = _probe_input(size, model)
     was_training = model.training
     model.eval()
     try:

@@ -44,6 +44,9 @@ class CodeStore:
                 f"{self.path}`."
             )
         self.manifest = check_manifest(read_json(manifest_path), manifest_path)
+        if self.complete:
+            for entry in self.manifest["arrays"]:  # every member named safely, before any work trusts the store
+                member_path(self.path, entry, manifest_path)
         if not self.complete and not allow_incomplete:
             raise IncompleteStoreError(
                 f"{self.path} is incomplete ({self._rows_committed()}/{self.manifest.get('rows_total')} rows): "

@@ -127,6 +127,10 @@ def sweep(
         if missing:
             raise ParameterError(f"test store {test_store.path} lacks {missing[:3]}; extract it with the same "
                                  "--taps/--poolings.")  # fmt: skip
+    for k in keys:  # every array's file and header checked before any work, naming a damaged one
+        store.codes(*k)
+        if test_store is not None:
+            test_store.codes(*k)
     depth = {(a["tap"], a["pooling"]): int(a.get("depth", -1)) for a in store.arrays}
     result = sweep_codes(
         {k: store.lazy(*k) for k in keys},
@@ -153,6 +157,7 @@ def sweep(
         "relu": bool(entry["rectified"]),
         "code_dtype": entry["dtype"],
         "dims": int(entry["shape"][1]),
+        "numerics": (store.manifest.get("config") or {}).get("numerics"),
     }
     return result
 

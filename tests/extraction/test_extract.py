@@ -111,6 +111,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from helpers import make_images, make_tiny_backbone
 from cnncodes import extract
+import cnncodes.extraction._run as run_module; run_module.COMMIT_SECONDS = 0  # commit every batch: the pause counts rows
 images, labels = make_images(48)
 extract(images, labels=labels, out={out!r}, model=make_tiny_backbone(pause={pause!r}), poolings="avg,avg2",
         batch_size=4, workers=0, progress=False)

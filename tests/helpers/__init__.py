@@ -62,9 +62,19 @@ def make_tiny_backbone(pause: tuple[str, int, str] | None = None):
     backbone = load_backbone(TinyNet(), preprocessing=TINY_PRE)
     if pause is not None:  # a hook, not code in forward: FX tracing would drop it
         progress, rows, ready = Path(pause[0]), int(pause[1]), Path(pause[2])
+        discovery_stem, forwarded = backbone.model.stem, [0]
+
+        def committed() -> bool:
+            return progress.exists() and json.loads(progress.read_text() or "{}").get("rows_done", 0) >= rows
 
         def stop_once_committed(module, args):
-            if progress.exists() and json.loads(progress.read_text() or "{}").get("rows_done", 0) >= rows:
+            if module is discovery_stem:  # tap discovery; batches run on the extractor's own copy of the network
+                return
+            batch = args[0].shape[0]
+            handed_over = forwarded[0] - batch  # batch i is handed to the writer once batch i + 1 is launched
+            forwarded[0] += batch
+            if handed_over >= rows:
+                wait_for_condition(committed, timeout=60)
                 ready.write_text(progress.read_text())
                 threading.Event().wait()
 
@@ -134,6 +144,15 @@ def tiny_bundle(tmp_path: Path) -> tuple[Path, Path]:
                              batch_size=8, workers=0, progress=False)  # fmt: skip
     result = cnncodes.sweep(store, probes=("logreg",), folds=3, progress=False)
     return cnncodes.save_probe(result, tmp_path / "probe"), images
+
+
+def wait_for_condition(condition, timeout: float) -> None:
+    """Poll ``condition()`` until it holds, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{condition} did not hold within {timeout} s")
+        time.sleep(0.01)
 
 
 def wait_for(path: Path, timeout: float = 120.0, proc=None) -> None:
