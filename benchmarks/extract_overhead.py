@@ -12,6 +12,8 @@ and the ratios cnncodes/bare (target >= 0.95 on CPU) and early/cnncodes (the ear
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import tempfile
 import time
 
@@ -21,7 +23,7 @@ from PIL import Image
 
 from cnncodes import extract, list_taps, load_backbone
 from cnncodes.images import plain_transform
-from cnncodes.network import resolve_device
+from cnncodes.network import autocast_dtype, resolve_device
 
 
 def images(n: int, size: int) -> np.ndarray:
@@ -32,8 +34,10 @@ def images(n: int, size: int) -> np.ndarray:
 
 
 def bare(backbone, x: torch.Tensor, batch: int, dev: torch.device) -> float:
-    model = backbone.model.to(dev, memory_format=torch.channels_last)
-    with torch.inference_mode():
+    """The baseline at the numerics cnncodes runs at: channels_last and, on CUDA, the same bf16/fp16 autocast."""
+    model = copy.deepcopy(backbone.model).to(dev, memory_format=torch.channels_last)  # the backbone stays on the CPU
+    dtype = autocast_dtype(dev, amp=True)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext():
         model(x[:batch].to(dev, memory_format=torch.channels_last))  # warm-up
         if dev.type == "cuda":
             torch.cuda.synchronize()

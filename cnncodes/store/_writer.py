@@ -496,6 +496,9 @@ def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> s
     differ = [k for k in set(old) | set(new) if old.get(k) != new.get(k)]
     if differ == ["shard"] and "images" in (old.get("shard") or {}) and "images" in (new.get("shard") or {}):
         hint = " A shard's image range follows --batch-size: resume it with the --batch-size it was started with."
+    if "numerics" in differ:
+        hint += (" Codes are bit-identical only under the same numerics: resume where they were started (same device "
+                 "type, --no-amp choice, GPU model and torch/CUDA versions).")  # fmt: skip
     return (
         f"{path} already holds codes made with different settings ({config_diff(old, new)}). Nothing was changed.{hint} "
         "Pass --overwrite (Python: overwrite=True) to replace them, or choose another --out directory."
