@@ -48,6 +48,8 @@ __version__ = "0.2.0"
 #: public name -> the room that owns it
 _LAZY = {
     "extract": "extraction",
+    "finetune": "training",
+    "FinetuneConfig": "training",
     "load_backbone": "network",
     "list_taps": "network",
     "Backbone": "network",

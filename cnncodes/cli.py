@@ -301,6 +301,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .training import FinetuneConfig, finetune
+
+    _output_dir(args.out)
+    config = FinetuneConfig(head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            lr_pretrained=args.lr_pretrained, patience=args.patience, seed=args.seed)  # fmt: skip
+    result = finetune(args.store, args.cut, out=args.out, weights=args.weights, config=config, val_size=args.val_size,
+                      test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
+    what = "a head" if result.head else "the layers above it"
+    test = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    print(f"cut {result.cut}: trained {what} for {len(result.history)} epochs in {result.seconds:.1f} s; best epoch "
+          f"{result.best_epoch}: validation accuracy {result.val_accuracy:.4f}, test accuracy {test}")  # fmt: skip
+    print(f"wrote {Path(args.out) / 'finetune.json'}")
+    return 0
+
+
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", default="logreg,linsvc", help="logreg,linsvc,sgd,sgd-log (default: %(default)s)")
     p.add_argument("--normalizers", default="standard", help="standard,l2,power,none (default: %(default)s)")
@@ -423,6 +439,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taps", help="only these taps (comma-separated)")
     p.add_argument("--poolings", help="only these poolings (comma-separated)")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("finetune", help="train the layers above a cut (or a head) on a store's cached activations")
+    p.add_argument(
+        "store", help="store with the cut's activations: --taps CUT --poolings none --relu never [--views K]"
+    )
+    p.add_argument("--cut", required=True, help="the tap to cut at (cnncodes layers MODEL lists taps)")
+    p.add_argument("--out", required=True, help="directory for finetune.json")
+    p.add_argument("--head", action="store_true", help="train a small head (pool, dense, dropout) instead of the top")
+    p.add_argument("--epochs", type=_int_at_least(1), default=10)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of new layers (default: %(default)s)")
+    p.add_argument("--lr-pretrained", type=float, default=1e-4, help="of pretrained layers (default: %(default)s)")
+    p.add_argument("--patience", type=_int_at_least(1), default=3, help="early-stopping patience in epochs")
+    p.add_argument("--val-size", type=float, default=0.2, help="validation fraction of the training images")
+    p.add_argument("--test-size", type=float, default=0.25, help="held-out test fraction (the sweep's split)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--weights", metavar="PATH", help="local weights for the store's model spec")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("predict", help="predict images with a saved probe bundle")
     p.add_argument("bundle", help="probe bundle (best_probe.zip from cnncodes sweep)")

@@ -211,10 +211,22 @@ def render_views(
     augmented: v2.Compose | None,
 ) -> torch.Tensor:
     """Stack the plain view and ``n_views`` seeded augmented views of one image: uint8 (1 + n_views, 3, S, S)."""
-    views = [plain(image)]
-    for view in range(1, n_views + 1):
-        # fork_rng keeps the global generator untouched, so user code and other views are unaffected.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(view_seed(seed, image_index, view))
-            views.append(augmented(image))  # type: ignore[misc]
-    return torch.stack(views)
+    return torch.stack([render_view(image, image_index, v, seed, plain, augmented) for v in range(n_views + 1)])
+
+
+def render_view(
+    image: Image.Image,
+    image_index: int,
+    view: int,
+    seed: int,
+    plain: v2.Compose,
+    augmented: v2.Compose | None,
+) -> torch.Tensor:
+    """View ``view`` of one image, uint8 (3, S, S): 0 is the plain view, ``k >= 1`` the k-th seeded augmented view
+    (the same pixels however many views are rendered, and in whatever order)."""
+    if view == 0:
+        return plain(image)
+    # fork_rng keeps the global generator untouched, so user code and other views are unaffected.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(view_seed(seed, image_index, view))
+        return augmented(image)  # type: ignore[misc]

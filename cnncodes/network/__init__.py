@@ -18,6 +18,7 @@ from ._extractor import CodeExtractor
 from ._layout import Layout
 from ._pooling import Pooling, parse_poolings
 from ._taps import RELU_MODES, TapCatalogue, TapInfo, check_relu_mode, list_taps
+from ._top import Top, cut_points, top_above
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -30,6 +31,9 @@ __all__ = [
     "Pooling",
     "TapCatalogue",
     "TapInfo",
+    "Top",
+    "cut_points",
+    "top_above",
     "iter_batches",
     "autocast_dtype",
     "default_workers",

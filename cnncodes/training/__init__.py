@@ -1,0 +1,21 @@
+"""Training: how many layers to freeze. The layers above a cut (or a small head) are trained on activations cached in
+a store, with seeded augmented views, instead of re-running the frozen layers every epoch."""
+
+from ._feeds import CachedActivations, LiveActivations
+from ._finetune import Activations, FinetuneConfig, HeadModel, TopModel, TrainResult, build_model, train
+from ._run import FinetuneResult, backbone_of, finetune
+
+__all__ = [
+    "Activations",
+    "CachedActivations",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "HeadModel",
+    "LiveActivations",
+    "TopModel",
+    "TrainResult",
+    "backbone_of",
+    "build_model",
+    "finetune",
+    "train",
+]

@@ -1,0 +1,45 @@
+"""Where the activations at a cut come from: a store's cache, or the frozen layers run live on decoded images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..images import ImageSource, PixelNormalizer, Preprocessing, pixel_transform, render_view, view_transform
+from ..network import CodeExtractor
+
+__all__ = ["CachedActivations", "LiveActivations"]
+
+
+class CachedActivations:
+    """Activations read from a store's ``(cut, "none")`` array; ``shape`` is one image's activation shape."""
+
+    def __init__(self, codes: Any, views: int, shape: Sequence[int]) -> None:
+        self.codes, self.per, self.shape = codes, views + 1, tuple(shape)
+
+    def rows(self, images: np.ndarray, view: int) -> torch.Tensor:
+        block = np.asarray(self.codes[np.asarray(images) * self.per + view], dtype=np.float32)
+        return torch.from_numpy(block).reshape(len(images), *self.shape)
+
+
+class LiveActivations:
+    """Activations computed now: decode, render the seeded view, run the frozen layers up to the cut (eval mode)."""
+
+    def __init__(self, source: ImageSource, extractor: CodeExtractor, pre: Preprocessing, seed: int,
+                 augment: Sequence[str], device: torch.device) -> None:  # fmt: skip
+        self.source, self.extractor, self.seed, self.device = source, extractor, seed, device
+        self.plain, self.augmented = pixel_transform(pre), view_transform(pre, augment)
+        self.to_input = PixelNormalizer(pre, device)
+        self.net = extractor.on(device)
+        self.tap = extractor.taps[0]
+
+    def rows(self, images: np.ndarray, view: int) -> torch.Tensor:
+        pixels = torch.stack([render_view(self.source.load(int(i)), int(i), view, self.seed, self.plain, self.augmented)
+                              for i in images])  # fmt: skip
+        with torch.inference_mode():
+            x = self.to_input(pixels.to(self.device)).contiguous(memory_format=torch.channels_last)
+            flat = self.net(x)[self.tap.name]["none"]
+        return flat.reshape(len(images), *self.tap.shape).clone()

@@ -1,0 +1,238 @@
+"""Training the unfrozen top of a network on cached activations at a cut.
+
+Everything below the cut is frozen, so its output is computed once into a store (``--poolings none --relu never``,
+with ``--views K --seed S`` for augmentation) and epoch ``e`` reads augmented view ``1 + e mod K`` of every training
+image. :func:`train` runs the same loop on any :class:`Activations` feed (see ``_feeds``: the cache, or the frozen
+layers run live); given the same seeds both see the same numbers, which is what makes training on the cache *the
+same* as freezing the layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ParameterError
+from ..network import Backbone, Layout, list_taps, parse_poolings, resolve_device, top_above
+
+__all__ = [
+    "Activations",
+    "FinetuneConfig",
+    "HeadModel",
+    "TopModel",
+    "TrainResult",
+    "train",
+]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How the top is trained.
+
+    Parameters
+    ----------
+    head : bool, default=False
+        Train only a small head on the cut's activation (global average pooling, a dense layer with ReLU and dropout,
+        and a classifier: the classic recipe) instead of the pretrained layers above the cut plus a new classifier.
+    epochs : int, default=10
+    batch_size : int, default=64
+    lr : float, default=1e-3
+        AdamW learning rate of the new layers (classifier, head).
+    lr_pretrained : float, default=1e-4
+        Learning rate of the pretrained layers above the cut (lower: they start from good weights).
+    weight_decay : float, default=0.05
+    label_smoothing : float, default=0.1
+    patience : int, default=3
+        Stop after this many epochs without a better validation accuracy; the best epoch's weights are kept.
+    hidden : int, default=512
+        Width of the head's dense layer.
+    dropout : float, default=0.5
+        Dropout before the head's classifier.
+    seed : int, default=0
+        Seeds the classifier's initial weights, the data order and dropout.
+    """
+
+    head: bool = False
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_pretrained: float = 1e-4
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    patience: int = 3
+    hidden: int = 512
+    dropout: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience", "hidden"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ParameterError(f"{name}={value!r}; use a positive integer.")
+        for name in ("lr", "lr_pretrained"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ParameterError(f"{name}={value!r}; use a positive learning rate such as 1e-3.")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
+            raise ParameterError(f"weight_decay={self.weight_decay!r}; use a number in [0, 1).")
+        for name in ("label_smoothing", "dropout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ParameterError(f"{name}={value!r}; use a number in [0, 1).")
+        if type(self.seed) is not int or not 0 <= self.seed < 2**32:
+            raise ParameterError(f"seed={self.seed!r}; use an integer in [0, 2**32).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TopModel(nn.Module):
+    """The pretrained layers above the cut (``body``) and a new linear classifier."""
+
+    def __init__(self, body: nn.Module, features: int, n_classes: int) -> None:
+        super().__init__()
+        self.body = body
+        self.classifier = nn.Linear(features, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x))
+
+    def param_groups(self, config: FinetuneConfig) -> list[dict[str, Any]]:
+        return [{"params": list(self.body.parameters()), "lr": config.lr_pretrained},
+                {"params": list(self.classifier.parameters()), "lr": config.lr}]  # fmt: skip
+
+
+class HeadModel(nn.Module):
+    """Global average pooling over the cut's layout, then dense (ReLU, dropout) and a classifier."""
+
+    def __init__(self, layout: Layout, channels: int, n_classes: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.layout = layout
+        self.pool = parse_poolings("avg")[0]
+        self.dense = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.pool(x, self.layout))
+
+    def param_groups(self, config: FinetuneConfig) -> list[dict[str, Any]]:
+        return [{"params": list(self.parameters()), "lr": config.lr}]
+
+
+def build_model(backbone: Backbone, cut: str, n_classes: int, config: FinetuneConfig, catalogue=None) -> nn.Module:
+    """The trainable model for a cut, its new layers initialised from ``config.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.head:
+            tap = (catalogue or list_taps(backbone))[cut]
+            return HeadModel(tap.layout, tap.layout.channels(tap.shape), n_classes, config.hidden, config.dropout)
+        top = top_above(backbone, cut, catalogue)
+        return TopModel(top.body, top.features, n_classes)
+
+
+class Activations(Protocol):
+    """Batches of activations at the cut: ``rows(images, view)`` for a list of image indices and one view."""
+
+    def rows(self, images: np.ndarray, view: int) -> torch.Tensor: ...
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the best model (by validation accuracy), its scores and each epoch's record."""
+
+    model: nn.Module
+    best_epoch: int
+    val_accuracy: float
+    test_accuracy: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train(
+    model: nn.Module,
+    feed: Activations,
+    labels: np.ndarray,
+    *,
+    fit: np.ndarray,
+    val: np.ndarray,
+    test: np.ndarray | None,
+    views: int,
+    config: FinetuneConfig,
+    device: str | torch.device = "cpu",
+    steps: int | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` on ``feed`` (image indices ``fit``), early-stopped on ``val``, scored on ``test``.
+
+    Epoch ``e`` reads view ``1 + e mod views`` of every training image (view 0 without views), in an order drawn from
+    ``(seed, e)``; validation and test read view 0. AdamW with a cosine schedule over every step, cross-entropy with
+    label smoothing. ``steps`` stops after that many optimizer steps (for equivalence checks).
+    """
+    dev = resolve_device(device)
+    model = model.to(dev)
+    labels_t = torch.tensor(np.asarray(labels), dtype=torch.long)
+    per_epoch = -(-len(fit) // config.batch_size)
+    optimizer = torch.optim.AdamW(model.param_groups(config), weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * per_epoch))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    best = (-1.0, -1, copy.deepcopy(model.state_dict()))
+    history: list[dict[str, float]] = []
+    done_steps, start, since_best = 0, time.perf_counter(), 0
+    rng = torch.Generator().manual_seed(config.seed)
+    for epoch in range(config.epochs):
+        view = 1 + epoch % views if views else 0
+        order = fit[
+            torch.randperm(len(fit), generator=torch.Generator().manual_seed(config.seed * 1009 + epoch)).numpy()
+        ]
+        model.train()
+        losses = []
+        for lo in range(0, len(order), config.batch_size):
+            images = order[lo : lo + config.batch_size]
+            x = feed.rows(images, view).to(dev, non_blocking=True)
+            if x.dim() == 4 and dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.random.fork_rng(devices=[]), amp:
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))  # dropout, reproducibly
+                loss = loss_fn(model(x), labels_t[images].to(dev))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            done_steps += 1
+            if steps is not None and done_steps >= steps:
+                break
+        val_acc = accuracy(model, feed, labels, val, config.batch_size, dev)
+        history.append({"epoch": epoch, "view": view, "loss": float(np.mean(losses)), "val_accuracy": val_acc})
+        if progress:
+            print(f"  epoch {epoch}: loss {history[-1]['loss']:.4f}, validation accuracy {val_acc:.4f}")
+        if val_acc > best[0]:
+            best, since_best = (val_acc, epoch, copy.deepcopy(model.state_dict())), 0
+        else:
+            since_best += 1
+        if since_best >= config.patience or (steps is not None and done_steps >= steps):
+            break
+    model.load_state_dict(best[2])
+    test_acc = None if test is None or not len(test) else accuracy(model, feed, labels, test, config.batch_size, dev)
+    return TrainResult(model, best[1], best[0], test_acc, history, time.perf_counter() - start)
+
+
+def accuracy(model: nn.Module, feed: Activations, labels: np.ndarray, images: np.ndarray, batch: int, dev) -> float:
+    """Accuracy on the plain view (view 0) of ``images``, in eval mode."""
+    model.eval()
+    right = 0
+    with torch.inference_mode():
+        for lo in range(0, len(images), batch):
+            part = images[lo : lo + batch]
+            pred = model(feed.rows(part, 0).to(dev)).argmax(1).cpu().numpy()
+            right += int((pred == np.asarray(labels)[part]).sum())
+    return right / max(1, len(images))
