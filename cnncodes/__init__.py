@@ -49,6 +49,7 @@ __version__ = "0.2.0"
 _LAZY = {
     "extract": "extraction",
     "finetune": "training",
+    "depth": "training",
     "FinetuneConfig": "training",
     "load_backbone": "network",
     "list_taps": "network",

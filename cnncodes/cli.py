@@ -317,6 +317,19 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_depth(args: argparse.Namespace) -> int:
+    from .training import FinetuneConfig, depth, format_depth_table
+
+    _output_dir(args.out)
+    config = FinetuneConfig(head=args.head, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    rows = depth(args.source, out=args.out, model=args.model, cuts=args.cuts, weights=args.weights,
+                 input_size=args.input_size, views=args.views, seed=args.seed, config=config,
+                 test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
+    print(format_depth_table(rows))
+    print(f"wrote depth.csv, depth.json, depth.png to {args.out} (* = best cut by validation accuracy)")
+    return 0
+
+
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", default="logreg,linsvc", help="logreg,linsvc,sgd,sgd-log (default: %(default)s)")
     p.add_argument("--normalizers", default="standard", help="standard,l2,power,none (default: %(default)s)")
@@ -459,6 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("depth", help="how many layers to freeze: linear probe vs fine-tuned top at every cut")
+    p.add_argument("source", help="ImageFolder dir, path,label CSV, or demo:digits")
+    _add_model_args(p)
+    p.add_argument("--cuts", default="stages", help="cuts: stages or tap names (default: %(default)s)")
+    p.add_argument("--out", required=True, help="directory for the per-cut stores and depth.csv/json/png")
+    p.add_argument("--views", type=_int_at_least(0), default=2, help="augmented views cached per image (default: 2)")
+    p.add_argument("--head", action="store_true", help="fine-tune a small head instead of the layers above each cut")
+    p.add_argument("--epochs", type=_int_at_least(1), default=10)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    p.add_argument("--test-size", type=float, default=0.25)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_depth)
 
     p = sub.add_parser("predict", help="predict images with a saved probe bundle")
     p.add_argument("bundle", help="probe bundle (best_probe.zip from cnncodes sweep)")

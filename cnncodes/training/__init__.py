@@ -1,6 +1,7 @@
 """Training: how many layers to freeze. The layers above a cut (or a small head) are trained on activations cached in
 a store, with seeded augmented views, instead of re-running the frozen layers every epoch."""
 
+from ._depth import DepthRow, depth, format_depth_table, write_depth_report
 from ._feeds import CachedActivations, LiveActivations
 from ._finetune import Activations, FinetuneConfig, HeadModel, TopModel, TrainResult, build_model, train
 from ._run import FinetuneResult, backbone_of, finetune
@@ -8,6 +9,7 @@ from ._run import FinetuneResult, backbone_of, finetune
 __all__ = [
     "Activations",
     "CachedActivations",
+    "DepthRow",
     "FinetuneConfig",
     "FinetuneResult",
     "HeadModel",
@@ -16,6 +18,9 @@ __all__ = [
     "TrainResult",
     "backbone_of",
     "build_model",
+    "depth",
+    "format_depth_table",
     "finetune",
     "train",
+    "write_depth_report",
 ]

@@ -197,6 +197,8 @@ def train(
         losses = []
         for lo in range(0, len(order), config.batch_size):
             images = order[lo : lo + config.batch_size]
+            if len(images) < 2 <= len(order):  # a last batch of one image: batch norm cannot train on it
+                continue
             x = feed.rows(images, view).to(dev, non_blocking=True)
             if x.dim() == 4 and dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)

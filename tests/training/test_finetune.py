@@ -37,7 +37,7 @@ def test_the_top_of_every_cut_reproduces_the_model():
     catalogue = list_taps(backbone)
     x = torch.randn(3, 3, catalogue.input_size, catalogue.input_size)
     cuts = cut_points(backbone, catalogue)
-    assert cuts and set(t.name for t in catalogue.select("stages")) <= set(cuts)
+    assert cuts and {t.name for t in catalogue.select("stages")} <= set(cuts)
     for cut in cuts:
         top = top_above(backbone, cut, catalogue)
         extractor = CodeExtractor(backbone, [cut], "none", relu="never", catalogue=catalogue)
@@ -89,7 +89,9 @@ def test_finetune_runs_repeat_and_score_the_sweeps_test_split(cache, tmp_path):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     saved = json.loads((tmp_path / "a" / "finetune.json").read_text())
     assert saved["cut"] == cut and saved["test_accuracy"] == a.test_accuracy and saved["config"]["seed"] == 0
-    split = cnncodes.sweeps.make_split(store, config=cnncodes.SweepConfig(val_size=0.2, test_size=0.25, seed=0, folds=2))
+    split = cnncodes.sweeps.make_split(
+        store, config=cnncodes.SweepConfig(val_size=0.2, test_size=0.25, seed=0, folds=2)
+    )
     assert 0 < len(np.unique(split.test_rows // (VIEWS + 1))) < store.rows // (VIEWS + 1)
 
 
@@ -124,5 +126,7 @@ def test_the_cli_trains_on_a_store_and_refuses_bad_arguments_in_one_line(tmp_pat
     assert main(["finetune", str(store), "--cut", "layer3.0.bn1", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no unpooled activations of 'layer3.0.bn1'" in err
-    assert main(["finetune", str(store), "--cut", "layer3.1.relu_1", "--out", str(tmp_path / "x"), "--epochs", "0"]) == 2
+    assert (
+        main(["finetune", str(store), "--cut", "layer3.1.relu_1", "--out", str(tmp_path / "x"), "--epochs", "0"]) == 2
+    )
     assert "--epochs" in capsys.readouterr().err

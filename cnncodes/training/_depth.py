@@ -1,0 +1,135 @@
+"""``cnncodes depth``: how many layers to freeze, measured. For each cut: a linear probe on its pooled codes and the
+layers above it fine-tuned on its cached activations, on the same held-out test split, with what each cut costs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ParameterError
+from ..extraction import extract
+from ..network import Backbone, cut_points, list_taps, load_backbone
+from ..sweeps import sweep
+from ._finetune import FinetuneConfig
+from ._run import finetune
+
+__all__ = ["DepthRow", "depth", "write_depth_report"]
+
+
+@dataclass
+class DepthRow:
+    """One cut: its position, the linear probe's and the fine-tuned top's scores, and the cost."""
+
+    cut: str
+    depth: int  # position in forward order
+    linear_cv_accuracy: float
+    linear_test_accuracy: float
+    finetune_val_accuracy: float
+    finetune_test_accuracy: float | None
+    cache_bytes: int
+    extract_seconds: float
+    train_seconds: float
+    best: bool = False
+
+
+def depth(
+    source: Any,
+    *,
+    out: str | os.PathLike,
+    model: str | Backbone = "efficientnet_lite0",
+    cuts: str | Sequence[str] = "stages",
+    weights: str | os.PathLike | None = None,
+    input_size: int | None = None,
+    views: int = 2,
+    seed: int = 0,
+    config: FinetuneConfig | None = None,
+    test_size: float = 0.25,
+    val_size: float = 0.2,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+) -> list[DepthRow]:
+    """For each cut: extract its raw activations (cache, ``none``) and pooled codes (``avg``) once, with ``views``
+    seeded augmented views; sweep linear probes on the pooled codes; fine-tune the layers above the cut on the cache.
+
+    Every cut is scored on the same held-out test images (the sweep's stratified split for ``test_size`` and
+    ``seed``); the fine-tuned top is chosen on validation images only. The best cut is the one with the highest
+    fine-tuned validation accuracy. Stores go to ``out/cuts/<cut>/``: a rerun reuses them.
+    """
+    config = config or FinetuneConfig(seed=seed)
+    backbone = model if isinstance(model, Backbone) else load_backbone(model, weights=weights, input_size=input_size)
+    catalogue = list_taps(backbone)
+    names = [t.name for t in catalogue.select(cuts)]
+    possible = set(cut_points(backbone, catalogue))
+    not_cuts = [n for n in names if n not in possible]
+    if not_cuts:
+        raise ParameterError(f"{', '.join(not_cuts)} cannot be cut at (the layers above read around them); choose "
+                             f"among: {', '.join(sorted(possible, key=catalogue.names.index))}.")  # fmt: skip
+    rows = []
+    for name in names:
+        if progress:
+            print(f"cut {name}:")
+        start = time.perf_counter()
+        store = extract(source, out=Path(out) / "cuts" / name.replace("/", "_"), model=backbone, taps=[name],
+                        poolings="none,avg", relu="never", views=views, seed=seed, batch_size=batch_size,
+                        device=device, progress=progress)  # fmt: skip
+        extract_seconds = time.perf_counter() - start
+        linear = sweep(store, poolings=["avg"], probes=["logreg"], test_size=test_size, seed=seed, progress=False)
+        tuned = finetune(store, name, backbone=backbone, config=config, val_size=val_size, test_size=test_size,
+                         device=device, progress=progress)  # fmt: skip
+        cache = next(a for a in store.arrays if a["tap"] == name and a["pooling"] == "none")
+        rows.append(DepthRow(name, catalogue[name].index, linear.best.cv_accuracy, linear.best.test_accuracy,
+                             tuned.val_accuracy, tuned.test_accuracy, (store.path / cache["file"]).stat().st_size,
+                             extract_seconds, tuned.seconds))  # fmt: skip
+    best = max(rows, key=lambda r: r.finetune_val_accuracy)
+    best.best = True
+    write_depth_report(rows, out)
+    return rows
+
+
+def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str, Path]:
+    """``depth.csv``, ``depth.json`` and ``depth.png`` (accuracy against cut depth, both methods, best cut marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "depth.csv", "json": out / "depth.json", "plot": out / "depth.png"}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    paths["json"].write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    x = range(len(rows))
+    ax.plot(x, [r.linear_test_accuracy for r in rows], "o-", label="linear probe (frozen up to the cut)")
+    ax.plot(x, [r.finetune_test_accuracy or 0.0 for r in rows], "s-", label="layers above the cut fine-tuned")
+    best = next(i for i, r in enumerate(rows) if r.best)
+    ax.axvline(best, color="grey", linestyle=":", label=f"best cut (validation): {rows[best].cut}")
+    ax.set_xticks(list(x), [r.cut for r in rows], rotation=30, ha="right")
+    ax.set_xlabel("cut (deeper to the right: more layers frozen)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(paths["plot"], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def format_depth_table(rows: list[DepthRow]) -> str:
+    lines = [f"  {'cut':<28} {'linear cv':>9} {'linear test':>11} {'tuned val':>9} {'tuned test':>10} "
+             f"{'cache MiB':>9} {'extract s':>9} {'train s':>8}"]  # fmt: skip
+    for r in rows:
+        test = "-" if r.finetune_test_accuracy is None else f"{r.finetune_test_accuracy:.4f}"
+        lines.append(f"{'*' if r.best else ' '} {r.cut:<28} {r.linear_cv_accuracy:>9.4f} {r.linear_test_accuracy:>11.4f} "
+                     f"{r.finetune_val_accuracy:>9.4f} {test:>10} {r.cache_bytes / 2**20:>9.2f} "
+                     f"{r.extract_seconds:>9.1f} {r.train_seconds:>8.1f}")  # fmt: skip
+    return "\n".join(lines)

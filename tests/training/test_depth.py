@@ -1,0 +1,46 @@
+"""The freeze-depth sweep: every cut is probed and fine-tuned on the same test images, the best is chosen on
+validation only, and the report round-trips."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from cnncodes.network import list_taps
+from cnncodes.training import FinetuneConfig, depth
+from helpers import make_images, make_tiny_backbone
+
+
+def test_depth_probes_and_fine_tunes_every_stage_and_marks_the_best_on_validation(tmp_path):
+    backbone = make_tiny_backbone()
+    images, labels = make_images(36)
+    from cnncodes.images import ArraySource
+
+    source = ArraySource(images, labels)
+    rows = depth(source, out=tmp_path, model=backbone, views=1, config=FinetuneConfig(epochs=2, batch_size=6),
+                 batch_size=6, progress=False)  # fmt: skip
+    stages = [t.name for t in list_taps(backbone).select("stages")]
+    assert [r.cut for r in rows] == stages
+    assert [r.best for r in rows].count(True) == 1
+    best = max(rows, key=lambda r: r.finetune_val_accuracy)
+    assert best.best  # chosen by validation, never by test
+    assert all(r.cache_bytes > 0 and r.train_seconds >= 0 for r in rows)
+    assert json.loads((tmp_path / "depth.json").read_text())[0]["cut"] == stages[0]
+    with open(tmp_path / "depth.csv") as f:
+        assert [r["cut"] for r in csv.DictReader(f)] == stages
+    assert (tmp_path / "depth.png").stat().st_size > 0
+    again = depth(source, out=tmp_path, model=backbone, views=1, config=FinetuneConfig(epochs=2, batch_size=6),
+                  batch_size=6, progress=False)  # fmt: skip
+    assert [r.finetune_test_accuracy for r in again] == [r.finetune_test_accuracy for r in rows]
+
+
+def test_depth_refuses_a_tap_that_is_not_a_cut(tmp_path):
+    backbone = make_tiny_backbone()
+    inside = next(t.name for t in list_taps(backbone).taps if not t.main_path)
+    images, labels = make_images(12)
+    from cnncodes.images import ArraySource
+
+    with pytest.raises(Exception, match=f"{inside} cannot be cut at"):
+        depth(ArraySource(images, labels), out=tmp_path, model=backbone, cuts=[inside], progress=False)
