@@ -187,7 +187,24 @@ def _output_file(path: str | None, flag: str = "--out") -> None:
     p = Path(path)
     if p.is_dir():
         raise ParameterError(f"{flag} {p} is a directory; give a file name inside it (nothing was computed).")
+    if p.exists() and not p.is_file():
+        raise ParameterError(f"{flag} {p} exists and is not a regular file (a device, FIFO or socket); give a new "
+                             "file name (nothing was computed).")  # fmt: skip
     _writable_target(p, flag, "file")
+
+
+def _not_an_input(out: str | None, *inputs: str, flag: str = "--out") -> None:
+    """Refuse an output path that is one of the command's inputs: writing it would destroy what is being read."""
+    import os
+
+    from .errors import ParameterError
+
+    if out is None or not Path(out).exists():
+        return
+    for source in inputs:
+        if Path(source).exists() and os.path.samefile(out, source):
+            raise ParameterError(f"{flag} {out} is the input {source}; writing it would destroy the input. Give "
+                                 "another file name (nothing was computed).")  # fmt: skip
 
 
 def _check_bundle_source(path: str) -> None:
@@ -206,9 +223,14 @@ def _check_bundle_source(path: str) -> None:
 
 def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
     from .deploy import bundle_digest, save_probe
+    from .errors import ParameterError
     from .sweeps import format_table, sweep, write_report
 
     _output_dir(out)
+    for code_store in (store, getattr(args, "test", None)):
+        if code_store and Path(out).resolve().is_relative_to(Path(code_store).resolve()):
+            raise ParameterError(f"--out {out} is inside the code store {code_store}; write the results elsewhere "
+                                 "(nothing was computed).")  # fmt: skip
     _check_bundle_source(store)
     result = sweep(
         store,
@@ -262,20 +284,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .deploy import load_bundle, score_names
 
     _output_file(args.out)
+    _not_an_input(args.out, args.bundle, args.source)
     probe = load_bundle(args.bundle, digest=args.digest, weights=args.weights, batch_size=args.batch_size,
                         allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device=args.device, amp=args.amp)  # fmt: skip
     rows = probe.predict_source(args.source, progress=not args.quiet)
     names = score_names(probe)
-    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below unless stdout
+    tmp = Path(args.out).with_name(f".{Path(args.out).name}.partial") if args.out else None
+    out = open(tmp, "w", newline="") if tmp else sys.stdout  # noqa: SIM115 - closed below unless stdout
     try:
         writer = csv.writer(out)
         writer.writerow(["path", "predicted", *names, "error"])
         for r in rows:
             scores = [f"{v:.6g}" for v in r["scores"]] if r["scores"] is not None else [""] * len(names)
             writer.writerow([r["path"], r["predicted"], *scores, r["error"]])
-    finally:
-        if args.out:
+        if tmp:
             out.close()
+            tmp.replace(args.out)  # whole or not at all; a link at --out is replaced, never written through
+    finally:
+        if tmp:
+            out.close()
+            tmp.unlink(missing_ok=True)
     failed = sum(1 for r in rows if r["error"])
     print(f"predicted {len(rows) - failed} images" + (f", {failed} could not be read" if failed else "")
           + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)  # fmt: skip
@@ -286,6 +314,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_probe, load_bundle
 
     _output_file(args.out)
+    _not_an_input(args.out, args.bundle)
     probe = load_bundle(
         args.bundle,
         digest=args.digest,
@@ -542,7 +571,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ncnncodes: interrupted. Work done so far is saved; rerun the same command to resume.", file=sys.stderr)
         return 130
     except (CnncodesError, OSError) as exc:  # the user can fix these; anything else is our bug and keeps its traceback
-        print(f"cnncodes {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        text = _one_line(exc)
+        if args.command not in ("extract", "merge", "demo", "depth"):  # only these resume; the others start again
+            text = text.replace(" and rerun the same command to resume", " and rerun the same command")
+        print(f"cnncodes {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 

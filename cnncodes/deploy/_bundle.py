@@ -100,6 +100,11 @@ class ExtractorSpec:
         model = need(data, "model", dict, "extractor.")
         for key in ("spec", "fingerprint"):
             need(model, key, str, "extractor.model.")
+        if "weights" in model and not isinstance(model["weights"], (str, type(None))):
+            need(model, "weights", str, "extractor.model.")
+        if "dims" in data and (type(data["dims"]) is not int or data["dims"] < -1):
+            raise BundleError(f"{where}: bundle.json extractor.dims is {data['dims']!r}, not a number of code "
+                              "dimensions; the bundle is malformed.")  # fmt: skip
         need(model, "preprocessing", dict, "extractor.model.")
         code_dtype = data.get("code_dtype", "float32")
         if code_dtype not in ("float16", "float32"):
@@ -319,10 +324,15 @@ def read_bundle(path: str | os.PathLike, *, digest: str | None = None) -> ProbeB
         schema, or a newer format version.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+        raise BundleError(f"{path} is not a regular file; give the path of a probe bundle (best_probe.zip).")
     _check_digest(path, digest)
     try:
         with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
+            listed = zf.namelist()
+            names = set(listed)
+            if len(names) != len(listed):  # zip readers disagree on which of two same-named members counts
+                raise BundleError(f"{path} holds two members of one name; refusing an ambiguous bundle.")
             if _JSON not in names:
                 raise BundleError(f"{path} has no {_JSON}: not a cnncodes probe bundle.")
             if zf.getinfo(_JSON).file_size > _MAX_JSON_BYTES:
@@ -354,7 +364,16 @@ def read_bundle(path: str | os.PathLike, *, digest: str | None = None) -> ProbeB
                 if hashlib.sha256(data).hexdigest() != checksum:
                     raise BundleError(f"{path}: member {name} does not match its checksum; the file was modified.")
                 arrays[name[7:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, KeyError, json.JSONDecodeError, ValueError, OSError, RecursionError) as exc:
+    except (
+        zipfile.BadZipFile,
+        EOFError,
+        KeyError,
+        ValueError,
+        OSError,
+        RecursionError,
+        RuntimeError,
+        NotImplementedError,
+    ) as exc:  # RuntimeError/NotImplementedError: encrypted or oddly compressed members
         if isinstance(exc, BundleError):
             raise
         raise BundleError(
@@ -387,6 +406,8 @@ def check_bundle(bundle: ProbeBundle, where: str | os.PathLike) -> None:
     classes = bundle.classes
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise refuse(f"classes {str(classes)[:80]} is not a list of at least 2 class names")
+    if len(set(classes)) != len(classes) or not all(c and "\x00" not in c for c in classes):
+        raise refuse(f"classes {str(classes)[:80]} repeat a name or hold an empty one; class names must be distinct")
     missing = [k for k in ("coef", "intercept") + (("scaler_mean", "scaler_scale") if bundle.normalizer == "standard" else ())
                if k not in bundle.arrays]  # fmt: skip
     if missing:

@@ -97,6 +97,11 @@ def export_probe(
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise ParameterError(f"{path} is a directory; give the model's file name, e.g. {path / 'probe.pt2'}.")
+    if path.exists() and not path.is_file():
+        raise ParameterError(
+            f"{path} exists and is not a regular file (a device, FIFO or socket); give a new file name."
+        )
+    _check_free_space(module, path.parent)
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # keeps the suffix torch.export.load looks for
     try:
         with torch.inference_mode(False), torch.no_grad():
@@ -110,6 +115,17 @@ def export_probe(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_free_space(module: nn.Module, folder: Path) -> None:
+    """Refuse before exporting when the model cannot fit: the exporters abort the process on a full disk."""
+    import shutil
+
+    need = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())) + 2**20
+    free = shutil.disk_usage(folder).free
+    if free < 2 * need:  # the temporary file and some margin
+        raise BundleError(f"disk full: exporting needs about {2 * need / 2**20:.1f} MiB in {folder} but "
+                          f"{free / 2**20:.1f} MiB are free; free space or choose another --out.")  # fmt: skip
 
 
 def _export_pt2(module: nn.Module, example: torch.Tensor, tmp: Path):

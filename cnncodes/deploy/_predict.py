@@ -72,6 +72,11 @@ class DeployedProbe:
         self.extractor = CodeExtractor(
             backbone, [bundle.extractor.tap], [bundle.extractor.pooling], relu=bundle.extractor.relu
         )
+        dims = self.extractor.code_dims()[(bundle.extractor.tap, bundle.extractor.pooling)]
+        if dims != bundle.arrays["coef"].shape[1]:
+            raise BundleError(f"the bundle's probe reads {bundle.arrays['coef'].shape[1]} code dimensions, but "
+                              f"{model['spec']} gives {dims} at {bundle.extractor.tap}/{bundle.extractor.pooling} "
+                              f"({self.preprocessing.input_size} px): the bundle does not fit its model.")  # fmt: skip
 
     def codes(self, images: Any, *, progress: bool = False) -> tuple[np.ndarray, list[str]]:
         """``(codes (n, dims), reasons)``; ``reasons[i]`` is ``""`` or why image ``i`` failed to decode."""

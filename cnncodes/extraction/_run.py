@@ -7,7 +7,6 @@ disk writes overlap the next forward pass.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import time
@@ -54,6 +53,7 @@ from ..store import (
     StoreWriter,
     check_merge_target,
     merge_shards,
+    same_settings,
     shard_path,
 )
 from ._plan import launched_by_torchrun, launcher_device, parse_devices, parse_shard
@@ -307,6 +307,9 @@ def _split_plan(
             "--overwrite cannot be combined with --shared: other shards may be writing the store. Delete the directory "
             "once no shard is running, or choose another --out."
         )
+    if merge and part is None:
+        raise ParameterError("merge=True (--merge) needs a shard: give --shard I/N (the last shard to finish merges), "
+                             "or run `cnncodes merge OUT` once all shards are done.")  # fmt: skip
     if shared and merge:
         raise ParameterError(
             "merge=True (--merge) does nothing with --shared: the last shard publishes the store itself."
@@ -355,7 +358,7 @@ def _finished_store(out: str | os.PathLike, config: dict[str, Any]) -> CodeStore
         store = CodeStore(out)
     except StoreError:
         return None
-    return store if store.manifest.get("config") == json.loads(json.dumps(config)) else None
+    return store if same_settings(store.manifest.get("config"), config) else None
 
 
 def _merge_when_complete(
@@ -367,8 +370,7 @@ def _merge_when_complete(
         store = merge_shards(out, remove_shards=True, count=count, overwrite=overwrite, wait=float("inf"))
     except IncompleteStoreError:
         return None  # another shard is still running; the last one to finish merges
-    expected = json.loads(json.dumps(config))
-    if store.manifest.get("config") != expected:
+    if not same_settings(store.manifest.get("config"), config):
         raise StoreMismatchError(
             f"{store.path} holds a store with other settings than these shards; nothing was merged."
         )

@@ -729,6 +729,12 @@ def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:
     _check_number_spellings(name, rows)
     base = os.path.dirname(csv_path)
     paths = [os.path.normpath(os.path.join(base, p)) for _, p, _ in rows]
+    first_label: dict[str, tuple[int, str | None]] = {}
+    for (line, _, label), path in zip(rows, paths):
+        seen_line, seen_label = first_label.setdefault(path, (line, label))
+        if seen_label != label:
+            raise SourceError(f"{name} line {line}: {path} is labeled {label!r}, but line {seen_line} labels it "
+                              f"{seen_label!r}; give each image one label.")  # fmt: skip
     labels = [label for _, _, label in rows] if labeled else None
     return FileSource(paths, labels, description=f"csv:{csv_path}", max_pixels=max_pixels)
 

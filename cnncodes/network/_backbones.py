@@ -339,6 +339,9 @@ def _timm(name: str, weights_name: str | None, weights_path: str | os.PathLike |
     import timm
 
     hub = name.startswith("hf-hub:")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*" if not hub else r"hf-hub:[A-Za-z0-9][\w.\-]*/[\w.\-]+", name):
+        raise BackboneError(f"{name!r} is not a timm model name (letters, digits, '_', '.', '-'; or "
+                            "hf-hub:ORG/NAME); for a local checkpoint pass --weights PATH.")  # fmt: skip
     if not hub and not timm.list_models(name) and not timm.list_models(name.split(".")[0]):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise BackboneError(

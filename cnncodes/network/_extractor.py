@@ -92,7 +92,7 @@ class CodeExtractor(nn.Module):
         self.poolings = parse_poolings(poolings)
         for t in self.taps:
             for p in self.poolings:
-                p.check(t.layout, repr(t.name))
+                p.check(t.layout, repr(t.name), t.shape)
         self.relu = check_relu_mode(relu)
         self.relu_applied = {t.name: t.relu_applied(self.relu) for t in self.taps}
         heads = {t.name: TapHead(self.poolings, self.relu_applied[t.name], t.layout) for t in self.taps}

@@ -50,8 +50,14 @@ class Pooling:
             return self.kind
         return self.kind if self.grid == 1 else f"{self.kind}{self.grid}"
 
-    def check(self, layout: Layout, tap: str = "this tap") -> None:
-        """Raise :class:`PoolingError` if this pooling cannot read a tap of ``layout``."""
+    def check(self, layout: Layout, tap: str = "this tap", shape: Sequence[int] | None = None) -> None:
+        """Raise :class:`PoolingError` if this pooling cannot read a tap of ``layout`` (and per-image ``shape``)."""
+        grid = layout.positions(shape) if shape is not None and layout.kind != "vector" else None
+        if self.kind in ("avg", "max") and grid and self.grid > 2 * max(grid):  # overlapping bins are fine up to 2x
+            raise PoolingError(
+                f"pooling {self.name!r} asks for a {self.grid}x{self.grid} grid, but {tap} is only {grid[0]}x{grid[1]}: "
+                f"use a grid of at most {2 * max(grid)} (or none for every position)."
+            )
         if self.kind == "cls" and not (layout.kind == "tokens" and layout.prefix >= 1):
             raise PoolingError(
                 f"pooling 'cls' needs a token tap with a class token; {tap} is {layout.describe()}. Use avg or mean."

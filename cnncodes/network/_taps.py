@@ -221,7 +221,7 @@ class TapCatalogue(Sequence[TapInfo]):
             dims: dict[str, int | None] = {}
             for p in pools:
                 try:
-                    p.check(t.layout, t.name)
+                    p.check(t.layout, t.name, t.shape)
                     dims[p.name] = t.code_dims(p)
                 except PoolingError:
                     dims[p.name] = None

@@ -53,3 +53,14 @@ def metrics_from_scores(
         tta = scores.reshape(len(y), per, *scores.shape[1:]).mean(1)
         metrics["test_tta_accuracy"] = float(accuracy_score(y, predict(tta)))
     return metrics, pred, plain
+
+
+def check_finite(X: np.ndarray, rows: np.ndarray, what: str) -> np.ndarray:
+    """Refuse codes holding NaN or infinity, naming the row: no probe can be fitted or scored on them."""
+    bad = ~np.isfinite(X).all(axis=1) if X.ndim == 2 else ~np.isfinite(X)
+    if bad.any():
+        row = int(np.asarray(rows)[np.flatnonzero(bad)[0]])
+        raise ParameterError(f"the codes of {what} hold NaN or infinite values (first at row {row}). A float16 store "
+                             "overflows above 65504: re-extract with --dtype float32; otherwise the store is damaged: "
+                             "re-extract it with --overwrite.")  # fmt: skip
+    return X

@@ -41,7 +41,7 @@ from ..errors import MissingExtraError, ParameterError, SchedulerError
 from ._linear import ProblemStack, fit_paths
 from ._probes import PATH_LOSS, make_classifier, make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepResult, SweepRow
-from ._scoring import Fitted, c_grid, metrics_from_scores
+from ._scoring import Fitted, c_grid, check_finite, metrics_from_scores
 from ._streaming import evaluate_streaming
 
 __all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend"]
@@ -111,8 +111,8 @@ def split_images(
     return Split(train_rows, fold_rows, test, views, test_views)
 
 
-def _load(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    return np.asarray(codes[rows], dtype=np.float32)
+def _load(codes: np.ndarray, rows: np.ndarray, what: str) -> np.ndarray:
+    return check_finite(np.asarray(codes[rows], dtype=np.float32), rows, what)
 
 
 def _normalize(name: str, X_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -224,9 +224,9 @@ def evaluate_codes(
             depth=depth,
             n_classes=n_classes,
         )
-    X_train = _load(codes, split.train_rows)
+    X_train = _load(codes, split.train_rows, f"{tap}/{pooling}")
     y_train = labels[split.train_rows]
-    X_test = _load(test_codes, split.test_rows)
+    X_test = _load(test_codes, split.test_rows, f"{tap}/{pooling} (test)")
     y_test = test_labels[split.test_rows]
     coarse = c_grid(config.c_min, config.c_max)
     out = []
@@ -313,12 +313,13 @@ def joblib_backend(backend: str | None, scheduler: str | None) -> Iterator[None]
         raise MissingExtraError("backend='dask' needs dask.distributed: pip install 'cnncodes[dask]'.") from None
     if scheduler is None:
         client = Client(processes=True, dashboard_address=None)
-    elif scheduler.endswith(".json") and os.path.isfile(scheduler):
-        client = Client(scheduler_file=scheduler)
     else:
-        try:
-            client = Client(scheduler)  # waits distributed.comm.timeouts.connect (Dask config)
-        except OSError as exc:
+        if scheduler.endswith(".json") and not os.path.isfile(scheduler):
+            raise SchedulerError(f"the scheduler file {scheduler!r} does not exist; give the file `dask scheduler "
+                                 "--scheduler-file` wrote, or a tcp://HOST:PORT address.")  # fmt: skip
+        try:  # waits distributed.comm.timeouts.connect (Dask config)
+            client = Client(scheduler_file=scheduler) if scheduler.endswith(".json") else Client(scheduler)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError/KeyError: a malformed address or file
             raise SchedulerError(
                 f"cannot reach the Dask scheduler at {scheduler!r} ({exc}). Start one (`dask scheduler`) and give its "
                 "tcp://HOST:PORT address, or a scheduler JSON file, or leave --scheduler out for a local cluster."

@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ._probes import make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepRow
-from ._scoring import Fitted, c_grid, metrics_from_scores
+from ._scoring import Fitted, c_grid, check_finite, metrics_from_scores
 
 __all__ = ["evaluate_streaming", "STREAM_PROBE"]
 
@@ -30,7 +30,9 @@ STREAM_PROBE = {"logreg": "sgd-log", "sgd-log": "sgd-log", "linsvc": "sgd", "sgd
 _EPOCHS = 5
 
 
-def _chunks(codes: Any, rows: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _chunks(
+    codes: Any, rows: np.ndarray, chunk_rows: int, what: str = "the array"
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (codes, row indices) for the sorted ``rows``, reading contiguous store blocks of ``chunk_rows``."""
     rows = np.sort(rows)
     pos = 0
@@ -40,7 +42,7 @@ def _chunks(codes: Any, rows: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.
         end = int(np.searchsorted(rows, hi))
         block = np.asarray(codes[lo:hi])
         picked = rows[pos:end]
-        yield block[picked - lo].astype(np.float32, copy=False), picked
+        yield check_finite(block[picked - lo].astype(np.float32, copy=False), picked, what), picked
         pos = end
 
 
@@ -67,7 +69,7 @@ def evaluate_streaming(
         started = time.perf_counter()
         step = make_normalizer(norm)
         if isinstance(step, StandardScaler):
-            for X, _ in _chunks(codes, split.train_rows, chunk_rows):
+            for X, _ in _chunks(codes, split.train_rows, chunk_rows, f"{tap}/{pooling}"):
                 step.partial_fit(X)
         elif step != "passthrough":
             step.fit(np.zeros((1, dims), np.float32))  # stateless (L2, power)

@@ -1,7 +1,7 @@
 """Store: the on-disk format of extracted codes. One owner for reading (:class:`CodeStore`), crash-safe writing and
 resuming (:class:`StoreWriter`), shard stores and their merge. Knows nothing about networks or images."""
 
-from ._format import FORMAT_VERSION, ArraySpec, Shard, ShardLayout, shard_path
+from ._format import FORMAT_VERSION, ArraySpec, Shard, ShardLayout, same_settings, shard_path
 from ._merge import check_merge_target, merge_shards
 from ._reader import CodeStore, StoredCodes
 from ._writer import SharedStoreWriter, StoreWriter, completed_shards, shared_progress
@@ -18,6 +18,7 @@ __all__ = [
     "check_merge_target",
     "completed_shards",
     "merge_shards",
+    "same_settings",
     "shard_path",
     "shared_progress",
 ]

@@ -98,6 +98,8 @@ def member_path(root: Path, entry: Any, where: str | os.PathLike) -> Path:
     path = root / name
     if path.is_symlink() and path.resolve().parent != root.resolve():
         raise StoreError(f"{path} is a link to {path.resolve()}, outside the store; refusing to use it.")
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end a read
+        raise StoreError(f"{path} is not a regular file; the store is damaged: re-extract it with --overwrite.")
     return path
 
 
@@ -124,6 +126,10 @@ def check_manifest(manifest: Any, where: str | os.PathLike) -> dict[str, Any]:
     for key in ("rows_total", "rows_done", "views"):
         if key in manifest and (type(manifest[key]) is not int or manifest[key] < 0):
             raise bad(key, manifest[key], "a non-negative integer")
+    if manifest.get("complete") and manifest.get("rows_done", manifest.get("rows_total")) != manifest.get("rows_total"):
+        raise bad(
+            "rows_done", manifest.get("rows_done"), f"rows_total ({manifest.get('rows_total')}) in a complete store"
+        )
     arrays = manifest.get("arrays", [])
     if not isinstance(arrays, list):
         raise bad("arrays", arrays, "a list")
@@ -189,6 +195,15 @@ def _array_entry_problem(entry: Any, rows: Any) -> str | None:
     return None
 
 
+def same_settings(old: Any, new: dict[str, Any]) -> bool:
+    """Whether a store made with config ``old`` holds what config ``new`` asks for. A store written before numerics
+    were recorded (no ``numerics`` key) matches any numerics: its guarantee was never recorded, and refusing would
+    strand every such store."""
+    if isinstance(old, dict) and "numerics" not in old:
+        new = {k: v for k, v in new.items() if k != "numerics"}
+    return old == json.loads(json.dumps(new))
+
+
 def atomic_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -206,7 +221,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise StoreError(f"cannot read {path}: {exc}. The store is damaged; re-extract with --overwrite.") from exc
 
 

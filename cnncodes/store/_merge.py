@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from ._format import (
     atomic_json,
     member_path,
     read_json,
+    same_settings,
     unsharded,
 )
 from ._reader import CodeStore
@@ -99,6 +99,12 @@ def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None, count: 
                 f"{store.path} was extracted with other settings than {ordered[0].path} "
                 f"({config_diff(base, unsharded(config), ('first shard', 'this one'))}). Re-extract that shard with the same arguments."
             )
+        if store.classes != ordered[0].classes or store.views != ordered[0].views:
+            raise StoreMismatchError(
+                f"{store.path} names its classes {store.classes[:5]} (views {store.views}) but {ordered[0].path} "
+                f"{ordered[0].classes[:5]} (views {ordered[0].views}): its labels would mean other classes. "
+                "Re-extract that shard from the same source."
+            )
         lo, hi = store.shard.images
         if lo != end:
             raise StoreError(
@@ -118,7 +124,7 @@ def check_merge_target(out: str | os.PathLike, config: dict[str, Any], overwrite
         return
     if (out / MANIFEST).exists():
         old = read_json(out / MANIFEST)
-        if old.get("config") == json.loads(json.dumps(config)) and (old.get("complete") or old.get("merging")):
+        if same_settings(old.get("config"), config) and (old.get("complete") or old.get("merging")):
             return
         what = "a complete store" if old.get("complete") else "an unfinished store"
         raise StoreMismatchError(
@@ -203,11 +209,11 @@ def merge_shards(
         first = parts[0].manifest
         config = unsharded(first["config"])
         if old is not None:
-            if old.get("config") == config and old.get("complete"):
+            if same_settings(old.get("config"), config) and old.get("complete"):
                 if remove_shards:
                     _remove(parts, out, shards)
                 return CodeStore(out)  # already merged (or extracted by one process with the same settings)
-            if not (overwrite or (old.get("merging") and old.get("config") == config)):
+            if not (overwrite or (old.get("merging") and same_settings(old.get("config"), config))):
                 raise StoreMismatchError(
                     f"{out} already holds a {'complete' if old.get('complete') else 'unfinished'} store with other "
                     f"settings ({config_diff(old.get('config', {}), config)}); nothing was changed. Pass --overwrite "

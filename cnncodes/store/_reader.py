@@ -137,6 +137,12 @@ class CodeStore:
         except (OSError, ValueError) as exc:
             raise StoreError(f"cannot read {path} ({type(exc).__name__}: {exc}); the store is damaged: re-extract it "
                              "with --overwrite.") from None  # fmt: skip
+        if codes.offset + codes.nbytes != path.stat().st_size:
+            raise StoreError(f"{path} is {path.stat().st_size} bytes but its header describes "
+                             f"{codes.offset + codes.nbytes}; the store is damaged: re-extract it with --overwrite.")  # fmt: skip
+        if codes.ndim == 2 and codes.shape[0] > 1 and codes.shape[1] > 1 and not codes.flags.c_contiguous:
+            raise StoreError(f"{path} is stored in Fortran order, not row-major as cnncodes writes it; the store is "
+                             "damaged: re-extract it with --overwrite.")  # fmt: skip
         if list(codes.shape) != [self.rows, entry["shape"][1]] or codes.dtype != np.dtype(entry["dtype"]):
             raise StoreError(f"{path} holds {codes.dtype} {tuple(codes.shape)} but the manifest says {entry['dtype']} "
                              f"({self.rows}, {entry['shape'][1]}); the store is damaged: re-extract it with --overwrite.")  # fmt: skip
@@ -173,6 +179,8 @@ class CodeStore:
     def labels(self) -> np.ndarray:
         """int64 (rows,), -1 where unlabeled."""
         path = self.path / LABELS
+        if path.exists() and not path.is_file():
+            raise StoreError(f"{path} is not a regular file; the store is damaged: re-extract it with --overwrite.")
         try:
             labels = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -29,6 +29,7 @@ from ._format import (
     atomic_json,
     member_path,
     read_json,
+    same_settings,
     short,
     unsharded,
 )
@@ -122,7 +123,10 @@ class StoreWriter:
             _clear_damaged(self.path)  # the advice in the "damaged" message must work; other files are kept
         if manifest_path.exists():
             old = read_json(manifest_path)
-            if old.get("config") != self.config:
+            matches = same_settings(old.get("config"), self.config)
+            if matches:
+                self.config = old.get("config")  # a store from before numerics were recorded keeps its config
+            if not matches:
                 if not overwrite:
                     raise StoreMismatchError(_mismatch_message(self.path, old.get("config", {}), self.config))
                 if shards_running(self.path):
@@ -150,10 +154,23 @@ class StoreWriter:
 
     def _create(self) -> None:
         shutil.rmtree(self._partial, ignore_errors=True)
+        need = sum(self.rows_total * spec.dims * np.dtype(spec.dtype).itemsize for spec in self.arrays)
+        free = shutil.disk_usage(self.path).free
+        if need > free:  # say so before allocating anything: a half-allocated store would hold the space itself
+            raise StoreError(f"disk full: the store at {self.path} needs {_size_text(need)} ({self.rows_total} rows) "
+                             f"but {_size_text(free)} are free; nothing was written. Free space (or choose another "
+                             "--out, or fewer taps, poolings or views) and rerun the same command.")  # fmt: skip
         self._partial.mkdir()
-        for spec in self.arrays:
-            preallocate(self._partial / spec.file, spec.dtype, (self.rows_total, spec.dims))
-            self._files[spec.file] = RowFile(self._partial / spec.file)
+        try:
+            for spec in self.arrays:
+                preallocate(self._partial / spec.file, spec.dtype, (self.rows_total, spec.dims))
+                self._files[spec.file] = RowFile(self._partial / spec.file)
+        except BaseException:  # nothing is computed yet: give the space back
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+            shutil.rmtree(self._partial, ignore_errors=True)
+            raise
         self._save_progress()
         atomic_json(self.path / MANIFEST, self._manifest(complete=False))
 

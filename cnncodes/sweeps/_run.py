@@ -112,6 +112,9 @@ def sweep(
     """
     store = _open(store)
     test_store = None if test is None else _open(test)
+    if test_store is not None and test_store.path.resolve() == store.path.resolve():
+        raise ParameterError(f"the test store {test_store.path} is the training store: every test image would be a "
+                             "training image. Give a store of other images, or leave --test out for a held-out split.")  # fmt: skip
     wanted_taps, wanted_pools = _names(taps), _names(poolings)
     available = store.keys()
     keys = [

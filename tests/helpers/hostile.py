@@ -80,6 +80,33 @@ def _resave_first_array(dtype: str) -> StoreDamage:
     return damage
 
 
+def _fifo_first_array(store: Path, victim: Path) -> None:
+    array = _first_array(store)
+    array.unlink()
+    os.mkfifo(array)
+
+
+def _fortran_first_array(store: Path, victim: Path) -> None:
+    path = _first_array(store)
+    np.save(path, np.asfortranarray(np.load(path)))
+
+
+def _append_first_array(extra: bytes) -> StoreDamage:
+    def damage(store: Path, victim: Path) -> None:
+        with open(_first_array(store), "ab") as f:
+            f.write(extra)
+
+    return damage
+
+
+def _raw_manifest(edit: Callable[[bytes], bytes]) -> StoreDamage:
+    def damage(store: Path, victim: Path) -> None:
+        path = store / "manifest.json"
+        path.write_bytes(edit(path.read_bytes()))
+
+    return damage
+
+
 def _float_labels(store: Path, victim: Path) -> None:
     np.save(store / "labels.npy", np.load(store / "labels.npy").astype(np.float64))
 
@@ -124,6 +151,11 @@ STORE_CASES: dict[str, tuple[StoreDamage, str]] = {
     "array missing": (_delete_first_array, DAMAGED),
     "array float64 on disk": (_resave_first_array("float64"), "the manifest says float32"),
     "array links outside the store": (_link_first_array_outside, "outside the store"),
+    "array is a FIFO": (_fifo_first_array, "not a regular file"),
+    "array in Fortran order": (_fortran_first_array, "Fortran order"),
+    "array with trailing bytes": (_append_first_array(b"\0" * 64), "header describes"),
+    "manifest not UTF-8": (_raw_manifest(lambda raw: raw.replace(b'"c0"', b'"c\xe90"')), "cannot read"),
+    "rows_done past rows_total": (_manifest(lambda m: {**m, "rows_done": m["rows_total"] + 999}), "rows_done"),
     "labels truncated": (_truncate("labels.npy", -8), DAMAGED),
     "labels are floats": (_float_labels, "integer labels"),
 }
@@ -179,7 +211,79 @@ BUNDLE_CASES: dict[str, tuple[BundleEdit, str]] = {
     ),
     "infinite input size": (lambda m, a: (_with_pre(m, input_size=1e309), a, None), "preprocessing"),
     "std of zero": (lambda m, a: (_with_pre(m, std=[0.0, 0.5, 0.5]), a, None), "std must be finite and positive"),
+    "repeated class names": (
+        lambda m, a: ({**m, "classes": [m["classes"][0]] * len(m["classes"])}, a, None),
+        "distinct",
+    ),
+    "an empty class name": (lambda m, a: ({**m, "classes": ["", *m["classes"][1:]]}, a, None), "distinct"),
+    "dims a string": (lambda m, a: (_with_extractor(m, dims=str(m["extractor"]["dims"])), a, None), "extractor.dims"),
+    "weights a number": (lambda m, a: (_with_model(m, weights=7), a, None), "extractor.model.weights"),
+    "numerics a string": (lambda m, a: (_with_extractor(m, numerics="fast"), a, None), "extractor.numerics"),
 }
+
+
+def _with_extractor(meta: dict, **changes: Any) -> dict:
+    meta = json.loads(json.dumps(meta))
+    meta["extractor"].update(changes)
+    return meta
+
+
+def _with_model(meta: dict, **changes: Any) -> dict:
+    meta = json.loads(json.dumps(meta))
+    meta["extractor"]["model"].update(changes)
+    return meta
+
+
+# Whole-file damage a (meta, arrays) edit cannot express: (valid bundle bytes, path to write) -> None.
+RAW_BUNDLE_CASES: dict[str, tuple[Callable[[Path, Path], None], str]] = {}
+
+
+def _raw_case(name: str, message: str):
+    def register(fn: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
+        RAW_BUNDLE_CASES[name] = (fn, message)
+        return fn
+
+    return register
+
+
+@_raw_case("two bundle.json members", "two members of one name")
+def _two_jsons(valid: Path, out: Path) -> None:
+    import warnings
+
+    with zipfile.ZipFile(valid) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    meta = json.loads(members["bundle.json"])
+    with warnings.catch_warnings(), zipfile.ZipFile(out, "w") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name: that is the attack
+        for name, data in members.items():
+            zf.writestr(name, data)
+        zf.writestr("bundle.json", json.dumps({**meta, "classes": [c.upper() + "!" for c in meta["classes"]]}))
+
+
+@_raw_case("an encrypted member", "not a readable probe bundle")
+def _encrypted(valid: Path, out: Path) -> None:
+    data = bytearray(valid.read_bytes())
+    with zipfile.ZipFile(valid) as zf:
+        info = zf.getinfo("arrays/coef.npy")
+    for offset in (info.header_offset + 6, _central_offset(data, "arrays/coef.npy") + 8):
+        data[offset] |= 0x01  # the general-purpose flag's encryption bit, in the local and the central header
+    out.write_bytes(bytes(data))
+
+
+def _central_offset(data: bytearray, name: str) -> int:
+    marker = b"PK\x01\x02"
+    pos = data.find(marker)
+    while pos >= 0:
+        size = int.from_bytes(data[pos + 28 : pos + 30], "little")
+        if data[pos + 46 : pos + 46 + size].decode() == name:
+            return pos
+        pos = data.find(marker, pos + 4)
+    raise ValueError(name)
+
+
+@_raw_case("a FIFO", "not a regular file")
+def _fifo(valid: Path, out: Path) -> None:
+    os.mkfifo(out)
 
 
 def bundle_members(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -236,6 +340,19 @@ ARG_CASES: dict[str, tuple[list[str], str]] = {
     "predict missing bundle": (["predict", "{tmp}/none.zip", "{images}"], "none.zip"),
     "export out under a file": (["export", "{bundle}", "--out", "{file}/m.pt2"], "{file}"),
     "export unknown format": (["export", "{bundle}", "--out", "{tmp}/m.x", "--format", "tflite"], "tflite"),
+    "export over the bundle": (["export", "{bundle}", "--out", "{bundle}"], "would destroy the input"),
+    "export over a device": (["export", "{bundle}", "--out", "/dev/null"], "not a regular file"),
+    "predict over the bundle": (["predict", "{bundle}", "{images}", "--out", "{bundle}"], "would destroy the input"),
+    "predict over its csv": (["predict", "{bundle}", "{csv}", "--out", "{csv}"], "would destroy the input"),
+    "extract merge without shard": (["extract", "{images}", "--out", "{tmp}/s", "--merge"], "needs a shard"),
+    "extract grid larger than the map": (["extract", "{images}", "--out", "{tmp}/s", "--poolings", "avg999"], "avg999"),
+    "extract timm path": (["extract", "{images}", "--out", "{tmp}/s", "--model", "timm:../../etc"], "not a timm model"),
+    "sweep test is the store": (["sweep", "{store}", "--out", "{tmp}/w", "--test", "{store}"], "is the training store"),
+    "sweep out inside the store": (["sweep", "{store}", "--out", "{store}/w"], "inside the code store"),
+    "sweep missing scheduler file": (
+        ["sweep", "{store}", "--out", "{tmp}/w", "--backend", "dask", "--scheduler", "{tmp}/none.json"],
+        "does not exist",
+    ),  # fmt: skip
 }
 
 

@@ -9,7 +9,7 @@ from cnncodes.cli import main
 from cnncodes.deploy import bundle_digest, load_bundle, read_bundle
 from cnncodes.errors import BundleError
 from helpers import tiny_bundle
-from helpers.hostile import BUNDLE_CASES, bundle_members, make_bundle_case, write_bundle
+from helpers.hostile import BUNDLE_CASES, RAW_BUNDLE_CASES, bundle_members, make_bundle_case, write_bundle
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +47,26 @@ def _tiny():
     from helpers import make_tiny_backbone
 
     return make_tiny_backbone()
+
+
+@pytest.mark.parametrize("case", list(RAW_BUNDLE_CASES))
+def test_hostile_bundle_files_are_refused_before_any_image_work(valid, tmp_path, case, capsys):
+    bundle, images = valid
+    make, message = RAW_BUNDLE_CASES[case]
+    path = tmp_path / "hostile.zip"
+    make(bundle, path)
+    with pytest.raises(BundleError, match=message):
+        read_bundle(path)
+    assert main(["predict", str(path), str(images), "--quiet"]) == 2
+    assert main(["export", str(path), "--out", str(tmp_path / "m.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and all(line.startswith("cnncodes ") for line in err.splitlines())
+
+
+def test_a_bundle_whose_pooling_does_not_fit_its_coefficients_is_refused_before_images(valid, tmp_path):
+    bundle, _ = valid
+    meta, arrays = bundle_members(bundle)
+    meta["extractor"]["pooling"] = "avg2" if meta["extractor"]["pooling"] != "avg2" else "avg"
+    path = write_bundle(tmp_path / "other_pooling.zip", meta, arrays)
+    with pytest.raises(BundleError, match="does not fit its model"):
+        load_bundle(path, backbone=_tiny())

@@ -16,8 +16,11 @@ def where(tmp_path_factory):
     bundle, _ = tiny_bundle(root / "bundle")
     a_file = root / "file.txt"
     a_file.write_text("x")
-    return {"store": make_code_store(root / "store", n_images=30).path, "bundle": bundle,
-            "images": write_image_folder(root / "images", n=6), "file": a_file}  # fmt: skip
+    images = write_image_folder(root / "images", n=6)
+    listing = root / "list.csv"
+    listing.write_text("".join(f"{p},{p.parent.name}\n" for p in sorted(images.rglob("*.png"))))
+    return {"store": make_code_store(root / "store", n_images=30).path, "bundle": bundle, "images": images,
+            "file": a_file, "csv": listing}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(ARG_CASES))
@@ -29,3 +32,4 @@ def test_a_hostile_command_line_fails_in_one_line_before_any_work(where, tmp_pat
     assert err.startswith(f"cnncodes {argv[0]}: error: ") and err.count("\n") == 1, err
     assert fill_args([words], tmp=tmp_path, **where)[0] in err
     assert list(tmp_path.iterdir()) == [], "nothing may be written before the arguments are checked"
+    assert not (where["store"] / "w").exists()
