@@ -112,3 +112,14 @@ def test_an_interrupt_between_commits_still_commits_every_row_written(tmp_path, 
     progress = json.loads((tmp_path / "s" / ".partial" / "progress.json").read_text())
     assert progress["rows_done"] == 8  # batches 1 and 2 were computed before the third failed: neither is lost
     assert CodeStore(tmp_path / "s", allow_incomplete=True).manifest["complete"] is False
+
+
+def test_a_store_from_before_numerics_were_recorded_still_resumes_and_is_reused(tmp_path):
+    _interrupted(tmp_path / "s")
+    path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["numerics"]  # what a store written by cnncodes 0.2.0 looks like
+    path.write_text(json.dumps(manifest))
+    store = _extract(tmp_path / "s")  # resumes instead of "made with different settings"
+    assert store.complete and "numerics" not in store.manifest["config"]
+    assert _extract(tmp_path / "s").manifest["written"] == store.manifest["written"]  # reused as it is

@@ -43,3 +43,19 @@ def test_every_case_is_a_distinct_damage(tmp_path):
         store, _ = make_store_case(tmp_path / f"c{i}", case)
         now = {p.name: p.readlink() if p.is_symlink() else p.read_bytes() for p in store.iterdir() if p.is_file()}
         assert now != snapshot, f"case {case!r} changed nothing"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_codes_are_named_not_a_solver_traceback(tmp_path, value, capsys):
+    from helpers import make_code_store
+
+    store = make_code_store(tmp_path / "s", n_images=30)
+    array = np.load(store.path / store.arrays[0]["file"], mmap_mode="r+")
+    array[7, 2] = value
+    array.flush()
+    del array
+    tap, pooling = store.keys()[0]
+    assert main(["sweep", str(store.path), "--out", str(tmp_path / "w"), "--taps", tap, "--probes", "logreg",
+                 "--folds", "2", "--quiet"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the codes of {tap}/{pooling} hold NaN or infinite values (first at row 7)" in err
