@@ -50,6 +50,7 @@ _LAZY = {
     "extract": "extraction",
     "finetune": "training",
     "depth": "training",
+    "load_finetuned": "training",
     "FinetuneConfig": "training",
     "load_backbone": "network",
     "list_taps": "network",

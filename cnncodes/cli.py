@@ -285,10 +285,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     _output_file(args.out)
     _not_an_input(args.out, args.bundle, args.source)
-    probe = load_bundle(args.bundle, digest=args.digest, weights=args.weights, batch_size=args.batch_size,
-                        allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, device=args.device, amp=args.amp)  # fmt: skip
+    kwargs = dict(digest=args.digest, weights=args.weights, batch_size=args.batch_size, device=args.device,
+                  allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, amp=args.amp)  # fmt: skip
+    if _is_finetuned(args.bundle):
+        from .training import load_finetuned
+
+        probe = load_finetuned(args.bundle, **kwargs)
+        names = probe.score_names()
+    else:
+        probe = load_bundle(args.bundle, **kwargs)
+        names = score_names(probe)
     rows = probe.predict_source(args.source, progress=not args.quiet)
-    names = score_names(probe)
     tmp = Path(args.out).with_name(f".{Path(args.out).name}.partial") if args.out else None
     out = open(tmp, "w", newline="") if tmp else sys.stdout  # noqa: SIM115 - closed below unless stdout
     try:
@@ -310,11 +317,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_finetuned(path: str) -> bool:
+    from .training import is_finetuned
+
+    return is_finetuned(path)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_probe, load_bundle
 
     _output_file(args.out)
     _not_an_input(args.out, args.bundle)
+    if _is_finetuned(args.bundle):
+        from .training import load_finetuned
+
+        model = load_finetuned(args.bundle, digest=args.digest, weights=args.weights, device="cpu",
+                               allow_fingerprint_mismatch=args.allow_fingerprint_mismatch)  # fmt: skip
+        path = model.export(args.out, args.format)
+        size = model.preprocessing.input_size
+        print(f"wrote {args.format} model to {path}: input float32 (N, 3, {size}, {size}) normalized with mean "
+              f"{list(model.preprocessing.mean)} std {list(model.preprocessing.std)}; output logits (N, "
+              f"{len(model.classes)}) for classes {model.classes[:10]}")  # fmt: skip
+        return 0
     probe = load_bundle(
         args.bundle,
         digest=args.digest,
@@ -331,6 +355,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .deploy import bundle_digest
     from .training import FinetuneConfig, finetune
 
     _output_dir(args.out)
@@ -342,7 +367,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     test = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
     print(f"cut {result.cut}: trained {what} for {len(result.history)} epochs in {result.seconds:.1f} s; best epoch "
           f"{result.best_epoch}: validation accuracy {result.val_accuracy:.4f}, test accuracy {test}")  # fmt: skip
-    print(f"wrote {Path(args.out) / 'finetune.json'}")
+    print(f"wrote {Path(args.out) / 'finetune.json'} and {result.path} (digest {bundle_digest(result.path)}; predict "
+          "and export it like a probe bundle)")  # fmt: skip
     return 0
 
 

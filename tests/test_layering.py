@@ -27,7 +27,7 @@ ALLOWED = {
     "probing": set(),
     "deploy": {"images", "network", "probing"},
     "sweeps": {"store", "probing"},
-    "training": {"images", "network", "store", "extraction", "probing", "sweeps"},
+    "training": {"images", "network", "store", "extraction", "probing", "deploy", "sweeps"},
     "adapter": {"images", "network"},
 }
 BASE = {"errors", "_compat", "_versions", "_fsutil"}  # may import nothing but each other
@@ -40,7 +40,7 @@ COMPUTE = {"network._graph", "network._layout", "network._pooling", "network._ta
 RUNNERS = {"network._backbones", "network._encode", "deploy._predict", "adapter", "training._feeds",
            "training._finetune"}  # fmt: skip
 IO = {"images._sources", "store._format", "store._reader", "store._writer", "store._merge", "extraction._run",
-      "extraction._plan", "deploy._bundle", "deploy._export", "sweeps._report", "sweeps._run", "training._run", "training._depth"}  # fmt: skip
+      "extraction._plan", "deploy._bundle", "deploy._export", "sweeps._report", "sweeps._run", "training._run", "training._depth", "training._saved"}  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:

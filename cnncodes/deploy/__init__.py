@@ -6,11 +6,12 @@ from ._bundle import (
     ProbeBundle,
     bundle_digest,
     bundle_from_pipeline,
+    check_digest,
     read_bundle,
     save_bundle,
     save_probe,
 )
-from ._export import FORMATS, export_probe
+from ._export import FORMATS, export_module, export_probe
 from ._predict import DeployedProbe, load_bundle, score_names
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "ProbeBundle",
     "bundle_digest",
     "bundle_from_pipeline",
+    "check_digest",
+    "export_module",
     "export_probe",
     "load_bundle",
     "read_bundle",

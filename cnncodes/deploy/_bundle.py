@@ -284,7 +284,8 @@ def bundle_digest(path: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _check_digest(path: Path, digest: str | None) -> None:
+def check_digest(path: Path, digest: str | None) -> None:
+    """Refuse ``path`` unless its whole-file sha256 is ``digest`` (``None``: no pin)."""
     if digest is None:
         return
     want = digest.strip().lower().removeprefix("sha256:")
@@ -326,7 +327,7 @@ def read_bundle(path: str | os.PathLike, *, digest: str | None = None) -> ProbeB
     path = Path(path)
     if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
         raise BundleError(f"{path} is not a regular file; give the path of a probe bundle (best_probe.zip).")
-    _check_digest(path, digest)
+    check_digest(path, digest)
     try:
         with zipfile.ZipFile(path) as zf:
             listed = zf.namelist()

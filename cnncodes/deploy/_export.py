@@ -18,7 +18,7 @@ from .._fsutil import replace as durable_replace
 from ..errors import BundleError, MissingExtraError, ParameterError
 from ._predict import DeployedProbe
 
-__all__ = ["ProbeModule", "export_probe", "FORMATS"]
+__all__ = ["ProbeModule", "export_module", "export_probe", "FORMATS"]
 
 FORMATS = ("pt2", "torchscript", "onnx")
 
@@ -84,14 +84,28 @@ def export_probe(
     -------
     Path
     """
+    return export_module(ProbeModule(probe).eval(), probe.preprocessing.input_size, path, format, batch_size,
+                         check_atol=check_atol, what="probe")  # fmt: skip
+
+
+def export_module(
+    module: nn.Module,
+    size: int,
+    path: str | os.PathLike,
+    format: str = "pt2",  # noqa: A002
+    batch_size: int = 2,
+    *,
+    check_atol: float = 1e-4,
+    what: str = "model",
+) -> Path:
+    """Write ``module`` (a preprocessed ``(N, 3, size, size)`` batch -> scores) in ``format``, with a dynamic batch
+    dimension, checked against the eager module on another batch size (see :func:`export_probe`)."""
     if format not in FORMATS:
         raise ParameterError(f"format={format!r}; use one of {FORMATS}.")
     if batch_size < 2:
         raise ParameterError(
             f"batch_size={batch_size}: the example batch needs at least 2 images (1 would fix the batch size)."
         )
-    module = ProbeModule(probe).eval()
-    size = probe.preprocessing.input_size
     example = torch.zeros(batch_size, 3, size, size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +123,7 @@ def export_probe(
             check = torch.randn(batch_size + 1, 3, size, size, generator=torch.Generator().manual_seed(0))
             diff = float((torch.as_tensor(run(check)) - module(check)).abs().max())
         if not diff <= check_atol:
-            raise BundleError(f"the exported {format} model differs from the probe by {diff:.2e} (> {check_atol:g}); "
+            raise BundleError(f"the exported {format} model differs from the {what} by {diff:.2e} (> {check_atol:g}); "
                               "nothing was written. Try another --format.")  # fmt: skip
         durable_replace(tmp, path)
     finally:

@@ -5,11 +5,14 @@ from ._depth import DepthRow, depth, format_depth_table, write_depth_report
 from ._feeds import CachedActivations, LiveActivations
 from ._finetune import Activations, FinetuneConfig, HeadModel, TopModel, TrainResult, build_model, train
 from ._run import FinetuneResult, backbone_of, finetune
+from ._saved import DeployedFinetune, FinetunedModule, is_finetuned, load_finetuned, save_finetuned
 
 __all__ = [
     "Activations",
     "CachedActivations",
     "DepthRow",
+    "DeployedFinetune",
+    "FinetunedModule",
     "FinetuneConfig",
     "FinetuneResult",
     "HeadModel",
@@ -20,6 +23,9 @@ __all__ = [
     "build_model",
     "depth",
     "format_depth_table",
+    "is_finetuned",
+    "load_finetuned",
+    "save_finetuned",
     "finetune",
     "train",
     "write_depth_report",

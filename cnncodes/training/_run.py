@@ -19,6 +19,7 @@ from ..store import CodeStore
 from ..sweeps import make_split
 from ._feeds import CachedActivations
 from ._finetune import FinetuneConfig, TrainResult, build_model, train
+from ._saved import save_finetuned
 
 __all__ = ["FinetuneResult", "finetune", "backbone_of"]
 
@@ -37,6 +38,7 @@ class FinetuneResult:
     history: list[dict[str, float]]
     seconds: float
     config: dict[str, Any]
+    path: Path | None = None  # the saved finetuned.zip, when ``out`` was given
 
     def to_dict(self) -> dict[str, Any]:
         return {"cut": self.cut, "head": self.head, "classes": self.classes, "val_accuracy": self.val_accuracy,
@@ -84,7 +86,8 @@ def finetune(
     cut : str
         The tap to cut at (see :func:`cnncodes.network.cut_points`).
     out : path, optional
-        Directory for ``finetune.json`` (scores, history, settings).
+        Directory for ``finetune.json`` (scores, history, settings) and ``finetuned.zip`` (the trained model, without
+        pickle: see :func:`cnncodes.training.load_finetuned`).
     backbone : Backbone, optional
         The backbone that made the store (default: rebuilt from its manifest, fingerprint checked).
     config : FinetuneConfig, optional
@@ -132,4 +135,6 @@ def finetune(
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "finetune.json").write_text(json.dumps(done.to_dict(), indent=1))
+        done.path = save_finetuned(done, backbone, Path(out) / "finetuned.zip",
+                                   numerics=(store.manifest.get("config") or {}).get("numerics"))  # fmt: skip
     return done
