@@ -373,13 +373,23 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_depth(args: argparse.Namespace) -> int:
-    from .training import FinetuneConfig, depth, format_depth_table
+    from .errors import ParameterError
+    from .training import FinetuneConfig, depth, depth_of_stores, format_depth_table
 
     _output_dir(args.out)
     config = FinetuneConfig(head=args.head, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    rows = depth(args.source, out=args.out, model=args.model, cuts=args.cuts, weights=args.weights,
-                 input_size=args.input_size, views=args.views, seed=args.seed, config=config,
-                 test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
+    stores = [s for s in args.source if (Path(s) / "manifest.json").is_file()]
+    if stores and len(stores) != len(args.source):
+        raise ParameterError("give either one image source or code stores (one cut each), not both.")
+    if stores:
+        rows = depth_of_stores(stores, out=args.out, weights=args.weights, config=config, test_size=args.test_size,
+                               device=args.device, progress=not args.quiet)  # fmt: skip
+    elif len(args.source) > 1:
+        raise ParameterError(f"{args.source[1]} is not a code store; give one image source, or code stores only.")
+    else:
+        rows = depth(args.source[0], out=args.out, model=args.model, cuts=args.cuts, weights=args.weights,
+                     input_size=args.input_size, views=args.views, seed=args.seed, config=config,
+                     test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
     print(format_depth_table(rows))
     print(f"wrote depth.csv, depth.json, depth.png to {args.out} (* = best cut by validation accuracy)")
     return 0
@@ -529,7 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("depth", help="how many layers to freeze: linear probe vs fine-tuned top at every cut")
-    p.add_argument("source", help="ImageFolder dir, path,label CSV, or demo:digits")
+    p.add_argument(
+        "source", nargs="+", help="an image source (ImageFolder, CSV, demo:digits), or stores of one cut each"
+    )
     _add_model_args(p)
     p.add_argument("--cuts", default="stages", help="cuts: stages or tap names (default: %(default)s)")
     p.add_argument("--out", required=True, help="directory for the per-cut stores and depth.csv/json/png")

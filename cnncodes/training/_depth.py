@@ -15,11 +15,12 @@ from typing import Any
 from ..errors import ParameterError
 from ..extraction import extract
 from ..network import Backbone, cut_points, list_taps, load_backbone
+from ..store import CodeStore
 from ..sweeps import sweep
 from ._finetune import FinetuneConfig
-from ._run import finetune
+from ._run import backbone_of, finetune
 
-__all__ = ["DepthRow", "depth", "write_depth_report"]
+__all__ = ["DepthRow", "depth", "depth_of_stores", "format_depth_table", "write_depth_report"]
 
 
 @dataclass
@@ -60,7 +61,8 @@ def depth(
 
     Every cut is scored on the same held-out test images (the sweep's stratified split for ``test_size`` and
     ``seed``); the fine-tuned top is chosen on validation images only. The best cut is the one with the highest
-    fine-tuned validation accuracy. Stores go to ``out/cuts/<cut>/``: a rerun reuses them.
+    fine-tuned validation accuracy. Stores go to ``out/cuts/<cut>/``: a rerun reuses them (and
+    :func:`depth_of_stores` runs the same comparison over stores extracted by hand).
     """
     config = config or FinetuneConfig(seed=seed)
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights=weights, input_size=input_size)
@@ -71,24 +73,65 @@ def depth(
     if not_cuts:
         raise ParameterError(f"{', '.join(not_cuts)} cannot be cut at (the layers above read around them); choose "
                              f"among: {', '.join(sorted(possible, key=catalogue.names.index))}.")  # fmt: skip
-    rows = []
+    stores, seconds = [], []
     for name in names:
         if progress:
             print(f"cut {name}:")
         start = time.perf_counter()
-        store = extract(source, out=Path(out) / "cuts" / name.replace("/", "_"), model=backbone, taps=[name],
-                        poolings="none,avg", relu="never", views=views, seed=seed, batch_size=batch_size,
-                        device=device, progress=progress)  # fmt: skip
-        extract_seconds = time.perf_counter() - start
-        linear = sweep(store, poolings=["avg"], probes=["logreg"], test_size=test_size, seed=seed, progress=False)
+        stores.append(extract(source, out=Path(out) / "cuts" / name.replace("/", "_"), model=backbone, taps=[name],
+                              poolings="none,avg", relu="never", views=views, seed=seed, batch_size=batch_size,
+                              device=device, progress=progress))  # fmt: skip
+        seconds.append(time.perf_counter() - start)
+    return depth_of_stores(stores, out=out, backbone=backbone, config=config, test_size=test_size, val_size=val_size,
+                           device=device, progress=progress, extract_seconds=seconds)  # fmt: skip
+
+
+def depth_of_stores(
+    stores: Sequence[CodeStore | str | os.PathLike],
+    *,
+    out: str | os.PathLike,
+    backbone: Backbone | None = None,
+    weights: str | os.PathLike | None = None,
+    config: FinetuneConfig | None = None,
+    test_size: float = 0.25,
+    val_size: float = 0.2,
+    device: str = "auto",
+    progress: bool = True,
+    extract_seconds: Sequence[float] | None = None,
+) -> list[DepthRow]:
+    """The freeze-depth sweep over stores already extracted: one cut per store, whose raw activations (``none``,
+    ``relu="never"``) are the cache and whose pooled arrays of the same tap feed the linear probe. The stores must hold
+    the same images (their sources are compared) from one backbone."""
+    opened = [s if isinstance(s, CodeStore) else CodeStore(s) for s in stores]
+    config = config or FinetuneConfig()
+    for store in opened[1:]:
+        if store.sources != opened[0].sources or store.manifest.get("model") != opened[0].manifest.get("model"):
+            raise ParameterError(f"{store.path} holds other images or another model than {opened[0].path}; a depth "
+                                 "sweep compares cuts of one backbone on one set of images.")  # fmt: skip
+    backbone = backbone or backbone_of(opened[0], weights)
+    catalogue = list_taps(backbone)
+    rows = []
+    for i, store in enumerate(opened):
+        caches = [a for a in store.arrays if a["pooling"] == "none"]
+        if len(caches) != 1:
+            raise ParameterError(f"{store.path} holds {len(caches)} unpooled arrays; a depth store holds one cut: "
+                                 "extract it with --taps CUT --poolings none,avg --relu never.")  # fmt: skip
+        name = caches[0]["tap"]
+        pooled = [p for t, p in store.keys() if t == name and p != "none"]
+        if not pooled:
+            raise ParameterError(f"{store.path} has no pooled codes of {name!r} for the linear probe; extract it with "
+                                 "--poolings none,avg.")  # fmt: skip
+        if progress:
+            print(f"cut {name}: linear probe on {', '.join(pooled)}, then the layers above it")
+        linear = sweep(store, taps=[name], poolings=pooled, probes=["logreg"], test_size=test_size, seed=config.seed,
+                       progress=False)  # fmt: skip
         tuned = finetune(store, name, backbone=backbone, config=config, val_size=val_size, test_size=test_size,
                          device=device, progress=progress)  # fmt: skip
-        cache = next(a for a in store.arrays if a["tap"] == name and a["pooling"] == "none")
         rows.append(DepthRow(name, catalogue[name].index, linear.best.cv_accuracy, linear.best.test_accuracy,
-                             tuned.val_accuracy, tuned.test_accuracy, (store.path / cache["file"]).stat().st_size,
-                             extract_seconds, tuned.seconds))  # fmt: skip
-    best = max(rows, key=lambda r: r.finetune_val_accuracy)
-    best.best = True
+                             tuned.val_accuracy, tuned.test_accuracy, (store.path / caches[0]["file"]).stat().st_size,
+                             float("nan") if extract_seconds is None else extract_seconds[i], tuned.seconds))  # fmt: skip
+    rows.sort(key=lambda r: r.depth)
+    max(rows, key=lambda r: r.finetune_val_accuracy).best = True
     write_depth_report(rows, out)
     return rows
 
@@ -131,5 +174,6 @@ def format_depth_table(rows: list[DepthRow]) -> str:
         test = "-" if r.finetune_test_accuracy is None else f"{r.finetune_test_accuracy:.4f}"
         lines.append(f"{'*' if r.best else ' '} {r.cut:<28} {r.linear_cv_accuracy:>9.4f} {r.linear_test_accuracy:>11.4f} "
                      f"{r.finetune_val_accuracy:>9.4f} {test:>10} {r.cache_bytes / 2**20:>9.2f} "
-                     f"{r.extract_seconds:>9.1f} {r.train_seconds:>8.1f}")  # fmt: skip
+                     f"{'-' if r.extract_seconds != r.extract_seconds else f'{r.extract_seconds:.1f}':>9} "
+                     f"{r.train_seconds:>8.1f}")  # fmt: skip
     return "\n".join(lines)

@@ -177,7 +177,7 @@ def train(
     label smoothing. ``steps`` stops after that many optimizer steps (for equivalence checks).
     """
     dev = resolve_device(device)
-    model = model.to(dev)
+    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
     labels_t = torch.tensor(np.asarray(labels), dtype=torch.long)
     per_epoch = -(-len(fit) // config.batch_size)
     optimizer = torch.optim.AdamW(model.param_groups(config), weight_decay=config.weight_decay)

@@ -34,6 +34,28 @@ def test_depth_probes_and_fine_tunes_every_stage_and_marks_the_best_on_validatio
     again = depth(source, out=tmp_path, model=backbone, views=1, config=FinetuneConfig(epochs=2, batch_size=6),
                   batch_size=6, progress=False)  # fmt: skip
     assert [r.finetune_test_accuracy for r in again] == [r.finetune_test_accuracy for r in rows]
+    from cnncodes.training import depth_of_stores
+
+    stores = sorted((tmp_path / "cuts").iterdir())  # the same comparison over stores extracted beforehand
+    by_hand = depth_of_stores(stores, out=tmp_path / "by_hand", backbone=backbone,
+                              config=FinetuneConfig(epochs=2, batch_size=6), progress=False)  # fmt: skip
+    assert [(r.cut, r.linear_test_accuracy, r.finetune_test_accuracy) for r in by_hand] == [
+        (r.cut, r.linear_test_accuracy, r.finetune_test_accuracy) for r in rows
+    ]
+
+
+def test_the_sweep_and_the_fine_tuning_hold_out_the_same_test_images(tmp_path):
+    import numpy as np
+
+    from cnncodes.probing import SweepConfig
+    from cnncodes.sweeps import make_split
+    from helpers import make_code_store
+
+    store = make_code_store(tmp_path / "s", n_images=90, views=2)
+    for seed in (0, 3):
+        swept = make_split(store, config=SweepConfig(seed=seed, test_size=0.25))
+        tuned = make_split(store, config=SweepConfig(seed=seed, test_size=0.25, val_size=0.2, folds=2))
+        np.testing.assert_array_equal(np.sort(swept.test_rows), np.sort(tuned.test_rows))
 
 
 def test_depth_refuses_a_tap_that_is_not_a_cut(tmp_path):

@@ -45,11 +45,12 @@ def test_the_saved_model_predicts_what_the_trained_one_does(trained):
     assert list(deployed.predict(images)) == [result.classes[i] for i in expected.argmax(1)]
 
 
-def test_the_exported_model_gives_the_same_scores(trained, tmp_path):
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_the_exported_model_gives_the_same_scores(trained, tmp_path, fmt):
     backbone, _, images, result, _ = trained
     deployed = load_finetuned(result.path, backbone=backbone)
-    path = deployed.export(tmp_path / "m.pt2")
-    program = torch.export.load(str(path)).module()
+    path = deployed.export(tmp_path / f"m.{fmt}", fmt)
+    program = torch.export.load(str(path)).module() if fmt == "pt2" else torch.jit.load(str(path))
     size = deployed.preprocessing.input_size
     x = torch.randn(3, 3, size, size)
     torch.testing.assert_close(program(x), deployed.module()(x), rtol=1e-4, atol=1e-4)
