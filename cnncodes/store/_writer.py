@@ -158,8 +158,9 @@ class StoreWriter:
         free = shutil.disk_usage(self.path).free
         if need > free:  # say so before allocating anything: a half-allocated store would hold the space itself
             raise StoreError(f"disk full: the store at {self.path} needs {_size_text(need)} ({self.rows_total} rows) "
-                             f"but {_size_text(free)} are free; nothing was written. Free space (or choose another "
-                             "--out, or fewer taps, poolings or views) and rerun the same command.")  # fmt: skip
+                             f"but {_size_text(free)} are free; nothing was written. Free space, or choose another "
+                             "--out, a later cut or fewer taps, poolings or views, or a lower --input-size, and rerun "
+                             "the same command.")  # fmt: skip
         self._partial.mkdir()
         try:
             for spec in self.arrays:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,14 +16,33 @@ __all__ = ["CachedActivations", "LiveActivations"]
 
 
 class CachedActivations:
-    """Activations read from a store's ``(cut, "none")`` array; ``shape`` is one image's activation shape."""
+    """Activations read from a store's ``(cut, "none")`` array; ``shape`` is one image's activation shape.
+
+    A memory-mapped array is read row by row with positioned reads (``os.pread``), not through the mapping, so the
+    pages of a cache larger than RAM never accumulate in this process: memory stays flat in the number of images.
+    """
 
     def __init__(self, codes: Any, views: int, shape: Sequence[int]) -> None:
         self.codes, self.per, self.shape = codes, views + 1, tuple(shape)
+        self.views = views
+        self._file = getattr(codes, "filename", None)
+        if self._file is not None:
+            self._offset, self._dtype = int(codes.offset), np.dtype(codes.dtype)
+            self._row_bytes = int(codes.shape[1]) * self._dtype.itemsize
+            self._fd = os.open(self._file, os.O_RDONLY)
 
     def rows(self, images: np.ndarray, view: int) -> torch.Tensor:
-        block = np.asarray(self.codes[np.asarray(images) * self.per + view], dtype=np.float32)
-        return torch.from_numpy(block).reshape(len(images), *self.shape)
+        index = np.asarray(images) * self.per + view
+        if self._file is None:
+            block = np.asarray(self.codes[index], dtype=np.float32)
+        else:
+            raw = b"".join(os.pread(self._fd, self._row_bytes, self._offset + int(r) * self._row_bytes) for r in index)
+            block = np.frombuffer(raw, dtype=self._dtype).astype(np.float32)
+        return torch.from_numpy(block).reshape(len(index), *self.shape)
+
+    def __del__(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            os.close(self._fd)
 
 
 class LiveActivations:
