@@ -57,6 +57,11 @@ class FinetuneConfig:
         Dropout before the head's classifier.
     seed : int, default=0
         Seeds the classifier's initial weights, the data order and dropout.
+    init : {"probe", "random"}, default="probe"
+        How the new classifier of the top starts: ``probe`` fits a logistic regression on the pretrained top's
+        features first (C chosen on the validation images) and starts from it, then fine-tunes everything ("LP-FT",
+        Kumar et al., ICLR 2022: fine-tuning from a trained head distorts the pretrained features less); ``random``
+        starts from a seeded random classifier. The head (``head=True``) always starts random.
     """
 
     head: bool = False
@@ -70,8 +75,11 @@ class FinetuneConfig:
     hidden: int = 512
     dropout: float = 0.5
     seed: int = 0
+    init: str = "probe"
 
     def __post_init__(self) -> None:
+        if self.init not in ("probe", "random"):
+            raise ParameterError(f"init={self.init!r}; use 'probe' (start from a linear probe) or 'random'.")
         for name in ("epochs", "batch_size", "patience", "hidden"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
@@ -144,9 +152,38 @@ class Activations(Protocol):
     def rows(self, images: np.ndarray, view: int) -> torch.Tensor: ...
 
 
+def init_from_probe(model: nn.Module, feed: Activations, labels: np.ndarray, fit: np.ndarray, val: np.ndarray,
+                    batch_size: int, device: str | torch.device = "cpu") -> float | None:  # fmt: skip
+    """Start a :class:`TopModel`'s new classifier from a logistic regression on the pretrained top's features (plain
+    views of ``fit``), with C chosen by accuracy on ``val``; returns that C (``None`` for other models)."""
+    from ..probing import fit_paths
+
+    if not isinstance(model, TopModel):
+        return None
+    dev = resolve_device(device)
+    body = model.body.to(dev).eval()
+
+    def features(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.cat([body(feed.rows(images[lo : lo + batch_size], 0).to(dev)).float().cpu()
+                              for lo in range(0, len(images), batch_size)]).numpy()  # fmt: skip
+
+    X_fit, X_val = features(fit), features(val)
+    y = np.asarray(labels)
+    Cs = [float(c) for c in np.logspace(-3, 2, 6)]
+    path = fit_paths([X_fit], [y[fit]], model.classifier.out_features, Cs, "multinomial")[0]
+    scores = [float(((X_val @ w + b).argmax(1) == y[val]).mean()) for w, b in zip(path.coefs, path.intercepts)]
+    best = int(np.argmax(scores))
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.as_tensor(path.coefs[best].T, dtype=torch.float32))
+        model.classifier.bias.copy_(torch.as_tensor(path.intercepts[best], dtype=torch.float32))
+    return Cs[best]
+
+
 @dataclass
 class TrainResult:
-    """What :func:`train` did: the best model (by validation accuracy), its scores and each epoch's record."""
+    """What :func:`train` did: the best model (by validation accuracy), its scores and each epoch's record.
+    ``best_epoch`` is -1 when no epoch beat the starting weights."""
 
     model: nn.Module
     best_epoch: int
@@ -184,7 +221,8 @@ def train(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    best = (-1.0, -1, copy.deepcopy(model.state_dict()))
+    # The starting point competes too: a fine-tuning that never beats its start (a probe-initialised head) keeps it.
+    best = (accuracy(model, feed, labels, val, config.batch_size, dev), -1, copy.deepcopy(model.state_dict()))
     history: list[dict[str, float]] = []
     done_steps, start, since_best = 0, time.perf_counter(), 0
     rng = torch.Generator().manual_seed(config.seed)

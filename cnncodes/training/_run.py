@@ -18,7 +18,7 @@ from ..probing import SweepConfig
 from ..store import CodeStore
 from ..sweeps import make_split
 from ._feeds import CachedActivations
-from ._finetune import FinetuneConfig, TrainResult, build_model, train
+from ._finetune import FinetuneConfig, TrainResult, build_model, init_from_probe, train
 from ._saved import save_finetuned
 
 __all__ = ["FinetuneResult", "finetune", "backbone_of"]
@@ -124,11 +124,12 @@ def finetune(
     split = make_split(store, config=SweepConfig(val_size=val_size, test_size=test_size, seed=config.seed, folds=2))
     per = store.views + 1
     fit_rows, val_rows = split.folds[0]
-    result: TrainResult = train(
-        model, CachedActivations(store.codes(cut, "none"), store.views, shape), np.asarray(store.labels)[::per],
-        fit=np.unique(fit_rows // per), val=np.unique(val_rows // per), test=np.unique(split.test_rows // per),
-        views=store.views, config=config, device=device, progress=progress,
-    )  # fmt: skip
+    feed = CachedActivations(store.codes(cut, "none"), store.views, shape)
+    labels, fit, val = np.asarray(store.labels)[::per], np.unique(fit_rows // per), np.unique(val_rows // per)
+    if config.init == "probe":
+        init_from_probe(model, feed, labels, fit, val, config.batch_size, device)
+    result: TrainResult = train(model, feed, labels, fit=fit, val=val, test=np.unique(split.test_rows // per),
+                                views=store.views, config=config, device=device, progress=progress)  # fmt: skip
     done = FinetuneResult(cut, config.head, result.model, store.classes, result.val_accuracy, result.test_accuracy,
                           result.best_epoch, result.history, result.seconds,
                           {**config.to_dict(), "val_size": val_size, "test_size": test_size, "store": str(store.path)})  # fmt: skip
