@@ -27,6 +27,18 @@ def _shared_backbone(model: str, weights: str | None, input_size: int | None) ->
     return load_backbone(model, weights=weights, input_size=input_size)
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_extractor(model: str, weights: str | None, input_size: int | None, taps: Any, poolings: Any,
+                      relu: Any) -> CodeExtractor:  # fmt: skip
+    # Clones with the same settings share one extractor, and so one device copy of the network (CodeExtractor.on).
+    return CodeExtractor(_shared_backbone(model, weights, input_size), taps, poolings, relu=relu)
+
+
+def _key(value: Any) -> Any:
+    """A hashable spelling of a tap, pooling or relu setting (lists become tuples)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class CNNCodes(TransformerMixin, BaseEstimator):
     """Images -> CNN codes of a frozen backbone, as a scikit-learn transformer.
 
@@ -113,7 +125,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             )
         self._backbone = _shared_backbone(self.model, self.weights, self.input_size)
         poolings = deprecated_alias("pooling", self.pooling, "poolings", self.poolings, "avg", stacklevel=4)
-        self._extractor = CodeExtractor(self._backbone, self.taps, poolings, relu=self.relu)
+        self._extractor = _shared_extractor(self.model, self.weights, self.input_size, _key(self.taps), _key(poolings),
+                                            _key(self.relu))  # fmt: skip
         return self._extractor
 
     def _ready(self) -> CodeExtractor:

@@ -14,6 +14,9 @@ from .errors import CnncodesError
 
 __all__ = ["main", "build_parser"]
 
+#: Commands whose work survives an interruption (stores resume); the others start again.
+_RESUMING = ("extract", "merge", "demo", "depth")
+
 
 def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
@@ -356,9 +359,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .deploy import bundle_digest
+    from .errors import ParameterError
     from .training import FinetuneConfig, finetune
 
     _output_dir(args.out)
+    if Path(args.out).resolve().is_relative_to(Path(args.store).resolve()):
+        raise ParameterError(f"--out {args.out} is inside the code store {args.store}; write the model elsewhere "
+                             "(nothing was computed).")  # fmt: skip
     config = FinetuneConfig(head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             lr_pretrained=args.lr_pretrained, patience=args.patience, seed=args.seed)  # fmt: skip
     result = finetune(args.store, args.cut, out=args.out, weights=args.weights, config=config, val_size=args.val_size,
@@ -606,11 +613,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except KeyboardInterrupt:
-        print("\ncnncodes: interrupted. Work done so far is saved; rerun the same command to resume.", file=sys.stderr)
+        resumes = args.command in _RESUMING
+        print("\ncnncodes: interrupted. " + ("Work done so far is saved; rerun the same command to resume." if resumes
+              else "Nothing was written; rerun the command to start again."), file=sys.stderr)  # fmt: skip
         return 130
     except (CnncodesError, OSError) as exc:  # the user can fix these; anything else is our bug and keeps its traceback
         text = _one_line(exc)
-        if args.command not in ("extract", "merge", "demo", "depth"):  # only these resume; the others start again
+        if args.command not in _RESUMING:
             text = text.replace(" and rerun the same command to resume", " and rerun the same command")
         print(f"cnncodes {args.command}: error: {text}", file=sys.stderr)
         return 2

@@ -453,8 +453,7 @@ def _run(
     row = writer.rows_done
     batches = iter_batches(extractor, images, pre, dev=dev, views=views, seed=seed, augment=augment, start_image=start_image,
                        stop_image=stop_image, batch_size=batch_size, workers=workers, amp=amp, dtype=specs[0].dtype)  # fmt: skip
-    uncommitted: list[dict[str, Any]] = []  # image errors of rows written since the last commit
-    last_commit = time.monotonic()
+    committer = _Committer(writer)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-writer") as pool:
         try:
             for b in batches:
@@ -465,38 +464,50 @@ def _run(
                 ]
                 if errors and on_error == "raise":
                     raise ImageDecodeError(errors[0]["path"], errors[0]["reason"])
-                uncommitted += errors
-                commit = time.monotonic() - last_commit >= COMMIT_SECONDS
                 host = {s.file: b.codes[(s.tap, s.pooling)] for s in specs}
-                pending.append(pool.submit(_write, writer, row, host, row + b.rows, uncommitted if commit else None))
+                pending.append(pool.submit(committer.write, row, host, row + b.rows, errors))
                 row += b.rows
-                if commit:
-                    uncommitted, last_commit = [], time.monotonic()
                 while len(pending) > 2:  # bound host memory; surfaces writer errors early
                     pending.popleft().result()
                 bar.update(b.rows)
         finally:
-            # Commit everything computed so far, even when interrupted: nothing done is lost.
-            written = None
+            # Commit everything written so far, even when interrupted: nothing done is lost.
             try:
                 while pending:
-                    written = pending.popleft().result()
+                    pending.popleft().result()
             finally:
-                if written is not None and written > writer.rows_done:
-                    writer.commit(written, [e for e in uncommitted if e["image"] * (views + 1) < written])
+                pool.submit(committer.commit).result()
                 bar.close()
 
 
-def _write(
-    writer: StoreWriter,
-    start: int,
-    host: dict[str, torch.Tensor],
-    end: int,
-    errors: list[dict[str, Any]] | None,
-) -> int:
-    """Write rows ``[start, end)``; with ``errors`` (a list, maybe empty) also commit them: make every row written so
-    far durable and record it as done. Returns ``end``."""
-    writer.write(start, {k: v.numpy() for k, v in host.items()})
-    if errors is not None:
-        writer.commit(end, errors)
-    return end
+class _Committer:
+    """The writer thread's side of a run: writes batches in order, commits at most every :data:`COMMIT_SECONDS`, and
+    after any failure writes and commits nothing more, so progress never covers rows that are not on disk. Image
+    errors wait for the commit that covers their rows (a failed commit keeps them; the rerun finds them again)."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self.writer, self.failed, self.errors = writer, False, []
+        self.written, self.last = writer.rows_done, time.monotonic()
+
+    def write(self, start: int, host: dict[str, torch.Tensor], end: int, errors: list[dict[str, Any]]) -> None:
+        if self.failed:
+            return
+        try:
+            self.writer.write(start, {k: v.numpy() for k, v in host.items()})
+            self.errors += errors
+            self.written = end
+            if time.monotonic() - self.last >= COMMIT_SECONDS:
+                self.commit()
+        except BaseException:
+            self.failed = True
+            raise
+
+    def commit(self) -> None:
+        if self.failed or self.written <= self.writer.rows_done:
+            return
+        try:
+            self.writer.commit(self.written, self.errors)
+        except BaseException:
+            self.failed = True
+            raise
+        self.errors, self.last = [], time.monotonic()

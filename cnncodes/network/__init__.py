@@ -12,6 +12,7 @@ from ._encode import (
     images_per_batch,
     iter_batches,
     numerics,
+    precision,
     resolve_device,
 )
 from ._extractor import CodeExtractor
@@ -38,6 +39,7 @@ __all__ = [
     "autocast_dtype",
     "default_workers",
     "numerics",
+    "precision",
     "check_relu_mode",
     "encode",
     "images_per_batch",

@@ -20,7 +20,7 @@ from ..errors import ImageDecodeError, ParameterError
 from ..images import ImageSource, PixelNormalizer, Preprocessing, pixel_transform, render_views, view_transform
 from ._extractor import CodeExtractor
 
-__all__ = ["encode", "resolve_device", "images_per_batch", "ImageViews", "autocast_dtype", "numerics"]
+__all__ = ["encode", "resolve_device", "images_per_batch", "ImageViews", "autocast_dtype", "numerics", "precision"]
 
 DTYPES = ("float16", "float32")
 
@@ -72,7 +72,7 @@ def numerics(dev: torch.device, amp: bool) -> dict[str, Any]:
 
 
 @contextmanager
-def _precision(dev: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+def precision(dev: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     """Run at the precision :func:`numerics` records: autocast to ``dtype``, or, on CUDA without it, IEEE float32
     (cuDNN convolutions and matmuls otherwise default to TF32)."""
     if dev.type != "cuda":
@@ -164,7 +164,11 @@ def default_workers(device: torch.device, processes: int | None = None) -> int:
     """Decoding processes for one extraction process on ``device``, when ``processes`` extraction processes share the
     node's cores (default: torchrun's ``LOCAL_WORLD_SIZE``, else 1)."""
     if processes is None:
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        text = os.environ.get("LOCAL_WORLD_SIZE", "1") or "1"
+        if not text.isdigit() or int(text) < 1:
+            raise ParameterError(f"LOCAL_WORLD_SIZE={text!r} in the environment is not a positive integer; unset it "
+                                 "or set it to the number of processes on this node.")  # fmt: skip
+        processes = int(text)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = max(1, cores // max(1, processes))
     if device.type == "cuda":
@@ -221,7 +225,7 @@ def iter_batches(
     keys = list(extractor.code_dims())
 
     def launch(batch: torch.Tensor) -> tuple[dict[tuple[str, str], torch.Tensor], _Fence, int]:
-        with _on(dev), torch.inference_mode(), _precision(dev, run_dtype):
+        with _on(dev), torch.inference_mode(), precision(dev, run_dtype):
             x = to_input(batch.flatten(0, 1).to(dev, non_blocking=cuda)).contiguous(memory_format=torch.channels_last)
             codes = net(x)
             host = {(t, p): codes[t][p].to(store_dtype).to("cpu", non_blocking=cuda) for t, p in keys}

@@ -104,7 +104,7 @@ class CodeExtractor(nn.Module):
         else:
             self.net = _graph.TappedHooks(backbone.model, heads, self.catalogue.names)
         self.net.eval()
-        self._placed: dict[str, nn.Module] = {}  # a plain dict, not submodules: copies on other devices
+        self._placed: dict[str, tuple[tuple[int, ...], nn.Module]] = {}  # not submodules: (state, copy) per device
 
     def on(self, device: torch.device | str) -> nn.Module:
         """This extractor's network on ``device`` in channels_last, for running batches.
@@ -114,12 +114,15 @@ class CodeExtractor(nn.Module):
         on ``device`` in channels_last, a private copy is made there once and kept for later calls.
         """
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if _placed_on(self.net, device):
-            return self.net
-        key = str(device)
-        if key not in self._placed:
-            self._placed[key] = copy.deepcopy(self.net).to(device, memory_format=torch.channels_last)
-        return self._placed[key]
+            return self.net.eval()
+        key, state = str(device), _state_versions(self.net)
+        placed = self._placed.get(key)
+        if placed is None or placed[0] != state:  # first use, or the caller changed the weights since (load_state_dict)
+            self._placed[key] = (state, copy.deepcopy(self.net).to(device, memory_format=torch.channels_last))
+        return self._placed[key][1].eval()  # extraction always runs in eval mode, whatever the caller's model is in
 
     def forward(self, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """``{tap: {pooling: (B, D) float32 tensor}}`` on the images' device."""
@@ -131,6 +134,11 @@ class CodeExtractor(nn.Module):
 
     def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "_placed": {}}  # device copies are rebuilt where they are needed
+
+
+def _state_versions(net: nn.Module) -> tuple[int, ...]:
+    """In-place change counters of every parameter and buffer: they move when weights or statistics are replaced."""
+    return tuple(t._version for t in (*net.parameters(), *net.buffers()))
 
 
 def _placed_on(net: nn.Module, device: torch.device) -> bool:

@@ -4,7 +4,7 @@ cross-validation, out of core when codes exceed memory, and the in-memory sweep 
 from ._linear import ProblemStack, TorchLinearSVC, TorchLogisticRegression, fit_paths
 from ._probes import CLASSIFIERS, NORMALIZERS, PATH_LOSS, make_classifier, make_normalizer, make_probe, signed_sqrt
 from ._results import Split, SweepConfig, SweepResult, SweepRow
-from ._scoring import c_grid, metrics_from_scores
+from ._scoring import c_grid, check_finite, metrics_from_scores
 from ._search import evaluate_codes, joblib_backend, split_images, sweep_codes
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "TorchLinearSVC",
     "TorchLogisticRegression",
     "c_grid",
+    "check_finite",
     "evaluate_codes",
     "fit_paths",
     "joblib_backend",

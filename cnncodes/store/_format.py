@@ -196,10 +196,11 @@ def _array_entry_problem(entry: Any, rows: Any) -> str | None:
 
 
 def same_settings(old: Any, new: dict[str, Any]) -> bool:
-    """Whether a store made with config ``old`` holds what config ``new`` asks for. A store written before numerics
-    were recorded (no ``numerics`` key) matches any numerics: its guarantee was never recorded, and refusing would
-    strand every such store."""
-    if isinstance(old, dict) and "numerics" not in old:
+    """Whether a store made with config ``old`` holds what config ``new`` asks for (symmetric: shards compare with it
+    too). A store written before numerics were recorded (no ``numerics`` key) matches any numerics: its guarantee was
+    never recorded, and refusing would strand every such store."""
+    if isinstance(old, dict) and ("numerics" not in old or "numerics" not in new):
+        old = {k: v for k, v in old.items() if k != "numerics"}
         new = {k: v for k, v in new.items() if k != "numerics"}
     return old == json.loads(json.dumps(new))
 

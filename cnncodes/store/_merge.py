@@ -94,7 +94,7 @@ def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None, count: 
                 f"with {batch_size}; batches differ, so the merge would not equal a one-process run. Re-extract the "
                 "shards with one --batch-size."
             )
-        if unsharded(config) != base:
+        if not same_settings(base, unsharded(config)):
             raise StoreMismatchError(
                 f"{store.path} was extracted with other settings than {ordered[0].path} "
                 f"({config_diff(base, unsharded(config), ('first shard', 'this one'))}). Re-extract that shard with the same arguments."

@@ -108,6 +108,10 @@ def depth_of_stores(
         if store.sources != opened[0].sources or store.manifest.get("model") != opened[0].manifest.get("model"):
             raise ParameterError(f"{store.path} holds other images or another model than {opened[0].path}; a depth "
                                  "sweep compares cuts of one backbone on one set of images.")  # fmt: skip
+    cut_of = [tuple(a["tap"] for a in store.arrays if a["pooling"] == "none") for store in opened]
+    repeated = sorted({c for c in cut_of if len(c) == 1 and cut_of.count(c) > 1})
+    if repeated:
+        raise ParameterError(f"several stores hold the cut {repeated[0][0]!r}; give one store per cut.")
     backbone = backbone or backbone_of(opened[0], weights)
     catalogue = list_taps(backbone)
     rows = []

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..images import ImageSource, PixelNormalizer, Preprocessing, pixel_transform, render_view, view_transform
-from ..network import CodeExtractor
+from ..network import CodeExtractor, autocast_dtype, precision
+from ..probing import check_finite
 
 __all__ = ["CachedActivations", "LiveActivations"]
 
@@ -38,7 +39,9 @@ class CachedActivations:
         else:
             raw = b"".join(os.pread(self._fd, self._row_bytes, self._offset + int(r) * self._row_bytes) for r in index)
             block = np.frombuffer(raw, dtype=self._dtype).astype(np.float32)
-        return torch.from_numpy(block).reshape(len(index), *self.shape)
+        return torch.from_numpy(check_finite(block.reshape(len(index), -1), index, "the cached activations")).reshape(
+            len(index), *self.shape
+        )
 
     def __del__(self) -> None:
         if getattr(self, "_file", None) is not None:
@@ -49,8 +52,9 @@ class LiveActivations:
     """Activations computed now: decode, render the seeded view, run the frozen layers up to the cut (eval mode)."""
 
     def __init__(self, source: ImageSource, extractor: CodeExtractor, pre: Preprocessing, seed: int,
-                 augment: Sequence[str], device: torch.device) -> None:  # fmt: skip
+                 augment: Sequence[str], device: torch.device, amp: bool = True) -> None:  # fmt: skip
         self.source, self.extractor, self.seed, self.device = source, extractor, seed, device
+        self.dtype = autocast_dtype(device, amp)
         self.plain, self.augmented = pixel_transform(pre), view_transform(pre, augment)
         self.to_input = PixelNormalizer(pre, device)
         self.net = extractor.on(device)
@@ -59,7 +63,7 @@ class LiveActivations:
     def rows(self, images: np.ndarray, view: int) -> torch.Tensor:
         pixels = torch.stack([render_view(self.source.load(int(i)), int(i), view, self.seed, self.plain, self.augmented)
                               for i in images])  # fmt: skip
-        with torch.inference_mode():
+        with torch.inference_mode(), precision(self.device, self.dtype):  # the numerics the cache was made at
             x = self.to_input(pixels.to(self.device)).contiguous(memory_format=torch.channels_last)
-            flat = self.net(x)[self.tap.name]["none"]
+            flat = self.net(x)[self.tap.name]["none"].float()
         return flat.reshape(len(images), *self.tap.shape).clone()

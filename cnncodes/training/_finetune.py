@@ -80,14 +80,16 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.init not in ("probe", "random"):
             raise ParameterError(f"init={self.init!r}; use 'probe' (start from a linear probe) or 'random'.")
-        for name in ("epochs", "batch_size", "patience", "hidden"):
+        limits = {"epochs": (1, 100_000), "batch_size": (2, 65_536), "patience": (1, 100_000), "hidden": (1, 65_536)}
+        for name, (low, high) in limits.items():
             value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ParameterError(f"{name}={value!r}; use a positive integer.")
+            if type(value) is not int or not low <= value <= high:
+                why = " (batch norm cannot train on batches of one)" if name == "batch_size" else ""
+                raise ParameterError(f"{name}={value!r}; use an integer from {low} to {high}{why}.")
         for name in ("lr", "lr_pretrained"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ParameterError(f"{name}={value!r}; use a positive learning rate such as 1e-3.")
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 10):
+                raise ParameterError(f"{name}={value!r}; use a learning rate in (0, 10], such as 1e-3.")
         if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
             raise ParameterError(f"weight_decay={self.weight_decay!r}; use a number in [0, 1).")
         for name in ("label_smoothing", "dropout"):

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -99,6 +100,10 @@ def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
         raise _refuse(path, f"classes {str(classes)[:80]} is not a list of at least 2 distinct class names")
     if not isinstance(meta.get("cut"), str) or type(meta.get("head")) is not bool:
         raise _refuse(path, "cut must be a tap name and head true or false")
+    numerics = meta.get("numerics")
+    if numerics is not None and not (isinstance(numerics, dict) and numerics.get("precision") in
+                                     ("float32", "bfloat16", "float16")):  # fmt: skip
+        raise _refuse(path, f"numerics {str(numerics)[:60]} is not null or an object with a float precision")
     config = meta.get("config")
     if not isinstance(config, dict):
         raise _refuse(path, "config must be an object")
@@ -189,6 +194,9 @@ class DeployedFinetune:
             raise _refuse(path, f"{_WEIGHTS} does not match its checksum (the file was modified)")
         try:
             tensors = load_safetensors(data)
+            wrong_type = [k for k in expected if k in tensors and tensors[k].dtype != expected[k].dtype]
+            if wrong_type:
+                raise _refuse(path, f"weights {wrong_type[:3]} are not {expected[wrong_type[0]].dtype}")
             mismatched = [k for k in expected if k not in tensors or tensors[k].shape != expected[k].shape]
             if mismatched or set(tensors) - set(expected):
                 raise _refuse(path, f"its weights do not fit the model rebuilt at cut {self.cut!r} "
@@ -196,7 +204,7 @@ class DeployedFinetune:
             if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
                 raise _refuse(path, "its weights are not finite")
             self.top.load_state_dict(tensors)
-        except (ValueError, RuntimeError, TypeError) as exc:
+        except (ValueError, RuntimeError, TypeError, SafetensorError) as exc:
             if isinstance(exc, BundleError):
                 raise
             raise _refuse(path, f"its weights cannot be read ({type(exc).__name__}: {exc})") from None

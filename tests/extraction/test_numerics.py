@@ -123,3 +123,52 @@ def test_a_store_from_before_numerics_were_recorded_still_resumes_and_is_reused(
     store = _extract(tmp_path / "s")  # resumes instead of "made with different settings"
     assert store.complete and "numerics" not in store.manifest["config"]
     assert _extract(tmp_path / "s").manifest["written"] == store.manifest["written"]  # reused as it is
+
+
+def test_a_failed_commit_loses_no_image_error_and_the_rerun_equals_a_clean_run(tmp_path, monkeypatch):
+    import errno
+
+    from cnncodes.store import StoreWriter
+    from helpers import write_image_folder
+
+    images = write_image_folder(tmp_path / "imgs", n=24)
+    for i in (3, 14):  # bad images in different batches
+        next(images.rglob(f"{i:03d}.png")).write_bytes(b"\x89PNG garbage")
+    kw = dict(model=make_tiny_backbone(), poolings="avg", views=1, batch_size=4, workers=0, progress=False)
+    clean = cnncodes.extract(images, out=tmp_path / "clean", **kw)
+    monkeypatch.setattr(run_module, "COMMIT_SECONDS", 0.0)
+    original, failed = StoreWriter.commit, []
+
+    def fsync_fails_once(self, rows_done, errors=()):
+        if errors and not failed:
+            failed.append(rows_done)
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return original(self, rows_done, errors)
+
+    monkeypatch.setattr(StoreWriter, "commit", fsync_fails_once)
+    with pytest.raises(OSError, match="injected"):
+        cnncodes.extract(images, out=tmp_path / "s", **kw)
+    progress = json.loads((tmp_path / "s" / ".partial" / "progress.json").read_text())
+    assert progress["rows_done"] < failed[0]  # nothing past the failed commit was recorded as done
+    monkeypatch.setattr(StoreWriter, "commit", original)
+    again = cnncodes.extract(images, out=tmp_path / "s", **{**kw, "model": make_tiny_backbone()})
+    assert again.rows == clean.rows and sorted(e["path"] for e in again.errors) == sorted(
+        e["path"] for e in clean.errors
+    )
+    np.testing.assert_array_equal(again.labels, clean.labels)
+    for key in clean.keys():
+        np.testing.assert_array_equal(again.codes(*key), clean.codes(*key))
+
+
+def test_a_shard_from_before_numerics_merges_with_a_new_one(tmp_path):
+    out = tmp_path / "sharded"
+    first = _extract(out, shard=Shard(0, 2))
+    path = first.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["numerics"]
+    path.write_text(json.dumps(manifest))
+    _extract(out, shard=Shard(1, 2))
+    merged = merge_shards(out)
+    reference = _extract(tmp_path / "one")
+    for key in reference.keys():
+        np.testing.assert_array_equal(merged.codes(*key), reference.codes(*key))

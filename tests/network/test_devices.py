@@ -75,10 +75,10 @@ def test_a_batch_fence_records_and_waits_on_its_own_device_stream(two_gpus):
 def test_without_amp_cuda_runs_ieee_float32_and_the_setting_is_restored():
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     before = conv.fp32_precision, matmul.fp32_precision
-    with encode_module._precision(torch.device("cuda", 0), None):
+    with encode_module.precision(torch.device("cuda", 0), None):
         assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
     assert (conv.fp32_precision, matmul.fp32_precision) == before
-    with encode_module._precision(torch.device("cpu"), None):
+    with encode_module.precision(torch.device("cpu"), None):
         assert (conv.fp32_precision, matmul.fp32_precision) == before
 
 
@@ -156,3 +156,26 @@ def test_decode_workers_are_shared_by_the_processes_of_a_node(monkeypatch):
     assert default_workers(cuda, processes=8) == 2
     assert default_workers(torch.device("cpu"), processes=1) == 4
     assert default_workers(torch.device("cpu"), processes=4) == 0  # 4 cores each: the forward needs them
+
+
+def test_the_device_copy_follows_the_callers_weights_and_always_runs_in_eval_mode():
+    from cnncodes.network import encode
+
+    backbone = make_tiny_backbone()
+    extractor = CodeExtractor(backbone, "stages", "avg")
+    images = as_source(make_images(8)[0])
+
+    def codes(ex, batch=8):
+        return encode(images, ex, TINY_PRE, device="cpu", workers=0, batch_size=batch)[0]
+
+    before = codes(extractor)
+    state = {k: v * 1.5 if v.is_floating_point() else v for k, v in backbone.model.state_dict().items()}
+    backbone.model.load_state_dict(state)  # the caller changes the weights after building the extractor
+    after = codes(extractor)
+    fresh = codes(CodeExtractor(backbone, "stages", "avg"))
+    for key in before:
+        assert not np.allclose(before[key], after[key])
+        np.testing.assert_array_equal(after[key], fresh[key])
+    backbone.model.train()  # and switches it to training mode: codes must not depend on the batch
+    for key, value in codes(extractor, batch=2).items():
+        np.testing.assert_allclose(value, fresh[key], rtol=1e-5, atol=1e-6)

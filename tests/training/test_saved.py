@@ -102,3 +102,55 @@ def test_predict_and_export_from_the_cli(tmp_path, capsys):
     assert header == "path,predicted,proba_class0,proba_class1,proba_class2,error"
     assert main(["export", str(model), "--out", str(tmp_path / "m.pt2")]) == 0
     assert "output logits (N, 3)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m, w: ({**m, "numerics": [1]}, w), "numerics"),
+        (lambda m, w: ({**m, "config": {**m["config"], "hidden": 2**40}}, w), "config is malformed"),
+        (lambda m, w: (m, b"\x08" + 7 * b"\0" + b'{"a":1}'), "cannot be read"),
+        (lambda m, w: (m, _retyped(w)), "are not torch.float32"),
+    ],
+    ids=["numerics a list", "huge hidden", "junk weights", "integer weights"],
+)
+def test_hostile_fine_tuned_files_fail_in_one_line(trained, tmp_path, edit, message, capsys):
+    backbone, _, _, result, root = trained
+    with zipfile.ZipFile(result.path) as zf:
+        meta, weights = json.loads(zf.read("finetuned.json")), zf.read("weights.safetensors")
+    meta, weights = edit(meta, weights)
+    meta = {**meta, "checksums": {"weights.safetensors": hashlib.sha256(weights).hexdigest()}}
+    path = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("finetuned.json", json.dumps(meta))
+        zf.writestr("weights.safetensors", weights)
+    with pytest.raises(BundleError, match=message):
+        load_finetuned(path, backbone=backbone)
+
+
+def _retyped(weights: bytes) -> bytes:
+    from safetensors.torch import load, save
+
+    return save({k: v.to(torch.int64) if v.is_floating_point() else v for k, v in load(weights).items()})
+
+
+def test_non_finite_cached_activations_are_named(tmp_path):
+    backbone = make_tiny_backbone()
+    cut = cut_points(backbone)[2]
+    images, labels = make_images(24)
+    store = cnncodes.extract(images, labels=labels, out=tmp_path / "s", model=backbone, taps=cut, poolings="none",
+                             relu="never", dtype="float32", batch_size=6, workers=0, progress=False)  # fmt: skip
+    array = np.load(store.path / store.arrays[0]["file"], mmap_mode="r+")
+    array[3, :5] = np.nan
+    array.flush()
+    del array
+    with pytest.raises(cnncodes.errors.ParameterError, match="NaN or infinite values"):
+        finetune(
+            store, cut, backbone=backbone, config=FinetuneConfig(epochs=1, batch_size=6, head=True), progress=False
+        )
+
+
+@pytest.mark.parametrize(("field", "value"), [("lr", 1e300), ("batch_size", 1), ("hidden", 10**9), ("init", "lp")])
+def test_finetune_settings_are_bounded(field, value):
+    with pytest.raises(cnncodes.errors.ParameterError, match=field):
+        FinetuneConfig(**{field: value})
