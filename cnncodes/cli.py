@@ -395,7 +395,7 @@ def _cmd_depth(args: argparse.Namespace) -> int:
         raise ParameterError(f"{args.source[1]} is not a code store; give one image source, or code stores only.")
     else:
         rows = depth(args.source[0], out=args.out, model=args.model, cuts=args.cuts, weights=args.weights,
-                     input_size=args.input_size, views=args.views, seed=args.seed, config=config,
+                     input_size=args.input_size, views=args.views, seed=args.seed, augment=args.augment, config=config,
                      test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
     print(format_depth_table(rows))
     print(f"wrote depth.csv, depth.json, depth.png to {args.out} (* = best cut by validation accuracy)")
@@ -534,8 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", action="store_true", help="train a small head (pool, dense, dropout) instead of the top")
     p.add_argument("--epochs", type=_int_at_least(1), default=10)
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of new layers (default: %(default)s)")
-    p.add_argument("--lr-pretrained", type=float, default=1e-4, help="of pretrained layers (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of new layers (default: %(default)s)")
+    p.add_argument("--lr-pretrained", type=float, default=1e-3, help="of pretrained layers (default: %(default)s)")
     p.add_argument("--patience", type=_int_at_least(1), default=3, help="early-stopping patience in epochs")
     p.add_argument("--val-size", type=float, default=0.2, help="validation fraction of the training images")
     p.add_argument("--test-size", type=float, default=0.25, help="held-out test fraction (the sweep's split)")
@@ -553,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuts", default="stages", help="cuts: stages or tap names (default: %(default)s)")
     p.add_argument("--out", required=True, help="directory for the per-cut stores and depth.csv/json/png")
     p.add_argument("--views", type=_int_at_least(0), default=2, help="augmented views cached per image (default: 2)")
+    p.add_argument("--augment", default="crop,flip", help="view augmentations: crop,flip,color (default: %(default)s)")
     p.add_argument("--head", action="store_true", help="fine-tune a small head instead of the layers above each cut")
     p.add_argument("--epochs", type=_int_at_least(1), default=10)
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)

@@ -49,6 +49,7 @@ def depth(
     input_size: int | None = None,
     views: int = 2,
     seed: int = 0,
+    augment: str | Sequence[str] = ("crop", "flip"),
     config: FinetuneConfig | None = None,
     test_size: float = 0.25,
     val_size: float = 0.2,
@@ -57,7 +58,8 @@ def depth(
     progress: bool = True,
 ) -> list[DepthRow]:
     """For each cut: extract its raw activations (cache, ``none``) and pooled codes (``avg``) once, with ``views``
-    seeded augmented views; sweep linear probes on the pooled codes; fine-tune the layers above the cut on the cache.
+    seeded augmented views (``augment``: crop, flip, color; drop flip for images whose mirror means something else,
+    such as digits); sweep linear probes on the pooled codes; fine-tune the layers above the cut on the cache.
 
     Every cut is scored on the same held-out test images (the sweep's stratified split for ``test_size`` and
     ``seed``); the fine-tuned top is chosen on validation images only. The best cut is the one with the highest
@@ -79,7 +81,7 @@ def depth(
             print(f"cut {name}:")
         start = time.perf_counter()
         stores.append(extract(source, out=Path(out) / "cuts" / name.replace("/", "_"), model=backbone, taps=[name],
-                              poolings="none,avg", relu="never", views=views, seed=seed, batch_size=batch_size,
+                              poolings="none,avg", relu="never", views=views, seed=seed, augment=augment, batch_size=batch_size,
                               device=device, progress=progress))  # fmt: skip
         seconds.append(time.perf_counter() - start)
     return depth_of_stores(stores, out=out, backbone=backbone, config=config, test_size=test_size, val_size=val_size,

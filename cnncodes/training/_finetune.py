@@ -43,9 +43,9 @@ class FinetuneConfig:
         and a classifier: the classic recipe) instead of the pretrained layers above the cut plus a new classifier.
     epochs : int, default=10
     batch_size : int, default=64
-    lr : float, default=1e-3
+    lr : float, default=3e-3
         AdamW learning rate of the new layers (classifier, head).
-    lr_pretrained : float, default=1e-4
+    lr_pretrained : float, default=1e-3
         Learning rate of the pretrained layers above the cut (lower: they start from good weights).
     weight_decay : float, default=0.05
     label_smoothing : float, default=0.1
@@ -67,8 +67,8 @@ class FinetuneConfig:
     head: bool = False
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
-    lr_pretrained: float = 1e-4
+    lr: float = 3e-3
+    lr_pretrained: float = 1e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     patience: int = 3
