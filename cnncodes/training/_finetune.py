@@ -226,7 +226,7 @@ def train(
     # The starting point competes too: a fine-tuning that never beats its start (a probe-initialised head) keeps it.
     best = (accuracy(model, feed, labels, val, config.batch_size, dev), -1, copy.deepcopy(model.state_dict()))
     history: list[dict[str, float]] = []
-    done_steps, start, since_best = 0, time.perf_counter(), 0
+    done_steps, start, since_best, best_trained = 0, time.perf_counter(), 0, -1.0
     rng = torch.Generator().manual_seed(config.seed)
     for epoch in range(config.epochs):
         view = 1 + epoch % views if views else 0
@@ -258,7 +258,11 @@ def train(
         if progress:
             print(f"  epoch {epoch}: loss {history[-1]['loss']:.4f}, validation accuracy {val_acc:.4f}")
         if val_acc > best[0]:
-            best, since_best = (val_acc, epoch, copy.deepcopy(model.state_dict())), 0
+            best = (val_acc, epoch, copy.deepcopy(model.state_dict()))
+        # Patience counts against the best *trained* epoch: the first, high-rate epochs may fall below a probe start,
+        # and stopping then would never let the decaying schedule recover.
+        if val_acc > best_trained:
+            best_trained, since_best = val_acc, 0
         else:
             since_best += 1
         if since_best >= config.patience or (steps is not None and done_steps >= steps):
