@@ -102,3 +102,20 @@ def test_the_probe_solvers_on_cuda_agree_with_sklearn():
     ref = LogisticRegression(C=0.1, max_iter=2000, tol=1e-8).fit(X, y)
     assert (ours.predict(X) == ref.predict(X)).mean() > 0.99
     np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=2e-3)
+
+
+def test_fine_tuning_on_cuda_learns_what_the_cpu_learns(tmp_path):
+    from cnncodes.network import cut_points
+    from cnncodes.training import FinetuneConfig, finetune
+    from helpers import make_images, make_tiny_backbone
+
+    backbone = make_tiny_backbone()
+    cut = cut_points(backbone)[2]
+    images, labels = make_images(60)
+    store = cnncodes.extract(images, labels=labels, out=tmp_path / "s", model=backbone, taps=cut, poolings="none",
+                             relu="never", views=1, device="cpu", progress=False)  # fmt: skip
+    config = FinetuneConfig(epochs=3, batch_size=8)
+    cpu = finetune(store, cut, backbone=backbone, config=config, device="cpu", progress=False)
+    gpu = finetune(store, cut, backbone=backbone, config=config, device="cuda", progress=False)  # bf16, channels_last
+    assert abs(gpu.val_accuracy - cpu.val_accuracy) <= 0.1
+    assert next(gpu.model.parameters()).device.type == "cuda"
