@@ -563,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_depth)
 
-    p = sub.add_parser("predict", help="predict images with a saved probe bundle")
-    p.add_argument("bundle", help="probe bundle (best_probe.zip from cnncodes sweep)")
+    p = sub.add_parser("predict", help="predict images with a probe bundle or a fine-tuned model")
+    p.add_argument("bundle", help="probe bundle (best_probe.zip from sweep) or fine-tuned model (finetuned.zip)")
     p.add_argument("source", help="ImageFolder dir, CSV, unlabeled folder or demo:digits")
     p.add_argument("--out", help="CSV file to write (default: standard output)")
     p.add_argument("--weights", metavar="PATH", help="local weights for the bundle's model spec")
@@ -581,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="export a probe bundle as one torch.export, TorchScript or ONNX model")
+    p = sub.add_parser(
+        "export", help="export a probe bundle or fine-tuned model as one torch.export, TorchScript or ONNX model"
+    )
     p.add_argument("bundle")
     p.add_argument(
         "--format",

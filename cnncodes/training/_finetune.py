@@ -28,6 +28,9 @@ __all__ = [
     "HeadModel",
     "TopModel",
     "TrainResult",
+    "accuracy",
+    "build_model",
+    "init_from_probe",
     "train",
 ]
 
