@@ -226,6 +226,8 @@ def _resolve(host: str) -> tuple | OSError:
         return socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)[0][4]
     except OSError as exc:
         return exc
+    except Exception as exc:  # noqa: BLE001 - a resolver thread must never die with a traceback
+        return OSError(f"resolving {host} failed ({type(exc).__name__}: {exc})")
 
 
 def _fail_if_unreachable(url: str, cache_path: str, what: str) -> None:
