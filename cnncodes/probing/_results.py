@@ -135,6 +135,9 @@ class Split:
     test_views: int
 
 
+_OPTIONAL = ("test_tta_accuracy", "test_top5_accuracy", "test_class_recall")
+
+
 @dataclass
 class SweepRow:
     """One fitted candidate: a (tap, pooling, normalizer, probe) with its chosen C and its scores."""
@@ -156,16 +159,15 @@ class SweepRow:
     test_macro_f1: float
     fit_seconds: float
     test_tta_accuracy: float | None = None  # with views: decision functions averaged over an image's views
+    test_top5_accuracy: float | None = None  # with more than 5 classes
+    test_class_recall: dict[int, float] | None = None  # by class label (results.json names the classes)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
         return (self.tap, self.pooling, self.normalizer, self.probe)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if out["test_tta_accuracy"] is None:
-            del out["test_tta_accuracy"]
-        return out
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in _OPTIONAL}
 
     @classmethod
     def columns(cls) -> list[str]:
@@ -212,5 +214,8 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the fitted estimator and predictions, JSON-ready (``results.json``)."""
-        return {"config": self.config.to_dict(), "data": self.data, "classes": self.classes,
-                "rows": [r.to_dict() for r in self.rows]}  # fmt: skip
+        rows = [r.to_dict() for r in self.rows]
+        for row in rows:  # per-class recall by class name
+            if row.get("test_class_recall") is not None:
+                row["test_class_recall"] = {self.classes[int(c)]: v for c, v in row["test_class_recall"].items()}
+        return {"config": self.config.to_dict(), "data": self.data, "classes": self.classes, "rows": rows}

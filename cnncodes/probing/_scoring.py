@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, top_k_accuracy_score
 from sklearn.pipeline import Pipeline
 
 from ..errors import ParameterError
@@ -48,7 +48,11 @@ def metrics_from_scores(
         "test_accuracy": float(accuracy_score(y, pred)),
         "test_balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "test_macro_f1": float(f1_score(y, pred, average="macro")),
+        # recall of every class the test split holds, by class label
+        "test_class_recall": {int(c): float(np.mean(pred[y == c] == c)) for c in np.unique(y)},
     }
+    if plain.ndim == 2 and len(classes) > 5:
+        metrics["test_top5_accuracy"] = float(top_k_accuracy_score(y, plain, k=5, labels=classes))
     if views:
         tta = scores.reshape(len(y), per, *scores.shape[1:]).mean(1)
         metrics["test_tta_accuracy"] = float(accuracy_score(y, predict(tta)))

@@ -17,7 +17,8 @@ from ..probing import SweepResult, SweepRow
 __all__ = ["format_table", "write_report", "plot_sweep"]
 
 _COLUMNS = ["tap", "depth", "pooling", "dims", "normalizer", "probe", "C", "cv_accuracy", "cv_std", "test_accuracy",
-            "test_balanced_accuracy", "test_macro_f1", "test_tta_accuracy", "fit_seconds", "C_at_edge", "n_fits", "solver"]  # fmt: skip
+            "test_balanced_accuracy", "test_macro_f1", "test_tta_accuracy", "test_top5_accuracy", "fit_seconds",
+            "C_at_edge", "n_fits", "solver"]  # fmt: skip
 
 
 def format_table(result: SweepResult) -> str:
@@ -85,7 +86,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
 
 
 def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
-    """Write results.csv, results.json, best.json, test_predictions.csv and sweep.png to ``out``."""
+    """Write results.csv, results.json, best.json, test_predictions.csv, sweep.png and confusion.png to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("results.csv", "results.json", "best.json", "test_predictions.csv")}
@@ -108,4 +109,32 @@ def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = Tr
             w.writerow([src, result.classes[label], result.classes[p]] + [f"{v:.6g}" for v in s])
     if plot:
         paths["sweep.png"] = plot_sweep(result, out / "sweep.png")
+        paths["confusion.png"] = plot_confusion(result, out / "confusion.png")
     return paths
+
+
+def plot_confusion(result: SweepResult, path: str | os.PathLike) -> Path:
+    """The best candidate's confusion matrix on the test images (rows: true class, normalized to recall)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    pred = result.test_predictions
+    labels = list(range(len(result.classes)))
+    side = min(12.0, 3.0 + 0.45 * len(labels))
+    fig, ax = plt.subplots(figsize=(side, side))
+    ConfusionMatrixDisplay.from_predictions(
+        pred["labels"], pred["predicted"], labels=labels, display_labels=result.classes, normalize="true",
+        values_format=".2f", include_values=len(labels) <= 20, cmap="Blues", colorbar=False, ax=ax,
+        xticks_rotation=45,
+    )  # fmt: skip
+    best = result.best
+    ax.set_title(
+        f"{best.tap} / {best.pooling} / {best.normalizer} / {best.probe}: test accuracy {best.test_accuracy:.3f}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

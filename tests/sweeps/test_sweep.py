@@ -193,3 +193,22 @@ def test_dask_backend_errors_say_what_to_do(store, tmp_path, capsys):
             == 2
         )
     assert "cannot reach the Dask scheduler at 'tcp://127.0.0.1:9'" in capsys.readouterr().err
+
+
+def test_top5_accuracy_per_class_recall_and_the_confusion_matrix(tmp_path):
+    import cnncodes
+    from helpers import make_code_store
+
+    many = make_code_store(tmp_path / "many", n_images=240, n_classes=8)
+    result = cnncodes.sweep(many, probes=["logreg"], folds=2, progress=False)
+    for row in result.rows:
+        assert row.test_accuracy <= row.test_top5_accuracy <= 1.0
+        # balanced accuracy is the mean per-class recall: two routes to one number
+        assert np.mean(list(row.test_class_recall.values())) == pytest.approx(row.test_balanced_accuracy)
+    paths = cnncodes.write_report(result, tmp_path / "report")
+    saved = json.loads(paths["results.json"].read_text())["rows"][0]
+    assert set(saved["test_class_recall"]) == set(many.classes)  # by class name
+    assert paths["confusion.png"].stat().st_size > 0
+    assert "test_top5_accuracy" in paths["results.csv"].read_text().splitlines()[0]
+    few = cnncodes.sweep(make_code_store(tmp_path / "few", n_images=60), probes=["logreg"], folds=2, progress=False)
+    assert few.rows[0].test_top5_accuracy is None and "test_top5_accuracy" not in few.rows[0].to_dict()
