@@ -162,7 +162,7 @@ def test_sweep_on_a_dask_local_cluster_equals_the_local_sweep(store, tmp_path):
     on_dask = json.loads((tmp_path / "dask" / "results.json").read_text())
     assert (tmp_path / "dask" / "best.json").read_bytes() == (tmp_path / "local" / "best.json").read_bytes()
     assert _without_timings(on_dask["rows"]) == _without_timings(local["rows"])
-    assert _without_timings([r.to_dict() for r in api.rows]) == _without_timings(local["rows"])
+    assert _without_timings(api.to_dict()["rows"]) == _without_timings(local["rows"])
     assert (tmp_path / "dask" / "test_predictions.csv").read_text() == (
         tmp_path / "local" / "test_predictions.csv"
     ).read_text()
