@@ -370,6 +370,8 @@ def write_corpus(out: Path) -> None:
     (out / "bundles").mkdir(parents=True, exist_ok=True)
     for case in BUNDLE_CASES:
         make_bundle_case(valid, out / "bundles" / f"{_slug(case)}.zip", case)
+    for case, (make, _) in RAW_BUNDLE_CASES.items():
+        make(valid, out / "bundles" / f"{_slug(case)}.zip")
     (out / "args.json").write_text(json.dumps({case: args for case, (args, _) in ARG_CASES.items()}, indent=1))
 
 
