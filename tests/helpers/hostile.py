@@ -382,6 +382,5 @@ def _slug(case: str) -> str:
 if __name__ == "__main__":
     sys.path.insert(0, os.fspath(Path(__file__).resolve().parents[1]))
     write_corpus(Path(sys.argv[1]))
-    print(
-        f"wrote {len(STORE_CASES)} stores, {len(BUNDLE_CASES)} bundles and {len(ARG_CASES)} command lines to {sys.argv[1]}"
-    )
+    bundles = len(BUNDLE_CASES) + len(RAW_BUNDLE_CASES)
+    print(f"wrote {len(STORE_CASES)} stores, {bundles} bundles and {len(ARG_CASES)} command lines to {sys.argv[1]}")
