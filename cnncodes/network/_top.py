@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from ..errors import ParameterError
 from ._backbones import Backbone
+from ._graph import _fetch
 from ._taps import TapCatalogue, list_taps
 
 __all__ = ["Top", "top_above", "cut_points"]
@@ -153,10 +154,3 @@ def cut_points(backbone: Backbone, catalogue: TapCatalogue | None = None) -> lis
     gm, node_of = _trace_of(backbone, catalogue)
     end = _classifier(gm, node_of).args[0]
     return [t.name for t in catalogue.taps if t.main_path and _problem(gm, node_of[t.name], end)[1] is None]
-
-
-def _fetch(root: nn.Module, target: str) -> object:
-    obj: object = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
