@@ -224,20 +224,36 @@ def _check_bundle_source(path: str) -> None:
                          "damaged: re-extract it with --overwrite.")  # fmt: skip
 
 
-def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
+def _parse_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive integers (``1,2,4,8,16``)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated whole numbers, e.g. 1,2,4,8,16") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every number must be at least 1, e.g. 1,2,4,8,16")
+    return values
+
+
+def _run_sweep(stores: list[str], out: str, args: argparse.Namespace) -> int:
     from .deploy import bundle_digest, save_probe
     from .errors import ParameterError
     from .sweeps import format_table, sweep, write_report
 
     _output_dir(out)
-    for code_store in (store, getattr(args, "test", None)):
-        if code_store and Path(out).resolve().is_relative_to(Path(code_store).resolve()):
+    tests = args.test or []
+    for code_store in [*stores, *tests]:
+        if Path(out).resolve().is_relative_to(Path(code_store).resolve()):
             raise ParameterError(f"--out {out} is inside the code store {code_store}; write the results elsewhere "
                                  "(nothing was computed).")  # fmt: skip
-    _check_bundle_source(store)
+    if tests and len(tests) != len(stores):
+        raise ParameterError(f"{len(stores)} stores but {len(tests)} --test stores; give one --test per store, in the "
+                             "same order (nothing was computed).")  # fmt: skip
+    for store in stores:
+        _check_bundle_source(store)
     result = sweep(
-        store,
-        test=args.test,
+        stores,
+        test=tests or None,
         probes=args.probes.split(","),
         normalizers=args.normalizers.split(","),
         taps=args.taps.split(",") if args.taps else None,
@@ -254,6 +270,8 @@ def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
         progress=not args.quiet,
         backend=args.backend,
         scheduler=args.scheduler,
+        shots=args.shots,
+        draws=args.draws,
     )
     print(format_table(result))
     paths = write_report(result, out)
@@ -264,7 +282,20 @@ def _run_sweep(store: str, out: str, args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    return _run_sweep(args.store, args.out, args)
+    return _run_sweep(args.stores, args.out, args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .sweeps import compare, format_table, write_results
+
+    _output_dir(args.out)
+    _not_an_input(args.out, *args.sweeps)
+    comparison = compare(args.sweeps)
+    print(format_table(comparison))
+    paths = write_results(comparison, args.out)
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out} (the best probe's bundle is in "
+          f"{comparison.data['sweep_of'][comparison.best.backbone]})")  # fmt: skip
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -278,7 +309,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     progress=not args.quiet)  # fmt: skip
     print(f"      {store.rows} images x {len(store.arrays)} arrays")
     print(f"[2/2] sweeping {args.probes} probes over every tap and pooling -> {out / 'sweep'}")
-    return _run_sweep(str(out / "codes"), str(out / "sweep"), args)
+    return _run_sweep([str(out / "codes")], str(out / "sweep"), args)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -403,7 +434,11 @@ def _cmd_depth(args: argparse.Namespace) -> int:
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--probes", default="logreg,linsvc", help="logreg,linsvc,sgd,sgd-log (default: %(default)s)")
+    p.add_argument(
+        "--probes",
+        default="logreg,linsvc",
+        help="logreg,linsvc,sgd,sgd-log; knn adds the kNN baseline (default: %(default)s)",
+    )
     p.add_argument("--normalizers", default="standard", help="standard,l2,power,none (default: %(default)s)")
     p.add_argument("--folds", type=_int_at_least(2), default=5, help="stratified CV folds over training images")
     p.add_argument(
@@ -427,6 +462,9 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="with --backend dask: tcp://HOST:PORT or a scheduler JSON file (default: local cluster)",
     )
+    p.add_argument("--shots", type=_parse_ints, default=(), metavar="N,N,...",
+                   help="few-shot rows: training images per class, e.g. 1,2,4,8,16 (never drawn from the test split)")  # fmt: skip
+    p.add_argument("--draws", type=_int_at_least(1), default=5, help="subsets drawn per shot count (default: 5)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(test=None, taps=None, poolings=None)
 
@@ -516,14 +554,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove-shards", action="store_true", help="delete the shard stores after a successful merge")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("sweep", help="probe every (tap, pooling) of a store and pick the best extraction point")
-    p.add_argument("store", help="code store directory (from cnncodes extract)")
+    p = sub.add_parser(
+        "sweep", help="probe every (tap, pooling) of one or more stores and pick the best extraction point"
+    )
+    p.add_argument(
+        "stores", nargs="+", metavar="STORE",
+        help="code store directories (from cnncodes extract); several: the same images from other backbones or sizes",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="directory for results, plot and the best probe")
     _add_sweep_args(p)
-    p.add_argument("--test", help="a separate test store instead of a held-out split")
+    p.add_argument("--test", action="append", help="a separate test store instead of a held-out split (one per STORE)")
     p.add_argument("--taps", help="only these taps (comma-separated)")
     p.add_argument("--poolings", help="only these poolings (comma-separated)")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("compare", help="join sweeps of the same images (their --out directories) into one table")
+    p.add_argument("sweeps", nargs="+", metavar="DIR", help="directories written by cnncodes sweep --out")
+    p.add_argument("--out", required=True, help="directory for the joined results.csv/json, best.json and sweep.png")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("finetune", help="train the layers above a cut (or a head) on a store's cached activations")
     p.add_argument(

@@ -389,7 +389,7 @@ def read_bundle(path: str | os.PathLike, *, digest: str | None = None) -> ProbeB
 
 def check_bundle(bundle: ProbeBundle, where: str | os.PathLike) -> None:
     """Refuse a bundle whose parts do not fit together, before any image is touched."""
-    from ..probing import CLASSIFIERS, NORMALIZERS
+    from ..probing import LINEAR, NORMALIZERS
 
     def refuse(what: str) -> BundleError:
         return BundleError(f"{where}: {what}; the bundle is malformed. Save it again from a sweep (cnncodes sweep).")
@@ -402,8 +402,8 @@ def check_bundle(bundle: ProbeBundle, where: str | os.PathLike) -> None:
         raise refuse(f"extractor.model.preprocessing: {exc}") from None
     if bundle.normalizer not in NORMALIZERS:
         raise refuse(f"normalizer {bundle.normalizer!r} is not one of {list(NORMALIZERS)}")
-    if bundle.classifier not in CLASSIFIERS:
-        raise refuse(f"classifier {bundle.classifier!r} is not one of {list(CLASSIFIERS)}")
+    if bundle.classifier not in LINEAR:
+        raise refuse(f"classifier {bundle.classifier!r} is not one of {list(LINEAR)}")
     classes = bundle.classes
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise refuse(f"classes {str(classes)[:80]} is not a list of at least 2 class names")

@@ -1,16 +1,30 @@
 """Probing: linear probes on codes (compute only). scikit-learn pipelines and torch path solvers, C chosen by
 cross-validation, out of core when codes exceed memory, and the in-memory sweep over many arrays of codes."""
 
+from ._fewshot import draw_shots
+from ._knn import KNN_KS
 from ._linear import ProblemStack, TorchLinearSVC, TorchLogisticRegression, fit_paths
-from ._probes import CLASSIFIERS, NORMALIZERS, PATH_LOSS, make_classifier, make_normalizer, make_probe, signed_sqrt
-from ._results import Split, SweepConfig, SweepResult, SweepRow
+from ._probes import (
+    CLASSIFIERS,
+    LINEAR,
+    NORMALIZERS,
+    PATH_LOSS,
+    make_classifier,
+    make_normalizer,
+    make_probe,
+    signed_sqrt,
+)
+from ._results import PROTOCOLS, Split, SweepConfig, SweepResult, SweepRow, best_of
 from ._scoring import c_grid, check_finite, metrics_from_scores
 from ._search import evaluate_codes, joblib_backend, split_images, sweep_codes
 
 __all__ = [
     "CLASSIFIERS",
+    "KNN_KS",
+    "LINEAR",
     "NORMALIZERS",
     "PATH_LOSS",
+    "PROTOCOLS",
     "ProblemStack",
     "Split",
     "SweepConfig",
@@ -18,8 +32,10 @@ __all__ = [
     "SweepRow",
     "TorchLinearSVC",
     "TorchLogisticRegression",
+    "best_of",
     "c_grid",
     "check_finite",
+    "draw_shots",
     "evaluate_codes",
     "fit_paths",
     "joblib_backend",

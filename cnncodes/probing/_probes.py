@@ -3,7 +3,8 @@
 Normalizers: ``standard`` (StandardScaler), ``l2`` (per-sample L2, the protocol of Razavian et al. 2014 and the
 FAIR/VISSL SVM benchmark), ``power`` (signed square root, then L2) and ``none``.
 Classifiers: ``logreg`` (multinomial logistic regression), ``linsvc`` (linear SVM, squared hinge) and ``sgd``
-(hinge loss, streamable with ``partial_fit``; ``sgd-log`` for log loss).
+(hinge loss, streamable with ``partial_fit``; ``sgd-log`` for log loss), and the ``knn`` baseline (cosine similarity,
+majority vote of ``n_neighbors``).
 
 ``backend="torch"`` (default) uses the L-BFGS solvers of :mod:`cnncodes.linear`; ``backend="sklearn"`` uses
 :class:`~sklearn.linear_model.LogisticRegression` and :class:`~sklearn.svm.LinearSVC` (primal or dual chosen from n vs d).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
@@ -21,10 +23,12 @@ from sklearn.svm import LinearSVC
 from ..errors import ParameterError
 from ._linear import TorchLinearSVC, TorchLogisticRegression
 
-__all__ = ["NORMALIZERS", "CLASSIFIERS", "make_normalizer", "make_classifier", "make_probe", "signed_sqrt"]
+__all__ = ["NORMALIZERS", "CLASSIFIERS", "LINEAR", "make_normalizer", "make_classifier", "make_probe", "signed_sqrt"]
 
 NORMALIZERS = ("standard", "l2", "power", "none")
-CLASSIFIERS = ("logreg", "linsvc", "sgd", "sgd-log")
+CLASSIFIERS = ("logreg", "linsvc", "sgd", "sgd-log", "knn")
+#: Classifiers with a linear decision function (what a bundle and an export hold).
+LINEAR = ("logreg", "linsvc", "sgd", "sgd-log")
 #: Loss each classifier optimizes in the fast path solver (sgd has none: it is fitted by scikit-learn).
 PATH_LOSS = {"logreg": "multinomial", "linsvc": "squared_hinge"}
 
@@ -55,8 +59,10 @@ def make_classifier(
     n_samples: int | None = None,
     random_state: int = 0,
     device: str = "cpu",
+    n_neighbors: int = 20,
 ) -> BaseEstimator:
-    """The classifier step. For ``sgd``, ``alpha = 1 / (C * n_samples)`` matches the C scale of the other probes."""
+    """The classifier step. For ``sgd``, ``alpha = 1 / (C * n_samples)`` matches the C scale of the other probes;
+    ``knn`` takes ``n_neighbors`` instead of C."""
     if backend not in ("torch", "sklearn"):
         raise ParameterError(f"backend={backend!r}; use 'torch' or 'sklearn'.")
     if name == "logreg":
@@ -70,6 +76,8 @@ def make_classifier(
     if name in ("sgd", "sgd-log"):
         alpha = 1.0 / (C * (n_samples or 1000))
         return SGDClassifier(loss="hinge" if name == "sgd" else "log_loss", alpha=alpha, random_state=random_state)
+    if name == "knn":
+        return KNeighborsClassifier(n_neighbors=n_neighbors, metric="cosine", algorithm="brute")
     raise ParameterError(f"unknown classifier {name!r}; use one of {list(CLASSIFIERS)}.")
 
 

@@ -12,7 +12,7 @@ from sklearn.pipeline import Pipeline
 from ..errors import ParameterError
 from ._probes import CLASSIFIERS, NORMALIZERS
 
-__all__ = ["SweepConfig", "SweepRow", "SweepResult", "Split"]
+__all__ = ["SweepConfig", "SweepRow", "SweepResult", "Split", "PROTOCOLS", "best_of"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class SweepConfig:
     Parameters
     ----------
     probes : tuple of str, default=("logreg", "linsvc")
-        Any of ``logreg``, ``linsvc``, ``sgd``, ``sgd-log``.
+        Any of ``logreg``, ``linsvc``, ``sgd``, ``sgd-log``, and ``knn`` for the kNN baseline row.
     normalizers : tuple of str, default=("standard",)
         Any of ``standard``, ``l2``, ``power``, ``none``.
     folds : int, default=5
@@ -38,6 +38,10 @@ class SweepConfig:
         Bytes per task; a candidate whose in-memory fit needs more is fitted out of core by streaming.
     device : str, default="cpu"
         Torch device of the path solver.
+    shots : tuple of int, default=()
+        Few-shot rows: training images per class (see ``PROTOCOLS["few-shot"]``).
+    draws : int, default=5
+        Subsets drawn per shot count.
     cv_tol, cv_max_iter
         Tolerance and iterations of the selection fits (the final refit is tight).
     threads : int, default=0
@@ -57,6 +61,8 @@ class SweepConfig:
     cv_tol: float = 2e-3  # selection needs accuracies, not exact optima (warm-started, early-stopped)
     cv_max_iter: int = 30
     threads: int = 0
+    shots: tuple[int, ...] = ()
+    draws: int = 5
 
     def __post_init__(self) -> None:
         for name, allowed in (("probes", CLASSIFIERS), ("normalizers", NORMALIZERS)):
@@ -84,6 +90,14 @@ class SweepConfig:
         if not 0 <= _integer("seed", self.seed) < 2**32:
             raise ParameterError(f"seed must be in [0, 2**32), got {self.seed}.")
         _check_device(self.device)
+        shots = (self.shots,) if isinstance(self.shots, (int, np.integer)) else tuple(self.shots)
+        object.__setattr__(self, "shots", tuple(sorted({_integer("shots", n) for n in shots})))
+        if any(n < 1 for n in self.shots):
+            raise ParameterError(f"shots must be positive numbers of images per class, got {list(shots)} (--shots 1,2,4).")
+        if not 1 <= _integer("draws", self.draws) <= 1000:
+            raise ParameterError(f"draws must be 1 to 1000 subsets per shot count, got {self.draws} (--draws 5).")
+        if self.shots and not set(self.probes) - {"knn"}:
+            raise ParameterError("few-shot rows are linear probes; add logreg, linsvc or sgd to the probes.")
         if self.max_memory is not None and _integer("max_memory", self.max_memory) < 1:
             raise ParameterError(f"max_memory must be a positive number of bytes, got {self.max_memory}.")
 
@@ -135,7 +149,23 @@ class Split:
     test_views: int
 
 
-_OPTIONAL = ("test_tta_accuracy", "test_top5_accuracy", "test_class_recall")
+_OPTIONAL = ("test_tta_accuracy", "test_top5_accuracy", "test_class_recall", "k", "shots", "draws",
+             "test_accuracy_std")
+
+#: The protocols a sweep row can follow, with their sources (``results.json`` carries this table).
+PROTOCOLS = {
+    "linear": "Linear probe: a normalizer and a linear classifier on frozen codes, C chosen coarse-to-fine by "
+              "stratified k-fold CV over training images, refit on every training image, tested once on the held-out "
+              "images (Razavian et al. 2014, CNN features off-the-shelf; CLIP, Radford et al. 2021, appendix A.3).",
+    "knn": "k-nearest-neighbour baseline: cosine similarity (codes L2-normalized), majority vote of the k nearest "
+           "training images, k over {10, 20, 50, 100} chosen by the same CV folds (Wu et al. 2018; DINO, Caron et al. "
+           "2021). Reported next to the linear probes, never picked as the best: a bundle holds a linear probe.",
+    "few-shot": "Few-shot linear probe: for each shot count n and draw d, n training images per class drawn with seed "
+                "(seed, n, d) from the training side of the split only (never a test image); C chosen by CV inside the "
+                "draw (min(folds, n) folds), or for n = 1, where no image is left to validate on, the C chosen on all "
+                "training images; tested on the whole test split. Mean and standard deviation over the draws (the "
+                "few-shot linear probes of CLIP, Radford et al. 2021, section 3.2.4, and of Kornblith et al. 2019).",
+}  # fmt: skip
 
 
 @dataclass
@@ -149,11 +179,11 @@ class SweepRow:
     normalizer: str
     probe: str
     solver: str  # "path" (exact regularization path), "sgd", or "sgd-stream" (out of core)
-    C: float
+    C: float | None  # None for the kNN baseline, which has k instead
     C_at_edge: bool
     n_fits: int
-    cv_accuracy: float
-    cv_std: float
+    cv_accuracy: float | None  # None only for one-shot rows: no image is left to validate on
+    cv_std: float | None
     test_accuracy: float
     test_balanced_accuracy: float
     test_macro_f1: float
@@ -161,17 +191,43 @@ class SweepRow:
     test_tta_accuracy: float | None = None  # with views: decision functions averaged over an image's views
     test_top5_accuracy: float | None = None  # with more than 5 classes
     test_class_recall: dict[int, float] | None = None  # by class label (results.json names the classes)
+    backbone: str = ""  # which store (model) the codes come from, in a sweep of several
+    protocol: str = "linear"  # a key of PROTOCOLS
+    k: int | None = None  # kNN: neighbours
+    shots: int | None = None  # few-shot: training images per class
+    draws: int | None = None  # few-shot: draws averaged (test_accuracy is their mean)
+    test_accuracy_std: float | None = None  # few-shot: standard deviation over the draws
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.tap, self.pooling, self.normalizer, self.probe)
+    def key(self) -> tuple[Any, ...]:
+        return (self.backbone, self.tap, self.pooling, self.normalizer, self.probe, self.protocol, self.shots)
+
+    @property
+    def selectable(self) -> bool:
+        """Whether the row competes for the best: linear probes on all training images (the kNN and few-shot rows
+        are reported next to them)."""
+        return self.protocol == "linear"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k not in _OPTIONAL}
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepRow:
+        """A row read back from ``results.json`` (unknown keys are ignored, missing optional ones default)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
     def columns(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def best_of(rows: list[SweepRow]) -> SweepRow:
+    """The selectable row with the best CV score (ties: fewer dimensions, then first given)."""
+    candidates = [r for r in rows if r.selectable]
+    if not candidates:
+        raise ParameterError("no linear-probe row to pick the best from; add a linear probe (logreg, linsvc, sgd).")
+    return max(candidates, key=lambda r: (r.cv_accuracy, -r.dims))
 
 
 @dataclass
@@ -218,4 +274,6 @@ class SweepResult:
         for row in rows:  # per-class recall by class name
             if row.get("test_class_recall") is not None:
                 row["test_class_recall"] = {self.classes[int(c)]: v for c, v in row["test_class_recall"].items()}
-        return {"config": self.config.to_dict(), "data": self.data, "classes": self.classes, "rows": rows}
+        protocols = {p: PROTOCOLS[p] for p in dict.fromkeys(r["protocol"] for r in rows)}
+        return {"config": self.config.to_dict(), "data": self.data, "classes": self.classes, "protocols": protocols,
+                "rows": rows}

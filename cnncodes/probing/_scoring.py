@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, top_k_accuracy_score
 from sklearn.pipeline import Pipeline
 
 from ..errors import ParameterError
+from ._probes import make_normalizer
 
-__all__ = ["c_grid", "metrics_from_scores", "Fitted"]
+__all__ = ["c_grid", "metrics_from_scores", "Fitted", "normalized_folds"]
 
 
 def c_grid(c_min: float = 1e-4, c_max: float = 1e4) -> list[float]:
@@ -68,3 +71,21 @@ def check_finite(X: np.ndarray, rows: np.ndarray, what: str) -> np.ndarray:
                              "overflows above 65504: re-extract with --dtype float32; otherwise the store is damaged: "
                              "re-extract it with --overwrite.")  # fmt: skip
     return X
+
+
+def normalized_folds(
+    normalizer: str, X_train: np.ndarray, y_train: np.ndarray, split: Any
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """``(X_fit, y_fit, X_val, y_val)`` of every CV fold of ``split``, the normalizer fitted on the fold's fit rows.
+
+    ``X_train``/``y_train`` hold ``split.train_rows`` in order (sorted), so a row's position is a binary search away.
+    """
+    for fit_rows, val_rows in split.folds:
+        fit_i = np.searchsorted(split.train_rows, fit_rows)
+        val_i = np.searchsorted(split.train_rows, val_rows)
+        X_fit, X_val = X_train[fit_i], X_train[val_i]
+        step = make_normalizer(normalizer)
+        if step != "passthrough":
+            step.fit(X_fit)
+            X_fit, X_val = (step.transform(X).astype(np.float32, copy=False) for X in (X_fit, X_val))
+        yield X_fit, y_train[fit_i], X_val, y_train[val_i]

@@ -25,11 +25,13 @@ a path so workers read the codes themselves instead of receiving a copy.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -38,9 +40,11 @@ from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, tra
 from tqdm.auto import tqdm
 
 from ..errors import MissingExtraError, ParameterError, SchedulerError
+from ._fewshot import check_shots, evaluate_few_shot
+from ._knn import evaluate_knn
 from ._linear import ProblemStack, fit_paths
 from ._probes import PATH_LOSS, make_classifier, make_normalizer, make_probe
-from ._results import Split, SweepConfig, SweepResult, SweepRow
+from ._results import Split, SweepConfig, SweepResult, SweepRow, best_of
 from ._scoring import Fitted, c_grid, check_finite, metrics_from_scores
 from ._streaming import evaluate_streaming
 
@@ -357,6 +361,8 @@ def sweep_codes(
     progress: bool = False,
     backend: str | None = None,
     scheduler: str | None = None,
+    shots: Sequence[int] = (),
+    draws: int = 5,
 ) -> SweepResult:
     """Probe every array of codes in memory and pick the best: arrays and labels in, a :class:`SweepResult` out.
 
@@ -366,7 +372,8 @@ def sweep_codes(
     Parameters
     ----------
     codes : mapping of key to array-like of shape (n_rows, dims)
-        One array per candidate. A key is a tap name or a ``(tap, pooling)`` pair. Rows are image-major with
+        One array per candidate. A key is a tap name, a ``(tap, pooling)`` pair, or a ``(backbone, tap, pooling)``
+        triple when the codes come from several models of the same images. Rows are image-major with
         ``views + 1`` rows per image (view 0 plain).
     labels : array-like of int or str, shape (n_rows,)
         Class of every row; strings are mapped to sorted class names.
@@ -380,8 +387,9 @@ def sweep_codes(
         Forward-order position of each tap (for tables and plots).
     sources, test_sources : list of str, optional
         One id per image, for the test predictions.
-    probes, normalizers, folds, val_size, test_size, seed, c_min, c_max, max_memory, device
-        See :class:`SweepConfig`.
+    probes, normalizers, folds, val_size, test_size, seed, c_min, c_max, max_memory, device, shots, draws
+        See :class:`SweepConfig`. ``"knn"`` among the probes adds the kNN baseline rows; ``shots`` the few-shot rows
+        (both described in ``SweepResult.to_dict()["protocols"]``).
     jobs : int, default=1
         joblib workers (``-1``: all cores); runs under the active joblib backend.
     progress : bool, default=False
@@ -411,7 +419,7 @@ def sweep_codes(
     config = SweepConfig(
         probes=tuple(probes), normalizers=tuple(normalizers), folds=folds, val_size=val_size, test_size=test_size,
         seed=seed, c_min=c_min, c_max=c_max, max_memory=max_memory, device=device,
-        threads=max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else 0,
+        threads=max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else 0, shots=tuple(shots), draws=draws,
     )  # fmt: skip
     keys = list(codes)
     if not keys:
@@ -431,33 +439,43 @@ def sweep_codes(
         y_test, _ = _encode_labels(test_labels, class_names, "test_labels")
         test_arrays = {k: _check_codes(test[k], len(y_test), f"test[{k!r}]") for k in keys}
     split = split_images(y, views, config, test_rows=None if test is None else len(y_test), test_views=test_views)
-    names = {k: (str(k[0]), str(k[1])) if isinstance(k, tuple) else (str(k), "") for k in keys}
-    tasks = (
-        delayed(evaluate_codes)(
-            arrays[k],
-            y,
-            test_arrays[k],
-            y_test,
-            split,
-            config,
-            tap=str(names[k][0]),
-            pooling=str(names[k][1]),
-            depth=int((depths or {}).get(k, -1)),
-            n_classes=len(class_names),
-        )  # fmt: skip
-        for k in keys
-    )
-    results: list[tuple[SweepRow, Fitted]] = []
-    with (
-        joblib_backend(backend, scheduler),
-        tqdm(total=len(keys), desc="sweep", unit="array", disable=not progress, dynamic_ncols=True) as bar,
-    ):
-        for part in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
-            results.extend(part)
-            bar.update(1)
+    names = {k: _candidate_name(k) for k in keys}
+    depth_of = {k: int((depths or {}).get(k, -1)) for k in keys}
+    linear = replace(config, probes=tuple(p for p in config.probes if p != "knn"))
+    if not linear.probes:
+        raise ParameterError("probes=['knn'] alone: the kNN row is a baseline next to linear probes, which the sweep "
+                             "picks its best from; add logreg, linsvc or sgd.")  # fmt: skip
+    if config.shots:
+        check_shots(config.shots, y, split, class_names)
+
+    def where(k: Hashable) -> dict[str, Any]:
+        backbone, tap, pooling = names[k]
+        return {"tap": tap, "pooling": pooling, "depth": depth_of[k], "backbone": backbone}
+
+    tasks = [delayed(_linear_task)(arrays[k], y, test_arrays[k], y_test, split, linear, n_classes=len(class_names),
+                                   **where(k)) for k in keys]  # fmt: skip
+    if "knn" in config.probes:
+        tasks += [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k)) for k in keys]
+    results: list[tuple[SweepRow, Fitted | None]] = []
+    with joblib_backend(backend, scheduler):
+        results += _run_tasks(tasks, jobs, progress, "sweep")
+        if config.shots:
+            full_C = {}
+            for row, _ in results:
+                if row.protocol == "linear":
+                    full_C.setdefault((row.backbone, row.tap, row.pooling), {})[(row.normalizer, row.probe)] = row.C
+            shot_tasks = [delayed(evaluate_few_shot)(arrays[k], y, test_arrays[k], y_test, split, linear,
+                                                     full_C[names[k]], evaluate_codes, n_classes=len(class_names),
+                                                     **where(k))
+                          for k in keys]  # fmt: skip
+            results += [(row, None) for row in _run_tasks(shot_tasks, jobs, progress, "few-shot")]
     order = {names[k]: i for i, k in enumerate(keys)}
-    results.sort(key=lambda rf: (order[(rf[0].tap, rf[0].pooling)], rf[0].normalizer, rf[0].probe))
-    best_row, fit = max(results, key=lambda rf: (rf[0].cv_accuracy, -rf[0].dims))
+    protocol_order = {"linear": 0, "knn": 1, "few-shot": 2}
+    results.sort(key=lambda rf: (order[(rf[0].backbone, rf[0].tap, rf[0].pooling)], protocol_order[rf[0].protocol],
+                                 rf[0].normalizer, rf[0].probe, rf[0].shots or 0))  # fmt: skip
+    rows = [r for r, _ in results]
+    best_row = best_of(rows)
+    fit = next(f for r, f in results if r is best_row)
     per = split.test_views + 1
     plain_rows = split.test_rows[::per]
     ids = test_sources if test is not None else sources
@@ -468,8 +486,50 @@ def sweep_codes(
         "scores": fit.scores,
     }
     data = {"n_train_images": int(len(split.train_rows) // (views + 1)), "n_test_images": int(len(plain_rows)),
-            "views": views, "test_views": split.test_views}  # fmt: skip
-    return SweepResult([r for r, _ in results], best_row, fit.estimator, test_predictions, class_names, config, data)
+            "views": views, "test_views": split.test_views,
+            "split_digest": _split_digest(split, y, y_test, sources, test_sources if test is not None else None)}  # fmt: skip
+    return SweepResult(rows, best_row, fit.estimator, test_predictions, class_names, config, data)
+
+
+def _candidate_name(key: Hashable) -> tuple[str, str, str]:
+    """``(backbone, tap, pooling)`` of a key of ``codes``: a tap, a (tap, pooling) or a (backbone, tap, pooling)."""
+    if isinstance(key, tuple) and len(key) in (2, 3):
+        parts = [str(p) for p in key]
+        return (parts[0], parts[1], parts[2]) if len(parts) == 3 else ("", parts[0], parts[1])
+    return ("", str(key), "")
+
+
+def _linear_task(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.ndarray, split: Split,
+                 config: SweepConfig, *, backbone: str, **where: Any) -> list[tuple[SweepRow, Fitted]]:  # fmt: skip
+    """:func:`evaluate_codes`, its rows marked with the backbone they come from."""
+    out = evaluate_codes(codes, labels, test_codes, test_labels, split, config, **where)
+    for row, _ in out:
+        row.backbone = backbone
+    return out
+
+
+def _run_tasks(tasks: list[Any], jobs: int, progress: bool, what: str) -> list[Any]:
+    """Every task's items, under the active joblib backend, with a progress bar over tasks."""
+    out: list[Any] = []
+    with tqdm(total=len(tasks), desc=what, unit="task", disable=not progress, dynamic_ncols=True) as bar:
+        for part in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+            out.extend(part)
+            bar.update(1)
+    return out
+
+
+def _split_digest(split: Split, y: np.ndarray, y_test: np.ndarray, sources: Sequence[str] | None,
+                  test_sources: Sequence[str] | None) -> str:  # fmt: skip
+    """A fingerprint of which images were trained, validated and tested on, with their labels: two sweeps with the
+    same digest are comparable row for row (:func:`cnncodes.sweeps.compare`)."""
+    h = hashlib.sha256()
+    for part in (split.train_rows, split.test_rows, *[r for fold in split.folds for r in fold], y, y_test):
+        h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+        h.update(b"|")
+    for ids in (sources, test_sources):
+        h.update("\n".join(ids or ()).encode("utf-8", "surrogatepass"))
+        h.update(b"|")
+    return "sha256:" + h.hexdigest()
 
 
 def _encode_labels(labels: Any, classes: Sequence[str] | None, what: str) -> tuple[np.ndarray, list[str]]:

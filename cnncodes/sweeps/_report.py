@@ -13,69 +13,116 @@ from pathlib import Path
 import numpy as np
 
 from ..probing import SweepResult, SweepRow
+from ._compare import Comparison
 
-__all__ = ["format_table", "write_report", "plot_sweep"]
+__all__ = ["format_table", "write_report", "write_results", "plot_sweep", "plot_confusion"]
 
-_COLUMNS = ["tap", "depth", "pooling", "dims", "normalizer", "probe", "C", "cv_accuracy", "cv_std", "test_accuracy",
-            "test_balanced_accuracy", "test_macro_f1", "test_tta_accuracy", "test_top5_accuracy", "fit_seconds",
-            "C_at_edge", "n_fits", "solver"]  # fmt: skip
+_COLUMNS = ["backbone", "tap", "depth", "pooling", "dims", "normalizer", "probe", "protocol", "C", "k", "shots",
+            "draws", "cv_accuracy", "cv_std", "test_accuracy", "test_accuracy_std", "test_balanced_accuracy",
+            "test_macro_f1", "test_tta_accuracy", "test_top5_accuracy", "fit_seconds", "C_at_edge", "n_fits",
+            "solver"]  # fmt: skip
 
 
-def format_table(result: SweepResult) -> str:
-    """A fixed-width table of every row; the best is marked ``*`` and a C on the grid edge ``!``."""
-    tta = any(r.test_tta_accuracy is not None for r in result.rows)
-    head = f"  {'tap':<22} {'depth':>5} {'pool':<5} {'dims':>6} {'probe':<16} {'C':>9}  {'CV acc':>13} {'test':>6} {'bal':>6} {'F1':>6}"
-    head += f" {'TTA':>6}" if tta else ""
+def _percent(value: float | None, width: int = 6) -> str:
+    return f"{'-':>{width}}" if value is None else f"{100 * value:{width}.2f}"
+
+
+def format_table(result: SweepResult | Comparison) -> str:
+    """A fixed-width table of every row; the best is marked ``*`` and a C on the grid edge ``!``. Few-shot rows
+    follow in their own table (test accuracy, mean ± std over the draws, per shot count)."""
+    rows = [r for r in result.rows if r.protocol != "few-shot"]
+    several = len({r.backbone for r in result.rows}) > 1
+    tta = any(r.test_tta_accuracy is not None for r in rows)
+    name_width = 34 if several else 22
+    head = f"  {'tap':<{name_width}} {'depth':>5} {'pool':<5} {'dims':>6} {'probe':<16} {'C / k':>9}  {'CV acc':>13}"
+    head += f" {'test':>6} {'bal':>6} {'F1':>6}" + (f" {'TTA':>6}" if tta else "")
     lines = [head + f" {'fit s':>6}"]
-    for r in result.rows:
+    for r in rows:
         star = "*" if r.key == result.best.key else " "
         edge = "!" if r.C_at_edge else " "
         probe = r.probe if r.normalizer == "standard" else f"{r.normalizer}+{r.probe}"
-        line = (
-            f"{star} {r.tap[:22]:<22} {r.depth:>5} {r.pooling or '-':<5} {r.dims:>6} {probe[:16]:<16} {r.C:>8.3g}{edge}"
-        )
-        line += f" {100 * r.cv_accuracy:6.2f}±{100 * r.cv_std:<5.2f} {100 * r.test_accuracy:6.2f}"
-        line += f" {100 * r.test_balanced_accuracy:6.2f} {100 * r.test_macro_f1:6.2f}"
-        line += f" {100 * (r.test_tta_accuracy or 0):6.2f}" if tta else ""
+        name = f"{r.backbone} {r.tap}" if several else r.tap
+        param = f"k={r.k}" if r.k is not None else f"{r.C:.3g}"
+        line = f"{star} {name[:name_width]:<{name_width}} {r.depth:>5} {r.pooling or '-':<5} {r.dims:>6} {probe[:16]:<16}"
+        line += f" {param:>8}{edge} {_percent(r.cv_accuracy)}±{100 * (r.cv_std or 0):<5.2f} {_percent(r.test_accuracy)}"
+        line += f" {_percent(r.test_balanced_accuracy)} {_percent(r.test_macro_f1)}"
+        line += f" {_percent(r.test_tta_accuracy)}" if tta else ""
         lines.append(line + f" {r.fit_seconds:6.1f}")
     b = result.best
+    where = f"{b.backbone} / " if several else ""
     lines.append(
-        f"best: {b.tap} / {b.pooling or '-'} / {b.probe} (C={b.C:.3g}): CV {100 * b.cv_accuracy:.2f}%, "
+        f"best: {where}{b.tap} / {b.pooling or '-'} / {b.probe} (C={b.C:.3g}): CV {100 * b.cv_accuracy:.2f}%, "
         f"test {100 * b.test_accuracy:.2f}% on {result.data.get('n_test_images', '?')} held-out images"
-        + ("  (! = C on the edge of the grid: widen --c-range)" if any(r.C_at_edge for r in result.rows) else "")
+        + ("  (! = C or k on the edge of the grid: widen --c-range)" if any(r.C_at_edge for r in rows) else "")
     )
+    few = [r for r in result.rows if r.protocol == "few-shot"]
+    if few:
+        shots = sorted({r.shots for r in few})
+        lines.append(f"few-shot test accuracy (%), mean ± std over {few[0].draws} draws of n training images per class:")
+        lines.append(f"  {'candidate':<{name_width + 24}}" + "".join(f" {f'n={n}':>12}" for n in shots))
+        table: dict[tuple, dict[int, SweepRow]] = {}
+        for r in few:
+            table.setdefault((r.backbone, r.tap, r.pooling, r.normalizer, r.probe), {})[r.shots] = r
+        for (backbone, tap, pooling, norm, probe), by_shots in table.items():
+            name = " ".join(p for p in ((backbone if several else ""), tap, pooling or "-", probe if norm == "standard"
+                                        else f"{norm}+{probe}") if p)  # fmt: skip
+            cells = [f"{100 * by_shots[n].test_accuracy:6.2f}±{100 * by_shots[n].test_accuracy_std:<5.2f}"
+                     if n in by_shots else f"{'-':>12}" for n in shots]  # fmt: skip
+            lines.append(f"  {name[: name_width + 24]:<{name_width + 24}} " + " ".join(cells))
     return "\n".join(lines)
 
 
-def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
-    """CV accuracy against depth, one line per pooling x probe, the best marked; saved as PNG.
+def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Path:
+    """CV accuracy against depth, saved as PNG, the best marked.
 
-    The legend sits to the right of the axes, so it never covers a point however many series there are.
+    One store: a line per pooling x probe over the taps. Several backbones: a line per backbone (its best pooling and
+    probe at each tap) over relative depth, the tap's position among that backbone's taps, so networks of different
+    depths share one axis. The legend sits to the right of the axes, so it never covers a point.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    taps = list(dict.fromkeys(r.tap for r in result.rows))
-    x_of = {t: i for i, t in enumerate(taps)}
-    depth_of = {r.tap: r.depth for r in result.rows}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(taps) + 2) + 2.5, 4.8))
-    series: dict[str, list[SweepRow]] = {}
-    for r in result.rows:
-        label = f"{r.pooling or '-'} · {r.probe}" + ("" if r.normalizer == "standard" else f" ({r.normalizer})")
-        series.setdefault(label, []).append(r)
-    for label, rows in series.items():
-        ax.errorbar([x_of[r.tap] for r in rows], [100 * r.cv_accuracy for r in rows], yerr=[100 * r.cv_std for r in rows],
-                    marker="o", ms=4, capsize=2, label=label)  # fmt: skip
+    rows = [r for r in result.rows if r.protocol != "few-shot"]
+    backbones = list(dict.fromkeys(r.backbone for r in rows))
     b = result.best
-    ax.plot([x_of[b.tap]], [100 * b.cv_accuracy], marker="*", ms=18, color="gold", mec="black", zorder=5,
-            label=f"best: {b.tap} {b.pooling} {b.probe}")  # fmt: skip
-    ax.set_xticks(range(len(taps)))
-    ax.set_xticklabels([f"{t}\n(depth {depth_of[t]})" for t in taps], rotation=30, ha="right", fontsize=8)
-    ax.set_xlabel("tap (shallow → deep)")
+    if len(backbones) > 1:
+        fig, ax = plt.subplots(figsize=(9.5, 4.8))
+        for backbone in backbones:
+            taps = list(dict.fromkeys(r.tap for r in rows if r.backbone == backbone))
+            best_at = {t: max((r for r in rows if r.backbone == backbone and r.tap == t and r.selectable),
+                              key=lambda r: r.cv_accuracy) for t in taps}  # fmt: skip
+            x = [(i + 1) / len(taps) for i in range(len(taps))]
+            ax.plot(x, [100 * best_at[t].cv_accuracy for t in taps], marker="o", ms=4, label=backbone)
+            for xi, t in zip(x, taps):
+                ax.annotate(t, (xi, 100 * best_at[t].cv_accuracy), fontsize=6, rotation=20, alpha=0.7,
+                            xytext=(2, 3), textcoords="offset points")  # fmt: skip
+            if backbone == b.backbone:
+                ax.plot([x[taps.index(b.tap)]], [100 * b.cv_accuracy], marker="*", ms=18, color="gold", mec="black",
+                        zorder=5, label=f"best: {b.backbone} {b.tap} {b.pooling} {b.probe}")  # fmt: skip
+        ax.set_xlabel("relative depth (tap position / taps of that backbone)")
+        ax.set_xlim(0, 1.05)
+        ax.set_title("Linear probe accuracy by relative depth, best pooling and probe per tap")
+    else:
+        taps = list(dict.fromkeys(r.tap for r in rows))
+        x_of = {t: i for i, t in enumerate(taps)}
+        depth_of = {r.tap: r.depth for r in rows}
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(taps) + 2) + 2.5, 4.8))
+        series: dict[str, list[SweepRow]] = {}
+        for r in rows:
+            label = f"{r.pooling or '-'} · {r.probe}" + ("" if r.normalizer == "standard" else f" ({r.normalizer})")
+            series.setdefault(label, []).append(r)
+        for label, members in series.items():
+            ax.errorbar([x_of[r.tap] for r in members], [100 * r.cv_accuracy for r in members],
+                        yerr=[100 * r.cv_std for r in members], marker="o", ms=4, capsize=2, label=label)  # fmt: skip
+        ax.plot([x_of[b.tap]], [100 * b.cv_accuracy], marker="*", ms=18, color="gold", mec="black", zorder=5,
+                label=f"best: {b.tap} {b.pooling} {b.probe}")  # fmt: skip
+        ax.set_xticks(range(len(taps)))
+        ax.set_xticklabels([f"{t}\n(depth {depth_of[t]})" for t in taps], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("tap (shallow → deep)")
+        ax.set_title(f"Linear probe accuracy by layer: {Path(result.data.get('store') or 'codes').name}")
     ax.set_ylabel("cross-validated accuracy (%)")
-    ax.set_title(f"Linear probe accuracy by layer: {Path(result.data.get('store') or 'codes').name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
@@ -85,11 +132,11 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
     return path
 
 
-def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
-    """Write results.csv, results.json, best.json, test_predictions.csv, sweep.png and confusion.png to ``out``."""
+def write_results(result: SweepResult | Comparison, out: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
+    """Write results.csv, results.json, best.json and sweep.png to ``out``: what a sweep and a comparison share."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("results.csv", "results.json", "best.json", "test_predictions.csv")}
+    paths = {name: out / name for name in ("results.csv", "results.json", "best.json")}
     with open(paths["results.csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -99,6 +146,16 @@ def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = Tr
     # equal files; timings are in results.csv/json.
     best = {k: v for k, v in result.best_record().items() if k != "fit_seconds"}
     paths["best.json"].write_text(json.dumps(best, indent=1))
+    if plot:
+        paths["sweep.png"] = plot_sweep(result, out / "sweep.png")
+    return paths
+
+
+def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
+    """Write results.csv, results.json, best.json, test_predictions.csv, sweep.png and confusion.png to ``out``."""
+    paths = write_results(result, out, plot=plot)
+    out = Path(out)
+    paths["test_predictions.csv"] = out / "test_predictions.csv"
     pred = result.test_predictions
     scores = np.atleast_2d(pred["scores"].T).T
     with open(paths["test_predictions.csv"], "w", newline="") as f:
@@ -108,7 +165,6 @@ def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = Tr
         for src, label, p, s in zip(pred["sources"], pred["labels"], pred["predicted"], scores):
             w.writerow([src, result.classes[label], result.classes[p]] + [f"{v:.6g}" for v in s])
     if plot:
-        paths["sweep.png"] = plot_sweep(result, out / "sweep.png")
         paths["confusion.png"] = plot_confusion(result, out / "confusion.png")
     return paths
 
@@ -132,7 +188,8 @@ def plot_confusion(result: SweepResult, path: str | os.PathLike) -> Path:
     )  # fmt: skip
     best = result.best
     ax.set_title(
-        f"{best.tap} / {best.pooling} / {best.normalizer} / {best.probe}: test accuracy {best.test_accuracy:.3f}"
+        f"{best.backbone + ' / ' if best.backbone else ''}{best.tap} / {best.pooling} / {best.normalizer} / "
+        f"{best.probe}: test accuracy {best.test_accuracy:.3f}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from ..errors import ParameterError
 from ..probing import Split, SweepConfig, SweepResult, split_images, sweep_codes
 from ..store import CodeStore
 
-__all__ = ["sweep", "make_split"]
+__all__ = ["sweep", "make_split", "check_same_images", "backbone_names", "extractor_of"]
 
 
 def _open(store: CodeStore | str | os.PathLike) -> CodeStore:
@@ -45,9 +46,9 @@ def make_split(store: CodeStore, *, test: CodeStore | None = None, config: Sweep
 
 
 def sweep(
-    store: CodeStore | str | os.PathLike,
+    store: CodeStore | str | os.PathLike | Sequence[CodeStore | str | os.PathLike],
     *,
-    test: CodeStore | str | os.PathLike | None = None,
+    test: CodeStore | str | os.PathLike | Sequence[CodeStore | str | os.PathLike] | None = None,
     probes: Sequence[str] = ("logreg", "linsvc"),
     normalizers: Sequence[str] = ("standard",),
     taps: Iterable[str] | str | None = None,
@@ -64,16 +65,20 @@ def sweep(
     progress: bool = True,
     backend: str | None = None,
     scheduler: str | None = None,
+    shots: Sequence[int] = (),
+    draws: int = 5,
 ) -> SweepResult:
-    """Evaluate linear probes on every (tap, pooling) of a code store and pick the best extraction point.
+    """Evaluate linear probes on every (tap, pooling) of one or several code stores and pick the best extraction point.
 
     Parameters
     ----------
-    store : CodeStore or path
-    test : CodeStore or path, optional
+    store : CodeStore or path, or a sequence of them
+        Several stores must hold the same images in the same order (from different backbones or input sizes): they
+        share one split, and the best (backbone, tap, pooling, probe) is picked over all of them.
+    test : CodeStore or path (a sequence matching ``store``), optional
         A separate test store; otherwise ``test_size`` of the images are held out (stratified, ``seed``).
     probes : sequence of str, default=("logreg", "linsvc")
-        Any of ``logreg``, ``linsvc``, ``sgd``, ``sgd-log``.
+        Any of ``logreg``, ``linsvc``, ``sgd``, ``sgd-log``; ``knn`` adds the kNN baseline rows.
     normalizers : sequence of str, default=("standard",)
         Any of ``standard``, ``l2``, ``power``, ``none``.
     taps, poolings : str or iterable of str, optional
@@ -100,69 +105,144 @@ def sweep(
     scheduler : str, optional
         With ``backend="dask"``: the scheduler address (``tcp://host:8786``) or a scheduler JSON file; default: a
         local cluster. Workers read the store by its path, so it must be on storage they share.
+    shots : sequence of int, optional
+        Few-shot rows for these numbers of training images per class.
+    draws : int, default=5
+        Subsets drawn per shot count.
 
     Returns
     -------
     SweepResult
-        Equal on any backend: tasks are seeded and independent of where they run.
+        Equal on any backend: tasks are seeded and independent of where they run. Every row names its ``backbone``
+        (``data["stores"]`` maps each to its store); ``extractor`` describes the best row's store.
 
     See Also
     --------
     cnncodes.sweep_codes : the same sweep on arrays in memory.
+    cnncodes.sweeps.compare : join the results of sweeps written before.
     """
-    store = _open(store)
-    test_store = None if test is None else _open(test)
-    if test_store is not None and test_store.path.resolve() == store.path.resolve():
-        raise ParameterError(f"the test store {test_store.path} is the training store: every test image would be a "
-                             "training image. Give a store of other images, or leave --test out for a held-out split.")  # fmt: skip
+    stores = [_open(s) for s in _as_list(store)]
+    test_stores = None if test is None else [_open(t) for t in _as_list(test)]
+    if test_stores is not None and len(test_stores) != len(stores):
+        raise ParameterError(f"{len(stores)} stores but {len(test_stores)} test stores; give one test store per store, "
+                             "in the same order.")  # fmt: skip
+    for i, st in enumerate(stores):
+        if test_stores is not None and test_stores[i].path.resolve() == st.path.resolve():
+            raise ParameterError(f"the test store {test_stores[i].path} is the training store: every test image would "
+                                 "be a training image. Give a store of other images, or leave --test out for a "
+                                 "held-out split.")  # fmt: skip
+    check_same_images(stores)
+    if test_stores is not None:
+        check_same_images(test_stores)
+    names = backbone_names(stores)
     wanted_taps, wanted_pools = _names(taps), _names(poolings)
-    available = store.keys()
-    keys = [
-        (t, p) for t, p in available
-        if (wanted_taps is None or t in wanted_taps) and (wanted_pools is None or p in wanted_pools)
-    ]  # fmt: skip
-    if not keys:
-        raise ParameterError(f"nothing to sweep: {store.path} holds {store.keys()} and the filter kept none.")
-    if test_store is not None:
-        _check_test_classes(store, test_store)
-        test_keys = set(test_store.keys())
-        missing = [k for k in keys if k not in test_keys]
-        if missing:
-            raise ParameterError(f"test store {test_store.path} lacks {missing[:3]}; extract it with the same "
-                                 "--taps/--poolings.")  # fmt: skip
-    for k in keys:  # every array's file and header checked before any work, naming a damaged one
-        store.codes(*k)
-        if test_store is not None:
-            test_store.codes(*k)
-    depth = {(a["tap"], a["pooling"]): int(a.get("depth", -1)) for a in store.arrays}
+    codes, test_codes, depth = {}, {}, {}
+    for name, st, te in zip(names, stores, test_stores or [None] * len(stores)):
+        keys = [(t, p) for t, p in st.keys()
+                if (wanted_taps is None or t in wanted_taps) and (wanted_pools is None or p in wanted_pools)]  # fmt: skip
+        if not keys:
+            raise ParameterError(f"nothing to sweep: {st.path} holds {st.keys()} and the filter kept none.")
+        if te is not None:
+            _check_test_classes(st, te)
+            missing = [k for k in keys if k not in set(te.keys())]
+            if missing:
+                raise ParameterError(f"test store {te.path} lacks {missing[:3]}; extract it with the same "
+                                     "--taps/--poolings.")  # fmt: skip
+        for k in keys:  # every array's file and header checked before any work, naming a damaged one
+            st.codes(*k)
+            codes[(name, *k)] = st.lazy(*k)
+            if te is not None:
+                te.codes(*k)
+                test_codes[(name, *k)] = te.lazy(*k)
+        depth.update({(name, a["tap"], a["pooling"]): int(a.get("depth", -1)) for a in st.arrays})
+    first, first_test = stores[0], None if test_stores is None else test_stores[0]
     result = sweep_codes(
-        {k: store.lazy(*k) for k in keys},
-        np.asarray(store.labels),
-        test=None if test_store is None else {k: test_store.lazy(*k) for k in keys},
-        test_labels=None if test_store is None else np.asarray(test_store.labels),
-        views=store.views,
-        test_views=0 if test_store is None else test_store.views,
-        classes=store.classes,
+        codes,
+        np.asarray(first.labels),
+        test=test_codes or None,
+        test_labels=None if first_test is None else np.asarray(first_test.labels),
+        views=first.views,
+        test_views=0 if first_test is None else first_test.views,
+        classes=first.classes,
         depths=depth,
-        sources=store.sources,
-        test_sources=None if test_store is None else test_store.sources,
+        sources=first.sources,
+        test_sources=None if first_test is None else first_test.sources,
         probes=probes, normalizers=normalizers, folds=folds, val_size=val_size, test_size=test_size, seed=seed,
         c_min=c_min, c_max=c_max, jobs=jobs, max_memory=max_memory, device=device, progress=progress,
-        backend=backend, scheduler=scheduler,
+        backend=backend, scheduler=scheduler, shots=shots, draws=draws,
     )  # fmt: skip
-    result.data.update(store=str(store.path), test_store=str(test_store.path) if test_store else None)
     best = result.best
-    entry = next(a for a in store.arrays if a["tap"] == best.tap and a["pooling"] == best.pooling)
-    result.extractor = {
+    at = names.index(best.backbone)
+    result.data.update(
+        store=str(stores[at].path),
+        test_store=str(test_stores[at].path) if test_stores else None,
+        stores={n: str(s.path) for n, s in zip(names, stores)},
+    )
+    result.extractor = extractor_of(stores[at], best.tap, best.pooling)
+    return result
+
+
+def extractor_of(store: CodeStore, tap: str, pooling: str) -> dict:
+    """How ``store`` computed its codes at (tap, pooling): what a probe bundle needs to compute them again."""
+    entry = next(a for a in store.arrays if a["tap"] == tap and a["pooling"] == pooling)
+    return {
         "model": store.manifest.get("model", {}),
-        "tap": best.tap,
-        "pooling": best.pooling,
+        "tap": tap,
+        "pooling": pooling,
         "relu": bool(entry["rectified"]),
         "code_dtype": entry["dtype"],
         "dims": int(entry["shape"][1]),
         "numerics": (store.manifest.get("config") or {}).get("numerics"),
     }
-    return result
+
+
+def check_same_images(stores: Sequence[CodeStore]) -> None:
+    """Stores swept together must hold the same images, labels and views in the same order; the first difference is
+    named."""
+    first = stores[0]
+    for other in stores[1:]:
+        where = f"{other.path} and {first.path}"
+        if other.views != first.views:
+            raise ParameterError(f"{where} hold {other.views} and {first.views} augmented views per image; stores "
+                                 "swept together need the same --views and --seed.")  # fmt: skip
+        if other.classes != first.classes:
+            raise ParameterError(f"{where} name their classes differently ({other.classes[:5]} vs "
+                                 f"{first.classes[:5]}); extract both from the same source.")  # fmt: skip
+        a, b = first.sources, other.sources
+        if a != b:
+            i = next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), min(len(a), len(b)))
+            if i == min(len(a), len(b)):
+                raise ParameterError(f"{where} hold {len(b)} and {len(a)} images; stores swept together must hold the "
+                                     f"same images (image {i} is in only one). Extract both from the same source.")  # fmt: skip
+            raise ParameterError(f"{where} differ at image {i}: {b[i]!r} vs {a[i]!r}; stores swept together must hold "
+                                 "the same images in the same order. Extract both from the same source.")  # fmt: skip
+        la, lb = np.asarray(first.labels), np.asarray(other.labels)
+        if not np.array_equal(la, lb):
+            row = int(np.flatnonzero(la != lb)[0])
+            raise ParameterError(f"{where} label row {row} ({first.sources[row // (first.views + 1)]!r}) as "
+                                 f"{first.classes[lb[row]]!r} and {first.classes[la[row]]!r}; extract both from the "
+                                 "same source.")  # fmt: skip
+
+
+def backbone_names(stores: Sequence[CodeStore]) -> list[str]:
+    """A short distinct name per store: its model spec, with the input size or the directory when those repeat."""
+    def spec(st: CodeStore) -> str:
+        model = st.manifest.get("model") or {}
+        return str(model.get("spec") or st.path.name)
+
+    def size(st: CodeStore) -> str:
+        pre = (st.manifest.get("model") or {}).get("preprocessing") or {}
+        return f"{spec(st)}@{pre.get('input_size', '?')}px"
+
+    for name in (spec, size, lambda st: f"{size(st)}:{st.path.name}", lambda st: str(st.path)):
+        names = [name(st) for st in stores]
+        if len(set(names)) == len(names):
+            return names
+    raise ParameterError(f"the same store is given twice: {[str(s.path) for s in stores]}; give each once.")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _names(value: Iterable[str] | str | None) -> set[str] | None:

@@ -96,8 +96,9 @@ SYNTHETIC_MODEL = {"spec": "module:synthetic", "weights": "none", "fingerprint":
 
 
 def make_code_store(
-    path, n_images: int = 150, views: int = 0, dims: dict | None = None, seed: int = 0, n_classes: int = 3
-):
+    path, n_images: int = 150, views: int = 0, dims: dict | None = None, seed: int = 0, n_classes: int = 3,
+    model: dict | None = None, source_names: list[str] | None = None,
+):  # fmt: skip
     """A complete store of synthetic codes written through the real StoreWriter.
 
     Tap ``mid`` separates the classes well, ``early`` weakly and ``late`` not at all, so a sweep must pick ``mid``.
@@ -111,8 +112,9 @@ def make_code_store(
     specs = [
         ArraySpec(t, p, d, "float32", True, False, depth=i) for i, (t, d) in enumerate(dims.items()) for p in ("avg",)
     ]
-    writer = StoreWriter(path, arrays=specs, sources=[f"img{i}.png" for i in range(n_images)], labels=labels,
-                         classes=[f"c{k}" for k in range(n_classes)], views=views, config={"synthetic": seed}, info={"model": SYNTHETIC_MODEL})  # fmt: skip
+    sources = source_names or [f"img{i}.png" for i in range(n_images)]
+    writer = StoreWriter(path, arrays=specs, sources=sources, labels=labels, classes=[f"c{k}" for k in range(n_classes)],
+                         views=views, config={"synthetic": seed}, info={"model": model or SYNTHETIC_MODEL})  # fmt: skip
     rows = n_images * (views + 1)
     row_labels = np.repeat(labels, views + 1)
     codes = {}

@@ -1,0 +1,122 @@
+"""`compare`: join sweeps written before (``results.json`` of each) into one table, plot and best.
+
+Sweeps are comparable row for row only when they trained, validated and tested on the same images with the same
+labels: every ``results.json`` records that as ``data.split_digest``, and sweeps whose digests differ are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ParameterError
+from ..probing import PROTOCOLS, SweepRow, best_of
+
+__all__ = ["Comparison", "compare"]
+
+
+@dataclass
+class Comparison:
+    """Several sweeps' rows in one table.
+
+    Attributes
+    ----------
+    rows : list of SweepRow
+        Every sweep's rows, in the order the sweeps were given; ``backbone`` names where each came from.
+    best : SweepRow
+        The row with the best CV accuracy over all sweeps (ties: fewer dimensions, then the sweep given first).
+    classes : list of str
+    data : dict
+        ``sweeps`` (directory of every sweep), ``split_digest`` and the image counts they share.
+    config : dict
+        The first sweep's configuration.
+    """
+
+    rows: list[SweepRow]
+    best: SweepRow
+    classes: list[str]
+    data: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def best_record(self) -> dict[str, Any]:
+        sweep_of = self.data.get("sweep_of", {})
+        return {**self.best.to_dict(), "sweep": sweep_of.get(self.best.backbone)}
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [r.to_dict() for r in self.rows]
+        protocols = {p: PROTOCOLS[p] for p in dict.fromkeys(r["protocol"] for r in rows) if p in PROTOCOLS}
+        return {"config": self.config, "data": self.data, "classes": self.classes, "protocols": protocols, "rows": rows}
+
+
+def _read(directory: Path) -> dict[str, Any]:
+    path = directory / "results.json"
+    if not path.is_file():
+        raise ParameterError(f"{directory} has no results.json; give directories written by `cnncodes sweep --out`.")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        rows = [SweepRow.from_dict(r) for r in results["rows"]]
+        digest, classes = results["data"].get("split_digest"), list(results["classes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ParameterError(f"{path} is not a sweep's results.json ({type(exc).__name__}: {exc}); rerun the sweep "
+                             "into that directory.") from None  # fmt: skip
+    if not isinstance(digest, str):
+        raise ParameterError(f"{path} does not record which images it was split into (written by an older cnncodes); "
+                             "rerun that sweep to compare it.")  # fmt: skip
+    if not rows:
+        raise ParameterError(f"{path} holds no rows; rerun the sweep into that directory.")
+    return {"rows": rows, "digest": digest, "classes": classes, "data": results["data"], "config": results["config"]}
+
+
+def compare(directories: list[str | os.PathLike]) -> Comparison:
+    """Join the ``results.json`` of sweeps of the same images (different backbones or input sizes) into one table.
+
+    Parameters
+    ----------
+    directories : list of path
+        Output directories of ``cnncodes sweep`` (or :func:`cnncodes.sweeps.write_report`), at least two.
+
+    Returns
+    -------
+    Comparison
+        Rows keep their ``backbone``; a backbone name met in two sweeps gets its directory's name appended.
+
+    Raises
+    ------
+    ParameterError
+        A directory without results.json, or sweeps of other images, labels or splits (their ``split_digest``
+        differs): those accuracies are not comparable.
+    """
+    dirs = [Path(d) for d in directories]
+    if len(dirs) < 2:
+        raise ParameterError("compare needs at least two sweep directories (cnncodes compare DIR1 DIR2 ...).")
+    sweeps = [_read(d) for d in dirs]
+    first = sweeps[0]
+    for d, s in zip(dirs[1:], sweeps[1:]):
+        if s["classes"] != first["classes"]:
+            raise ParameterError(f"{d} and {dirs[0]} name different classes ({s['classes'][:5]} vs "
+                                 f"{first['classes'][:5]}); only sweeps of the same images compare.")  # fmt: skip
+        if s["digest"] != first["digest"]:
+            raise ParameterError(f"{d} and {dirs[0]} were split differently (other images, labels, --seed, --folds or "
+                                 "--test-size), so their accuracies do not compare row for row. Sweep both stores "
+                                 "with the same settings, or in one run: cnncodes sweep STORE1 STORE2 --out DIR.")  # fmt: skip
+    rows: list[SweepRow] = []
+    sweep_of: dict[str, str] = {}
+    for d, s in zip(dirs, sweeps):
+        renamed = {}
+        for name in dict.fromkeys(r.backbone for r in s["rows"]):
+            new = name or d.name
+            if new in sweep_of:
+                new = f"{new} ({d.name})"
+            if new in sweep_of:
+                raise ParameterError(f"{d} is given twice; give each sweep directory once.")
+            renamed[name] = new
+            sweep_of[new] = str(d)
+        for r in s["rows"]:
+            r.backbone = renamed[r.backbone]
+            rows.append(r)
+    data = {key: first["data"].get(key) for key in ("n_train_images", "n_test_images", "views", "split_digest")}
+    data.update(sweeps=[str(d) for d in dirs], sweep_of=sweep_of)
+    return Comparison(rows, best_of(rows), first["classes"], data, first["config"])
