@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
@@ -142,6 +143,9 @@ class ProbeBundle:
         ``coef`` (n_outputs, dims), ``intercept`` (n_outputs,), and ``scaler_mean``/``scaler_scale`` for ``standard``.
     metrics : dict
     versions : dict
+    multilabel : bool
+        One-vs-rest probes of images that may show several classes: one output per class, each class present where
+        its score is positive.
     """
 
     extractor: ExtractorSpec
@@ -151,6 +155,7 @@ class ProbeBundle:
     arrays: dict[str, np.ndarray]
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    multilabel: bool = False
 
     # -- compute on codes -------------------------------------------------------------------------------------------
     def normalize(self, codes: np.ndarray) -> np.ndarray:
@@ -167,13 +172,15 @@ class ProbeBundle:
         return X
 
     def decision_function_codes(self, codes: np.ndarray) -> np.ndarray:
-        """Class scores from codes: (n, n_classes), or (n,) for a two-class probe."""
+        """Class scores from codes: (n, n_classes), or (n,) for a two-class single-label probe."""
         scores = self.normalize(codes) @ self.arrays["coef"].T + self.arrays["intercept"]
-        return scores.ravel() if scores.shape[1] == 1 else scores
+        return scores.ravel() if scores.shape[1] == 1 and not self.multilabel else scores
 
     def predict_codes(self, codes: np.ndarray) -> np.ndarray:
-        """Class indices (into :attr:`classes`)."""
+        """Class indices (into :attr:`classes`); for a multi-label probe, a 0/1 (n, n_classes) indicator."""
         s = self.decision_function_codes(codes)
+        if self.multilabel:
+            return (s > 0).astype(int)
         return (s > 0).astype(int) if s.ndim == 1 else s.argmax(1)
 
     @property
@@ -185,6 +192,8 @@ class ProbeBundle:
         if not self.has_proba:
             raise BundleError(f"a {self.classifier!r} probe has no probabilities; use decision_function or predict.")
         s = self.decision_function_codes(codes)
+        if self.multilabel:  # independent per-class probabilities
+            return 1 / (1 + np.exp(-s))
         if s.ndim == 1:
             p1 = 1 / (1 + np.exp(-s))
             return np.stack([1 - p1, p1], axis=1)
@@ -201,8 +210,15 @@ def bundle_from_pipeline(
     classes: list[str],
     metrics: dict[str, Any] | None = None,
 ) -> ProbeBundle:
-    """Take the parameters out of a fitted probe Pipeline (see :func:`cnncodes.probes.make_probe`)."""
+    """Take the parameters out of a fitted probe Pipeline (see :func:`cnncodes.probes.make_probe`), or a multi-label
+    sweep's ``OneVsRestClassifier`` of per-class probes (or of searches over them)."""
     norm_step, clf = pipeline.named_steps["normalize"], pipeline.named_steps["classify"]
+    multilabel = isinstance(clf, OneVsRestClassifier)
+    if multilabel:
+        per_class = [getattr(e, "best_estimator_", e) for e in clf.estimators_]
+        clf = per_class[0]
+        coef = np.concatenate([e.coef_ for e in per_class])
+        intercept = np.concatenate([np.ravel(e.intercept_) for e in per_class])
     arrays: dict[str, np.ndarray] = {}
     if isinstance(norm_step, StandardScaler):
         normalizer = "standard"
@@ -224,14 +240,19 @@ def bundle_from_pipeline(
         classifier = "sgd-log" if clf.loss == "log_loss" else "sgd"
     else:
         raise BundleError(f"cannot bundle classifier {type(clf).__name__}; use a linear probe from make_probe.")
-    arrays["coef"] = np.asarray(clf.coef_, dtype=np.float32)
-    arrays["intercept"] = np.asarray(clf.intercept_, dtype=np.float32)
-    fitted = [
-        classes[int(c)] if isinstance(c, (int, np.integer)) and len(classes) > int(c) else str(c) for c in clf.classes_
-    ]
+    if multilabel:
+        arrays["coef"], arrays["intercept"] = coef.astype(np.float32), intercept.astype(np.float32)
+        fitted = list(classes)
+    else:
+        arrays["coef"] = np.asarray(clf.coef_, dtype=np.float32)
+        arrays["intercept"] = np.asarray(clf.intercept_, dtype=np.float32)
+        fitted = [
+            classes[int(c)] if isinstance(c, (int, np.integer)) and len(classes) > int(c) else str(c)
+            for c in clf.classes_
+        ]
     if isinstance(extractor, dict):
         extractor = ExtractorSpec.from_dict(extractor, "the sweep's extractor")
-    return ProbeBundle(extractor, normalizer, classifier, fitted, arrays, dict(metrics or {}), versions())
+    return ProbeBundle(extractor, normalizer, classifier, fitted, arrays, dict(metrics or {}), versions(), multilabel)
 
 
 def save_bundle(bundle: ProbeBundle, path: str | os.PathLike) -> Path:
@@ -254,6 +275,7 @@ def save_bundle(bundle: ProbeBundle, path: str | os.PathLike) -> Path:
         "classes": bundle.classes,
         "metrics": bundle.metrics,
         "versions": bundle.versions,
+        "multilabel": bundle.multilabel,
         "checksums": {name: hashlib.sha256(data).hexdigest() for name, data in members.items()},
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -302,7 +324,7 @@ def check_digest(path: Path, digest: str | None) -> None:
 def _member_limit(name: str, spec: ExtractorSpec, n_classes: int) -> int:
     """Largest size a member can have for this bundle's dims and classes (float64, plus the .npy header)."""
     dims = spec.dims if 0 < spec.dims <= _MAX_CODE_DIMS else _MAX_CODE_DIMS
-    outputs = 1 if n_classes == 2 else max(n_classes, 1)
+    outputs = max(n_classes, 1)  # a two-class probe has one output, a multi-label one two
     elements = {"coef": outputs * dims, "intercept": outputs}.get(name, dims)
     return 8 * elements + 4096
 
@@ -380,9 +402,12 @@ def read_bundle(path: str | os.PathLike, *, digest: str | None = None) -> ProbeB
         raise BundleError(
             f"{path} is not a readable probe bundle ({type(exc).__name__}: {exc}); it may be truncated."
         ) from exc
+    if not isinstance(meta.get("multilabel", False), bool):
+        raise BundleError(f"{path}: bundle.json multilabel is {meta['multilabel']!r}, not true or false; the bundle is "
+                          "malformed.")  # fmt: skip
     bundle = ProbeBundle(spec, meta.get("normalizer"),
                          meta.get("classifier"), meta.get("classes"), arrays, meta.get("metrics") or {},
-                         meta.get("versions") or {})  # fmt: skip
+                         meta.get("versions") or {}, meta.get("multilabel", False))  # fmt: skip
     check_bundle(bundle, path)
     return bundle
 
@@ -417,7 +442,7 @@ def check_bundle(bundle: ProbeBundle, where: str | os.PathLike) -> None:
         if array.dtype.kind != "f" or not np.isfinite(array).all():
             raise refuse(f"array {name} is not finite floating point (dtype {array.dtype})")
     coef, intercept = bundle.arrays["coef"], bundle.arrays["intercept"]
-    outputs = 1 if len(classes) == 2 else len(classes)
+    outputs = len(classes) if bundle.multilabel or len(classes) > 2 else 1
     dims = bundle.extractor.dims
     if (
         coef.ndim != 2

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError, FingerprintMismatchError, ImageDecodeError, ParameterError
-from ..images import Preprocessing, as_source
+from ..images import MULTILABEL_SEP, Preprocessing, as_source
 from ..network import Backbone, CodeExtractor, encode, load_backbone
 from ._bundle import ProbeBundle, read_bundle
 
@@ -104,8 +104,13 @@ class DeployedProbe:
         return self.bundle.decision_function_codes(self._checked(images))
 
     def predict(self, images: Any) -> np.ndarray:
-        """Class names, one per image."""
-        return np.asarray(self.classes, dtype=object)[self.bundle.predict_codes(self._checked(images))]
+        """Class names, one per image (for a multi-label probe, the classes present joined by ``;``)."""
+        return np.asarray(self._names(self.bundle.predict_codes(self._checked(images))), dtype=object)
+
+    def _names(self, predicted: np.ndarray) -> list[str]:
+        if self.bundle.multilabel:
+            return [MULTILABEL_SEP.join(c for c, on in zip(self.classes, row) if on) for row in predicted]
+        return [self.classes[p] for p in predicted]
 
     def predict_proba(self, images: Any) -> np.ndarray:
         """Class probabilities (logreg and sgd-log probes only)."""
@@ -121,11 +126,11 @@ class DeployedProbe:
             if self.bundle.has_proba
             else self.bundle.decision_function_codes(codes)
         )
-        pred = self.bundle.predict_codes(codes)
+        pred = self._names(self.bundle.predict_codes(codes))
         rows = []
         for i, path in enumerate(images.ids):
             row: dict[str, Any] = {"path": path, "error": reasons[i]}
-            row["predicted"] = "" if reasons[i] else self.classes[pred[i]]
+            row["predicted"] = "" if reasons[i] else pred[i]
             row["scores"] = None if reasons[i] else np.atleast_1d(scores[i])
             rows.append(row)
         return rows
@@ -144,6 +149,6 @@ def load_bundle(path: str | os.PathLike, *, digest: str | None = None, **kwargs:
 def score_names(probe: DeployedProbe) -> Sequence[str]:
     """Column names for the per-class outputs of :meth:`DeployedProbe.predict_source`."""
     kind = "proba" if probe.bundle.has_proba else "score"
-    if probe.bundle.arrays["coef"].shape[0] == 1 and not probe.bundle.has_proba:
+    if probe.bundle.arrays["coef"].shape[0] == 1 and not probe.bundle.has_proba and not probe.bundle.multilabel:
         return [f"{kind}_{probe.classes[1]}"]
     return [f"{kind}_{c}" for c in probe.classes]

@@ -14,11 +14,22 @@ from ._preprocess import (
     view_seed,
     view_transform,
 )
-from ._sources import DEMOS, ArraySource, DatasetSource, FileSource, ImageSource, as_source, decode_image, open_source
+from ._sources import (
+    DEMOS,
+    MULTILABEL_SEP,
+    ArraySource,
+    DatasetSource,
+    FileSource,
+    ImageSource,
+    as_source,
+    decode_image,
+    open_source,
+)
 
 __all__ = [
     "AUGMENTATIONS",
     "DEMOS",
+    "MULTILABEL_SEP",
     "ArraySource",
     "DatasetSource",
     "FileSource",

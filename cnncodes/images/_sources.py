@@ -58,8 +58,9 @@ class ImageSource:
     ids : sequence of str
         One id per image: the absolute file path for files, ``'array[i]'``, ``'dataset[i]'`` or ``'digits[i]'``
         otherwise.
-    labels : array-like of int of shape (n_images,)
-        Class index per image, ``-1`` where the image is unlabeled.
+    labels : array-like of int of shape (n_images,) or (n_images, n_classes)
+        Class index per image, ``-1`` where the image is unlabeled; or, for multi-label images, a 0/1 indicator
+        matrix (row ``i``, column ``k``: image ``i`` shows class ``k``).
     classes : sequence of str
         Class names; ``classes[k]`` is the name of label ``k``. Empty when no image is labeled.
     description : str
@@ -69,8 +70,8 @@ class ImageSource:
     ----------
     ids : list of str
         One id per image.
-    labels : ndarray of int64 of shape (n_images,)
-        Class index per image, ``-1`` where unlabeled.
+    labels : ndarray of int64 of shape (n_images,) or (n_images, n_classes)
+        Class index per image, ``-1`` where unlabeled; or the multi-label indicator matrix.
     classes : list of str
         Class names indexed by label value.
     description : str
@@ -83,12 +84,18 @@ class ImageSource:
 
     def __init__(self, ids: Sequence[str], labels: Any, classes: Sequence[str], description: str) -> None:
         self.ids = [str(i) for i in ids]
-        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = [str(c) for c in classes]
         self.description = str(description)
         n = len(self.ids)
         if n == 0:
             raise SourceError(f"{self.description}: the source holds no images; give at least one image.")
+        if self.labels.ndim == 2:
+            if self.labels.shape != (n, len(self.classes)) or not np.isin(self.labels, (0, 1)).all():
+                raise SourceError(f"{self.description}: multi-label labels must be a 0/1 matrix of shape ({n}, "
+                                  f"{len(self.classes)}) (images x classes), got {self.labels.shape}.")  # fmt: skip
+            return
+        self.labels = self.labels.reshape(-1)
         if self.labels.shape != (n,):
             raise SourceError(f"{self.description}: {n} ids but {self.labels.size} labels; give one label per image.")
         if self.labels.min() < -1 or self.labels.max() >= len(self.classes):
@@ -99,6 +106,11 @@ class ImageSource:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether an image may show several classes (``labels`` is an images x classes indicator matrix)."""
+        return self.labels.ndim == 2
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description!r}, images={len(self)}, classes={len(self.classes)})"
@@ -736,7 +748,33 @@ def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:
             raise SourceError(f"{name} line {line}: {path} is labeled {label!r}, but line {seen_line} labels it "
                               f"{seen_label!r}; give each image one label.")  # fmt: skip
     labels = [label for _, _, label in rows] if labeled else None
+    if labeled and any(MULTILABEL_SEP in label for label in labels):  # type: ignore[union-attr]
+        indicator, classes = _label_sets(name, rows)
+        return FileSource(paths, indicator, classes, description=f"csv:{csv_path}", max_pixels=max_pixels)
     return FileSource(paths, labels, description=f"csv:{csv_path}", max_pixels=max_pixels)
+
+
+def _label_sets(name: str, rows: list[tuple[int, str, str | None]]) -> tuple[np.ndarray, list[str]]:
+    """A multi-label column (``cat;dog``) -> (images x classes 0/1 matrix, sorted class names)."""
+    sets = []
+    for line, _, label in rows:
+        parts = [p.strip() for p in (label or "").split(MULTILABEL_SEP)]
+        if not all(parts):
+            raise SourceError(f"{name} line {line}: label {label!r} has an empty class name between its "
+                              f"{MULTILABEL_SEP!r} separators; write classes as cat;dog.")  # fmt: skip
+        sets.append(parts)
+    classes = sorted({c for parts in sets for c in parts})
+    if len(classes) < 2:
+        raise SourceError(f"{name}: the multi-label column names only {classes}; a probe needs at least 2 classes.")
+    index = {c: k for k, c in enumerate(classes)}
+    indicator = np.zeros((len(rows), len(classes)), dtype=np.int64)
+    for i, parts in enumerate(sets):
+        indicator[i, [index[c] for c in parts]] = 1
+    return indicator, classes
+
+
+#: Separates the classes of a multi-label CSV label cell (``cat;dog``).
+MULTILABEL_SEP = ";"
 
 
 def _check_number_spellings(name: str, rows: list[tuple[int, str, str | None]]) -> None:
@@ -756,8 +794,11 @@ def _check_number_spellings(name: str, rows: list[tuple[int, str, str | None]]) 
 
 
 def _resolve_labels(labels: Any, classes: Sequence[str] | None, n: int, what: str) -> tuple[np.ndarray, list[str]]:
-    """Labels given as indices or names -> (int64 indices with -1 = unlabeled, class names)."""
+    """Labels given as indices or names -> (int64 indices with -1 = unlabeled, class names); a 2-d 0/1 matrix with
+    ``classes`` -> multi-label indicators."""
     class_names = None if classes is None else _check_classes(classes, what)
+    if class_names is not None and getattr(labels, "ndim", 1) == 2:  # multi-label: checked by ImageSource
+        return np.asarray(labels, dtype=np.int64), class_names
     if labels is None:
         if class_names:
             raise SourceError(f"{what}: classes= was given without labels=; pass labels too, or drop classes.")

@@ -150,7 +150,9 @@ class Split:
 
 
 _OPTIONAL = ("test_tta_accuracy", "test_top5_accuracy", "test_class_recall", "k", "shots", "draws",
-             "test_accuracy_std")
+             "test_accuracy_std", "cv_map", "cv_map_std", "test_map", "test_class_ap", "class_C")
+#: Row fields keyed by class index, which results.json keys by class name.
+_BY_CLASS = ("test_class_recall", "test_class_ap", "class_C")
 
 #: The protocols a sweep row can follow, with their sources (``results.json`` carries this table).
 PROTOCOLS = {
@@ -165,6 +167,10 @@ PROTOCOLS = {
                 "draw (min(folds, n) folds), or for n = 1, where no image is left to validate on, the C chosen on all "
                 "training images; tested on the whole test split. Mean and standard deviation over the draws (the "
                 "few-shot linear probes of CLIP, Radford et al. 2021, section 3.2.4, and of Kornblith et al. 2019).",
+    "multilabel": "Multi-label linear probe (images may show several classes): one binary probe per class, one-vs-rest, "
+                  "each class's C chosen by CV average precision on the same folds, scored by mean average precision "
+                  "over classes on the held-out images (the VOC07 linear SVM protocol of Goyal et al. 2019; AP is "
+                  "scikit-learn's average_precision_score, not VOC07's 11-point interpolation). Selection uses CV mAP.",
 }  # fmt: skip
 
 
@@ -185,7 +191,7 @@ class SweepRow:
     cv_accuracy: float | None  # None only for one-shot rows: no image is left to validate on
     cv_std: float | None
     test_accuracy: float
-    test_balanced_accuracy: float
+    test_balanced_accuracy: float | None  # None for multi-label rows
     test_macro_f1: float
     fit_seconds: float
     test_tta_accuracy: float | None = None  # with views: decision functions averaged over an image's views
@@ -197,6 +203,16 @@ class SweepRow:
     shots: int | None = None  # few-shot: training images per class
     draws: int | None = None  # few-shot: draws averaged (test_accuracy is their mean)
     test_accuracy_std: float | None = None  # few-shot: standard deviation over the draws
+    cv_map: float | None = None  # multi-label: CV mean average precision (the selection score)
+    cv_map_std: float | None = None  # multi-label: its standard deviation over classes
+    test_map: float | None = None  # multi-label: test mean average precision
+    test_class_ap: dict[int, float] | None = None  # multi-label: test average precision by class label
+    class_C: dict[int, float] | None = None  # multi-label: each class's C (C is their geometric mean)
+
+    @property
+    def score(self) -> float | None:
+        """What selection compares: CV mean average precision for multi-label rows, CV accuracy otherwise."""
+        return self.cv_map if self.cv_map is not None else self.cv_accuracy
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -206,7 +222,7 @@ class SweepRow:
     def selectable(self) -> bool:
         """Whether the row competes for the best: linear probes on all training images (the kNN and few-shot rows
         are reported next to them)."""
-        return self.protocol == "linear"
+        return self.protocol in ("linear", "multilabel")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k not in _OPTIONAL}
@@ -227,7 +243,7 @@ def best_of(rows: list[SweepRow]) -> SweepRow:
     candidates = [r for r in rows if r.selectable]
     if not candidates:
         raise ParameterError("no linear-probe row to pick the best from; add a linear probe (logreg, linsvc, sgd).")
-    return max(candidates, key=lambda r: (r.cv_accuracy, -r.dims))
+    return max(candidates, key=lambda r: (r.score, -r.dims))
 
 
 @dataclass
@@ -271,9 +287,10 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         """Everything but the fitted estimator and predictions, JSON-ready (``results.json``)."""
         rows = [r.to_dict() for r in self.rows]
-        for row in rows:  # per-class recall by class name
-            if row.get("test_class_recall") is not None:
-                row["test_class_recall"] = {self.classes[int(c)]: v for c, v in row["test_class_recall"].items()}
+        for row in rows:  # per-class figures by class name
+            for key in _BY_CLASS:
+                if row.get(key) is not None:
+                    row[key] = {self.classes[int(c)]: v for c, v in row[key].items()}
         protocols = {p: PROTOCOLS[p] for p in dict.fromkeys(r["protocol"] for r in rows)}
         return {"config": self.config.to_dict(), "data": self.data, "classes": self.classes, "protocols": protocols,
                 "rows": rows}

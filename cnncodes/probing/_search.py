@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,13 +37,14 @@ from typing import Any
 
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
-from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, train_test_split
+from sklearn.model_selection import KFold, ShuffleSplit, StratifiedKFold, StratifiedShuffleSplit, train_test_split
 from tqdm.auto import tqdm
 
 from ..errors import MissingExtraError, ParameterError, SchedulerError
 from ._fewshot import check_shots, evaluate_few_shot
 from ._knn import evaluate_knn
 from ._linear import ProblemStack, fit_paths
+from ._multilabel import check_multilabel_split, evaluate_multilabel
 from ._probes import PATH_LOSS, make_classifier, make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepResult, SweepRow, best_of
 from ._scoring import Fitted, c_grid, check_finite, metrics_from_scores
@@ -55,7 +57,7 @@ def split_images(
     labels: np.ndarray, views: int, config: SweepConfig, *, test_rows: int | None = None, test_views: int = 0
 ) -> Split:
     """Stratified split by image: held-out test images (unless a separate test set of ``test_rows`` rows is given)
-    and CV folds on the rest.
+    and CV folds on the rest. Multi-label ``labels`` (rows x classes) are split by image without stratification.
 
     ``labels`` has one entry per row (image-major, ``views + 1`` rows per image); augmented views of an image always
     land on the same side of every split, and validation and test use plain views only.
@@ -65,6 +67,21 @@ def split_images(
     if len(labels) % per:
         raise ParameterError(f"{len(labels)} rows is not a whole number of images with views={views}.")
     labels = labels[::per]
+    if labels.ndim == 2:  # multi-label: no stratification (check_multilabel_split checks every class's coverage)
+        images = np.arange(len(labels))
+        if test_rows is None:
+            train_img, test_img = train_test_split(images, test_size=config.test_size, random_state=config.seed)
+            train_img.sort()
+            test_img.sort()
+            test, test_views = (test_img[:, None] * per + np.arange(per)).ravel(), views
+        else:
+            train_img, test = images, np.arange(test_rows)
+        multi: Any = (
+            ShuffleSplit(n_splits=1, test_size=config.val_size, random_state=config.seed)
+            if config.val_size is not None
+            else KFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
+        )
+        return _fold_split(train_img, None, multi, per, test, views, test_views)
     if (labels < 0).any():
         raise ParameterError("some images are unlabeled (label -1); a sweep needs labels (ImageFolder, CSV with "
                              "labels, or labels=).")  # fmt: skip
@@ -106,6 +123,12 @@ def split_images(
             raise ParameterError(f"the smallest class has {smallest} training images, fewer than folds={config.folds}; "
                                  "lower --folds.")  # fmt: skip
         splitter = StratifiedKFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
+    return _fold_split(train_img, y_train, splitter, per, test, views, test_views)
+
+
+def _fold_split(train_img: np.ndarray, y_train: np.ndarray | None, splitter: Any, per: int, test: np.ndarray,
+                views: int, test_views: int) -> Split:  # fmt: skip
+    """The Split of training images ``train_img`` into ``splitter``'s folds: fit rows every view, validation plain."""
     fold_rows = []
     for fit_idx, val_idx in splitter.split(train_img, y_train):
         fit_rows = (train_img[fit_idx][:, None] * per + np.arange(per)).ravel()  # every view of fit images
@@ -206,10 +229,41 @@ def evaluate_codes(
     ``codes``/``test_codes`` are (rows, dims) array-likes (the same object when the test images are held out of it).
     Runs in a joblib worker; out of core when the fit would exceed ``config.max_memory``.
     """
-    if config.threads:
-        import torch
+    with _torch_threads(config.threads):
+        return _evaluate(codes, labels, test_codes, test_labels, split, config, tap=tap, pooling=pooling, depth=depth,
+                         n_classes=n_classes)  # fmt: skip
 
-        torch.set_num_threads(config.threads)
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_HELD = {"tasks": 0, "before": 0}
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Torch intra-op threads for one task (0: leave them). Tasks may be threads of one process, so the caller's
+    setting comes back when the last of the concurrent tasks ends, not when the first does."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    with _THREADS_LOCK:
+        if _THREADS_HELD["tasks"] == 0:
+            _THREADS_HELD["before"] = torch.get_num_threads()
+        _THREADS_HELD["tasks"] += 1
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_HELD["tasks"] -= 1
+            if _THREADS_HELD["tasks"] == 0:
+                torch.set_num_threads(_THREADS_HELD["before"])
+
+
+def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.ndarray, split: Split,
+              config: SweepConfig, *, tap: str, pooling: str, depth: int,
+              n_classes: int | None) -> list[tuple[SweepRow, Fitted]]:  # fmt: skip
     labels = np.asarray(labels)
     test_labels = np.asarray(test_labels)
     n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
@@ -438,6 +492,8 @@ def sweep_codes(
             raise ParameterError(f"the test codes lack {missing[:3]}; give test arrays for every key of codes.")
         y_test, _ = _encode_labels(test_labels, class_names, "test_labels")
         test_arrays = {k: _check_codes(test[k], len(y_test), f"test[{k!r}]") for k in keys}
+    if (y.ndim == 2) != (y_test.ndim == 2):
+        raise ParameterError("labels and test_labels must both be multi-label (0/1 matrices) or both single-label.")
     split = split_images(y, views, config, test_rows=None if test is None else len(y_test), test_views=test_views)
     names = {k: _candidate_name(k) for k in keys}
     depth_of = {k: int((depths or {}).get(k, -1)) for k in keys}
@@ -445,6 +501,12 @@ def sweep_codes(
     if not linear.probes:
         raise ParameterError("probes=['knn'] alone: the kNN row is a baseline next to linear probes, which the sweep "
                              "picks its best from; add logreg, linsvc or sgd.")  # fmt: skip
+    multilabel = y.ndim == 2
+    if multilabel:
+        if "knn" in config.probes or config.shots:
+            raise ParameterError("the kNN and few-shot rows are single-label protocols; a multi-label sweep (a CSV "
+                                 "with cat;dog labels) takes linear probes only: drop knn and --shots.")  # fmt: skip
+        check_multilabel_split(y, split, class_names, y_test)
     if config.shots:
         check_shots(config.shots, y, split, class_names)
 
@@ -452,8 +514,12 @@ def sweep_codes(
         backbone, tap, pooling = names[k]
         return {"tap": tap, "pooling": pooling, "depth": depth_of[k], "backbone": backbone}
 
-    tasks = [delayed(_linear_task)(arrays[k], y, test_arrays[k], y_test, split, linear, n_classes=len(class_names),
-                                   **where(k)) for k in keys]  # fmt: skip
+    if multilabel:
+        tasks = [delayed(evaluate_multilabel)(arrays[k], y, test_arrays[k], y_test, split, linear, **where(k))
+                 for k in keys]  # fmt: skip
+    else:
+        tasks = [delayed(_linear_task)(arrays[k], y, test_arrays[k], y_test, split, linear,
+                                       n_classes=len(class_names), **where(k)) for k in keys]  # fmt: skip
     if "knn" in config.probes:
         tasks += [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k)) for k in keys]
     results: list[tuple[SweepRow, Fitted | None]] = []
@@ -470,7 +536,7 @@ def sweep_codes(
                           for k in keys]  # fmt: skip
             results += [(row, None) for row in _run_tasks(shot_tasks, jobs, progress, "few-shot")]
     order = {names[k]: i for i, k in enumerate(keys)}
-    protocol_order = {"linear": 0, "knn": 1, "few-shot": 2}
+    protocol_order = {"linear": 0, "multilabel": 0, "knn": 1, "few-shot": 2}
     results.sort(key=lambda rf: (order[(rf[0].backbone, rf[0].tap, rf[0].pooling)], protocol_order[rf[0].protocol],
                                  rf[0].normalizer, rf[0].probe, rf[0].shots or 0))  # fmt: skip
     rows = [r for r, _ in results]
@@ -486,7 +552,7 @@ def sweep_codes(
         "scores": fit.scores,
     }
     data = {"n_train_images": int(len(split.train_rows) // (views + 1)), "n_test_images": int(len(plain_rows)),
-            "views": views, "test_views": split.test_views,
+            "views": views, "test_views": split.test_views, "multilabel": multilabel,
             "split_digest": _split_digest(split, y, y_test, sources, test_sources if test is not None else None)}  # fmt: skip
     return SweepResult(rows, best_row, fit.estimator, test_predictions, class_names, config, data)
 
@@ -533,8 +599,15 @@ def _split_digest(split: Split, y: np.ndarray, y_test: np.ndarray, sources: Sequ
 
 
 def _encode_labels(labels: Any, classes: Sequence[str] | None, what: str) -> tuple[np.ndarray, list[str]]:
-    """Integer labels and class names; string labels are mapped onto ``classes`` (default: sorted)."""
+    """Integer labels and class names; string labels are mapped onto ``classes`` (default: sorted). A 2-d 0/1 matrix
+    is multi-label: one column per class."""
     y = np.asarray(labels)
+    if y.ndim == 2 and len(y):
+        names = list(classes) if classes is not None else [str(c) for c in range(y.shape[1])]
+        if y.dtype.kind not in "biu" or y.shape[1] != len(names) or not np.isin(y, (0, 1)).all():
+            raise ParameterError(f"{what}: multi-label labels must be a 0/1 matrix of shape (rows, {len(names)} "
+                                 f"classes), got {y.dtype} {y.shape}.")  # fmt: skip
+        return y.astype(np.int64), names
     if y.dtype.kind in "iu" and y.size and y.min() < 0:
         raise ParameterError(f"{what}: some images are unlabeled (label -1); a sweep needs labels (ImageFolder, CSV "
                              "with labels, or labels=).")  # fmt: skip

@@ -5,7 +5,7 @@ The code store: the one module that knows the on-disk format of extracted codes.
 A store is a directory::
 
     manifest.json                 # what is here and how it was made (format_version, complete, arrays, ...)
-    labels.npy                    # int64 (rows,), -1 for unlabeled images
+    labels.npy                    # int64 (rows,), -1 for unlabeled images; multi-label: 0/1 (rows, classes)
     <tap>__<pooling>.npy          # (rows, dims) float16/float32, one per (tap, pooling)
     .partial/                     # only while extraction runs: preallocated arrays + progress.json
     .lock                         # flock'ed by the process writing the store

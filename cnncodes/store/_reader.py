@@ -177,7 +177,7 @@ class CodeStore:
 
     @property
     def labels(self) -> np.ndarray:
-        """int64 (rows,), -1 where unlabeled."""
+        """int64 (rows,), -1 where unlabeled; or, for multi-label images, a 0/1 (rows, classes) indicator matrix."""
         path = self.path / LABELS
         if path.exists() and not path.is_file():
             raise StoreError(f"{path} is not a regular file; the store is damaged: re-extract it with --overwrite.")
@@ -187,12 +187,17 @@ class CodeStore:
             raise StoreError(
                 f"cannot read {path} ({type(exc).__name__}: {exc}); the store is damaged: re-extract it with --overwrite."
             ) from None
-        if labels.shape != (self.rows,) or labels.dtype.kind not in "iu":
+        if labels.shape not in ((self.rows,), (self.rows, len(self.classes))) or labels.dtype.kind not in "iu":
             raise StoreError(
                 f"{path} holds {labels.dtype} {labels.shape}, not {self.rows} integer labels; the store is damaged: "
                 "re-extract it with --overwrite."
             )
         return labels
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether an image may show several classes (``labels`` is a rows x classes indicator matrix)."""
+        return self.labels.ndim == 2
 
     @property
     def groups(self) -> np.ndarray:

@@ -51,7 +51,8 @@ class StoreWriter:
     arrays : sequence of ArraySpec
     sources : list of str
         One id per image, in row order.
-    labels : ndarray of int64, shape (n_images,)
+    labels : ndarray of int64, shape (n_images,) or (n_images, n_classes)
+        Class per image (-1 unlabeled), or a multi-label 0/1 indicator matrix.
     classes : list of str
     views : int
         Augmented views per image.
@@ -266,7 +267,7 @@ class StoreWriter:
                 del src
             durable_replace(tmp, final)
             partial.unlink()
-        labels = np.repeat(self.image_labels[keep_images], self.views + 1)
+        labels = np.repeat(self.image_labels[keep_images], self.views + 1, axis=0)
         np.save(self.path / LABELS, labels, allow_pickle=False)
         self.sources = [s for s, k in zip(self.sources, keep_images) if k]
         self.rows_total = int(keep_rows.sum())

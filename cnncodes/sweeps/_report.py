@@ -9,9 +9,11 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ..images import MULTILABEL_SEP
 from ..probing import SweepResult, SweepRow
 from ._compare import Comparison
 
@@ -32,10 +34,13 @@ def format_table(result: SweepResult | Comparison) -> str:
     follow in their own table (test accuracy, mean ± std over the draws, per shot count)."""
     rows = [r for r in result.rows if r.protocol != "few-shot"]
     several = len({r.backbone for r in result.rows}) > 1
+    multilabel = any(r.protocol == "multilabel" for r in rows)
     tta = any(r.test_tta_accuracy is not None for r in rows)
     name_width = 34 if several else 22
-    head = f"  {'tap':<{name_width}} {'depth':>5} {'pool':<5} {'dims':>6} {'probe':<16} {'C / k':>9}  {'CV acc':>13}"
-    head += f" {'test':>6} {'bal':>6} {'F1':>6}" + (f" {'TTA':>6}" if tta else "")
+    # multi-label rows are selected and scored by mean average precision; their "exact" is subset accuracy
+    cv_head, test_head, bal_head = ("CV mAP", "mAP", "exact") if multilabel else ("CV acc", "test", "bal")
+    head = f"  {'tap':<{name_width}} {'depth':>5} {'pool':<5} {'dims':>6} {'probe':<16} {'C / k':>9}  {cv_head:>13}"
+    head += f" {test_head:>6} {bal_head:>6} {'F1':>6}" + (f" {'TTA':>6}" if tta else "")
     lines = [head + f" {'fit s':>6}"]
     for r in rows:
         star = "*" if r.key == result.best.key else " "
@@ -43,22 +48,30 @@ def format_table(result: SweepResult | Comparison) -> str:
         probe = r.probe if r.normalizer == "standard" else f"{r.normalizer}+{r.probe}"
         name = f"{r.backbone} {r.tap}" if several else r.tap
         param = f"k={r.k}" if r.k is not None else f"{r.C:.3g}"
-        line = f"{star} {name[:name_width]:<{name_width}} {r.depth:>5} {r.pooling or '-':<5} {r.dims:>6} {probe[:16]:<16}"
-        line += f" {param:>8}{edge} {_percent(r.cv_accuracy)}±{100 * (r.cv_std or 0):<5.2f} {_percent(r.test_accuracy)}"
-        line += f" {_percent(r.test_balanced_accuracy)} {_percent(r.test_macro_f1)}"
+        cv, cv_std = (r.cv_map, r.cv_map_std) if multilabel else (r.cv_accuracy, r.cv_std)
+        test, second = (r.test_map, r.test_accuracy) if multilabel else (r.test_accuracy, r.test_balanced_accuracy)
+        line = (
+            f"{star} {name[:name_width]:<{name_width}} {r.depth:>5} {r.pooling or '-':<5} {r.dims:>6} {probe[:16]:<16}"
+        )
+        line += f" {param:>8}{edge} {_percent(cv)}±{100 * (cv_std or 0):<5.2f} {_percent(test)}"
+        line += f" {_percent(second)} {_percent(r.test_macro_f1)}"
         line += f" {_percent(r.test_tta_accuracy)}" if tta else ""
         lines.append(line + f" {r.fit_seconds:6.1f}")
     b = result.best
     where = f"{b.backbone} / " if several else ""
+    score = (f"CV mAP {100 * b.cv_map:.2f}%, test mAP {100 * b.test_map:.2f}%" if multilabel
+             else f"CV {100 * b.cv_accuracy:.2f}%, test {100 * b.test_accuracy:.2f}%")  # fmt: skip
     lines.append(
-        f"best: {where}{b.tap} / {b.pooling or '-'} / {b.probe} (C={b.C:.3g}): CV {100 * b.cv_accuracy:.2f}%, "
-        f"test {100 * b.test_accuracy:.2f}% on {result.data.get('n_test_images', '?')} held-out images"
+        f"best: {where}{b.tap} / {b.pooling or '-'} / {b.probe} (C={b.C:.3g}): {score} on "
+        f"{result.data.get('n_test_images', '?')} held-out images"
         + ("  (! = C or k on the edge of the grid: widen --c-range)" if any(r.C_at_edge for r in rows) else "")
     )
     few = [r for r in result.rows if r.protocol == "few-shot"]
     if few:
         shots = sorted({r.shots for r in few})
-        lines.append(f"few-shot test accuracy (%), mean ± std over {few[0].draws} draws of n training images per class:")
+        lines.append(
+            f"few-shot test accuracy (%), mean ± std over {few[0].draws} draws of n training images per class:"
+        )
         lines.append(f"  {'candidate':<{name_width + 24}}" + "".join(f" {f'n={n}':>12}" for n in shots))
         table: dict[tuple, dict[int, SweepRow]] = {}
         for r in few:
@@ -92,14 +105,14 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
         for backbone in backbones:
             taps = list(dict.fromkeys(r.tap for r in rows if r.backbone == backbone))
             best_at = {t: max((r for r in rows if r.backbone == backbone and r.tap == t and r.selectable),
-                              key=lambda r: r.cv_accuracy) for t in taps}  # fmt: skip
+                              key=lambda r: r.score) for t in taps}  # fmt: skip
             x = [(i + 1) / len(taps) for i in range(len(taps))]
-            ax.plot(x, [100 * best_at[t].cv_accuracy for t in taps], marker="o", ms=4, label=backbone)
+            ax.plot(x, [100 * best_at[t].score for t in taps], marker="o", ms=4, label=backbone)
             for xi, t in zip(x, taps):
-                ax.annotate(t, (xi, 100 * best_at[t].cv_accuracy), fontsize=6, rotation=20, alpha=0.7,
+                ax.annotate(t, (xi, 100 * best_at[t].score), fontsize=6, rotation=20, alpha=0.7,
                             xytext=(2, 3), textcoords="offset points")  # fmt: skip
             if backbone == b.backbone:
-                ax.plot([x[taps.index(b.tap)]], [100 * b.cv_accuracy], marker="*", ms=18, color="gold", mec="black",
+                ax.plot([x[taps.index(b.tap)]], [100 * b.score], marker="*", ms=18, color="gold", mec="black",
                         zorder=5, label=f"best: {b.backbone} {b.tap} {b.pooling} {b.probe}")  # fmt: skip
         ax.set_xlabel("relative depth (tap position / taps of that backbone)")
         ax.set_xlim(0, 1.05)
@@ -114,15 +127,17 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
             label = f"{r.pooling or '-'} · {r.probe}" + ("" if r.normalizer == "standard" else f" ({r.normalizer})")
             series.setdefault(label, []).append(r)
         for label, members in series.items():
-            ax.errorbar([x_of[r.tap] for r in members], [100 * r.cv_accuracy for r in members],
-                        yerr=[100 * r.cv_std for r in members], marker="o", ms=4, capsize=2, label=label)  # fmt: skip
-        ax.plot([x_of[b.tap]], [100 * b.cv_accuracy], marker="*", ms=18, color="gold", mec="black", zorder=5,
+            ax.errorbar([x_of[r.tap] for r in members], [100 * r.score for r in members],
+                        yerr=[100 * (r.cv_map_std if r.cv_map is not None else r.cv_std) for r in members], marker="o",
+                        ms=4, capsize=2, label=label)  # fmt: skip
+        ax.plot([x_of[b.tap]], [100 * b.score], marker="*", ms=18, color="gold", mec="black", zorder=5,
                 label=f"best: {b.tap} {b.pooling} {b.probe}")  # fmt: skip
         ax.set_xticks(range(len(taps)))
         ax.set_xticklabels([f"{t}\n(depth {depth_of[t]})" for t in taps], rotation=30, ha="right", fontsize=8)
         ax.set_xlabel("tap (shallow → deep)")
         ax.set_title(f"Linear probe accuracy by layer: {Path(result.data.get('store') or 'codes').name}")
-    ax.set_ylabel("cross-validated accuracy (%)")
+    multilabel = any(r.protocol == "multilabel" for r in rows)
+    ax.set_ylabel(f"cross-validated {'mean average precision' if multilabel else 'accuracy'} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
@@ -158,13 +173,19 @@ def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = Tr
     paths["test_predictions.csv"] = out / "test_predictions.csv"
     pred = result.test_predictions
     scores = np.atleast_2d(pred["scores"].T).T
+
+    def name(label: Any) -> str:  # a class index, or a multi-label 0/1 row ("cat;dog")
+        if np.ndim(label):
+            return MULTILABEL_SEP.join(c for c, on in zip(result.classes, label) if on)
+        return result.classes[label]
+
     with open(paths["test_predictions.csv"], "w", newline="") as f:
         w = csv.writer(f)
         names = result.classes if scores.shape[1] == len(result.classes) else ["decision"]
         w.writerow(["path", "label", "predicted"] + [f"score_{c}" for c in names])
         for src, label, p, s in zip(pred["sources"], pred["labels"], pred["predicted"], scores):
-            w.writerow([src, result.classes[label], result.classes[p]] + [f"{v:.6g}" for v in s])
-    if plot:
+            w.writerow([src, name(label), name(p)] + [f"{v:.6g}" for v in s])
+    if plot and not result.data.get("multilabel"):  # a confusion matrix needs one class per image
         paths["confusion.png"] = plot_confusion(result, out / "confusion.png")
     return paths
 

@@ -226,6 +226,7 @@ def check_same_images(stores: Sequence[CodeStore]) -> None:
 
 def backbone_names(stores: Sequence[CodeStore]) -> list[str]:
     """A short distinct name per store: its model spec, with the input size or the directory when those repeat."""
+
     def spec(st: CodeStore) -> str:
         model = st.manifest.get("model") or {}
         return str(model.get("spec") or st.path.name)

@@ -1,0 +1,112 @@
+"""Multi-label rows of a sweep: one-vs-rest linear probes scored by mean average precision (the VOC07 SVM protocol).
+
+Images may show several classes (a 0/1 images x classes indicator). Each class gets its own binary probe whose C is
+chosen by CV average precision on the sweep's folds (as in the VOC07 linear SVM benchmark of Goyal et al. 2019,
+"Scaling and Benchmarking Self-Supervised Visual Representation Learning"); the row's score is the mean over classes
+of the average precision on the held-out images (scikit-learn's ``average_precision_score``, not VOC07's 11-point
+interpolation). The whole probe is scikit-learn: ``OneVsRestClassifier(GridSearchCV(classifier, C grid))`` after the
+normalizer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+from sklearn.model_selection import GridSearchCV
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.pipeline import Pipeline
+
+from ..errors import ParameterError
+from ._probes import make_classifier, make_normalizer
+from ._results import Split, SweepConfig, SweepRow
+from ._scoring import Fitted, c_grid, check_finite
+
+__all__ = ["evaluate_multilabel", "check_multilabel_split"]
+
+
+def check_multilabel_split(Y: np.ndarray, split: Split, classes: list[str], Y_test: np.ndarray | None = None) -> None:
+    """Every class needs a positive and a negative image in every fold's fit and validation part and in the test
+    split, or its average precision (and its probe) is undefined."""
+    Y_test = Y if Y_test is None else Y_test
+    parts = [("the test split", Y_test[split.test_rows])]
+    for i, (fit, val) in enumerate(split.folds):
+        parts += [(f"fold {i + 1}'s training part", Y[fit]), (f"fold {i + 1}'s validation part", Y[val])]
+    for where, part in parts:
+        positives = part.sum(0)
+        bad = np.flatnonzero((positives == 0) | (positives == len(part)))
+        if len(bad):
+            raise ParameterError(f"class {classes[bad[0]]!r} has {'no' if positives[bad[0]] == 0 else 'only'} "
+                                 f"positive images in {where}, so its average precision is undefined; use fewer "
+                                 "--folds, a larger --test-size, or more images of that class.")  # fmt: skip
+
+
+def _binary_classifier(probe: str, n_samples: int, seed: int) -> Any:
+    """The per-class probe: scikit-learn's liblinear solvers, fast on the small binary problems one class poses."""
+    if probe == "logreg":
+        return LogisticRegression(solver="liblinear", max_iter=1000)
+    return make_classifier(probe, 1.0, backend="sklearn", n_samples=n_samples, random_state=seed)
+
+
+def _search_grid(probe: str, grid: list[float], n_samples: int) -> dict[str, list[float]]:
+    if probe in ("sgd", "sgd-log"):  # SGD is parametrized by alpha = 1 / (C n), as make_classifier maps it
+        return {"alpha": [1.0 / (C * n_samples) for C in grid]}
+    return {"C": grid}
+
+
+def evaluate_multilabel(
+    codes: Any,
+    Y: np.ndarray,
+    test_codes: Any,
+    Y_test: np.ndarray,
+    split: Split,
+    config: SweepConfig,
+    *,
+    tap: str,
+    pooling: str,
+    depth: int = -1,
+    backbone: str = "",
+) -> list[tuple[SweepRow, Fitted]]:
+    """One row per (normalizer, linear probe): per-class C by CV average precision, refit, test mAP."""
+    X_train = check_finite(np.asarray(codes[split.train_rows], dtype=np.float32), split.train_rows, f"{tap}/{pooling}")
+    Y_train = np.asarray(Y)[split.train_rows]
+    X_test = check_finite(np.asarray(test_codes[split.test_rows], dtype=np.float32), split.test_rows,
+                          f"{tap}/{pooling} (test)")  # fmt: skip
+    per = split.test_views + 1
+    Y_plain = np.asarray(Y_test)[split.test_rows][::per]
+    folds = [(np.searchsorted(split.train_rows, f), np.searchsorted(split.train_rows, v)) for f, v in split.folds]
+    grid = c_grid(config.c_min, config.c_max)
+    out = []
+    for norm in config.normalizers:
+        for probe in config.probes:
+            started = time.perf_counter()
+            base = _binary_classifier(probe, len(X_train), config.seed)
+            search = GridSearchCV(base, _search_grid(probe, grid, len(X_train)), scoring="average_precision", cv=folds,
+                                  error_score="raise")  # fmt: skip
+            estimator = Pipeline([("normalize", make_normalizer(norm)), ("classify", OneVsRestClassifier(search))])
+            estimator.fit(X_train, Y_train)
+            per_class = estimator.named_steps["classify"].estimators_
+            chosen = [s.best_params_.get("C") or 1.0 / (s.best_params_["alpha"] * len(X_train)) for s in per_class]
+            cv_ap = np.array([s.best_score_ for s in per_class])
+            scores = estimator.decision_function(X_test)[::per]
+            predicted = (scores > 0).astype(np.int64)
+            ap = average_precision_score(Y_plain, scores, average=None)
+            row = SweepRow(
+                tap=tap, pooling=pooling, depth=int(depth), dims=int(codes.shape[1]), normalizer=norm, probe=probe,
+                solver="one-vs-rest", C=float(np.exp(np.mean(np.log(chosen)))),
+                C_at_edge=any(c <= config.c_min * 1.0001 or c >= config.c_max * 0.9999 for c in chosen),
+                n_fits=len(per_class) * (len(grid) * len(folds) + 1), cv_accuracy=None, cv_std=None,
+                test_accuracy=float(accuracy_score(Y_plain, predicted)), test_balanced_accuracy=None,
+                test_macro_f1=float(f1_score(Y_plain, predicted, average="macro", zero_division=0)),
+                fit_seconds=float(time.perf_counter() - started), backbone=backbone, protocol="multilabel",
+                cv_map=float(cv_ap.mean()), cv_map_std=float(cv_ap.std()), test_map=float(np.mean(ap)),
+                test_class_ap={c: float(v) for c, v in enumerate(ap)},
+                class_C={c: float(v) for c, v in enumerate(chosen)},
+            )  # fmt: skip
+            out.append((row, Fitted(estimator, predicted, scores)))
+    if not out:
+        raise ParameterError("no linear probe to fit one-vs-rest; give logreg, linsvc or sgd.")
+    return out
