@@ -264,6 +264,7 @@ def _run_sweep(stores: list[str], out: str, args: argparse.Namespace) -> int:
         seed=args.seed,
         c_min=args.c_range[0],
         c_max=args.c_range[1],
+        c_steps_per_decade=args.c_steps_per_decade,
         jobs=args.jobs,
         max_memory=args.max_memory,
         device=args.device,
@@ -272,6 +273,7 @@ def _run_sweep(stores: list[str], out: str, args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         shots=args.shots,
         draws=args.draws,
+        concat=args.concat,
     )
     print(format_table(result))
     paths = write_report(result, out)
@@ -447,6 +449,14 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=float, default=0.25, help="held-out test fraction (ignored with --test)")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--c-range", type=_parse_c_range, default=(1e-4, 1e4), metavar="MIN,MAX")
+    p.add_argument(
+        "--c-steps-per-decade",
+        type=_int_at_least(1),
+        default=2,
+        metavar="N",
+        help="C resolution: a binary search around the best of one C per decade, down to 1/N decade "
+        "(CLIP's protocol: --c-range 1e-6,1e6 --c-steps-per-decade 8)",
+    )
     p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
     p.add_argument(
         "--max-memory",
@@ -466,7 +476,7 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="few-shot rows: training images per class, e.g. 1,2,4,8,16 (never drawn from the test split)")  # fmt: skip
     p.add_argument("--draws", type=_int_at_least(1), default=5, help="subsets drawn per shot count (default: 5)")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(test=None, taps=None, poolings=None)
+    p.set_defaults(test=None, taps=None, poolings=None, concat=None)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -566,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="append", help="a separate test store instead of a held-out split (one per STORE)")
     p.add_argument("--taps", help="only these taps (comma-separated)")
     p.add_argument("--poolings", help="only these poolings (comma-separated)")
+    p.add_argument("--concat", metavar="SPEC[,SPEC]",
+                   help="also probe taps joined side by side: last:K (each store's K deepest swept taps) or a+b")  # fmt: skip
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("compare", help="join sweeps of the same images (their --out directories) into one table")

@@ -62,9 +62,10 @@ class ExtractorSpec:
     model : dict
         The backbone's description: ``spec`` (model spec string), ``weights``, ``fingerprint`` and ``preprocessing``.
     tap, pooling : str
-        Where the codes are taken and how they are pooled.
-    relu : bool
-        Whether the codes were rectified.
+        Where the codes are taken and how they are pooled. A concatenated candidate's tap is its parts joined by
+        ``+``.
+    relu : bool or tuple of bool
+        Whether the codes were rectified (one flag per part of a concatenated candidate when they differ).
     code_dtype : {"float16", "float32"}
         The dtype the codes were stored in during training (predictions round to it).
     dims : int
@@ -72,15 +73,26 @@ class ExtractorSpec:
     numerics : dict, optional
         How the training codes were computed (``device``, ``precision`` and software versions; see
         :func:`cnncodes.network.numerics`). Prediction runs at the same precision by default.
+    taps : tuple of str
+        The taps whose codes are joined side by side, in order (one tap: ``(tap,)``).
     """
 
     model: dict[str, Any]
     tap: str
     pooling: str
-    relu: bool
+    relu: bool | tuple[bool, ...]
     code_dtype: str = "float32"
     dims: int = -1
     numerics: dict[str, Any] | None = None
+    taps: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.taps:
+            object.__setattr__(self, "taps", (self.tap,))
+
+    def relu_of(self, tap: str) -> bool:
+        """Whether the codes of ``tap`` (one of :attr:`taps`) were rectified."""
+        return self.relu[self.taps.index(tap)] if isinstance(self.relu, tuple) else bool(self.relu)
 
     @property
     def amp(self) -> bool:
@@ -118,14 +130,31 @@ class ExtractorSpec:
         ):
             raise BundleError(f"{where}: bundle.json extractor.numerics is {str(numerics)[:80]}; expected null or an "
                               "object whose precision is float32, bfloat16 or float16. The bundle is malformed.")  # fmt: skip
-        return cls(model=dict(model), tap=need(data, "tap", str, "extractor."), pooling=need(data, "pooling", str, "extractor."),
-                   relu=bool(need(data, "relu", (bool, int), "extractor.")), code_dtype=code_dtype,
-                   dims=int(data.get("dims", -1)) if isinstance(data.get("dims", -1), int) else -1,
-                   numerics=None if numerics is None else dict(numerics))  # fmt: skip
+        tap = need(data, "tap", str, "extractor.")
+        taps = data.get("taps", [tap])
+        if not (isinstance(taps, list) and taps and all(isinstance(t, str) and t for t in taps)
+                and "+".join(taps) == tap and len(set(taps)) == len(taps)):  # fmt: skip
+            raise BundleError(f"{where}: bundle.json extractor.taps is {str(taps)[:80]}; expected the distinct taps "
+                              f"whose codes are joined, which {tap!r} names joined by '+'. The bundle is malformed.")  # fmt: skip
+        relu = data.get("relu")
+        if isinstance(relu, list):
+            if len(relu) != len(taps) or not all(isinstance(r, bool) for r in relu):
+                raise BundleError(f"{where}: bundle.json extractor.relu is {str(relu)[:80]}; expected true/false, or "
+                                  f"one per tap of {taps}. The bundle is malformed.")  # fmt: skip
+            relu = tuple(relu)
+        else:
+            relu = bool(need(data, "relu", (bool, int), "extractor."))
+        return cls(model=dict(model), tap=tap, pooling=need(data, "pooling", str, "extractor."), relu=relu,
+                   code_dtype=code_dtype, dims=int(data.get("dims", -1)) if isinstance(data.get("dims", -1), int) else -1,
+                   numerics=None if numerics is None else dict(numerics), taps=tuple(taps))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "tap": self.tap, "pooling": self.pooling, "relu": self.relu,
-                "code_dtype": self.code_dtype, "dims": self.dims, "numerics": self.numerics}  # fmt: skip
+        out = {"model": self.model, "tap": self.tap, "pooling": self.pooling,
+               "relu": list(self.relu) if isinstance(self.relu, tuple) else self.relu, "code_dtype": self.code_dtype,
+               "dims": self.dims, "numerics": self.numerics}  # fmt: skip
+        if len(self.taps) > 1:
+            out["taps"] = list(self.taps)
+        return out
 
 
 @dataclass

@@ -30,7 +30,7 @@ class ProbeModule(nn.Module):
         super().__init__()
         bundle = probe.bundle
         self.net = probe.extractor.net
-        self.tap = bundle.extractor.tap
+        self.taps = list(bundle.extractor.taps)
         self.pooling = bundle.extractor.pooling
         self.round_fp16 = bundle.extractor.code_dtype == "float16"
         self.normalizer = bundle.normalizer
@@ -41,7 +41,12 @@ class ProbeModule(nn.Module):
         self.register_buffer("scale", arrays.get("scaler_scale", torch.ones(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.net(x)[self.tap][self.pooling]
+        out = self.net(x)
+        codes = (
+            torch.cat([out[t][self.pooling] for t in self.taps], dim=1)
+            if len(self.taps) > 1
+            else out[self.taps[0]][self.pooling]
+        )
         if self.round_fp16:  # the probe was trained on float16-stored codes
             codes = codes.half().float()
         if self.normalizer == "standard":

@@ -69,10 +69,18 @@ class DeployedProbe:
                 "(Python: allow_fingerprint_mismatch=True) to predict anyway."
             )
         self.backbone = backbone
-        self.extractor = CodeExtractor(
-            backbone, [bundle.extractor.tap], [bundle.extractor.pooling], relu=bundle.extractor.relu
-        )
-        dims = self.extractor.code_dims()[(bundle.extractor.tap, bundle.extractor.pooling)]
+        spec = bundle.extractor
+        # one rectification mode for every tap; parts rectified differently were made by "auto", which decides the
+        # same way again from the network
+        relu = spec.relu if isinstance(spec.relu, bool) else "auto"
+        self.extractor = CodeExtractor(backbone, list(spec.taps), [spec.pooling], relu=relu)
+        wrong = [t for t in self.extractor.taps if t.codes_rectified(self.extractor.relu) != spec.relu_of(t.name)]
+        if wrong:
+            raise BundleError(f"the bundle's codes of {wrong[0].name} are {'' if spec.relu_of(wrong[0].name) else 'not '}"
+                              f"rectified, but {model['spec']} gives them {'not ' if spec.relu_of(wrong[0].name) else ''}"
+                              "rectified: the bundle does not fit its model.")  # fmt: skip
+        code_dims = self.extractor.code_dims()
+        dims = sum(code_dims[(t, spec.pooling)] for t in spec.taps)
         if dims != bundle.arrays["coef"].shape[1]:
             raise BundleError(f"the bundle's probe reads {bundle.arrays['coef'].shape[1]} code dimensions, but "
                               f"{model['spec']} gives {dims} at {bundle.extractor.tap}/{bundle.extractor.pooling} "
@@ -90,7 +98,9 @@ class DeployedProbe:
             amp=self.amp,
             progress=progress,
         )
-        return codes[(self.bundle.extractor.tap, self.bundle.extractor.pooling)], reasons
+        spec = self.bundle.extractor
+        parts = [codes[(t, spec.pooling)] for t in spec.taps]
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)), reasons
 
     def _checked(self, images: Any) -> np.ndarray:
         codes, reasons = self.codes(images)

@@ -1,6 +1,7 @@
 """Probing: linear probes on codes (compute only). scikit-learn pipelines and torch path solvers, C chosen by
 cross-validation, out of core when codes exceed memory, and the in-memory sweep over many arrays of codes."""
 
+from ._concat import CONCAT_SEP, ConcatenatedCodes, concat_name
 from ._fewshot import draw_shots
 from ._knn import KNN_KS
 from ._linear import ProblemStack, TorchLinearSVC, TorchLogisticRegression, fit_paths
@@ -19,6 +20,8 @@ from ._scoring import c_grid, check_finite, metrics_from_scores
 from ._search import evaluate_codes, joblib_backend, split_images, sweep_codes
 
 __all__ = [
+    "CONCAT_SEP",
+    "ConcatenatedCodes",
     "CLASSIFIERS",
     "KNN_KS",
     "LINEAR",
@@ -34,6 +37,7 @@ __all__ = [
     "TorchLogisticRegression",
     "best_of",
     "c_grid",
+    "concat_name",
     "check_finite",
     "draw_shots",
     "evaluate_codes",

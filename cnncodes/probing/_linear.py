@@ -7,13 +7,13 @@ Two losses, each with scikit-learn's objective ``0.5 * ||W||^2 + C * sum(loss)``
 
 When there are more features than samples, the problem is solved exactly in the n-dimensional span of the training
 rows (the "dual" trick: the optimum of an L2-penalized linear model lies in that span) using the Gram matrix, and the
-weights are mapped back. That is what makes a sweep over 10k-dimensional codes cheap: one eigendecomposition per fold
-serves every C.
+weights are mapped back. That is what makes a sweep over 10k-dimensional codes cheap: one Cholesky factorization of
+the Gram matrix per fold serves every C.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +56,11 @@ class FeatureBasis:
     """Coordinates in which to solve: the raw features, or the span of the training rows when d > n.
 
     Build it once per training set and pass it to :func:`fit_path` for every C path on those rows.
+
+    In the span, the coordinates are those of a Cholesky factor of the Gram matrix, ``X X^T = Z Z^T``: ``Z`` (n, n)
+    reproduces every inner product of the rows, so scores and the penalty are the same as on the raw features
+    (``W = X^T Z^{-T} A`` has ``||W|| = ||A||`` and ``X W = Z A``). Any such factor gives the same L-BFGS iterates up
+    to a rotation; the Cholesky one costs a tenth of an eigendecomposition.
     """
 
     def __init__(self, X: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> None:
@@ -66,37 +71,45 @@ class FeatureBasis:
         self.X = X
         self.reduced = d > n
         if self.reduced:
-            gram = (X @ X.T).double()
-            evals, evecs = torch.linalg.eigh(gram)
-            keep = evals > evals.max().clamp_min(1e-30) * 1e-10
-            inv_sqrt = evecs[:, keep] / evals[keep].sqrt()  # (n, r): Z = X V = U sqrt(L) = gram @ inv_sqrt
-            self.Z = (gram @ inv_sqrt).float()
-            self.inv_sqrt = inv_sqrt.float()
+            Xd = X.double()
+            gram = Xd @ Xd.T
+            # a relative jitter of 1e-10 keeps a rank-deficient Gram (repeated rows) factorizable; directions that
+            # small carry no signal at any C the sweep allows
+            gram.diagonal().add_(1e-10 * float(gram.diagonal().max().clamp_min(1e-30)))
+            self.chol = torch.linalg.cholesky(gram)  # float64, lower triangular
+            self.Z = self.chol.float()
         else:
             self.Z = X
+
+    def _solve(self, B: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``Z^{-1} B`` (or ``Z^{-T} B``) in float64."""
+        L = self.chol.T if transpose else self.chol
+        return torch.linalg.solve_triangular(L, B.double(), upper=transpose)
 
     def project(self, X: np.ndarray | torch.Tensor) -> torch.Tensor:
         """New rows (m, d) in solve coordinates (m, r): their scores are ``project(X) @ A + b``."""
         X = torch.as_tensor(
             np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X, device=self.Z.device
         ).float()
-        return (X @ self.X.T) @ self.inv_sqrt if self.reduced else X
+        if not self.reduced:
+            return X
+        return self._solve((X @ self.X.T).T, transpose=False).T.float()  # X X_fit^T Z^{-T}
 
     def from_features(self, W: torch.Tensor) -> torch.Tensor:
         """Weights on the original features (d, K) -> solve coordinates (their projection onto the span)."""
         if not self.reduced:
             return W
-        return self.inv_sqrt.T @ (self.X @ W)
+        return self._solve(self.X @ W.to(self.X.dtype), transpose=False).to(W.dtype)
 
     def to_features(self, A: torch.Tensor) -> torch.Tensor:
         """Weights in solve coordinates -> weights on the original features (d, K)."""
         if not self.reduced:
             return A
-        return self.X.T @ (self.inv_sqrt @ A)
+        return (self.X.T @ self._solve(A, transpose=True).float()).to(A.dtype)
 
 
 class ProblemStack:
-    """Several independent problems padded into one batch: (P, n, r) features, row masks and labels.
+    """Several independent problems padded into one batch: (P, n, r) features, row weights and labels.
 
     Build it once for a set of CV folds and reuse it for every C and both losses.
     """
@@ -121,43 +134,121 @@ class ProblemStack:
             self.Z[p, :rows, :cols] = basis.Z
             self.mask[p, :rows] = 1
             self.labels[p, :rows] = torch.as_tensor(np.array(y, dtype=np.int64), device=device)
-        self.ZT = self.Z.transpose(1, 2).contiguous()  # the gradient's product reads it row-wise
+        self.ZT = self.Z.transpose(1, 2).contiguous()
         self.counts = self.mask.sum(1)
+        self.weights = (self.mask / self.counts[:, None])[:, None, :]  # (P, 1, n): each problem's mean over its rows
         self._targets: dict[str, torch.Tensor] = {}
 
     def outputs(self, loss: str) -> int:
         return 1 if (loss == "squared_hinge" and self.n_classes == 2) else self.n_classes
 
     def targets(self, loss: str) -> torch.Tensor:
+        """Class-major targets: labels (P, 1, n) for ``multinomial``, +-1 (P, K, n) for ``squared_hinge``."""
         if loss not in self._targets:
             if loss == "multinomial":
-                self._targets[loss] = self.labels
+                self._targets[loss] = self.labels[:, None, :]
             else:
                 k = self.outputs(loss)
                 onehot = F.one_hot(self.labels, self.n_classes) if k > 1 else (self.labels == 1)[..., None]
-                self._targets[loss] = 2 * onehot.to(self.Z.dtype) - 1
+                self._targets[loss] = (2 * onehot.to(self.Z.dtype) - 1).transpose(1, 2).contiguous()
         return self._targets[loss]
 
     def value_and_grad(
         self, W: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, loss: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Objective summed over problems and its gradients, in closed form (no autograd graph; these products are
-        memory-bound, so the transposed one reads the contiguous copy ``ZT``)."""
+        """Each problem's objective (P,) and the gradients, in closed form (no autograd graph).
+
+        Class-major: ``W`` is (P, K, r), ``b`` (P, K) and the scores (P, K, n). These products have only K columns and
+        are memory-bound; in this layout both read a contiguous matrix (``ZT`` forward, ``Z`` backward) with the long
+        dimension innermost, three to four times faster on CPU than the row-major (n, K) layout.
+        """
         targets = self.targets(loss)
-        scores = torch.baddbmm(b[:, None, :], self.Z, W)
+        scores = torch.baddbmm(b[..., None], W, self.ZT)
         if loss == "multinomial":
-            logp = torch.log_softmax(scores, dim=2)
-            per_row = -logp.gather(2, targets[..., None])[..., 0]
-            dscores = logp.exp()
-            dscores.scatter_add_(2, targets[..., None], -torch.ones_like(per_row)[..., None])
+            logp = torch.log_softmax(scores, dim=1)
+            per_row = -logp.gather(1, targets)
+            dscores = logp.exp_()
+            dscores.scatter_add_(1, targets, -torch.ones_like(per_row))
         else:
             margin = torch.relu(1.0 - targets * scores)
-            per_row = margin.pow(2).sum(2)
+            per_row = margin.square().sum(1, keepdim=True)
             dscores = -2.0 * targets * margin
-        value = ((per_row * self.mask).sum(1) / self.counts + 0.5 * lam * (W * W).sum((1, 2))).sum()
-        dscores = dscores * (self.mask / self.counts[:, None])[..., None]
-        grad_W = torch.baddbmm(lam[:, None, None] * W, self.ZT, dscores)
-        return value, grad_W, dscores.sum(1)
+        value = (per_row * self.weights).sum((1, 2)) + 0.5 * lam * (W * W).sum((1, 2))
+        dscores = dscores * self.weights
+        grad_W = torch.baddbmm(lam[:, None, None] * W, dscores, self.Z)
+        return value, grad_W, dscores.sum(2)
+
+
+def _lbfgs(
+    objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    history: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimize P independent smooth convex problems at once with L-BFGS: ``x`` (P, m) is the start.
+
+    ``objective(x)`` returns every problem's value (P,) and gradient (P, m); one call evaluates all of them (batched
+    products). Each problem keeps its own curvature pairs, step length and stopping test (largest gradient entry
+    ``<= tol``), so a fold that converges early stops moving while the others go on. The step is backtracked until
+    it decreases the objective enough (Armijo): these objectives are strongly convex, so every step's curvature pair
+    is usable and no Wolfe search is needed. Returns the solutions and each problem's number of iterations.
+    """
+    P = x.shape[0]
+    value, grad = objective(x)
+    active = grad.abs().amax(1) > tol
+    n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, 1 / s.y); 0 where a pair is unusable
+    scale = torch.ones(P, dtype=x.dtype, device=x.device)  # initial inverse Hessian s.y / y.y of the latest pair
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        q = grad.clone()
+        alphas = []
+        for s, y, rho in reversed(steps):
+            alpha = rho * (s * q).sum(1)
+            q -= alpha[:, None] * y
+            alphas.append(alpha)
+        q *= scale[:, None]
+        for (s, y, rho), alpha in zip(steps, reversed(alphas)):
+            q += (alpha - rho * (y * q).sum(1))[:, None] * s
+        direction = torch.where(active[:, None], -q, 0)
+        slope = (grad * direction).sum(1)
+        uphill = slope >= 0  # rounding can spoil the two-loop product: fall back to steepest descent there
+        if bool((uphill & active).any()):
+            direction = torch.where((uphill & active)[:, None], -grad, direction)
+            slope = (grad * direction).sum(1)
+        # the first step has no curvature yet: as scipy and torch, keep its length near 1
+        t = torch.ones(P, dtype=x.dtype, device=x.device)
+        if not steps:
+            t = torch.clamp(1.0 / grad.abs().sum(1).clamp_min(1e-30), max=1.0)
+        for _ in range(30):
+            x_new = x + t[:, None] * direction
+            value_new, grad_new = objective(x_new)
+            ok = (value_new <= value + 1e-4 * t * slope) | ~active
+            if bool(ok.all()):
+                break
+            # quadratic interpolation of the step, kept within [0.1, 0.5] of the last one
+            curve = value_new - value - t * slope
+            shrink = torch.nan_to_num(-slope * t / (2 * curve.clamp_min(1e-30)), nan=0.1).clamp(0.1, 0.5)
+            t = torch.where(ok, t, t * shrink)
+        stalled = ~ok  # no decrease within float precision: as good as it gets
+        x_new = torch.where(stalled[:, None], x, x_new)
+        value_new = torch.where(stalled, value, value_new)
+        grad_new = torch.where(stalled[:, None], grad, grad_new)
+        n_iter += active.long()
+        s, y = x_new - x, grad_new - grad
+        sy, yy = (s * y).sum(1), (y * y).sum(1)
+        usable = active & ~stalled & (sy > 1e-10 * yy)
+        steps.append((s, y, torch.where(usable, 1.0 / sy.clamp_min(1e-30), 0)))
+        steps = steps[-history:]
+        scale = torch.where(usable, sy / yy.clamp_min(1e-30), scale)
+        # no decrease at all: the objective has reached float precision (what tolerance_change does in torch's L-BFGS)
+        flat = value_new >= value
+        x, value, grad = x_new, value_new, grad_new
+        active &= ~stalled & ~flat & (grad.abs().amax(1) > tol)
+    return x, n_iter
 
 
 def fit_paths(
@@ -205,37 +296,30 @@ def fit_paths(
     bases = stack.bases
     P, _, r = stack.Z.shape
     k = stack.outputs(loss)
-    W = torch.zeros(P, r, k, dtype=stack.Z.dtype, device=stack.Z.device)
-    b = torch.zeros(P, k, dtype=stack.Z.dtype, device=stack.Z.device)
+    x = torch.zeros(P, k * r + k, dtype=stack.Z.dtype, device=stack.Z.device)  # per problem: W (K, r) then b (K,)
     for p, init in enumerate(inits or []):
         if init is not None:
-            W[p, : init[0].shape[0]] = init[0]
-            b[p] = init[1]
+            x[p, : k * r].view(k, r)[:, : init[0].shape[0]] = init[0].T
+            x[p, k * r :] = init[1]
     paths = [LinearPath([], [], [], [], []) for _ in bases]
     for C in Cs:
-        W = W.detach().clone()
-        b = b.detach().clone()
         lam = 1.0 / (float(C) * stack.counts)
-        opt = torch.optim.LBFGS(
-            [W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
-            line_search_fn="strong_wolfe",
-        )  # fmt: skip
 
-        def closure() -> torch.Tensor:  # called by this iteration's optimizer.step only
-            value, W.grad, b.grad = stack.value_and_grad(W, b, lam, loss)  # noqa: B023
-            return value
+        def objective(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            W = x[:, : k * r].view(P, k, r)  # class-major, see value_and_grad
+            value, grad_W, grad_b = stack.value_and_grad(W, x[:, k * r :], lam, loss)  # noqa: B023
+            return value, torch.cat([grad_W.reshape(P, -1), grad_b], 1)
 
-        with torch.no_grad():
-            opt.step(closure)
-        n_iter = int(opt.state[W].get("n_iter", 0))
+        x, n_iter = _lbfgs(objective, x, tol=tol, max_iter=max_iter)
         for p, (basis, path) in enumerate(zip(bases, paths)):
-            A = W[p, : basis.Z.shape[1]].clone()
+            A = x[p, : k * r].view(k, r)[:, : basis.Z.shape[1]].T.contiguous()
+            b = x[p, k * r :].clone()
             path.Cs.append(float(C))
             if coefs:
                 path.coefs.append(basis.to_features(A).float().cpu().numpy())
-                path.intercepts.append(b[p].float().cpu().numpy())
-            path.n_iter.append(n_iter)
-            path.states.append((A, b[p].clone()))
+                path.intercepts.append(b.float().cpu().numpy())
+            path.n_iter.append(int(n_iter[p]))
+            path.states.append((A, b))
     return paths
 
 

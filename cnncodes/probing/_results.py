@@ -34,6 +34,9 @@ class SweepConfig:
     seed : int, default=0
     c_min, c_max : float, default=1e-4, 1e4
         Bounds of the C grid.
+    c_steps_per_decade : int, default=2
+        Resolution of the C search: one coarse value per decade, then a binary search around the best down to this
+        many steps per decade (2: half-decade; 8 over 1e-6 to 1e6: CLIP's 97-point grid).
     max_memory : int, optional
         Bytes per task; a candidate whose in-memory fit needs more is fitted out of core by streaming.
     device : str, default="cpu"
@@ -56,6 +59,7 @@ class SweepConfig:
     seed: int = 0
     c_min: float = 1e-4
     c_max: float = 1e4
+    c_steps_per_decade: int = 2
     max_memory: int | None = None
     device: str = "cpu"
     cv_tol: float = 2e-3  # selection needs accuracies, not exact optima (warm-started, early-stopped)
@@ -79,6 +83,10 @@ class SweepConfig:
             )
         object.__setattr__(self, "c_min", c_min)
         object.__setattr__(self, "c_max", c_max)
+        if not 1 <= _integer("c_steps_per_decade", self.c_steps_per_decade) <= 1000:
+            raise ParameterError(f"c_steps_per_decade must be 1 to 1000 C values per decade, got "
+                                 f"{self.c_steps_per_decade} (--c-steps-per-decade 8).")  # fmt: skip
+        object.__setattr__(self, "c_steps_per_decade", int(self.c_steps_per_decade))
         if not 0 < _number("test_size", self.test_size) < 1:
             raise ParameterError(f"test_size must be in (0, 1), got {self.test_size}.")
         if self.val_size is not None and not 0 < _number("val_size", self.val_size) < 1:

@@ -17,13 +17,17 @@ from ._probes import make_normalizer
 __all__ = ["c_grid", "metrics_from_scores", "Fitted", "normalized_folds"]
 
 
-def c_grid(c_min: float = 1e-4, c_max: float = 1e4) -> list[float]:
-    """The coarse grid: one value per decade from ``c_min`` to ``c_max``."""
+def c_grid(c_min: float = 1e-4, c_max: float = 1e4, steps_per_decade: int = 1) -> list[float]:
+    """The log grid of C from ``c_min`` to ``c_max``: ``steps_per_decade`` values per decade (the coarse grid: one).
+
+    The range is split into a whole number of (near-)decades, so the grid with ``steps_per_decade=s`` holds the coarse
+    grid as every s-th value: the lattice on which the sweep's search refines C.
+    """
     if not 0 < c_min < c_max:
         raise ParameterError(f"need 0 < c_min < c_max, got c_min={c_min}, c_max={c_max}.")
     lo, hi = math.log10(c_min), math.log10(c_max)
-    n = int(round(hi - lo)) + 1
-    return [float(10**v) for v in np.linspace(lo, hi, max(n, 2))]
+    decades = max(int(round(hi - lo)), 1)
+    return [float(10**v) for v in np.linspace(lo, hi, decades * int(steps_per_decade) + 1)]
 
 
 @dataclass

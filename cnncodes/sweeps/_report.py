@@ -36,7 +36,8 @@ def format_table(result: SweepResult | Comparison) -> str:
     several = len({r.backbone for r in result.rows}) > 1
     multilabel = any(r.protocol == "multilabel" for r in rows)
     tta = any(r.test_tta_accuracy is not None for r in rows)
-    name_width = 34 if several else 22
+    names = [f"{r.backbone} {r.tap}" if several else r.tap for r in result.rows]
+    name_width = min(max(22, *map(len, names)), 64)
     # multi-label rows are selected and scored by mean average precision; their "exact" is subset accuracy
     cv_head, test_head, bal_head = ("CV mAP", "mAP", "exact") if multilabel else ("CV acc", "test", "bal")
     head = f"  {'tap':<{name_width}} {'depth':>5} {'pool':<5} {'dims':>6} {'probe':<16} {'C / k':>9}  {cv_head:>13}"

@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import ParameterError
-from ..probing import Split, SweepConfig, SweepResult, split_images, sweep_codes
+from ..probing import (
+    CONCAT_SEP,
+    ConcatenatedCodes,
+    Split,
+    SweepConfig,
+    SweepResult,
+    concat_name,
+    split_images,
+    sweep_codes,
+)
 from ..store import CodeStore
 
 __all__ = ["sweep", "make_split", "check_same_images", "backbone_names", "extractor_of"]
@@ -59,6 +68,7 @@ def sweep(
     seed: int = 0,
     c_min: float = 1e-4,
     c_max: float = 1e4,
+    c_steps_per_decade: int = 2,
     jobs: int = 1,
     max_memory: int | None = None,
     device: str = "cpu",
@@ -67,6 +77,7 @@ def sweep(
     scheduler: str | None = None,
     shots: Sequence[int] = (),
     draws: int = 5,
+    concat: Iterable[str] | str | None = None,
 ) -> SweepResult:
     """Evaluate linear probes on every (tap, pooling) of one or several code stores and pick the best extraction point.
 
@@ -91,6 +102,9 @@ def sweep(
     seed : int, default=0
     c_min, c_max : float
         C grid bounds.
+    c_steps_per_decade : int, default=2
+        C resolution: one C per decade, then a binary search around the best down to 1/N decade (CLIP's protocol:
+        ``c_min=1e-6, c_max=1e6, c_steps_per_decade=8``; see :class:`cnncodes.probing.SweepConfig`).
     jobs : int, default=1
         joblib workers (``-1``: all cores, or every Dask worker thread). Runs under the active joblib backend, so
         ``with joblib.parallel_config(backend="dask"):`` spreads it over a Dask cluster.
@@ -109,6 +123,10 @@ def sweep(
         Few-shot rows for these numbers of training images per class.
     draws : int, default=5
         Subsets drawn per shot count.
+    concat : str or iterable of str, optional
+        Add candidates that join several taps' codes side by side, per pooling: ``"last:K"`` for each store's K
+        deepest taps (after the ``taps`` filter), or an explicit ``"layer3+layer4"``. Their rows are named
+        ``layer3+layer4``; a probe bundle of one computes every part again in one forward pass.
 
     Returns
     -------
@@ -155,6 +173,19 @@ def sweep(
                 te.codes(*k)
                 test_codes[(name, *k)] = te.lazy(*k)
         depth.update({(name, a["tap"], a["pooling"]): int(a.get("depth", -1)) for a in st.arrays})
+        for taps_joined in concat_groups(st, _specs(concat), [t for t, _ in keys], several=len(stores) > 1):
+            for pool in dict.fromkeys(p for t, p in keys if t == taps_joined[0]):
+                if not all((t, pool) in keys for t in taps_joined):
+                    continue
+                key = (name, concat_name(taps_joined), pool)
+                codes[key] = ConcatenatedCodes([st.lazy(t, pool) for t in taps_joined])
+                if te is not None:
+                    test_codes[key] = ConcatenatedCodes([te.lazy(t, pool) for t in taps_joined])
+                depth[key] = max(depth[(name, t, pool)] for t in taps_joined)
+    for spec in _specs(concat):
+        if not spec.startswith("last:") and not any(concat_groups(st, [spec], st.taps, several=True) for st in stores):
+            raise ParameterError(f"--concat {spec}: no store swept has all of those taps; check the names against "
+                                 "cnncodes layers or the stores' manifests.")  # fmt: skip
     first, first_test = stores[0], None if test_stores is None else test_stores[0]
     result = sweep_codes(
         codes,
@@ -168,7 +199,8 @@ def sweep(
         sources=first.sources,
         test_sources=None if first_test is None else first_test.sources,
         probes=probes, normalizers=normalizers, folds=folds, val_size=val_size, test_size=test_size, seed=seed,
-        c_min=c_min, c_max=c_max, jobs=jobs, max_memory=max_memory, device=device, progress=progress,
+        c_min=c_min, c_max=c_max, c_steps_per_decade=c_steps_per_decade, jobs=jobs, max_memory=max_memory,
+        device=device, progress=progress,
         backend=backend, scheduler=scheduler, shots=shots, draws=draws,
     )  # fmt: skip
     best = result.best
@@ -183,17 +215,63 @@ def sweep(
 
 
 def extractor_of(store: CodeStore, tap: str, pooling: str) -> dict:
-    """How ``store`` computed its codes at (tap, pooling): what a probe bundle needs to compute them again."""
-    entry = next(a for a in store.arrays if a["tap"] == tap and a["pooling"] == pooling)
-    return {
+    """How ``store`` computed its codes at (tap, pooling): what a probe bundle needs to compute them again.
+
+    A concatenated candidate (``layer3+layer4``) lists its ``taps``; ``relu`` is then one flag per tap when they
+    differ."""
+    taps = tap.split(CONCAT_SEP)
+    entries = [next(a for a in store.arrays if a["tap"] == t and a["pooling"] == pooling) for t in taps]
+    rectified = [bool(e["rectified"]) for e in entries]
+    out = {
         "model": store.manifest.get("model", {}),
         "tap": tap,
         "pooling": pooling,
-        "relu": bool(entry["rectified"]),
-        "code_dtype": entry["dtype"],
-        "dims": int(entry["shape"][1]),
+        "relu": rectified[0] if len(set(rectified)) == 1 else rectified,
+        "code_dtype": str(np.result_type(*[e["dtype"] for e in entries])),
+        "dims": int(sum(e["shape"][1] for e in entries)),
         "numerics": (store.manifest.get("config") or {}).get("numerics"),
     }
+    if len(taps) > 1:
+        out["taps"] = taps
+    return out
+
+
+def concat_groups(
+    store: CodeStore, specs: list[str], taps: list[str], *, several: bool = False
+) -> list[tuple[str, ...]]:
+    """The tap tuples ``specs`` name in ``store``: ``last:K`` (the K deepest of ``taps``) or ``a+b`` (explicit)."""
+    order = {a["tap"]: int(a.get("depth", -1)) for a in store.arrays}
+    present = sorted(dict.fromkeys(taps), key=lambda t: order[t])
+    groups = []
+    for spec in specs:
+        if spec.startswith("last:"):
+            try:
+                k = int(spec[5:])
+            except ValueError:
+                k = 0
+            if not 2 <= k <= len(present):
+                raise ParameterError(f"--concat {spec}: give last:K with K from 2 to the {len(present)} taps swept in "
+                                     f"{store.path}.")  # fmt: skip
+            groups.append(tuple(present[-k:]))
+            continue
+        parts = tuple(t.strip() for t in spec.split(CONCAT_SEP))
+        if len(parts) < 2 or len(set(parts)) != len(parts):
+            raise ParameterError(f"--concat {spec!r}: give last:K or two or more distinct taps joined by "
+                                 f"{CONCAT_SEP!r} (layer3{CONCAT_SEP}layer4).")  # fmt: skip
+        missing = [t for t in parts if t not in present]
+        if missing and not several:
+            raise ParameterError(f"--concat {spec}: {store.path} has no swept tap {missing[0]!r}; its taps are "
+                                 f"{present}.")  # fmt: skip
+        if not missing:
+            groups.append(tuple(sorted(parts, key=lambda t: order[t])))
+    return list(dict.fromkeys(groups))
+
+
+def _specs(value: Iterable[str] | str | None) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
 
 
 def check_same_images(stores: Sequence[CodeStore]) -> None:
