@@ -10,6 +10,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+import cnncodes
 from cnncodes.cli import main
 from cnncodes.deploy import read_bundle
 from cnncodes.probing import KNN_KS, PROTOCOLS, SweepConfig, draw_shots, make_probe, split_images
@@ -171,3 +172,20 @@ def test_cli_records_every_protocol_and_refuses_impossible_shot_counts(stores, t
     err = capsys.readouterr().err
     assert "--shots 500 needs 500 training images per class" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "y").exists()
+
+
+def test_two_real_backbones_in_one_sweep_match_their_single_sweeps(tmp_path):
+    """The issue's check on real networks: the embedded Lite0 and a random resnet18 on the same 150 digits."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.repeat(np.repeat((digits.images[:150] * 15).astype(np.uint8), 4, 1), 4, 2)  # 32 x 32 gray
+    stores = [cnncodes.extract(images, labels=digits.target[:150], out=tmp_path / name, model=model, input_size=32,
+                               taps="stages", poolings="avg", batch_size=50, workers=0, progress=False)
+              for name, model in (("lite", "efficientnet_lite0"), ("r18", "resnet18:none"))]  # fmt: skip
+    both = sweep(stores, probes=("logreg",), folds=3, progress=False)
+    assert {r.backbone for r in both.rows} == {"efficientnet_lite0", "resnet18:none"}
+    alone = [sweep(s, probes=("logreg",), folds=3, progress=False) for s in stores]
+    better = max(alone, key=lambda r: (r.best.cv_accuracy, -r.best.dims))
+    assert _plain([both.best]) == _plain([better.best]) and both.best.backbone == better.best.backbone
+    assert _plain(both.rows) == _plain(alone[0].rows) + _plain(alone[1].rows)
