@@ -293,7 +293,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     _output_dir(args.out)
     _not_an_input(args.out, *args.sweeps)
     comparison = compare(args.sweeps)
-    print(format_table(comparison))
+    if not args.quiet:
+        print(format_table(comparison))
     paths = write_results(comparison, args.out)
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out} (the best probe's bundle is in "
           f"{comparison.data['sweep_of'][comparison.best.backbone]})")  # fmt: skip
@@ -583,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="join sweeps of the same images (their --out directories) into one table")
     p.add_argument("sweeps", nargs="+", metavar="DIR", help="directories written by cnncodes sweep --out")
     p.add_argument("--out", required=True, help="directory for the joined results.csv/json, best.json and sweep.png")
+    p.add_argument("--quiet", action="store_true", help="do not print the table")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("finetune", help="train the layers above a cut (or a head) on a store's cached activations")

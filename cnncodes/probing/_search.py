@@ -524,10 +524,10 @@ def sweep_codes(
     split = split_images(y, views, config, test_rows=None if test is None else len(y_test), test_views=test_views)
     names = {k: _candidate_name(k) for k in keys}
     depth_of = {k: int((depths or {}).get(k, -1)) for k in keys}
-    linear = replace(config, probes=tuple(p for p in config.probes if p != "knn"))
-    if not linear.probes:
+    if not set(config.probes) - {"knn"}:
         raise ParameterError("probes=['knn'] alone: the kNN row is a baseline next to linear probes, which the sweep "
                              "picks its best from; add logreg, linsvc or sgd.")  # fmt: skip
+    linear = replace(config, probes=tuple(p for p in config.probes if p != "knn"))
     multilabel = y.ndim == 2
     if multilabel:
         if "knn" in config.probes or config.shots:

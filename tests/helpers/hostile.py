@@ -333,6 +333,18 @@ ARG_CASES: dict[str, tuple[list[str], str]] = {
     "sweep one fold": (["sweep", "{store}", "--out", "{tmp}/w", "--folds", "1"], "--folds"),
     "sweep C range reversed": (["sweep", "{store}", "--out", "{tmp}/w", "--c-range", "10,0.1"], "c-range"),
     "sweep C range infinite": (["sweep", "{store}", "--out", "{tmp}/w", "--c-range", "1e-3,inf"], "c-range"),
+    "sweep zero C steps": (
+        ["sweep", "{store}", "--out", "{tmp}/w", "--c-steps-per-decade", "0"],
+        "--c-steps-per-decade",
+    ),
+    "sweep fractional C steps": (
+        ["sweep", "{store}", "--out", "{tmp}/w", "--c-steps-per-decade", "2.5"],
+        "--c-steps-per-decade",
+    ),
+    "sweep runaway C steps": (
+        ["sweep", "{store}", "--out", "{tmp}/w", "--c-steps-per-decade", "5000"],
+        "--c-steps-per-decade",
+    ),
     "sweep not a store": (["sweep", "{images}", "--out", "{tmp}/w"], "not a code store"),
     "predict negative batch": (["predict", "{bundle}", "{images}", "--batch-size", "-3"], "--batch-size"),
     "predict out is a directory": (["predict", "{bundle}", "{images}", "--out", "{tmp}"], "is a directory"),
@@ -353,6 +365,19 @@ ARG_CASES: dict[str, tuple[list[str], str]] = {
         ["sweep", "{store}", "--out", "{tmp}/w", "--backend", "dask", "--scheduler", "{tmp}/none.json"],
         "does not exist",
     ),  # fmt: skip
+    "sweep zero shots": (["sweep", "{store}", "--out", "{tmp}/w", "--shots", "0,2"], "--shots"),
+    "sweep shots as words": (["sweep", "{store}", "--out", "{tmp}/w", "--shots", "one,two"], "--shots"),
+    "sweep more shots than images": (["sweep", "{store}", "--out", "{tmp}/w", "--shots", "10000"], "needs 10000"),
+    "sweep zero draws": (["sweep", "{store}", "--out", "{tmp}/w", "--shots", "1", "--draws", "0"], "--draws"),
+    "sweep knn alone": (["sweep", "{store}", "--out", "{tmp}/w", "--probes", "knn"], "baseline"),
+    "sweep concat past the taps": (["sweep", "{store}", "--out", "{tmp}/w", "--concat", "last:99"], "last:K with K"),
+    "sweep concat one tap": (["sweep", "{store}", "--out", "{tmp}/w", "--concat", "last:1"], "last:K with K"),
+    "sweep concat unknown taps": (["sweep", "{store}", "--out", "{tmp}/w", "--concat", "nope1+nope2"], "nope1"),
+    "sweep one store twice": (["sweep", "{store}", "{store}", "--out", "{tmp}/w"], "given twice"),
+    "sweep fewer test stores": (["sweep", "{store}", "{store}", "--out", "{tmp}/w", "--test", "{store}"], "--test"),
+    "compare one sweep": (["compare", "{tmp}", "--out", "{tmp}/c"], "at least two"),
+    "compare without results": (["compare", "{tmp}", "{images}", "--out", "{tmp}/c"], "has no results.json"),
+    "compare out is an input": (["compare", "{tmp}", "{images}", "--out", "{images}"], "is the input"),
 }
 
 
