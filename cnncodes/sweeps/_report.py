@@ -17,7 +17,7 @@ from ..images import MULTILABEL_SEP
 from ..probing import SweepResult, SweepRow
 from ._compare import Comparison
 
-__all__ = ["format_table", "write_report", "write_results", "plot_sweep", "plot_confusion"]
+__all__ = ["format_table", "write_report", "write_results", "plot_sweep", "plot_confusion", "plot_few_shot"]
 
 _COLUMNS = ["backbone", "tap", "depth", "pooling", "dims", "normalizer", "probe", "protocol", "C", "k", "shots",
             "draws", "cv_accuracy", "cv_std", "test_accuracy", "test_accuracy_std", "test_balanced_accuracy",
@@ -149,7 +149,8 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
 
 
 def write_results(result: SweepResult | Comparison, out: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
-    """Write results.csv, results.json, best.json and sweep.png to ``out``: what a sweep and a comparison share."""
+    """Write results.csv, results.json, best.json, sweep.png and (with few-shot rows) few_shot.png to ``out``: what a
+    sweep and a comparison share."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("results.csv", "results.json", "best.json")}
@@ -164,7 +165,44 @@ def write_results(result: SweepResult | Comparison, out: str | os.PathLike, *, p
     paths["best.json"].write_text(json.dumps(best, indent=1))
     if plot:
         paths["sweep.png"] = plot_sweep(result, out / "sweep.png")
+        if any(r.protocol == "few-shot" for r in result.rows):
+            paths["few_shot.png"] = plot_few_shot(result, out / "few_shot.png")
     return paths
+
+
+def plot_few_shot(result: SweepResult | Comparison, path: str | os.PathLike) -> Path:
+    """Test accuracy against training images per class (log axis), mean ± std over the draws, for each backbone's
+    best candidate (by CV on all training images) and, as a dotted line, its accuracy with every training image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for backbone in dict.fromkeys(r.backbone for r in result.rows):
+        linear = [r for r in result.rows if r.backbone == backbone and r.protocol == "linear"]
+        if not linear:
+            continue
+        top = max(linear, key=lambda r: (r.cv_accuracy, -r.dims))
+        few = sorted((r for r in result.rows if r.protocol == "few-shot" and r.backbone == backbone and
+                      (r.tap, r.pooling, r.normalizer, r.probe) == (top.tap, top.pooling, top.normalizer, top.probe)),
+                     key=lambda r: r.shots)  # fmt: skip
+        if not few:
+            continue
+        label = f"{backbone + ' ' if backbone else ''}{top.tap} {top.pooling} {top.probe}"
+        line = ax.errorbar([r.shots for r in few], [100 * r.test_accuracy for r in few],
+                           yerr=[100 * r.test_accuracy_std for r in few], marker="o", ms=4, capsize=3, label=label)  # fmt: skip
+        ax.axhline(100 * top.test_accuracy, ls=":", color=line[0].get_color(), alpha=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training images per class (few-shot draws; dotted: all training images)")
+    ax.set_ylabel("test accuracy (%), mean ± std over draws")
+    ax.set_title("How many labels: few-shot linear probes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:

@@ -166,6 +166,7 @@ def test_cli_records_every_protocol_and_refuses_impossible_shot_counts(stores, t
         ("few-shot", 2),
     }
     assert results["config"]["shots"] == [1, 2] and results["config"]["draws"] == 2
+    assert (out / "few_shot.png").stat().st_size > 0
     assert main(["sweep", str(a.path), "--out", str(tmp_path / "x"), "--shots", "0"]) == 2
     assert "argument --shots" in capsys.readouterr().err
     assert main(["sweep", str(a.path), "--out", str(tmp_path / "y"), "--shots", "500", "--quiet"]) == 2
