@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..extraction import extract
+from ..images import open_source
 from ..network import Backbone, cut_points, list_taps, load_backbone
 from ..store import CodeStore
 from ..sweeps import sweep
@@ -67,6 +68,10 @@ def depth(
     :func:`depth_of_stores` runs the same comparison over stores extracted by hand).
     """
     config = config or FinetuneConfig(seed=seed)
+    source = open_source(source)  # opened once, so a multi-label source is refused before any extraction
+    if source.multilabel:
+        raise ParameterError(f"{source.description} is multi-label (cat;dog labels), but the depth sweep fine-tunes "
+                             "single-label classifiers; probe it with cnncodes extract and cnncodes sweep instead.")  # fmt: skip
     backbone = model if isinstance(model, Backbone) else load_backbone(model, weights=weights, input_size=input_size)
     catalogue = list_taps(backbone)
     names = [t.name for t in catalogue.select(cuts)]
@@ -106,6 +111,9 @@ def depth_of_stores(
     the same images (their sources are compared) from one backbone."""
     opened = [s if isinstance(s, CodeStore) else CodeStore(s) for s in stores]
     config = config or FinetuneConfig()
+    if any(store.multilabel for store in opened):
+        raise ParameterError("the depth sweep fine-tunes single-label classifiers, but these stores are multi-label "
+                             "(a CSV of cat;dog labels); probe them with cnncodes sweep instead.")  # fmt: skip
     for store in opened[1:]:
         if store.sources != opened[0].sources or store.manifest.get("model") != opened[0].manifest.get("model"):
             raise ParameterError(f"{store.path} holds other images or another model than {opened[0].path}; a depth "

@@ -103,6 +103,10 @@ def finetune(
     FinetuneResult
     """
     store = store if isinstance(store, CodeStore) else CodeStore(store)
+    if store.multilabel:
+        raise ParameterError(f"{store.path} is multi-label (a CSV of cat;dog labels), but fine-tuning trains a "
+                             "single-label classifier; probe it with cnncodes sweep, which scores one-vs-rest probes "
+                             "by mAP.")  # fmt: skip
     config = config or FinetuneConfig()
     entry = next((a for a in store.arrays if a["tap"] == cut and a["pooling"] == "none"), None)
     if entry is None:

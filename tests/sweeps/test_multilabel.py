@@ -117,3 +117,12 @@ def test_the_multilabel_bundle_predicts_label_sets_like_the_sweep(tagged, tmp_pa
             zf.writestr(n, data)
     with pytest.raises(ValueError, match="multilabel is 'yes'"):
         read_bundle(tmp_path / "bad.zip")
+
+
+def test_single_label_tools_refuse_a_multilabel_store_before_any_work(tagged, tmp_path):
+    root, store, _ = tagged
+    with pytest.raises(ValueError, match="is multi-label .* fine-tuning trains a single-label classifier"):
+        cnncodes.finetune(store, "relu", out=tmp_path / "ft")
+    with pytest.raises(ValueError, match="is multi-label .* the depth sweep fine-tunes single-label"):
+        cnncodes.depth(str(root / "tags.csv"), out=tmp_path / "depth", model=make_tiny_backbone())
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "depth").exists()
