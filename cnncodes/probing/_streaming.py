@@ -6,7 +6,8 @@ store size.
 Probes become :class:`~sklearn.linear_model.SGDClassifier` fitted with ``partial_fit`` (hinge loss for ``linsvc`` and
 ``sgd``, log loss for ``logreg`` and ``sgd-log``); ``standard`` statistics come from a first streaming pass with
 ``StandardScaler.partial_fit``. C is chosen on the first CV fold's validation images (one hold-out, streamed), all C
-values being trained in the same passes over the data.
+values being trained in the same passes over the data; they are the coarse grid, one per decade
+(``c_steps_per_decade`` is not used here: each round of the in-memory binary search would cost more passes).
 """
 
 from __future__ import annotations
