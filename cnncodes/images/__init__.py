@@ -11,6 +11,7 @@ from ._preprocess import (
     plain_transform,
     render_view,
     render_views,
+    render_views_hwc,
     view_seed,
     view_transform,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "plain_transform",
     "render_view",
     "render_views",
+    "render_views_hwc",
     "view_seed",
     "view_transform",
 ]

@@ -8,6 +8,7 @@ pixels never depend on batch size, worker count or the point a run was resumed f
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "plain_transform",
     "view_transform",
     "view_seed",
+    "render_views_hwc",
 ]
 
 _INTERPOLATIONS = {
@@ -39,6 +41,8 @@ _INTERPOLATIONS = {
 #: Augmentations a view may combine (``--augment crop,flip``).
 AUGMENTATIONS = ("crop", "flip", "color")
 _MAX_SIDE = 8192  # pixels: larger inputs are a mistake, not a model
+# Seeded views reseed torch's global generator (in a fork_rng); two threads doing that at once would swap seeds.
+_SEEDED = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,10 @@ class PixelNormalizer:
         self.shift = torch.tensor([m / s for m, s in zip(pre.mean, pre.std)], device=device).view(1, 3, 1, 1)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.float() * self.scale - self.shift
+        # One fresh float tensor, scaled and shifted in place: the same two roundings as ``x * scale - shift`` (so
+        # the same values) without two more batch-sized allocations. The memory format of ``pixels`` is kept.
+        x = pixels.to(torch.float32, copy=True)
+        return x.mul_(self.scale).sub_(self.shift)
 
 
 def normalize(pixels: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
@@ -226,7 +233,26 @@ def render_view(
     (the same pixels however many views are rendered, and in whatever order)."""
     if view == 0:
         return plain(image)
-    # fork_rng keeps the global generator untouched, so user code and other views are unaffected.
-    with torch.random.fork_rng(devices=[]):
+    # fork_rng keeps the global generator untouched, so user code and other views are unaffected; the lock keeps
+    # views rendered on several threads from drawing from each other's seeds.
+    with _SEEDED, torch.random.fork_rng(devices=[]):
         torch.manual_seed(view_seed(seed, image_index, view))
         return augmented(image)  # type: ignore[misc]
+
+
+def render_views_hwc(
+    image: Image.Image,
+    image_index: int,
+    n_views: int,
+    seed: int,
+    plain: v2.Compose,
+    augmented: v2.Compose | None,
+) -> np.ndarray:
+    """:func:`render_views` laid out channels last: uint8 ndarray (1 + n_views, S, S, 3), the same pixels.
+
+    PIL hands pixels over in this layout (the CHW views are permuted views of it), so nothing is transposed here, and
+    a batch of these read as (B, 3, S, S) is already in ``torch.channels_last``, the format the network runs in.
+    """
+    views = [render_view(image, image_index, v, seed, plain, augmented) for v in range(n_views + 1)]
+    hwc = [v.permute(1, 2, 0).numpy() for v in views]
+    return hwc[0][None] if n_views == 0 else np.stack(hwc)

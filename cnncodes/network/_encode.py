@@ -1,23 +1,24 @@
-"""Running a code extractor over an image source, batch by batch: decode in DataLoader workers, normalize on the
-device, forward once, pool, and bring the codes back to the host. Used by the extraction run, prediction and the
-scikit-learn adapter; writes nothing."""
+"""Running a code extractor over an image source, batch by batch: decode (in DataLoader workers, or on a few threads
+of this process between forward passes), normalize on the device, forward once, pool, and bring the codes back to the
+host. Used by the extraction run, prediction and the scikit-learn adapter; writes nothing."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 from tqdm.auto import tqdm
 
 from ..errors import ImageDecodeError, ParameterError
-from ..images import ImageSource, PixelNormalizer, Preprocessing, pixel_transform, render_views, view_transform
+from ..images import ImageSource, PixelNormalizer, Preprocessing, pixel_transform, render_views_hwc, view_transform
 from ._extractor import CodeExtractor
 
 __all__ = ["encode", "resolve_device", "images_per_batch", "ImageViews", "autocast_dtype", "numerics", "precision"]
@@ -111,10 +112,12 @@ class _Fence:
 
 
 class ImageViews(Dataset):
-    """Image ``i`` -> (uint8 views (1+K, 3, S, S), image index, error reason or ``""``).
+    """Image ``i`` -> (uint8 views (1+K, S, S, 3) channels last, image index, error reason or ``""``).
 
     A bad image yields zeros and its reason instead of raising, so one file never kills a long run and rows stay
-    aligned with images.
+    aligned with images. With ``threads > 1``, a batch fetched in this process (``DataLoader(num_workers=0)``) is
+    decoded on that many threads: Pillow releases the GIL while it decodes and resizes, and on the CPU the cores the
+    forward pass uses are idle meanwhile. Worker processes always decode on one thread.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class ImageViews(Dataset):
         augment: Sequence[str],
         start: int = 0,
         stop: int | None = None,
+        threads: int = 1,
     ) -> None:
         self.source = source
         self.pre = pre
@@ -134,21 +138,47 @@ class ImageViews(Dataset):
         self.augment = tuple(augment)
         self.start = start
         self.stop = len(source) if stop is None else stop
+        self.threads = threads
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
-        index = self.start + i
+    def _build(self) -> None:
         if not hasattr(self, "_plain"):  # built lazily so worker processes build their own
             self._plain = pixel_transform(self.pre)
             self._aug = view_transform(self.pre, self.augment) if self.views else None
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, str]:
+        index = self.start + i
+        self._build()
         try:
             image = self.source.load(index)
-            return render_views(image, index, self.views, self.seed, self._plain, self._aug), index, ""
+            return render_views_hwc(image, index, self.views, self.seed, self._plain, self._aug), index, ""
         except ImageDecodeError as exc:
             size = self.pre.input_size
-            return torch.zeros(self.views + 1, 3, size, size, dtype=torch.uint8), index, exc.reason
+            return np.zeros((self.views + 1, size, size, 3), dtype=np.uint8), index, exc.reason
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[np.ndarray, int, str]]:
+        """A whole batch, what ``DataLoader`` fetches: on ``threads`` threads when fetched in this process."""
+        if self.threads < 2 or get_worker_info() is not None or len(indices) < 2:
+            return [self[i] for i in indices]
+        self._build()  # once, before the threads share the transforms
+        # A pool per batch: starting two threads costs microseconds, and nothing outlives the batch.
+        with ThreadPoolExecutor(min(self.threads, len(indices)), thread_name_prefix="cnncodes-decode") as pool:
+            return list(pool.map(self.__getitem__, indices))
+
+
+def _collate_views(items: list[tuple[np.ndarray, int, str]]) -> tuple[torch.Tensor, list[int], list[str]]:
+    """:class:`ImageViews` items -> (uint8 (B, 1+K, S, S, 3), indices, reasons).
+
+    In this process NumPy stacks the pixels: torch's stack would run on the intra-op thread pool, whose threads
+    wait for each other on every call and stall for a scheduler slice when another process holds a core. A worker
+    process keeps torch's collate, which stacks straight into shared memory (and runs on one thread there).
+    """
+    if get_worker_info() is not None:
+        return default_collate(items)
+    pixels, index, reasons = zip(*items)
+    return torch.from_numpy(np.stack(pixels)), list(index), list(reasons)
 
 
 def images_per_batch(batch_size: int, views: int) -> int:
@@ -160,9 +190,9 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the forward pass for cores
 
 
-def default_workers(device: torch.device, processes: int | None = None) -> int:
-    """Decoding processes for one extraction process on ``device``, when ``processes`` extraction processes share the
-    node's cores (default: torchrun's ``LOCAL_WORLD_SIZE``, else 1)."""
+def _core_share(processes: int | None) -> int:
+    """Cores for one extraction process when ``processes`` of them share the node (default: torchrun's
+    ``LOCAL_WORLD_SIZE``, else 1)."""
     if processes is None:
         text = os.environ.get("LOCAL_WORLD_SIZE", "1") or "1"
         if not text.isdigit() or int(text) < 1:
@@ -170,11 +200,25 @@ def default_workers(device: torch.device, processes: int | None = None) -> int:
                                  "or set it to the number of processes on this node.")  # fmt: skip
         processes = int(text)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = max(1, cores // max(1, processes))
+    return max(1, cores // max(1, processes))
+
+
+def default_workers(device: torch.device, processes: int | None = None) -> int:
+    """Decoding processes for one extraction process on ``device``, when ``processes`` extraction processes share the
+    node's cores (default: torchrun's ``LOCAL_WORLD_SIZE``, else 1)."""
+    share = _core_share(processes)
     if device.type == "cuda":
         return min(8, share)
     # On CPU the forward pass already uses every core; decoding processes only pay off with cores to spare.
     return 0 if share <= 4 else min(4, share // 4)
+
+
+def _decode_threads(device: torch.device, processes: int | None = None) -> int:
+    """Threads that decode a batch in this process when there are no decoding processes: on the CPU the threads the
+    forward pass runs on (idle while a batch is decoded), on CUDA this process's share of the cores (at most 8)."""
+    if device.type == "cpu":
+        return max(1, torch.get_num_threads())
+    return min(8, _core_share(processes))
 
 
 @dataclass
@@ -208,11 +252,15 @@ def iter_batches(
     moved or converted: the network runs from the extractor's private copy on ``dev`` (:meth:`CodeExtractor.on`).
     """
     cuda = dev.type == "cuda"
+    workers = default_workers(dev) if workers is None else workers
+    threads = 1 if workers else _decode_threads(dev)
+    dataset = ImageViews(images, pre, views, seed, augment, start=start_image, stop=stop_image, threads=threads)
     loader = DataLoader(
-        ImageViews(images, pre, views, seed, augment, start=start_image, stop=stop_image),
+        dataset,
         batch_size=images_per_batch(batch_size, views),
         shuffle=False,
-        num_workers=default_workers(dev) if workers is None else workers,
+        num_workers=workers,
+        collate_fn=_collate_views,
         pin_memory=cuda,
         worker_init_fn=_worker_init,
     )
@@ -226,7 +274,9 @@ def iter_batches(
 
     def launch(batch: torch.Tensor) -> tuple[dict[tuple[str, str], torch.Tensor], _Fence, int]:
         with _on(dev), torch.inference_mode(), precision(dev, run_dtype):
-            x = to_input(batch.flatten(0, 1).to(dev, non_blocking=cuda)).contiguous(memory_format=torch.channels_last)
+            # (B, 1+K, S, S, 3) read as (rows, 3, S, S) is channels_last already: no transpose before the network.
+            pixels = batch.flatten(0, 1).permute(0, 3, 1, 2)
+            x = to_input(pixels.to(dev, non_blocking=cuda)).contiguous(memory_format=torch.channels_last)
             codes = net(x)
             host = {(t, p): codes[t][p].to(store_dtype).to("cpu", non_blocking=cuda) for t, p in keys}
             return host, _Fence(dev), x.shape[0]
