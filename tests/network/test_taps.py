@@ -4,6 +4,7 @@ import torchvision
 from torch import nn
 
 from cnncodes import CodeExtractor, Preprocessing, TapSelectionError, list_taps, load_backbone
+from helpers import make_tiny_backbone
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,16 @@ def test_elementwise_max_keeps_labels_and_a_hardtanh_module_counts_as_relu6():
     cat = list_taps(load_backbone(Net(), preprocessing=Preprocessing(input_size=32, resize_size=32)))
     assert cat["max"].layout.kind == "nchw" and cat["max"].main_path and cat["max"].thresholded
     assert cat["act"].rectified and [t.name for t in cat.stage_taps] == ["act", "c3"]
+
+
+def test_the_discovery_probe_runs_on_one_cpu_thread_and_restores_the_count():
+    backbone = make_tiny_backbone()
+    seen = []
+    backbone.model.stem.register_forward_pre_hook(lambda m, args: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        list_taps(backbone)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
