@@ -52,6 +52,14 @@ class LinearPath:
     states: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def _jittered_cholesky(gram: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor of a Gram matrix, or None. A relative jitter of 1e-10 on the diagonal keeps a
+    rank-deficient one (repeated rows) factorizable; directions that small carry no signal at any C a sweep allows."""
+    gram.diagonal().add_(1e-10 * float(gram.diagonal().max().clamp_min(1e-30)))
+    chol, info = torch.linalg.cholesky_ex(gram)
+    return None if int(info) else chol
+
+
 class FeatureBasis:
     """Coordinates in which to solve: the raw features, or the span of the training rows when d > n.
 
@@ -71,13 +79,14 @@ class FeatureBasis:
         self.X = X
         self.reduced = d > n
         if self.reduced:
-            Xd = X.double()
-            gram = Xd @ Xd.T
-            # a relative jitter of 1e-10 keeps a rank-deficient Gram (repeated rows) factorizable; directions that
-            # small carry no signal at any C the sweep allows
-            gram.diagonal().add_(1e-10 * float(gram.diagonal().max().clamp_min(1e-30)))
-            self.chol = torch.linalg.cholesky(gram)  # float64, lower triangular
-            self.Z = self.chol.float()
+            # the Gram matrix from float32 products (as precise as the codes), or from float64 ones where rounding
+            # leaves it too close to singular to factorize
+            self.chol = _jittered_cholesky((X @ X.T).double())
+            if self.chol is None:
+                self.chol = _jittered_cholesky(X.double() @ X.double().T)
+            if self.chol is None:
+                raise ParameterError("the Gram matrix of these codes cannot be factorized; check them for NaN or inf.")
+            self.Z = self.chol.float()  # float64 factor kept, lower triangular
         else:
             self.Z = X
 

@@ -24,7 +24,8 @@ Protocol
   are fitted out of core: chunks streamed from the store into
   :class:`~sklearn.linear_model.SGDClassifier` ``partial_fit`` (hinge loss for ``linsvc``, log loss for ``logreg``).
 
-Work is spread with joblib over (tap, pooling) tasks; any joblib backend (loky, threads, Dask) works. Codes may be any
+Work is spread with joblib over (tap, pooling) tasks, largest first, in threads unless a joblib backend is chosen
+(loky processes and Dask work too). Codes may be any
 array-like with ``shape`` and NumPy indexing: in-memory arrays, memmaps, or a store's lazy handles, which pickle as
 a path so workers read the codes themselves instead of receiving a copy.
 """
@@ -602,13 +603,25 @@ def _linear_task(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: n
 
 
 def _run_tasks(tasks: list[Any], jobs: int, progress: bool, what: str) -> list[Any]:
-    """Every task's items, under the active joblib backend, with a progress bar over tasks."""
+    """Every task's items, under the active joblib backend, with a progress bar over tasks.
+
+    Without a backend chosen (``parallel_config``, Dask), tasks run in threads: they spend their time in torch and
+    NumPy kernels that release the GIL, with one torch thread each, and a thread starts at once where a process must
+    first import torch. The largest arrays go first, so the longest task does not start last.
+    """
     out: list[Any] = []
+    tasks = sorted(tasks, key=_task_size, reverse=True)
     with tqdm(total=len(tasks), desc=what, unit="task", disable=not progress, dynamic_ncols=True) as bar:
-        for part in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+        for part in Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")(tasks):
             out.extend(part)
             bar.update(1)
     return out
+
+
+def _task_size(task: Any) -> int:
+    """Values in a delayed task's first argument, its array of codes (0 when it has none)."""
+    shape = getattr(task[1][0], "shape", None) if task[1] else None
+    return int(np.prod(shape)) if shape else 0
 
 
 def _split_digest(split: Split, y: np.ndarray, y_test: np.ndarray, sources: Sequence[str] | None,

@@ -63,3 +63,15 @@ def test_warm_started_path_matches_cold_fits(digits):
 @parametrize_with_checks([TorchLogisticRegression(), TorchLinearSVC()])
 def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
+
+
+def test_repeated_rows_leave_the_span_solve_exact():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(40, 120)).astype(np.float32)
+    X = np.vstack([X, X[:15]])  # a singular Gram matrix: the span basis factorizes it with a tiny jitter
+    y = np.arange(len(X)) % 3
+    assert FeatureBasis(X).reduced
+    ours = TorchLogisticRegression(C=0.1, tol=1e-7, max_iter=1000).fit(X, y)
+    ref = LogisticRegression(C=0.1, max_iter=5000, tol=1e-8).fit(X, y)
+    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=0.02 * np.abs(ref.coef_).max())
+    np.testing.assert_array_equal(ours.predict(X), ref.predict(X))

@@ -126,3 +126,21 @@ def test_the_cli_runs_clips_c_search_and_records_it(tmp_path):
     for row in results["rows"]:
         assert row["n_fits"] / 3 <= 25
         assert _lattice_steps(row["C"], 8) == pytest.approx(round(_lattice_steps(row["C"], 8)), abs=1e-9)
+
+
+def test_a_sweep_in_threads_leaves_torch_threads_as_it_found_them():
+    import threading
+
+    import torch
+
+    rng = np.random.default_rng(4)
+    y = np.arange(60) % 3
+    codes = {k: rng.normal(size=(60, 5)) + y[:, None] for k in "abc"}
+    before = torch.get_num_threads()
+    cnncodes.sweep_codes(codes, y, probes=["logreg"], folds=3, jobs=2)  # tasks set one torch thread each
+    assert torch.get_num_threads() == before
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [before]
