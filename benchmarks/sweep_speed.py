@@ -14,7 +14,8 @@ All three search C over the training images of the same held-out split (``cnncod
 
 Prints the three wall times, both speed ratios and the three best test accuracies. Without --store it extracts the
 demo store (digits, efficientnet_lite0 at 96 px, stage taps x avg, avg2) first; that time is not counted.
-``--profile FILE`` also writes a cProfile of an in-process (jobs=1) cnncodes sweep and prints its top lines.
+``--profile FILE`` also writes a cProfile of an in-process cnncodes sweep (jobs=1, one torch thread) and prints its
+top lines.
 """
 
 from __future__ import annotations
@@ -95,9 +96,19 @@ def main() -> None:
         ours = sweep(store, probes=("logreg",), jobs=args.jobs, progress=False)
         t_ours = time.perf_counter() - start
         if args.profile:
-            cProfile.runctx(
-                "sweep(store, probes=('logreg',), jobs=1, progress=False)", globals(), {"store": store}, args.profile
-            )
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # one core, as each task of a parallel sweep has
+            try:
+                cProfile.runctx(
+                    "sweep(store, probes=('logreg',), jobs=1, progress=False)",
+                    globals(),
+                    {"store": store},
+                    args.profile,
+                )
+            finally:
+                torch.set_num_threads(threads)
     print(f"store: {store.rows} rows x {len(store.arrays)} arrays; cpu cores: {os.cpu_count()}; jobs: {args.jobs}")
     for kind, name in (("grid", "GridSearchCV"), ("lrcv", "LogisticRegressionCV")):
         b = best[kind]
@@ -109,7 +120,9 @@ def main() -> None:
         print(f"speed ratio {name}/cnncodes = {times[kind] / t_ours:5.2f}x (target >= {target}); accuracy difference "
               f"{100 * (ours.best.test_accuracy - best[kind]['test']):+.2f} points (target within 0.5)")  # fmt: skip
     if args.profile:
-        print(f"\nprofile of an in-process sweep (jobs=1), top lines by internal time ({args.profile}):")
+        print(
+            f"\nprofile of an in-process sweep (jobs=1, one torch thread), top lines by internal time ({args.profile}):"
+        )
         pstats.Stats(args.profile).sort_stats("tottime").print_stats(12)
 
 

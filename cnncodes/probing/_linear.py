@@ -195,21 +195,26 @@ def _lbfgs(
     tol: float,
     max_iter: int,
     history: int = 10,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Minimize P independent smooth convex problems at once with L-BFGS: ``x`` (P, m) is the start.
 
     ``objective(x)`` returns every problem's value (P,) and gradient (P, m); one call evaluates all of them (batched
     products). Each problem keeps its own curvature pairs, step length and stopping test (largest gradient entry
     ``<= tol``), so a fold that converges early stops moving while the others go on. The step is backtracked until
     it decreases the objective enough (Armijo): these objectives are strongly convex, so every step's curvature pair
-    is usable and no Wolfe search is needed. Returns the solutions and each problem's number of iterations.
+    is usable and no Wolfe search is needed. ``pairs`` and ``scale`` start it with curvature from before.
+
+    Returns the solutions, each problem's number of iterations, and the curvature pairs and scale it ended with.
     """
     P = x.shape[0]
     value, grad = objective(x)
     active = grad.abs().amax(1) > tol
     n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
-    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, 1 / s.y); 0 where a pair is unusable
-    scale = torch.ones(P, dtype=x.dtype, device=x.device)  # initial inverse Hessian s.y / y.y of the latest pair
+    steps = list(pairs or [])  # (s, y, 1 / s.y); 0 where a pair is unusable
+    if scale is None:  # initial inverse Hessian s.y / y.y of the latest pair
+        scale = torch.ones(P, dtype=x.dtype, device=x.device)
     for _ in range(max_iter):
         if not bool(active.any()):
             break
@@ -257,7 +262,7 @@ def _lbfgs(
         flat = value_new >= value
         x, value, grad = x_new, value_new, grad_new
         active &= ~stalled & ~flat & (grad.abs().amax(1) > tol)
-    return x, n_iter
+    return x, n_iter, steps, scale
 
 
 def fit_paths(
@@ -272,6 +277,7 @@ def fit_paths(
     tol: float = 1e-5,
     device: str | torch.device = "cpu",
     coefs: bool = True,
+    memory: dict | None = None,
 ) -> list[LinearPath]:
     """Solve several independent problems (e.g. the CV folds) jointly, one C at a time, warm-starting along ``Cs``.
 
@@ -294,6 +300,10 @@ def fit_paths(
     device : torch device.
     coefs : bool, default=True
         Map every solution back to feature space (``False`` keeps only ``states``, for speed).
+    memory : dict, optional
+        Where the solver keeps its curvature pairs between calls on the same stack: pass an empty dict, then the same
+        dict to the next call (a path solved one C at a time) to start it with the last C's curvature, its penalty
+        part corrected for the new C, as every C of ``Cs`` after the first is started.
 
     Returns
     -------
@@ -311,6 +321,9 @@ def fit_paths(
             x[p, : k * r].view(k, r)[:, : init[0].shape[0]] = init[0].T
             x[p, k * r :] = init[1]
     paths = [LinearPath([], [], [], [], []) for _ in bases]
+    penalized = torch.zeros(1, k * r + k, dtype=x.dtype, device=x.device)
+    penalized[:, : k * r] = 1
+    memory = {} if memory is None else memory  # along Cs, each C starts with the curvature of the one before
     for C in Cs:
         lam = 1.0 / (float(C) * stack.counts)
 
@@ -319,7 +332,16 @@ def fit_paths(
             value, grad_W, grad_b = stack.value_and_grad(W, x[:, k * r :], lam, loss)  # noqa: B023
             return value, torch.cat([grad_W.reshape(P, -1), grad_b], 1)
 
-        x, n_iter = _lbfgs(objective, x, tol=tol, max_iter=max_iter)
+        pairs, scale = [], None
+        if memory:  # the last C's curvature: its data part still holds, its penalty part moves with lambda
+            shift = (lam - memory["lam"])[:, None] * penalized
+            scale = memory["scale"]
+            for s_, y_, rho_ in memory["pairs"]:
+                y_ = y_ + shift * s_
+                sy = (s_ * y_).sum(1)
+                pairs.append((s_, y_, torch.where((rho_ != 0) & (sy > 0), 1.0 / sy.clamp_min(1e-30), 0)))
+        x, n_iter, pairs, scale = _lbfgs(objective, x, tol=tol, max_iter=max_iter, pairs=pairs, scale=scale)
+        memory.update(pairs=pairs, scale=scale, lam=lam)
         for p, (basis, path) in enumerate(zip(bases, paths)):
             A = x[p, : k * r].view(k, r)[:, : basis.Z.shape[1]].T.contiguous()
             b = x[p, k * r :].clone()

@@ -182,16 +182,17 @@ def _path_search(stack, val_data, loss, lattice, steps, tol, max_iter, patience=
     The coarse pass goes up one value per decade, warm-started, and stops once CV accuracy has fallen for
     ``patience`` + 1 steps past its best. Then a binary search: the two values half a decade either side of the best,
     then a quarter, ... down to one lattice step, each round around the best so far; every fit is warm-started from
-    the nearest C already solved.
+    the nearest C already solved, and its L-BFGS from the curvature of the fit before.
 
     Returns ``{C: [accuracy per fold]}`` and ``{C: fold states}`` (solutions in each fold's solve coordinates).
     """
     scores: dict[int, list[float]] = {}
     states: dict[int, list] = {}
+    memory: dict = {}  # L-BFGS curvature carried from each fit to the next
 
     def fit_at(i: int, inits: list | None) -> list:
         paths = fit_paths(stack, None, stack.n_classes, [lattice[i]], loss, inits=inits, tol=tol, max_iter=max_iter,
-                          coefs=False)  # fmt: skip
+                          coefs=False, memory=memory)  # fmt: skip
         scores[i] = []
         for (Z_val, y_val), path in zip(val_data, paths):
             A, b = path.states[0]
