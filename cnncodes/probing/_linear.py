@@ -79,11 +79,10 @@ class FeatureBasis:
         self.X = X
         self.reduced = d > n
         if self.reduced:
-            # the Gram matrix from float32 products (as precise as the codes), or from float64 ones where rounding
-            # leaves it too close to singular to factorize
-            self.chol = _jittered_cholesky((X @ X.T).double())
-            if self.chol is None:
-                self.chol = _jittered_cholesky(X.double() @ X.double().T)
+            # float64 products: codes are often rank-deficient (dead channels, few pooled positions), and float32
+            # rounding would leave such a Gram matrix indefinite
+            Xd = X.double()
+            self.chol = _jittered_cholesky(Xd @ Xd.T)
             if self.chol is None:
                 raise ParameterError("the Gram matrix of these codes cannot be factorized; check them for NaN or inf.")
             self.Z = self.chol.float()  # float64 factor kept, lower triangular
