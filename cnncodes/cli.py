@@ -296,8 +296,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_table(comparison))
     paths = write_results(comparison, args.out)
-    print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out} (the best probe's bundle is in "
-          f"{comparison.data['sweep_of'][comparison.best.backbone]})")  # fmt: skip
+    bundle = Path(comparison.data["sweep_of"][comparison.best.backbone]) / "best_probe.zip"
+    where = (
+        f"the best probe's bundle is {bundle}"
+        if bundle.is_file()
+        else f"no bundle of the best probe in {bundle.parent}"
+    )
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out} ({where})")
     return 0
 
 
@@ -386,7 +391,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     path = export_probe(probe, args.out, args.format)
     size = probe.preprocessing.input_size
     print(f"wrote {args.format} model to {path}: input float32 (N, 3, {size}, {size}) normalized with mean "
-          f"{list(probe.preprocessing.mean)} std {list(probe.preprocessing.std)}; output scores (N, {1 if len(probe.classes) == 2 else len(probe.classes)}) "
+          f"{list(probe.preprocessing.mean)} std {list(probe.preprocessing.std)}; output scores (N, {probe.bundle.arrays['coef'].shape[0]}) "
           f"for classes {probe.classes[:10]}")  # fmt: skip
     return 0
 

@@ -83,7 +83,8 @@ def export_probe(
         Batch size of the example used to trace; the batch dimension stays dynamic in every format.
     check_atol : float, default=1e-4
         The exported model is run again on a random batch of another size and must match the eager module within
-        this absolute tolerance, or nothing is left at ``path``.
+        this tolerance (absolute, or relative to the largest score where scores exceed 1), or nothing is left at
+        ``path``.
 
     Returns
     -------
@@ -126,7 +127,9 @@ def export_module(
         with torch.inference_mode(False), torch.no_grad():
             run = _EXPORTERS[format](module, example, tmp)
             check = torch.randn(batch_size + 1, 3, size, size, generator=torch.Generator().manual_seed(0))
-            diff = float((torch.as_tensor(run(check)) - module(check)).abs().max())
+            want = module(check)
+            # float32 rounding grows with the scores' size (one-vs-rest probes at large C reach thousands)
+            diff = float((torch.as_tensor(run(check)) - want).abs().max()) / max(1.0, float(want.abs().max()))
         if not diff <= check_atol:
             raise BundleError(f"the exported {format} model differs from the {what} by {diff:.2e} (> {check_atol:g}); "
                               "nothing was written. Try another --format.")  # fmt: skip

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import BundleError, FingerprintMismatchError, ImageDecodeError, ParameterError
 from ..images import MULTILABEL_SEP, Preprocessing, as_source
-from ..network import Backbone, CodeExtractor, encode, load_backbone
+from ..network import Backbone, CodeExtractor, encode, list_taps, load_backbone
 from ._bundle import ProbeBundle, read_bundle
 
 __all__ = ["DeployedProbe", "FingerprintMismatchError", "load_bundle", "as_source"]
@@ -70,15 +70,20 @@ class DeployedProbe:
             )
         self.backbone = backbone
         spec = bundle.extractor
-        # one rectification mode for every tap; parts rectified differently were made by "auto", which decides the
-        # same way again from the network
-        relu = spec.relu if isinstance(spec.relu, bool) else "auto"
-        self.extractor = CodeExtractor(backbone, list(spec.taps), [spec.pooling], relu=relu)
-        wrong = [t for t in self.extractor.taps if t.codes_rectified(self.extractor.relu) != spec.relu_of(t.name)]
-        if wrong:
-            raise BundleError(f"the bundle's codes of {wrong[0].name} are {'' if spec.relu_of(wrong[0].name) else 'not '}"
-                              f"rectified, but {model['spec']} gives them {'not ' if spec.relu_of(wrong[0].name) else ''}"
-                              "rectified: the bundle does not fit its model.")  # fmt: skip
+        # one rectification mode serves every tap: a flag means always (true) or never (false); parts rectified
+        # differently were made by never (the network's own ReLU outputs) or auto, which decide the same way again
+        if isinstance(spec.relu, bool):
+            self.extractor = CodeExtractor(backbone, list(spec.taps), [spec.pooling], relu=spec.relu)
+        else:  # parts rectified differently: the one mode (never or auto) that rectifies exactly those parts
+            catalogue = list_taps(backbone)
+            taps = catalogue.select(list(spec.taps))
+            mode = next((m for m in ("never", "auto") if all(t.codes_rectified(m) == spec.relu_of(t.name) for t in taps)),
+                        None)  # fmt: skip
+            if mode is None:
+                flags = ", ".join(f"{t}: {'rectified' if spec.relu_of(t) else 'raw'}" for t in spec.taps)
+                raise BundleError(f"the bundle's codes ({flags}) are rectified in a way no --relu mode gives on "
+                                  f"{model['spec']}: the bundle does not fit its model.")  # fmt: skip
+            self.extractor = CodeExtractor(backbone, list(spec.taps), [spec.pooling], relu=mode, catalogue=catalogue)
         code_dims = self.extractor.code_dims()
         dims = sum(code_dims[(t, spec.pooling)] for t in spec.taps)
         if dims != bundle.arrays["coef"].shape[1]:

@@ -50,17 +50,24 @@ def evaluate_knn(
 ) -> list[tuple[SweepRow, Fitted]]:
     """The kNN row of one array of codes, per normalizer: k by CV over :data:`KNN_KS`, then refit and tested.
 
-    Codes are normalized as the linear probes' are and then compared by cosine similarity. k values larger than the
-    smallest fold's training rows are left out.
+    Codes are normalized as the linear probes' are and then compared by cosine similarity; neighbours are the plain
+    views of training images (augmented views are not). k values the smallest fold cannot hold are left out.
     """
     labels, test_labels = np.asarray(labels), np.asarray(test_labels)
+    # neighbours are training images: plain views only, so k counts images whatever the number of views
+    per = split.views + 1
+    plain = Split(split.train_rows[split.train_rows % per == 0],
+                  [(fit[fit % per == 0], val) for fit, val in split.folds], split.test_rows, split.views,
+                  split.test_views)  # fmt: skip
+    split = plain
     X_train = check_finite(np.asarray(codes[split.train_rows], dtype=np.float32), split.train_rows, f"{tap}/{pooling}")
     y_train = labels[split.train_rows]
     X_test = check_finite(np.asarray(test_codes[split.test_rows], dtype=np.float32), split.test_rows,
                           f"{tap}/{pooling} (test)")  # fmt: skip
     y_test = test_labels[split.test_rows]
-    smallest = min(len(fit) for fit, _ in split.folds)
-    ks = [k for k in KNN_KS if k <= smallest] or [smallest]
+    # the neighbour graph of a fold's fit rows holds k + 1 neighbours per row (each row counts itself)
+    smallest = min(len(fit) for fit, _ in split.folds) - 1
+    ks = [k for k in KNN_KS if k <= smallest] or [max(smallest, 1)]
     out = []
     for norm in config.normalizers:
         started = time.perf_counter()

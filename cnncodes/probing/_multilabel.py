@@ -1,7 +1,8 @@
 """Multi-label rows of a sweep: one-vs-rest linear probes scored by mean average precision (the VOC07 SVM protocol).
 
 Images may show several classes (a 0/1 images x classes indicator). Each class gets its own binary probe whose C is
-chosen by CV average precision on the sweep's folds (as in the VOC07 linear SVM benchmark of Goyal et al. 2019,
+chosen by CV average precision on the sweep's folds, over every C of the ``--c-range`` lattice at
+``--c-steps-per-decade`` (as in the VOC07 linear SVM benchmark of Goyal et al. 2019,
 "Scaling and Benchmarking Self-Supervised Visual Representation Learning"); the row's score is the mean over classes
 of the average precision on the held-out images (scikit-learn's ``average_precision_score``, not VOC07's 11-point
 interpolation). The whole probe is scikit-learn: ``OneVsRestClassifier(GridSearchCV(classifier, C grid))`` after the
@@ -78,7 +79,7 @@ def evaluate_multilabel(
     per = split.test_views + 1
     Y_plain = np.asarray(Y_test)[split.test_rows][::per]
     folds = [(np.searchsorted(split.train_rows, f), np.searchsorted(split.train_rows, v)) for f, v in split.folds]
-    grid = c_grid(config.c_min, config.c_max)
+    grid = c_grid(config.c_min, config.c_max, config.c_steps_per_decade)  # the lattice the single-label search refines on
     out = []
     for norm in config.normalizers:
         for probe in config.probes:

@@ -101,7 +101,9 @@ class SweepConfig:
         shots = (self.shots,) if isinstance(self.shots, (int, np.integer)) else tuple(self.shots)
         object.__setattr__(self, "shots", tuple(sorted({_integer("shots", n) for n in shots})))
         if any(n < 1 for n in self.shots):
-            raise ParameterError(f"shots must be positive numbers of images per class, got {list(shots)} (--shots 1,2,4).")
+            raise ParameterError(
+                f"shots must be positive numbers of images per class, got {list(shots)} (--shots 1,2,4)."
+            )
         if not 1 <= _integer("draws", self.draws) <= 1000:
             raise ParameterError(f"draws must be 1 to 1000 subsets per shot count, got {self.draws} (--draws 5).")
         if self.shots and not set(self.probes) - {"knn"}:
@@ -157,8 +159,20 @@ class Split:
     test_views: int
 
 
-_OPTIONAL = ("test_tta_accuracy", "test_top5_accuracy", "test_class_recall", "k", "shots", "draws",
-             "test_accuracy_std", "cv_map", "cv_map_std", "test_map", "test_class_ap", "class_C")
+_OPTIONAL = (
+    "test_tta_accuracy",
+    "test_top5_accuracy",
+    "test_class_recall",
+    "k",
+    "shots",
+    "draws",
+    "test_accuracy_std",
+    "cv_map",
+    "cv_map_std",
+    "test_map",
+    "test_class_ap",
+    "class_C",
+)
 #: Row fields keyed by class index, which results.json keys by class name.
 _BY_CLASS = ("test_class_recall", "test_class_ap", "class_C")
 
@@ -167,16 +181,18 @@ PROTOCOLS = {
     "linear": "Linear probe: a normalizer and a linear classifier on frozen codes, C chosen coarse-to-fine by "
               "stratified k-fold CV over training images, refit on every training image, tested once on the held-out "
               "images (Razavian et al. 2014, CNN features off-the-shelf; CLIP, Radford et al. 2021, appendix A.3).",
-    "knn": "k-nearest-neighbour baseline: cosine similarity (codes L2-normalized), majority vote of the k nearest "
-           "training images, k over {10, 20, 50, 100} chosen by the same CV folds (Wu et al. 2018; DINO, Caron et al. "
-           "2021). Reported next to the linear probes, never picked as the best: a bundle holds a linear probe.",
+    "knn": "k-nearest-neighbour baseline: codes normalized as the row's normalizer says, then compared by cosine "
+           "similarity; majority vote of the k nearest training images (plain views), k over {10, 20, 50, 100} chosen "
+           "by the same CV folds (Wu et al. 2018; DINO, Caron et al. 2021). Reported next to the linear probes, never "
+           "picked as the best: a bundle holds a linear probe.",
     "few-shot": "Few-shot linear probe: for each shot count n and draw d, n training images per class drawn with seed "
                 "(seed, n, d) from the training side of the split only (never a test image); C chosen by CV inside the "
                 "draw (min(folds, n) folds), or for n = 1, where no image is left to validate on, the C chosen on all "
                 "training images; tested on the whole test split. Mean and standard deviation over the draws (the "
                 "few-shot linear probes of CLIP, Radford et al. 2021, section 3.2.4, and of Kornblith et al. 2019).",
     "multilabel": "Multi-label linear probe (images may show several classes): one binary probe per class, one-vs-rest, "
-                  "each class's C chosen by CV average precision on the same folds, scored by mean average precision "
+                  "each class's C chosen by CV average precision on the same folds over the --c-range grid at "
+                  "--c-steps-per-decade, scored by mean average precision "
                   "over classes on the held-out images (the VOC07 linear SVM protocol of Goyal et al. 2019; AP is "
                   "scikit-learn's average_precision_score, not VOC07's 11-point interpolation). Selection uses CV mAP.",
 }  # fmt: skip
@@ -290,15 +306,24 @@ class SweepResult:
     def best_record(self) -> dict[str, Any]:
         """The best row with where it came from: ``best.json`` and a bundle's metrics."""
         keep = ("store", "n_train_images", "n_test_images")
-        return {**self.best.to_dict(), **{k: self.data[k] for k in keep if k in self.data}}
+        return {**self._named(self.best), **{k: self.data[k] for k in keep if k in self.data}}
+
+    def _named(self, row: SweepRow) -> dict[str, Any]:
+        """``row.to_dict()`` with its per-class figures keyed by class name."""
+        out = row.to_dict()
+        for key in _BY_CLASS:
+            if out.get(key) is not None:
+                out[key] = {self.classes[int(c)]: v for c, v in out[key].items()}
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the fitted estimator and predictions, JSON-ready (``results.json``)."""
-        rows = [r.to_dict() for r in self.rows]
-        for row in rows:  # per-class figures by class name
-            for key in _BY_CLASS:
-                if row.get(key) is not None:
-                    row[key] = {self.classes[int(c)]: v for c, v in row[key].items()}
+        rows = [self._named(r) for r in self.rows]
         protocols = {p: PROTOCOLS[p] for p in dict.fromkeys(r["protocol"] for r in rows)}
-        return {"config": self.config.to_dict(), "data": self.data, "classes": self.classes, "protocols": protocols,
-                "rows": rows}
+        return {
+            "config": self.config.to_dict(),
+            "data": self.data,
+            "classes": self.classes,
+            "protocols": protocols,
+            "rows": rows,
+        }

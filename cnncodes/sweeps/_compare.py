@@ -7,6 +7,7 @@ labels: every ``results.json`` records that as ``data.split_digest``, and sweeps
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,22 +52,69 @@ class Comparison:
         return {"config": self.config, "data": self.data, "classes": self.classes, "protocols": protocols, "rows": rows}
 
 
+_NUMBERS = (
+    "cv_accuracy",
+    "cv_std",
+    "cv_map",
+    "cv_map_std",
+    "test_map",
+    "test_accuracy",
+    "test_accuracy_std",
+    "test_balanced_accuracy",
+    "test_macro_f1",
+    "test_tta_accuracy",
+    "test_top5_accuracy",
+    "fit_seconds",
+    "C",
+)
+_TEXT = ("backbone", "tap", "pooling", "normalizer", "probe", "solver", "protocol")
+
+
+def _check_row(row: Any, where: str) -> SweepRow:
+    """A results.json row read back, every field the table, plot and selection use checked for its type."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} is {str(row)[:40]}, not an object")
+    for key in _TEXT:
+        if not isinstance(row.get(key, ""), str):
+            raise ValueError(f"{where}: {key} is {row[key]!r}, not text")
+    if row.get("protocol", "linear") not in PROTOCOLS:
+        raise ValueError(f"{where}: protocol {row['protocol']!r} is not one of {list(PROTOCOLS)}")
+    for key in ("depth", "dims", "n_fits"):
+        if type(row.get(key)) is not int:
+            raise ValueError(f"{where}: {key} is {row.get(key)!r}, not a whole number")
+    for key in _NUMBERS:
+        value = row.get(key)
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+            raise ValueError(f"{where}: {key} is {value!r}, not a finite number")
+    parsed = SweepRow.from_dict(row)
+    if parsed.selectable and parsed.score is None:
+        raise ValueError(f"{where}: a {parsed.protocol} row without its CV score")
+    if parsed.C is None and parsed.k is None:
+        raise ValueError(f"{where}: neither C nor k")
+    return parsed
+
+
 def _read(directory: Path) -> dict[str, Any]:
     path = directory / "results.json"
     if not path.is_file():
         raise ParameterError(f"{directory} has no results.json; give directories written by `cnncodes sweep --out`.")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-        rows = [SweepRow.from_dict(r) for r in results["rows"]]
-        digest, classes = results["data"].get("split_digest"), list(results["classes"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ParameterError(f"{path} is not a sweep's results.json ({type(exc).__name__}: {exc}); rerun the sweep "
-                             "into that directory.") from None  # fmt: skip
+        if not isinstance(results, dict) or not all(isinstance(results.get(k), want) for k, want in
+                                                    (("rows", list), ("data", dict), ("config", dict), ("classes", list))):  # fmt: skip
+            raise ValueError("it lacks rows, data, config or classes")
+        rows = [_check_row(r, f"row {i + 1}") for i, r in enumerate(results["rows"])]
+        digest, classes = results["data"].get("split_digest"), [str(c) for c in results["classes"]]
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"{path} is not a sweep's results.json ({exc}); rerun the sweep into that "
+                             "directory.") from None  # fmt: skip
     if not isinstance(digest, str):
         raise ParameterError(f"{path} does not record which images it was split into (written by an older cnncodes); "
                              "rerun that sweep to compare it.")  # fmt: skip
     if not rows:
         raise ParameterError(f"{path} holds no rows; rerun the sweep into that directory.")
+    if not any(r.selectable for r in rows):
+        raise ParameterError(f"{path} holds no linear-probe row to pick a best from; rerun the sweep into it.")
     return {"rows": rows, "digest": digest, "classes": classes, "data": results["data"], "config": results["config"]}
 
 
@@ -92,6 +140,10 @@ def compare(directories: list[str | os.PathLike]) -> Comparison:
     dirs = [Path(d) for d in directories]
     if len(dirs) < 2:
         raise ParameterError("compare needs at least two sweep directories (cnncodes compare DIR1 DIR2 ...).")
+    seen: dict[Path, Path] = {}
+    for d in dirs:
+        if seen.setdefault(d.resolve(), d) is not d:
+            raise ParameterError(f"{d} is given twice (as {seen[d.resolve()]}); give each sweep directory once.")
     sweeps = [_read(d) for d in dirs]
     first = sweeps[0]
     for d, s in zip(dirs[1:], sweeps[1:]):
@@ -110,8 +162,6 @@ def compare(directories: list[str | os.PathLike]) -> Comparison:
             new = name or d.name
             if new in sweep_of:
                 new = f"{new} ({d.name})"
-            if new in sweep_of:
-                raise ParameterError(f"{d} is given twice; give each sweep directory once.")
             renamed[name] = new
             sweep_of[new] = str(d)
         for r in s["rows"]:

@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 
 from ..images import MULTILABEL_SEP
-from ..probing import SweepResult, SweepRow
+from ..probing import CONCAT_SEP, SweepResult, SweepRow
 from ._compare import Comparison
 
 __all__ = ["format_table", "write_report", "write_results", "plot_sweep", "plot_confusion", "plot_few_shot"]
 
 _COLUMNS = ["backbone", "tap", "depth", "pooling", "dims", "normalizer", "probe", "protocol", "C", "k", "shots",
-            "draws", "cv_accuracy", "cv_std", "test_accuracy", "test_accuracy_std", "test_balanced_accuracy",
+            "draws", "cv_accuracy", "cv_std", "cv_map", "cv_map_std", "test_map", "test_accuracy", "test_accuracy_std",
+            "test_balanced_accuracy",
             "test_macro_f1", "test_tta_accuracy", "test_top5_accuracy", "fit_seconds", "C_at_edge", "n_fits",
             "solver"]  # fmt: skip
 
@@ -91,7 +92,7 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
 
     One store: a line per pooling x probe over the taps. Several backbones: a line per backbone (its best pooling and
     probe at each tap) over relative depth, the tap's position among that backbone's taps, so networks of different
-    depths share one axis. The legend sits to the right of the axes, so it never covers a point.
+    depths share one axis; joined taps (``--concat``) are hollow diamonds at their deepest part. The legend sits to the right of the axes, so it never covers a point.
     """
     import matplotlib
 
@@ -104,16 +105,24 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
     if len(backbones) > 1:
         fig, ax = plt.subplots(figsize=(9.5, 4.8))
         for backbone in backbones:
-            taps = list(dict.fromkeys(r.tap for r in rows if r.backbone == backbone))
+            names = list(dict.fromkeys(r.tap for r in rows if r.backbone == backbone))
             best_at = {t: max((r for r in rows if r.backbone == backbone and r.tap == t and r.selectable),
-                              key=lambda r: r.score) for t in taps}  # fmt: skip
-            x = [(i + 1) / len(taps) for i in range(len(taps))]
-            ax.plot(x, [100 * best_at[t].score for t in taps], marker="o", ms=4, label=backbone)
-            for xi, t in zip(x, taps):
-                ax.annotate(t, (xi, 100 * best_at[t].score), fontsize=6, rotation=20, alpha=0.7,
+                              key=lambda r: r.score) for t in names}  # fmt: skip
+            taps = [t for t in names if CONCAT_SEP not in t]  # the line: single taps at relative depth
+            x_of = {t: (i + 1) / len(taps) for i, t in enumerate(taps)}
+            for joined in (t for t in names if CONCAT_SEP in t):  # a joined candidate sits at its deepest part
+                x_of[joined] = max(x_of.get(part, 1.0) for part in joined.split(CONCAT_SEP))
+            (line,) = ax.plot([x_of[t] for t in taps], [100 * best_at[t].score for t in taps], marker="o", ms=4,
+                              label=backbone)  # fmt: skip
+            joined = [t for t in names if CONCAT_SEP in t]
+            if joined:
+                ax.plot([x_of[t] for t in joined], [100 * best_at[t].score for t in joined], ls="none", marker="D",
+                        mfc="none", color=line.get_color(), label=f"{backbone}: joined taps")  # fmt: skip
+            for t in names:
+                ax.annotate(t, (x_of[t], 100 * best_at[t].score), fontsize=6, rotation=20, alpha=0.7,
                             xytext=(2, 3), textcoords="offset points")  # fmt: skip
             if backbone == b.backbone:
-                ax.plot([x[taps.index(b.tap)]], [100 * b.score], marker="*", ms=18, color="gold", mec="black",
+                ax.plot([x_of[b.tap]], [100 * b.score], marker="*", ms=18, color="gold", mec="black",
                         zorder=5, label=f"best: {b.backbone} {b.tap} {b.pooling} {b.probe}")  # fmt: skip
         ax.set_xlabel("relative depth (tap position / taps of that backbone)")
         ax.set_xlim(0, 1.05)

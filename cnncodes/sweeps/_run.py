@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..probing import (
 )
 from ..store import CodeStore
 
-__all__ = ["sweep", "make_split", "check_same_images", "backbone_names", "extractor_of"]
+__all__ = ["sweep", "make_split", "check_same_images", "check_test_stores", "backbone_names", "extractor_of"]
 
 
 def _open(store: CodeStore | str | os.PathLike) -> CodeStore:
@@ -144,11 +145,12 @@ def sweep(
     if test_stores is not None and len(test_stores) != len(stores):
         raise ParameterError(f"{len(stores)} stores but {len(test_stores)} test stores; give one test store per store, "
                              "in the same order.")  # fmt: skip
-    for i, st in enumerate(stores):
-        if test_stores is not None and test_stores[i].path.resolve() == st.path.resolve():
-            raise ParameterError(f"the test store {test_stores[i].path} is the training store: every test image would "
-                                 "be a training image. Give a store of other images, or leave --test out for a "
-                                 "held-out split.")  # fmt: skip
+    seen: dict[Path, CodeStore] = {}
+    for st in stores:
+        if seen.setdefault(st.path.resolve(), st) is not st:
+            raise ParameterError(f"{st.path} is given twice (as {seen[st.path.resolve()].path}); give each store once.")
+    if test_stores is not None:
+        check_test_stores(stores, test_stores)
     check_same_images(stores)
     if test_stores is not None:
         check_same_images(test_stores)
@@ -174,9 +176,12 @@ def sweep(
                 test_codes[(name, *k)] = te.lazy(*k)
         depth.update({(name, a["tap"], a["pooling"]): int(a.get("depth", -1)) for a in st.arrays})
         for taps_joined in concat_groups(st, _specs(concat), [t for t, _ in keys], several=len(stores) > 1):
-            for pool in dict.fromkeys(p for t, p in keys if t == taps_joined[0]):
-                if not all((t, pool) in keys for t in taps_joined):
-                    continue
+            common = [p for p in dict.fromkeys(p for t, p in keys if t == taps_joined[0])
+                      if all((t, p) in keys for t in taps_joined)]  # fmt: skip
+            if not common:
+                raise ParameterError(f"--concat {concat_name(taps_joined)}: {st.path} holds those taps under no common "
+                                     "pooling; codes are joined per pooling, so extract them with one (--poolings avg).")  # fmt: skip
+            for pool in common:
                 key = (name, concat_name(taps_joined), pool)
                 codes[key] = ConcatenatedCodes([st.lazy(t, pool) for t in taps_joined])
                 if te is not None:
@@ -295,11 +300,42 @@ def check_same_images(stores: Sequence[CodeStore]) -> None:
             raise ParameterError(f"{where} differ at image {i}: {b[i]!r} vs {a[i]!r}; stores swept together must hold "
                                  "the same images in the same order. Extract both from the same source.")  # fmt: skip
         la, lb = np.asarray(first.labels), np.asarray(other.labels)
+        if la.ndim != lb.ndim:
+            multi, single = (first, other) if la.ndim == 2 else (other, first)
+            raise ParameterError(f"{multi.path} is multi-label (cat;dog labels) but {single.path} is not; stores swept "
+                                 "together must label their images the same way. Extract both from the same source.")  # fmt: skip
         if not np.array_equal(la, lb):
-            row = int(np.flatnonzero(la != lb)[0])
-            raise ParameterError(f"{where} label row {row} ({first.sources[row // (first.views + 1)]!r}) as "
-                                 f"{first.classes[lb[row]]!r} and {first.classes[la[row]]!r}; extract both from the "
-                                 "same source.")  # fmt: skip
+            row = int(np.flatnonzero((la != lb).reshape(len(la), -1).any(1))[0])
+            image = row // (first.views + 1)
+            raise ParameterError(f"{where} label image {image} ({first.sources[image]!r}) as "
+                                 f"{_label_text(lb[row], first.classes)!r} and {_label_text(la[row], first.classes)!r}; "
+                                 "extract both from the same source.")  # fmt: skip
+
+
+def _label_text(label: np.ndarray, classes: list[str]) -> str:
+    """A row's label as text: its class, or a multi-label row's classes joined by ``;``."""
+    if np.ndim(label):
+        return ";".join(c for c, on in zip(classes, label) if on) or "(none)"
+    return classes[int(label)]
+
+
+def check_test_stores(stores: Sequence[CodeStore], tests: Sequence[CodeStore]) -> None:
+    """Test store i must hold codes of the same model (spec, weights, preprocessing) as store i, and none of the
+    training images: anything else scores the probe on codes it was not trained for, or on its own training data."""
+    for store, test in zip(stores, tests):
+        if test.path.resolve() == store.path.resolve():
+            raise ParameterError(f"the test store {test.path} is the training store: every test image would be a "
+                                 "training image. Give a store of other images, or leave --test out for a held-out "
+                                 "split.")  # fmt: skip
+        if (test.manifest.get("model") or {}) != (store.manifest.get("model") or {}):
+            raise ParameterError(f"the test store {test.path} holds codes of another model or input size than "
+                                 f"{store.path} (compare their manifests' model); give each store's test store in the "
+                                 "same order as the stores.")  # fmt: skip
+        shared = set(test.sources) & set(store.sources)
+        if shared:
+            first = next(s for s in test.sources if s in shared)
+            raise ParameterError(f"the test store {test.path} holds {len(shared)} of the training images of "
+                                 f"{store.path} (first {first!r}); a test set must hold other images.")  # fmt: skip
 
 
 def backbone_names(stores: Sequence[CodeStore]) -> list[str]:

@@ -44,9 +44,10 @@ def test_concat_specs_are_checked_before_any_work(store):
 
 def test_a_concatenated_bundle_predicts_and_exports_like_its_probe(tmp_path):
     images = write_image_folder(tmp_path / "images", n=30)
-    store = cnncodes.extract(images, out=tmp_path / "codes", model=make_tiny_backbone(), taps="stem,relu,conv_b",
-                             poolings="avg", batch_size=8, workers=0, progress=False)  # fmt: skip
-    taps = ("stem", "relu", "conv_b")  # codes raw, rectified by the network, raw: relu is one flag per tap
+    # --relu never: `add` stays raw although --relu auto would rectify it (the network feeds it to a ReLU)
+    store = cnncodes.extract(images, out=tmp_path / "codes", model=make_tiny_backbone(), taps="stem,relu,add",
+                             poolings="avg", relu="never", batch_size=8, workers=0, progress=False)  # fmt: skip
+    taps = ("stem", "relu", "add")  # codes raw, rectified by the network, raw: relu is one flag per tap
     spec = extractor_of(store, "+".join(taps), "avg")
     assert spec["taps"] == list(taps) and spec["relu"] == [False, True, False]
     X = np.hstack([np.asarray(store.codes(t, "avg"), dtype=np.float32) for t in taps])
@@ -67,5 +68,5 @@ def test_a_concatenated_bundle_predicts_and_exports_like_its_probe(tmp_path):
     import dataclasses
 
     wrong = dataclasses.replace(bundle.extractor, relu=(True, True, False))
-    with pytest.raises(ValueError, match="codes of stem are rectified, but"):
+    with pytest.raises(ValueError, match=r"\(stem: rectified, relu: rectified, add: raw\) are rectified in a way no"):
         cnncodes.deploy.DeployedProbe(dataclasses.replace(bundle, extractor=wrong), backbone=make_tiny_backbone())

@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
@@ -69,7 +70,7 @@ def test_multilabel_sweep_scores_map_as_scikit_learn_computes_it(tagged):
     scaler = StandardScaler().fit(X[split.train_rows])
     folds = [(np.searchsorted(split.train_rows, f), np.searchsorted(split.train_rows, v)) for f, v in split.folds]
     for k in range(3):
-        search = GridSearchCV(LogisticRegression(solver="liblinear", max_iter=1000), {"C": c_grid()},
+        search = GridSearchCV(LogisticRegression(solver="liblinear", max_iter=1000), {"C": c_grid(1e-4, 1e4, 2)},
                               scoring="average_precision", cv=folds).fit(scaler.transform(X[split.train_rows]),
                                                                          Y[split.train_rows, k])  # fmt: skip
         assert best.class_C[k] == pytest.approx(search.best_params_["C"])
@@ -126,3 +127,33 @@ def test_single_label_tools_refuse_a_multilabel_store_before_any_work(tagged, tm
     with pytest.raises(ValueError, match="is multi-label .* the depth sweep fine-tunes single-label"):
         cnncodes.depth(str(root / "tags.csv"), out=tmp_path / "depth", model=make_tiny_backbone())
     assert not (tmp_path / "ft").exists() and not (tmp_path / "depth").exists()
+
+
+def test_stores_swept_together_must_label_their_images_alike(tagged, tmp_path):
+    root, store, present = tagged
+    lines = (root / "tags.csv").read_text().splitlines()
+    single = ["path,label"] + [f"{line.split(',')[0]},{line.split(',')[1].split(';')[0]}" for line in lines[1:]]
+    (root / "single.csv").write_text("\n".join(single) + "\n")
+    changed = lines[:3] + [lines[3].split(",")[0] + ",red;green;blue"] + lines[4:]
+    assert changed[3] != lines[3]
+    (root / "changed.csv").write_text("\n".join(changed) + "\n")
+    kw = dict(model=make_tiny_backbone(), taps="stages", poolings="avg", batch_size=16, workers=0, progress=False)
+    one = cnncodes.extract(root / "single.csv", out=tmp_path / "single", input_size=24, **kw)
+    two = cnncodes.extract(root / "changed.csv", out=tmp_path / "changed", input_size=24, **kw)
+    with pytest.raises(ValueError, match="is multi-label .* but .*single is not"):
+        cnncodes.sweep([store, one], probes=("logreg",), folds=3, progress=False)
+    with pytest.raises(ValueError, match=r"label image 2 \('.*02.png'\) as 'blue;green;red' and"):
+        cnncodes.sweep([store, two], probes=("logreg",), folds=3, progress=False)
+
+
+def test_a_multilabel_probe_exports_with_its_large_scores(tagged, tmp_path):
+    _, store, _ = tagged
+    result = cnncodes.sweep(store, probes=("linsvc",), folds=3, c_max=1e4, progress=False)
+    path = cnncodes.save_probe(result, tmp_path)
+    probe = cnncodes.load_bundle(path, backbone=make_tiny_backbone())
+    exported = cnncodes.export_probe(probe, tmp_path / "m.pt2")
+    x = torch.randn(3, 3, 32, 32)
+    module = torch.export.load(exported).module()
+    eager = probe.bundle.decision_function_codes(probe.extractor.net(x)[result.best.tap][result.best.pooling].numpy())
+    assert module(x).shape == (3, 3)
+    np.testing.assert_allclose(module(x).detach().numpy(), eager, rtol=1e-4, atol=1e-4 * np.abs(eager).max())

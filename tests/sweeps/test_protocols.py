@@ -1,6 +1,7 @@
 """Sweeps of several stores, `compare`, and the literature's protocols: the kNN baseline and few-shot rows."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -14,7 +15,7 @@ import cnncodes
 from cnncodes.cli import main
 from cnncodes.deploy import read_bundle
 from cnncodes.probing import KNN_KS, PROTOCOLS, SweepConfig, draw_shots, make_probe, split_images
-from cnncodes.sweeps import compare, sweep, write_report
+from cnncodes.sweeps import compare, make_split, sweep, write_report
 from helpers import SYNTHETIC_MODEL, make_code_store
 
 
@@ -93,8 +94,15 @@ def test_sweeps_of_other_images_or_splits_are_refused(stores, tmp_path):
     fewer = make_code_store(tmp_path / "fewer", n_images=90, model=_model("net_d"))
     with pytest.raises(ValueError, match="hold 90 and 120 images"):
         sweep([a, fewer], probes=("logreg",), folds=3, progress=False)
-    with pytest.raises(ValueError, match="the same store is given twice"):
-        sweep([a, a.path], probes=("logreg",), folds=3, progress=False)
+    relative = os.path.relpath(a.path)  # one store by two spellings
+    with pytest.raises(ValueError, match="is given twice"):
+        sweep([a, relative], probes=("logreg",), folds=3, progress=False)
+    b = stores[1]
+    with pytest.raises(ValueError, match="holds codes of another model"):  # test stores given in the wrong order
+        sweep([a, b], test=[b, a], probes=("logreg",), folds=3, progress=False)
+    same_images = make_code_store(tmp_path / "same", n_images=120, seed=9, model=_model("net_a"))
+    with pytest.raises(ValueError, match="holds 120 of the training images"):
+        sweep(a, test=same_images, probes=("logreg",), folds=3, progress=False)
     one, other = tmp_path / "seed0", tmp_path / "seed1"
     write_report(sweep(a, probes=("logreg",), folds=3, progress=False), one, plot=False)
     write_report(sweep(a, probes=("logreg",), folds=3, seed=1, progress=False), other, plot=False)
@@ -102,6 +110,19 @@ def test_sweeps_of_other_images_or_splits_are_refused(stores, tmp_path):
         compare([one, other])
     with pytest.raises(ValueError, match="has no results.json"):
         compare([one, tmp_path])
+    with pytest.raises(ValueError, match="is given twice"):
+        compare([one, tmp_path / "." / "seed0"])
+    results = json.loads((one / "results.json").read_text())
+    for edit, words in ((lambda r: r.update(data=[]), "lacks rows, data"),
+                        (lambda r: r["rows"][0].update(cv_accuracy="high"), "row 1: cv_accuracy is 'high'"),
+                        (lambda r: r["rows"][0].update(dims="x"), "row 1: dims is 'x'"),
+                        (lambda r: r["rows"][0].update(protocol="zzz"), "protocol 'zzz'"),
+                        (lambda r: r["rows"].__setitem__(0, None), "row 1 is None")):  # fmt: skip
+        damaged = json.loads(json.dumps(results))
+        edit(damaged)
+        (other / "results.json").write_text(json.dumps(damaged))
+        with pytest.raises(ValueError, match=words):
+            compare([one, other])
 
 
 def test_knn_rows_equal_scikit_learn_on_the_same_folds(stores):
@@ -190,3 +211,13 @@ def test_two_real_backbones_in_one_sweep_match_their_single_sweeps(tmp_path):
     better = max(alone, key=lambda r: (r.best.cv_accuracy, -r.best.dims))
     assert _plain([both.best]) == _plain([better.best]) and both.best.backbone == better.best.backbone
     assert _plain(both.rows) == _plain(alone[0].rows) + _plain(alone[1].rows)
+
+
+@pytest.mark.parametrize("n_images", [18, 90, 100])
+def test_knn_fits_folds_of_any_size(tmp_path, n_images):
+    """k never exceeds what the smallest fold holds (its neighbour graph counts each row itself)."""
+    store = make_code_store(tmp_path / "s", n_images=n_images)
+    result = sweep(store, probes=("logreg", "knn"), folds=3, taps="mid", progress=False)
+    knn = next(r for r in result.rows if r.probe == "knn")
+    fit_images = min(len(f) for f, _ in make_split(store, config=SweepConfig(folds=3)).folds)
+    assert knn.k < fit_images and (knn.k in KNN_KS or knn.k == fit_images - 1)
