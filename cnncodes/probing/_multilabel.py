@@ -42,7 +42,8 @@ def check_multilabel_split(Y: np.ndarray, split: Split, classes: list[str], Y_te
         if len(bad):
             raise ParameterError(f"class {classes[bad[0]]!r} has {'no' if positives[bad[0]] == 0 else 'only'} "
                                  f"positive images in {where}, so its average precision is undefined; use fewer "
-                                 "--folds, a larger --test-size, or more images of that class.")  # fmt: skip
+                                 "--folds, a larger --test-size, another --seed (the split is not stratified), or "
+                                 "more images with and without that class.")  # fmt: skip
 
 
 def _binary_classifier(probe: str, n_samples: int, seed: int) -> Any:
@@ -79,7 +80,9 @@ def evaluate_multilabel(
     per = split.test_views + 1
     Y_plain = np.asarray(Y_test)[split.test_rows][::per]
     folds = [(np.searchsorted(split.train_rows, f), np.searchsorted(split.train_rows, v)) for f, v in split.folds]
-    grid = c_grid(config.c_min, config.c_max, config.c_steps_per_decade)  # the lattice the single-label search refines on
+    grid = c_grid(
+        config.c_min, config.c_max, config.c_steps_per_decade
+    )  # the lattice the single-label search refines on
     out = []
     for norm in config.normalizers:
         for probe in config.probes:
