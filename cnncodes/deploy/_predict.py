@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from .._labels import label_text
 from ..errors import BundleError, FingerprintMismatchError, ImageDecodeError, ParameterError
-from ..images import MULTILABEL_SEP, Preprocessing, as_source
+from ..images import Preprocessing, as_source
 from ..network import Backbone, CodeExtractor, encode, list_taps, load_backbone
 from ._bundle import ProbeBundle, read_bundle
 
@@ -123,9 +124,7 @@ class DeployedProbe:
         return np.asarray(self._names(self.bundle.predict_codes(self._checked(images))), dtype=object)
 
     def _names(self, predicted: np.ndarray) -> list[str]:
-        if self.bundle.multilabel:
-            return [MULTILABEL_SEP.join(c for c, on in zip(self.classes, row) if on) for row in predicted]
-        return [self.classes[p] for p in predicted]
+        return [label_text(p, self.classes) for p in predicted]
 
     def predict_proba(self, images: Any) -> np.ndarray:
         """Class probabilities (logreg and sgd-log probes only)."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .._labels import MULTILABEL_SEP
 from ..errors import ImageDecodeError, ParameterError, SourceError
 
 __all__ = [
@@ -771,10 +772,6 @@ def _label_sets(name: str, rows: list[tuple[int, str, str | None]]) -> tuple[np.
     for i, parts in enumerate(sets):
         indicator[i, [index[c] for c in parts]] = 1
     return indicator, classes
-
-
-#: Separates the classes of a multi-label CSV label cell (``cat;dog``).
-MULTILABEL_SEP = ";"
 
 
 def _check_number_spellings(name: str, rows: list[tuple[int, str, str | None]]) -> None:

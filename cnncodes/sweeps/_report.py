@@ -9,11 +9,10 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ..images import MULTILABEL_SEP
+from .._labels import label_text
 from ..probing import CONCAT_SEP, SweepResult, SweepRow
 from ._compare import Comparison
 
@@ -222,17 +221,14 @@ def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = Tr
     pred = result.test_predictions
     scores = np.atleast_2d(pred["scores"].T).T
 
-    def name(label: Any) -> str:  # a class index, or a multi-label 0/1 row ("cat;dog")
-        if np.ndim(label):
-            return MULTILABEL_SEP.join(c for c, on in zip(result.classes, label) if on)
-        return result.classes[label]
-
     with open(paths["test_predictions.csv"], "w", newline="") as f:
         w = csv.writer(f)
         names = result.classes if scores.shape[1] == len(result.classes) else ["decision"]
         w.writerow(["path", "label", "predicted"] + [f"score_{c}" for c in names])
         for src, label, p, s in zip(pred["sources"], pred["labels"], pred["predicted"], scores):
-            w.writerow([src, name(label), name(p)] + [f"{v:.6g}" for v in s])
+            w.writerow(
+                [src, label_text(label, result.classes), label_text(p, result.classes)] + [f"{v:.6g}" for v in s]
+            )
     if plot and not result.data.get("multilabel"):  # a confusion matrix needs one class per image
         paths["confusion.png"] = plot_confusion(result, out / "confusion.png")
     return paths

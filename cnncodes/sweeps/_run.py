@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .._labels import label_text
 from ..errors import ParameterError
 from ..probing import (
     CONCAT_SEP,
@@ -308,15 +309,8 @@ def check_same_images(stores: Sequence[CodeStore]) -> None:
             row = int(np.flatnonzero((la != lb).reshape(len(la), -1).any(1))[0])
             image = row // (first.views + 1)
             raise ParameterError(f"{where} label image {image} ({first.sources[image]!r}) as "
-                                 f"{_label_text(lb[row], first.classes)!r} and {_label_text(la[row], first.classes)!r}; "
+                                 f"{label_text(lb[row], first.classes)!r} and {label_text(la[row], first.classes)!r}; "
                                  "extract both from the same source.")  # fmt: skip
-
-
-def _label_text(label: np.ndarray, classes: list[str]) -> str:
-    """A row's label as text: its class, or a multi-label row's classes joined by ``;``."""
-    if np.ndim(label):
-        return ";".join(c for c, on in zip(classes, label) if on) or "(none)"
-    return classes[int(label)]
 
 
 def check_test_stores(stores: Sequence[CodeStore], tests: Sequence[CodeStore]) -> None:
