@@ -1,13 +1,16 @@
 """Residual sums written in place: the tapped graph gives the codes the hooks route gives, a tapped operand is never
 overwritten, and the in-place add falls back to ``a + b`` whenever the two could differ."""
 
+import json
 import operator
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
-from cnncodes.network import CodeExtractor, list_taps
+from cnncodes.network import CodeExtractor, list_taps, load_backbone
 from cnncodes.network._graph import _add_into
 from helpers import make_tiny_backbone
 
@@ -81,3 +84,21 @@ def test_a_traced_extractor_records_plain_sums_without_tracer_warnings():
         expected, got = extractor(y), traced(y)
     for tap, codes in zip(taps, got):
         assert torch.equal(codes, expected[tap]["avg"])
+
+
+NAMES_WITHOUT_TIMM = """
+import json, sys
+from cnncodes.network import list_taps, load_backbone
+catalogue = list_taps(load_backbone("resnet18:none"), input_size=64)
+print(json.dumps({"timm": "timm" in sys.modules, "taps": [[t.name, list(t.shape)] for t in catalogue.taps]}))
+"""
+
+
+def test_a_torchvision_model_is_traced_without_importing_timm_and_gets_the_same_taps():
+    import timm  # noqa: F401 - in this process the taps come from timm's tracing wrappers
+
+    done = subprocess.run([sys.executable, "-c", NAMES_WITHOUT_TIMM], capture_output=True, text=True, check=True)
+    found = json.loads(done.stdout)
+    assert found["timm"] is False
+    catalogue = list_taps(load_backbone("resnet18:none"), input_size=64)
+    assert found["taps"] == [[t.name, list(t.shape)] for t in catalogue.taps]
