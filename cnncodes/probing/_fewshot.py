@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 from ..errors import ParameterError
 from ._probes import make_probe
 from ._results import Split, SweepConfig, SweepRow
-from ._scoring import check_finite, metrics_from_scores
+from ._scoring import load_rows, metrics_from_scores
 
 __all__ = ["draw_shots", "evaluate_few_shot", "check_shots"]
 
@@ -96,9 +96,8 @@ def evaluate_few_shot(
                 found = [row for row, _ in fitted]
             else:
                 if X_test is None:
-                    X_test = check_finite(np.asarray(test_codes[split.test_rows], dtype=np.float32), split.test_rows,
-                                          f"{tap}/{pooling} (test)")  # fmt: skip
-                X = check_finite(np.asarray(codes[rows], dtype=np.float32), rows, f"{tap}/{pooling}")
+                    X_test = load_rows(test_codes, split.test_rows, f"{tap}/{pooling} (test)")  # fmt: skip
+                X = load_rows(codes, rows, f"{tap}/{pooling}")
                 found = []
                 for norm in config.normalizers:
                     for probe in config.probes:

@@ -14,7 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsTransformer
 
 from ._probes import make_probe
 from ._results import Split, SweepConfig, SweepRow
-from ._scoring import Fitted, check_finite, metrics_from_scores, normalized_folds
+from ._scoring import Fitted, load_rows, metrics_from_scores, normalized_folds
 
 __all__ = ["KNN_KS", "evaluate_knn"]
 
@@ -60,10 +60,9 @@ def evaluate_knn(
                   [(fit[fit % per == 0], val) for fit, val in split.folds], split.test_rows, split.views,
                   split.test_views)  # fmt: skip
     split = plain
-    X_train = check_finite(np.asarray(codes[split.train_rows], dtype=np.float32), split.train_rows, f"{tap}/{pooling}")
+    X_train = load_rows(codes, split.train_rows, f"{tap}/{pooling}")
     y_train = labels[split.train_rows]
-    X_test = check_finite(np.asarray(test_codes[split.test_rows], dtype=np.float32), split.test_rows,
-                          f"{tap}/{pooling} (test)")  # fmt: skip
+    X_test = load_rows(test_codes, split.test_rows, f"{tap}/{pooling} (test)")  # fmt: skip
     y_test = test_labels[split.test_rows]
     # the neighbour graph of a fold's fit rows holds k + 1 neighbours per row (each row counts itself)
     smallest = min(len(fit) for fit, _ in split.folds) - 1

@@ -24,7 +24,7 @@ from sklearn.pipeline import Pipeline
 from ..errors import ParameterError
 from ._probes import make_classifier, make_normalizer
 from ._results import Split, SweepConfig, SweepRow
-from ._scoring import Fitted, c_grid, check_finite
+from ._scoring import Fitted, c_grid, load_rows
 
 __all__ = ["evaluate_multilabel", "check_multilabel_split"]
 
@@ -73,10 +73,9 @@ def evaluate_multilabel(
     backbone: str = "",
 ) -> list[tuple[SweepRow, Fitted]]:
     """One row per (normalizer, linear probe): per-class C by CV average precision, refit, test mAP."""
-    X_train = check_finite(np.asarray(codes[split.train_rows], dtype=np.float32), split.train_rows, f"{tap}/{pooling}")
+    X_train = load_rows(codes, split.train_rows, f"{tap}/{pooling}")
     Y_train = np.asarray(Y)[split.train_rows]
-    X_test = check_finite(np.asarray(test_codes[split.test_rows], dtype=np.float32), split.test_rows,
-                          f"{tap}/{pooling} (test)")  # fmt: skip
+    X_test = load_rows(test_codes, split.test_rows, f"{tap}/{pooling} (test)")  # fmt: skip
     per = split.test_views + 1
     Y_plain = np.asarray(Y_test)[split.test_rows][::per]
     folds = [(np.searchsorted(split.train_rows, f), np.searchsorted(split.train_rows, v)) for f, v in split.folds]

@@ -14,7 +14,7 @@ from sklearn.pipeline import Pipeline
 from ..errors import ParameterError
 from ._probes import make_normalizer
 
-__all__ = ["c_grid", "metrics_from_scores", "Fitted", "normalized_folds"]
+__all__ = ["c_grid", "metrics_from_scores", "Fitted", "normalized_folds", "load_rows"]
 
 
 def c_grid(c_min: float = 1e-4, c_max: float = 1e4, steps_per_decade: int = 1) -> list[float]:
@@ -64,6 +64,11 @@ def metrics_from_scores(
         tta = scores.reshape(len(y), per, *scores.shape[1:]).mean(1)
         metrics["test_tta_accuracy"] = float(accuracy_score(y, predict(tta)))
     return metrics, pred, plain
+
+
+def load_rows(codes: Any, rows: np.ndarray, what: str) -> np.ndarray:
+    """``codes[rows]`` as float32 in memory, refused if not finite (see :func:`check_finite`)."""
+    return check_finite(np.asarray(codes[rows], dtype=np.float32), rows, what)
 
 
 def check_finite(X: np.ndarray, rows: np.ndarray, what: str) -> np.ndarray:

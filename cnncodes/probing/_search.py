@@ -53,7 +53,7 @@ from ._linear import ProblemStack, fit_paths
 from ._multilabel import check_multilabel_split, evaluate_multilabel
 from ._probes import PATH_LOSS, make_classifier, make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepResult, SweepRow, best_of
-from ._scoring import Fitted, c_grid, check_finite, metrics_from_scores
+from ._scoring import Fitted, c_grid, load_rows, metrics_from_scores
 from ._streaming import evaluate_streaming
 
 __all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend"]
@@ -142,10 +142,6 @@ def _fold_split(train_img: np.ndarray, y_train: np.ndarray | None, splitter: Any
         fold_rows.append((np.sort(fit_rows), np.sort(val_rows)))
     train_rows = (train_img[:, None] * per + np.arange(per)).ravel()
     return Split(train_rows, fold_rows, test, views, test_views)
-
-
-def _load(codes: np.ndarray, rows: np.ndarray, what: str) -> np.ndarray:
-    return check_finite(np.asarray(codes[rows], dtype=np.float32), rows, what)
 
 
 def _normalize(name: str, X_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -309,9 +305,9 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
             depth=depth,
             n_classes=n_classes,
         )
-    X_train = _load(codes, split.train_rows, f"{tap}/{pooling}")
+    X_train = load_rows(codes, split.train_rows, f"{tap}/{pooling}")
     y_train = labels[split.train_rows]
-    X_test = _load(test_codes, split.test_rows, f"{tap}/{pooling} (test)")
+    X_test = load_rows(test_codes, split.test_rows, f"{tap}/{pooling} (test)")
     y_test = test_labels[split.test_rows]
     steps = config.c_steps_per_decade
     lattice = c_grid(config.c_min, config.c_max, steps)
