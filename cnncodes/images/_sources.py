@@ -17,6 +17,7 @@ import operator
 import os
 import re
 import stat
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,6 +43,8 @@ __all__ = [
 
 #: Names accepted after ``demo:`` by :func:`open_source`.
 DEMOS = ("digits",)
+
+_OPENING = threading.Lock()  # see decode_image
 
 _ACCEPTED = (
     "an ImageSource, 'demo:digits', a path to a folder (class sub-folders or plain image files), a path to a .csv "
@@ -432,35 +435,36 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> I
     if info.st_size == 0:
         raise ImageDecodeError(path_str, "zero-byte file")
 
-    # PIL only warns between MAX_IMAGE_PIXELS and twice that; turn the warning into an error for this call only.
-    # catch_warnings touches process-wide state, which is fine for DataLoader worker processes.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path_str) as image:
-                pixels = image.width * image.height
-                if limit is not None and pixels > limit:
-                    raise ImageDecodeError(path_str, f"decompression bomb: {pixels} pixels > limit {limit}")
-                image.load()
-                return _to_rgb(_apply_exif_orientation(image))
-        except ImageDecodeError:
-            raise
-        except _UnsupportedMode as exc:
-            raise ImageDecodeError(path_str, str(exc)) from exc
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageDecodeError(path_str, _bomb_reason(exc)) from exc
-        except UnidentifiedImageError as exc:
-            raise ImageDecodeError(path_str, "not an image (cannot identify image file)") from exc
-        except PermissionError as exc:
-            raise ImageDecodeError(path_str, "unreadable: permission denied") from exc
-        except EOFError as exc:
-            raise ImageDecodeError(path_str, "truncated image (unexpected end of file)") from exc
-        except OSError as exc:
-            if "truncat" in str(exc).lower():
-                raise ImageDecodeError(path_str, "truncated image") from exc
-            raise ImageDecodeError(path_str, f"corrupt image data ({exc})") from exc
-        except Exception as exc:
-            raise ImageDecodeError(path_str, f"corrupt image data ({type(exc).__name__}: {exc})") from exc
+    try:
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that, when it opens the file; turn that warning into an
+        # error for the opening only. catch_warnings swaps process-wide filters, so threads that decode open one file
+        # at a time; the pixel data, the slow part, is decoded outside the lock (its size is checked first).
+        with _OPENING, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path_str)
+        with image:
+            _check_pixels(image, limit, path_str)
+            image.load()
+            _check_pixels(image, limit, path_str)  # some containers (ICO, ICNS) pick their image size only at load
+            return _to_rgb(_apply_exif_orientation(image))
+    except ImageDecodeError:
+        raise
+    except _UnsupportedMode as exc:
+        raise ImageDecodeError(path_str, str(exc)) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(path_str, _bomb_reason(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(path_str, "not an image (cannot identify image file)") from exc
+    except PermissionError as exc:
+        raise ImageDecodeError(path_str, "unreadable: permission denied") from exc
+    except EOFError as exc:
+        raise ImageDecodeError(path_str, "truncated image (unexpected end of file)") from exc
+    except OSError as exc:
+        if "truncat" in str(exc).lower():
+            raise ImageDecodeError(path_str, "truncated image") from exc
+        raise ImageDecodeError(path_str, f"corrupt image data ({exc})") from exc
+    except Exception as exc:
+        raise ImageDecodeError(path_str, f"corrupt image data ({type(exc).__name__}: {exc})") from exc
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -473,6 +477,12 @@ def _check_max_pixels(max_pixels: Any) -> int | None:
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
         raise ParameterError(f"max_pixels must be a positive integer or None, got {max_pixels!r}.")
     return int(max_pixels)
+
+
+def _check_pixels(image: Image.Image, limit: int | None, path: str) -> None:
+    pixels = image.width * image.height
+    if limit is not None and pixels > limit:
+        raise ImageDecodeError(path, f"decompression bomb: {pixels} pixels > limit {limit}")
 
 
 def _bomb_reason(exc: Exception) -> str:

@@ -8,6 +8,7 @@ import io
 import os
 import pickle
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,28 @@ def test_pil_bomb_limits_are_caught_locally(tmp_path: Path, monkeypatch: pytest.
         decode_image(warn_size, max_pixels=10**6)  # max_pixels only tightens PIL's limit
     assert warnings.filters == filters_before
     assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_decoding_on_threads_refuses_bombs_and_leaves_the_warning_filters_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warn_size = _save(_rgb(0, size=(40, 40)), tmp_path / "warn.png")  # 1600 px: PIL only warns (limit 1000)
+    fine = _save(_rgb(1, size=(20, 20)), tmp_path / "fine.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    filters_before = list(warnings.filters)
+
+    def decode(path: Path) -> str:
+        try:
+            width, height = decode_image(path).size
+            return f"decoded {width}x{height}"
+        except ImageDecodeError as exc:
+            return exc.reason
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(decode, [warn_size, fine] * 40))
+    assert set(results[::2]) == {"decompression bomb: 1600 pixels > limit 1000"}
+    assert set(results[1::2]) == {"decoded 20x20"}
+    assert warnings.filters == filters_before
 
 
 def test_no_file_handles_leak(odd_folder: dict[str, Path]) -> None:
