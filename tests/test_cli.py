@@ -61,6 +61,9 @@ def test_installed_script_extracts_a_folder(tmp_path):
         [sys.executable, "-m", "cnncodes", "extract", *cmd[2:]], capture_output=True, text=True, timeout=300
     )
     assert module.returncode == 0, module.stderr  # the same command again reuses the complete store
+    refused = subprocess.run(cmd[:-1] + ["--poolings", "max", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, "the script's exit status must be main()'s"
+    assert "cnncodes extract: error:" in refused.stderr and "max" in refused.stderr
 
 
 def test_in_process_extract_then_mismatch_is_refused(tmp_path, capsys):

@@ -30,7 +30,7 @@ ALLOWED = {
     "training": {"images", "network", "store", "extraction", "probing", "deploy", "sweeps"},
     "adapter": {"images", "network"},
 }
-BASE = {"errors", "_compat", "_versions", "_fsutil", "_labels"}  # may import nothing but each other
+BASE = {"errors", "_compat", "_versions", "_fsutil", "_labels", "_figures"}  # may import nothing but each other
 #: compute works on arrays and tensors only
 COMPUTE = {"network._graph", "network._layout", "network._pooling", "network._taps", "network._extractor",
            "images._preprocess", "probing._linear", "probing._probes", "probing._results", "probing._search",

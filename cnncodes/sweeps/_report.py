@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._figures import new_figure
 from .._labels import label_text
 from ..probing import CONCAT_SEP, SweepResult, SweepRow
 from ._compare import Comparison
@@ -93,16 +94,11 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
     probe at each tap) over relative depth, the tap's position among that backbone's taps, so networks of different
     depths share one axis; joined taps (``--concat``) are hollow diamonds at their deepest part. The legend sits to the right of the axes, so it never covers a point.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in result.rows if r.protocol != "few-shot"]
     backbones = list(dict.fromkeys(r.backbone for r in rows))
     b = result.best
     if len(backbones) > 1:
-        fig, ax = plt.subplots(figsize=(9.5, 4.8))
+        fig, ax = new_figure(9.5, 4.8)
         for backbone in backbones:
             names = list(dict.fromkeys(r.tap for r in rows if r.backbone == backbone))
             best_at = {t: max((r for r in rows if r.backbone == backbone and r.tap == t and r.selectable),
@@ -130,7 +126,7 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
         taps = list(dict.fromkeys(r.tap for r in rows))
         x_of = {t: i for i, t in enumerate(taps)}
         depth_of = {r.tap: r.depth for r in rows}
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(taps) + 2) + 2.5, 4.8))
+        fig, ax = new_figure(max(6.0, 1.1 * len(taps) + 2) + 2.5, 4.8)
         series: dict[str, list[SweepRow]] = {}
         for r in rows:
             label = f"{r.pooling or '-'} · {r.probe}" + ("" if r.normalizer == "standard" else f" ({r.normalizer})")
@@ -152,7 +148,6 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -181,12 +176,7 @@ def write_results(result: SweepResult | Comparison, out: str | os.PathLike, *, p
 def plot_few_shot(result: SweepResult | Comparison, path: str | os.PathLike) -> Path:
     """Test accuracy against training images per class (log axis), mean ± std over the draws, for each backbone's
     best candidate (by CV on all training images) and, as a dotted line, its accuracy with every training image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = new_figure(7.5, 4.5)
     for backbone in dict.fromkeys(r.backbone for r in result.rows):
         linear = [r for r in result.rows if r.backbone == backbone and r.protocol == "linear"]
         if not linear:
@@ -209,7 +199,6 @@ def plot_few_shot(result: SweepResult | Comparison, path: str | os.PathLike) -> 
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 
@@ -236,16 +225,12 @@ def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = Tr
 
 def plot_confusion(result: SweepResult, path: str | os.PathLike) -> Path:
     """The best candidate's confusion matrix on the test images (rows: true class, normalized to recall)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
     pred = result.test_predictions
     labels = list(range(len(result.classes)))
     side = min(12.0, 3.0 + 0.45 * len(labels))
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig, ax = new_figure(side, side)
     ConfusionMatrixDisplay.from_predictions(
         pred["labels"], pred["predicted"], labels=labels, display_labels=result.classes, normalize="true",
         values_format=".2f", include_values=len(labels) <= 20, cmap="Blues", colorbar=False, ax=ax,
@@ -258,5 +243,4 @@ def plot_confusion(result: SweepResult, path: str | os.PathLike) -> Path:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)

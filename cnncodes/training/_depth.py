@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._figures import new_figure
 from ..errors import ParameterError
 from ..extraction import extract
 from ..images import open_source
@@ -152,11 +153,6 @@ def depth_of_stores(
 
 def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str, Path]:
     """``depth.csv``, ``depth.json`` and ``depth.png`` (accuracy against cut depth, both methods, best cut marked)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "depth.csv", "json": out / "depth.json", "plot": out / "depth.png"}
@@ -165,7 +161,7 @@ def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     paths["json"].write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = new_figure(8, 4.5)
     x = range(len(rows))
     ax.plot(x, [r.linear_test_accuracy for r in rows], "o-", label="linear probe (frozen up to the cut)")
     ax.plot(x, [r.finetune_test_accuracy or 0.0 for r in rows], "s-", label="layers above the cut fine-tuned")
@@ -177,7 +173,6 @@ def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(paths["plot"], dpi=120)
-    plt.close(fig)
     return paths
 
 

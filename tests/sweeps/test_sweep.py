@@ -56,8 +56,18 @@ def test_views_never_straddle_folds_and_tta_is_reported(tmp_path):
 
 
 def test_report_files_and_bundle_round_trip(store, tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     result = sweep(store, probes=("logreg",), folds=3, progress=False)
-    paths = write_report(result, tmp_path)
+    previous = matplotlib.get_backend()
+    plt.switch_backend("pdf")  # a caller's own backend, e.g. a notebook's
+    try:
+        paths = write_report(result, tmp_path)
+        assert matplotlib.get_backend() == "pdf", "writing a report switched the caller's matplotlib backend"
+        assert plt.get_fignums() == [], "writing a report left figures open in the caller's session"
+    finally:
+        plt.switch_backend(previous)
     for name in ("results.csv", "results.json", "best.json", "sweep.png", "test_predictions.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
     best = json.loads((tmp_path / "best.json").read_text())
