@@ -36,6 +36,11 @@ __all__ = [
 ]
 
 _LOSSES = ("multinomial", "squared_hinge")
+#: preconditioning along the leading principal directions: from this many solve dimensions on, this many directions
+_PRECONDITION_MIN_DIMS, _PRECONDITION_RANK = 128, 32
+#: a loss's typical curvature per unit of feature variance, for K outputs (softmax near uniform: 1/K; squared hinge:
+#: 2 on the rows inside the margin, about half of them)
+_CURVATURE = {"multinomial": lambda k: 1.0 / k, "squared_hinge": lambda k: 1.0}
 
 
 @dataclass
@@ -155,6 +160,21 @@ class ProblemStack:
         self.counts = self.mask.sum(1)
         self.weights = (self.mask / self.counts[:, None])[:, None, :]  # (P, 1, n): each problem's mean over its rows
         self._targets: dict[str, torch.Tensor] = {}
+        self._directions: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def top_directions(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each problem's ``k`` leading principal directions (P, r, k) and the mean square of its rows along them
+        (P, k), from a randomized SVD of its rows (computed once per stack)."""
+        if self._directions is None or self._directions[0].shape[2] != k:
+            # randomized subspace iteration (Halko, Martinsson and Tropp 2011) from a seeded generator of its own:
+            # torch.svd_lowrank draws from the global RNG, so a sweep's iterates would depend on thread timing
+            generator = torch.Generator(device=self.Z.device).manual_seed(0)
+            Q = torch.randn(*self.ZT.shape[:2], k, generator=generator, dtype=self.Z.dtype, device=self.Z.device)
+            for _ in range(2):
+                Q = torch.linalg.qr(self.ZT @ torch.linalg.qr(self.Z @ Q).Q).Q  # (P, r, k), orthonormal
+            _, S, Vh = torch.linalg.svd(self.Z @ Q, full_matrices=False)  # Z ~ (Z Q) Q^T = U S (Q Vh^T)^T
+            self._directions = (Q @ Vh.transpose(1, 2), S.square() / self.counts[:, None])
+        return self._directions
 
     def outputs(self, loss: str) -> int:
         return 1 if (loss == "squared_hinge" and self.n_classes == 2) else self.n_classes
@@ -205,6 +225,7 @@ def _lbfgs(
     history: int = 10,
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     scale: torch.Tensor | None = None,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Minimize P independent smooth convex problems at once with L-BFGS: ``x`` (P, m) is the start.
 
@@ -213,6 +234,7 @@ def _lbfgs(
     ``<= tol``), so a fold that converges early stops moving while the others go on. The step is backtracked until
     it decreases the objective enough (Armijo): these objectives are strongly convex, so every step's curvature pair
     is usable and no Wolfe search is needed. ``pairs`` and ``scale`` start it with curvature from before.
+    ``precondition`` (an SPD map of (P, m)) shapes the initial inverse Hessian, which is then ``scale`` times it.
 
     Returns the solutions, each problem's number of iterations, and the curvature pairs and scale it ended with.
     """
@@ -232,7 +254,7 @@ def _lbfgs(
             alpha = rho * (s * q).sum(1)
             q -= alpha[:, None] * y
             alphas.append(alpha)
-        q *= scale[:, None]
+        q = (q if precondition is None else precondition(q)) * scale[:, None]
         for (s, y, rho), alpha in zip(steps, reversed(alphas)):
             q += (alpha - rho * (y * q).sum(1))[:, None] * s
         direction = torch.where(active[:, None], -q, 0)
@@ -261,7 +283,7 @@ def _lbfgs(
         grad_new = torch.where(stalled[:, None], grad, grad_new)
         n_iter += active.long()
         s, y = x_new - x, grad_new - grad
-        sy, yy = (s * y).sum(1), (y * y).sum(1)
+        sy, yy = (s * y).sum(1), (y * (y if precondition is None else precondition(y))).sum(1)
         usable = active & ~stalled & (sy > 1e-10 * yy)
         steps.append((s, y, torch.where(usable, 1.0 / sy.clamp_min(1e-30), 0)))
         steps = steps[-history:]
@@ -332,8 +354,22 @@ def fit_paths(
     penalized = torch.zeros(1, k * r + k, dtype=x.dtype, device=x.device)
     penalized[:, : k * r] = 1
     memory = {} if memory is None else memory  # along Cs, each C starts with the curvature of the one before
+    if r >= _PRECONDITION_MIN_DIMS:
+        directions, variances = stack.top_directions(_PRECONDITION_RANK)
+        curvature = _CURVATURE[loss](k) * variances  # (P, k): the data term's curvature along each direction
     for C in Cs:
         lam = 1.0 / (float(C) * stack.counts)
+        precondition = None
+        if r >= _PRECONDITION_MIN_DIMS:
+            # the inverse Hessian's shape, ``(c v + lam)^-1`` along each leading direction and that of the smallest
+            # one elsewhere: correlated codes put most of their curvature in a few directions, which L-BFGS's ten
+            # pairs learn only slowly. Halves the iterations on 448- to 1,280-dim codes.
+            shrink = ((curvature[:, -1:] + lam[:, None]) / (curvature + lam[:, None]) - 1)[:, None, :]  # (P, 1, k)
+
+            def precondition(q: torch.Tensor) -> torch.Tensor:
+                W = q[:, : k * r].view(P, k, r)
+                W = torch.baddbmm(W, (W @ directions) * shrink, directions.transpose(1, 2))  # noqa: B023
+                return torch.cat([W.reshape(P, -1), q[:, k * r :]], 1)
 
         def objective(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             W = x[:, : k * r].view(P, k, r)  # class-major, see value_and_grad
@@ -348,7 +384,8 @@ def fit_paths(
                 y_ = y_ + shift * s_
                 sy = (s_ * y_).sum(1)
                 pairs.append((s_, y_, torch.where((rho_ != 0) & (sy > 0), 1.0 / sy.clamp_min(1e-30), 0)))
-        x, n_iter, pairs, scale = _lbfgs(objective, x, tol=tol, max_iter=max_iter, pairs=pairs, scale=scale)
+        x, n_iter, pairs, scale = _lbfgs(objective, x, tol=tol, max_iter=max_iter, pairs=pairs, scale=scale,
+                                         precondition=precondition)  # fmt: skip
         memory.update(pairs=pairs, scale=scale, lam=lam)
         for p, (basis, path) in enumerate(zip(bases, paths)):
             A = x[p, : k * r].view(k, r)[:, : basis.Z.shape[1]].T.contiguous()

@@ -80,3 +80,27 @@ def test_repeated_rows_leave_the_span_solve_exact():
     np.testing.assert_allclose(ours.coef_, ref.coef_, atol=0.02 * np.abs(ref.coef_).max())
     scale = np.abs(ref.decision_function(X)).max()
     np.testing.assert_allclose(ours.decision_function(X), ref.decision_function(X), atol=0.01 * scale)
+
+
+@pytest.mark.parametrize("loss", ["multinomial", "squared_hinge"])
+def test_preconditioned_solves_reach_the_unpreconditioned_optimum(monkeypatch, loss):
+    """Wide correlated codes are solved with a preconditioner along their leading directions; it changes the path to
+    the optimum, never the optimum (checked against the plain solver and scikit-learn; liblinear penalizes the
+    intercept unless it is scaled up, the torch solver never does)."""
+    from cnncodes.probing import _linear
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(240, 6)) @ rng.normal(size=(6, 160)) + 0.3 * rng.normal(size=(240, 160))
+    X = StandardScaler().fit_transform(X).astype(np.float32)
+    y = (X[:, :3] @ rng.normal(size=(3, 3))).argmax(1)
+    assert X.shape[1] >= _linear._PRECONDITION_MIN_DIMS and not FeatureBasis(X).reduced
+    Cs = [0.01, 1.0]
+    conditioned = fit_path(X, y, 3, Cs, loss, tol=1e-7, max_iter=3000)
+    monkeypatch.setattr(_linear, "_PRECONDITION_MIN_DIMS", 10**9)
+    plain = fit_path(X, y, 3, Cs, loss, tol=1e-7, max_iter=3000)
+    for i, C in enumerate(Cs):
+        top = np.abs(plain.coefs[i]).max()
+        np.testing.assert_allclose(conditioned.coefs[i], plain.coefs[i], atol=5e-3 * top)  # float32 precision
+        ref = (LogisticRegression(C=C, tol=1e-10, max_iter=20000) if loss == "multinomial"
+               else LinearSVC(C=C, tol=1e-10, max_iter=200000, intercept_scaling=100)).fit(X, y)  # fmt: skip
+        np.testing.assert_allclose(conditioned.coefs[i], ref.coef_.T, atol=0.02 * np.abs(ref.coef_).max())
