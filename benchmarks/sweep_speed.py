@@ -1,31 +1,37 @@
 """A logistic-regression sweep of every array of a store: cnncodes against two scikit-learn baselines, side by side.
 
-    python benchmarks/sweep_speed.py [--store DIR] [--jobs 2] [--profile FILE]
+    python benchmarks/sweep_speed.py [--store DIR] [--jobs 2] [--repeat 3] [--profile FILE]
 
-All three search C over the training images of the same held-out split (``cnncodes.sweeps.make_split``) with the same
-5 stratified folds, pick the array with the best CV accuracy and report its test accuracy:
+All contenders search C over the training images of the same held-out split (``cnncodes.sweeps.make_split``) with the
+same 5 stratified folds, pick the array with the best CV accuracy and report its test accuracy:
 
 * GridSearchCV: per (tap, pooling), ``GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
   C = logspace(-3, 2, 8), cv=folds, n_jobs=jobs)``;
 * LogisticRegressionCV: per (tap, pooling), ``make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=logspace(-3, 2,
   8), cv=folds, max_iter=1000, n_jobs=jobs))`` (warm-started along C, its default; the scaler sees all training rows,
   as LogisticRegressionCV cannot scale per fold);
-* cnncodes: ``sweep(store, probes=("logreg",), jobs=jobs)`` (per-fold scaling, coarse-to-fine C in [1e-4, 1e4]),
-  in process and as ``cnncodes sweep STORE --probes logreg`` in a fresh process (start-up, report and bundle
-  included).
+* cnncodes: ``sweep(store, probes=("logreg",), jobs=jobs)`` (per-fold scaling, coarse-to-fine C in [1e-4, 1e4]).
 
-Prints the three wall times, both speed ratios and the three best test accuracies. Without --store it extracts the
-demo store (digits, efficientnet_lite0 at 96 px, stage taps x avg, avg2) first; that time is not counted.
-``--profile FILE`` also writes a cProfile of an in-process cnncodes sweep (jobs=1, one torch thread) and prints its
-top lines.
+Two comparisons, each like for like:
+
+* in process: the three searches timed inside this process, imports and loading paid beforehand;
+* as fresh processes, what users run: the GridSearchCV search as a script of its own (it imports NumPy and
+  scikit-learn, loads the arrays from an ``.npz``, searches every array and prints the best) against
+  ``cnncodes sweep STORE --probes logreg --out DIR``, which also writes the results files, two plots and the bundle.
+
+Each contender runs ``--repeat`` times, in turn; medians are reported, with the load average over the run (other
+processes on the cores slow the process-based GridSearchCV far more than threads: compare runs on a quiet machine).
+Without --store it extracts the demo store (digits, efficientnet_lite0 at 96 px, stage taps x avg, avg2) first; that
+time is not counted. ``--profile FILE`` also writes a cProfile of an in-process cnncodes sweep (jobs=1, one torch
+thread) and prints its top lines.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
+import json
 import os
-import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,101 +45,128 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cnncodes import CodeStore, extract
-from cnncodes.probing import SweepConfig
-from cnncodes.sweeps import make_split, sweep
-
 GRID = np.logspace(-3, 2, 8)
 
 
-def _folds(split) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The sweep's CV folds as positions in the training rows (the store has no views: one row per image)."""
-    return [(np.searchsorted(split.train_rows, f), np.searchsorted(split.train_rows, v)) for f, v in split.folds]
-
-
-def _baseline(store: CodeStore, kind: str, jobs: int, seed: int = 0) -> dict:
-    split = make_split(store, config=SweepConfig(seed=seed))
-    folds = _folds(split)
-    y = np.asarray(store.labels)
-    y_train, y_test = y[split.train_rows], y[split.test_rows]
+def search_arrays(arrays: dict[str, np.ndarray], y: np.ndarray, train: np.ndarray, test: np.ndarray,
+                  folds: list[tuple[np.ndarray, np.ndarray]], kind: str, jobs: int) -> dict:  # fmt: skip
+    """The best array by CV accuracy under one scikit-learn search (``folds``: positions in the training rows)."""
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    warnings.simplefilter("ignore", FutureWarning)  # LogisticRegressionCV announcing 1.10 defaults
     results = []
-    for (tap, pooling), codes in store.items():
-        X = np.asarray(codes, dtype=np.float32)
+    for name, X in arrays.items():
+        X = np.asarray(X, dtype=np.float32)
         if kind == "grid":
-            search = GridSearchCV(
-                make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
-                {"logisticregression__C": GRID},
-                cv=folds,
-                n_jobs=jobs,
-            ).fit(X[split.train_rows], y_train)
+            search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+                                  {"logisticregression__C": GRID}, cv=folds, n_jobs=jobs).fit(X[train], y[train])  # fmt: skip
             cv, C = search.best_score_, search.best_params_["logisticregression__C"]
         else:
-            search = make_pipeline(
-                StandardScaler(), LogisticRegressionCV(Cs=GRID, cv=folds, max_iter=1000, n_jobs=jobs)
-            ).fit(X[split.train_rows], y_train)
+            search = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=GRID, cv=folds, max_iter=1000,
+                                                                          n_jobs=jobs)).fit(X[train], y[train])  # fmt: skip
             clf = search[-1]
             cv, C = np.mean(next(iter(clf.scores_.values())), axis=0).max(), float(clf.C_[0])
-        test = search.score(X[split.test_rows], y_test)
-        results.append({"tap": tap, "pooling": pooling, "cv": cv, "C": C, "test": test})
+        results.append({"array": name, "cv": float(cv), "C": float(C), "test": float(search.score(X[test], y[test]))})
     return max(results, key=lambda r: r["cv"])
+
+
+def _user_script(data: str, jobs: int) -> None:
+    """The fresh-process baseline: what a user would run on arrays saved with their folds."""
+    loaded = np.load(data)
+    arrays = {k[2:]: loaded[k] for k in loaded.files if k.startswith("X:")}
+    folds = [(loaded[f"fit{i}"], loaded[f"val{i}"]) for i in range(int(loaded["n_folds"]))]
+    best = search_arrays(arrays, loaded["y"], loaded["train"], loaded["test"], folds, "grid", jobs)
+    print(json.dumps(best))
+
+
+def _median(times: list[float]) -> float:
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", metavar="FILE", help="also write a cProfile of an in-process cnncodes sweep")
+    parser.add_argument("--user-script", metavar="NPZ", help=argparse.SUPPRESS)  # the fresh-process baseline
     args = parser.parse_args()
+    if args.user_script:
+        _user_script(args.user_script, args.jobs)
+        return
+
+    from cnncodes import CodeStore, extract
+    from cnncodes.probing import SweepConfig
+    from cnncodes.sweeps import make_split, sweep
+
     with tempfile.TemporaryDirectory() as tmp:
         path = args.store or os.path.join(tmp, "digits")
         if not args.store:
             extract("demo:digits", out=path, input_size=96, taps="stages", poolings="avg,avg2", progress=False)
         store = CodeStore(path)
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.simplefilter("ignore", FutureWarning)  # LogisticRegressionCV announcing 1.10 defaults
-        times, best = {}, {}
-        for kind in ("grid", "lrcv"):
+        split = make_split(store, config=SweepConfig(seed=0))
+        # the store has no views (one row per image): folds as positions in the training rows
+        folds = [(np.searchsorted(split.train_rows, f), np.searchsorted(split.train_rows, v)) for f, v in split.folds]
+        arrays = {f"{tap}/{pooling}": np.asarray(codes, dtype=np.float32) for (tap, pooling), codes in store.items()}
+        y = np.asarray(store.labels)
+        data = os.path.join(tmp, "arrays.npz")
+        np.savez(data, y=y, train=split.train_rows, test=split.test_rows, n_folds=len(folds),
+                 **{f"X:{k}": v for k, v in arrays.items()}, **{f"fit{i}": f for i, (f, _) in enumerate(folds)},
+                 **{f"val{i}": v for i, (_, v) in enumerate(folds)})  # fmt: skip
+        user = [sys.executable, os.path.abspath(__file__), "--user-script", data, "--jobs", str(args.jobs)]
+        cli = [sys.executable, "-m", "cnncodes", "sweep", path, "--out", os.path.join(tmp, "cli"), "--probes", "logreg",
+               "--jobs", str(args.jobs), "--quiet"]  # fmt: skip
+        times: dict[str, list[float]] = {k: [] for k in ("grid", "lrcv", "ours", "grid_fresh", "cli")}
+        best: dict[str, dict] = {}
+        load = [os.getloadavg()[0]]
+        for _ in range(args.repeat):
+            for kind in ("grid", "lrcv"):
+                start = time.perf_counter()
+                best[kind] = search_arrays(arrays, y, split.train_rows, split.test_rows, folds, kind, args.jobs)
+                times[kind].append(time.perf_counter() - start)
             start = time.perf_counter()
-            best[kind] = _baseline(store, kind, args.jobs)
-            times[kind] = time.perf_counter() - start
-        start = time.perf_counter()
-        ours = sweep(store, probes=("logreg",), jobs=args.jobs, progress=False)
-        t_ours = time.perf_counter() - start
-        # what users run: the CLI in a fresh process, start-up, report and bundle included
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cnncodes", "sweep", path, "--out", os.path.join(tmp, "cli"), "--probes",
-                        "logreg", "--jobs", str(args.jobs), "--quiet"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-        t_cli = time.perf_counter() - start
+            ours = sweep(store, probes=("logreg",), jobs=args.jobs, progress=False)
+            times["ours"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            done = subprocess.run(user, check=True, capture_output=True, text=True)
+            times["grid_fresh"].append(time.perf_counter() - start)
+            best["grid_fresh"] = json.loads(done.stdout)
+            start = time.perf_counter()
+            subprocess.run(cli, check=True, stdout=subprocess.DEVNULL)
+            times["cli"].append(time.perf_counter() - start)
+            load.append(os.getloadavg()[0])
         if args.profile:
+            import cProfile
+            import pstats
+
             import torch
 
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # one core, as each task of a parallel sweep has
             try:
-                cProfile.runctx(
-                    "sweep(store, probes=('logreg',), jobs=1, progress=False)",
-                    globals(),
-                    {"store": store},
-                    args.profile,
-                )
+                cProfile.runctx("sweep(store, probes=('logreg',), jobs=1, progress=False)", {"sweep": sweep},
+                                {"store": store}, args.profile)  # fmt: skip
             finally:
                 torch.set_num_threads(threads)
-    print(f"store: {store.rows} rows x {len(store.arrays)} arrays; cpu cores: {os.cpu_count()}; jobs: {args.jobs}")
-    for kind, name in (("grid", "GridSearchCV"), ("lrcv", "LogisticRegressionCV")):
-        b = best[kind]
-        print(f"{name:22s} {times[kind]:8.2f} s  best {b['tap']}/{b['pooling']}  C {b['C']:.3g}  "
-              f"test accuracy {b['test']:.4f}")  # fmt: skip
-    print(f"{'cnncodes sweep':22s} {t_ours:8.2f} s  best {ours.best.tap}/{ours.best.pooling}  C {ours.best.C:.3g}  "
-          f"test accuracy {ours.best.test_accuracy:.4f}")  # fmt: skip
-    print(f"{'cnncodes sweep (CLI)':22s} {t_cli:8.2f} s  a fresh process: start-up, results files and bundle included")
+    t = {k: _median(v) for k, v in times.items()}
+    print(f"store: {store.rows} rows x {len(store.arrays)} arrays; cpu cores: {os.cpu_count()}; jobs: {args.jobs}; "
+          f"median of {args.repeat} runs; 1-min load average {min(load):.2f} to {max(load):.2f} during the runs")  # fmt: skip
+    rows = [("GridSearchCV", "grid", best["grid"]), ("LogisticRegressionCV", "lrcv", best["lrcv"]),
+            ("cnncodes sweep", "ours", {"array": f"{ours.best.tap}/{ours.best.pooling}", "C": ours.best.C,
+                                        "test": ours.best.test_accuracy}),
+            ("GridSearchCV script", "grid_fresh", best["grid_fresh"]), ("cnncodes sweep (CLI)", "cli", None)]  # fmt: skip
+    for name, kind, b in rows:
+        runs = " ".join(f"{x:.2f}" for x in times[kind])
+        where = "in process" if kind in ("grid", "lrcv", "ours") else "fresh process"
+        what = f"  best {b['array']}  C {b['C']:.3g}  test accuracy {b['test']:.4f}" if b else "  (same sweep)"
+        print(f"{name:22s} {t[kind]:7.2f} s  {where:13s} runs {runs}{what}")
     for kind, name, target in (("grid", "GridSearchCV", 10), ("lrcv", "LogisticRegressionCV", 3)):
-        print(f"speed ratio {name}/cnncodes = {times[kind] / t_ours:5.2f}x in process, {times[kind] / t_cli:5.2f}x "
-              f"as the CLI (target >= {target}); accuracy difference "
-              f"{100 * (ours.best.test_accuracy - best[kind]['test']):+.2f} points (target within 0.5)")  # fmt: skip
+        print(f"speed ratio {name}/cnncodes in process = {t[kind] / t['ours']:5.2f}x (target >= {target}); test "
+              f"accuracy difference {100 * (ours.best.test_accuracy - best[kind]['test']):+.2f} points (target within "
+              "0.5)")  # fmt: skip
+    print(f"speed ratio GridSearchCV script/cnncodes sweep, fresh processes = {t['grid_fresh'] / t['cli']:5.2f}x "
+          f"(start-up included on both sides; cnncodes also writes its report, plots and bundle)")  # fmt: skip
     if args.profile:
-        print(
-            f"\nprofile of an in-process sweep (jobs=1, one torch thread), top lines by internal time ({args.profile}):"
-        )
+        print(f"\nprofile of an in-process sweep (jobs=1, one torch thread), top lines by internal time ({args.profile}):")
         pstats.Stats(args.profile).sort_stats("tottime").print_stats(12)
 
 
