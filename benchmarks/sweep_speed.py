@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE", help="also write a cProfile of an in-process cnncodes sweep")
     parser.add_argument("--user-script", metavar="NPZ", help=argparse.SUPPRESS)  # the fresh-process baseline
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: give at least 1 run per contender")
     if args.user_script:
         _user_script(args.user_script, args.jobs)
         return
@@ -166,7 +168,9 @@ def main() -> None:
     print(f"speed ratio GridSearchCV script/cnncodes sweep, fresh processes = {t['grid_fresh'] / t['cli']:5.2f}x "
           f"(start-up included on both sides; cnncodes also writes its report, plots and bundle)")  # fmt: skip
     if args.profile:
-        print(f"\nprofile of an in-process sweep (jobs=1, one torch thread), top lines by internal time ({args.profile}):")
+        print(
+            f"\nprofile of an in-process sweep (jobs=1, one torch thread), top lines by internal time ({args.profile}):"
+        )
         pstats.Stats(args.profile).sort_stats("tottime").print_stats(12)
 
 

@@ -701,7 +701,8 @@ def run() -> NoReturn:
 
     Before exiting, every live object is moved out of the cyclic garbage collector's reach (:func:`gc.freeze`), so the
     interpreter does not walk torch's and scikit-learn's module graphs once more on the way out: that walk took 0.5 to
-    0.9 s of a 5 s sweep. Exit handlers still run, and every file the command wrote is already closed.
+    0.9 s of a 5 s sweep. Exit handlers still run, and every file the command wrote is already closed. Only for the
+    script: a caller in Python uses :func:`main`.
     """
     status = main()
     gc.freeze()

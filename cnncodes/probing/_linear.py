@@ -160,12 +160,12 @@ class ProblemStack:
         self.counts = self.mask.sum(1)
         self.weights = (self.mask / self.counts[:, None])[:, None, :]  # (P, 1, n): each problem's mean over its rows
         self._targets: dict[str, torch.Tensor] = {}
-        self._directions: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._directions: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (k asked, directions, variances)
 
     def top_directions(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each problem's ``k`` leading principal directions (P, r, k) and the mean square of its rows along them
-        (P, k), from a randomized SVD of its rows (computed once per stack)."""
-        if self._directions is None or self._directions[0].shape[2] != k:
+        (P, k), from a randomized SVD of its rows (computed once per stack; fewer than ``k`` with fewer rows)."""
+        if self._directions is None or self._directions[0] != k:
             # randomized subspace iteration (Halko, Martinsson and Tropp 2011) from a seeded generator of its own:
             # torch.svd_lowrank draws from the global RNG, so a sweep's iterates would depend on thread timing
             generator = torch.Generator(device=self.Z.device).manual_seed(0)
@@ -173,8 +173,8 @@ class ProblemStack:
             for _ in range(2):
                 Q = torch.linalg.qr(self.ZT @ torch.linalg.qr(self.Z @ Q).Q).Q  # (P, r, k), orthonormal
             _, S, Vh = torch.linalg.svd(self.Z @ Q, full_matrices=False)  # Z ~ (Z Q) Q^T = U S (Q Vh^T)^T
-            self._directions = (Q @ Vh.transpose(1, 2), S.square() / self.counts[:, None])
-        return self._directions
+            self._directions = (k, Q @ Vh.transpose(1, 2), S.square() / self.counts[:, None])
+        return self._directions[1:]
 
     def outputs(self, loss: str) -> int:
         return 1 if (loss == "squared_hinge" and self.n_classes == 2) else self.n_classes
@@ -356,6 +356,9 @@ def fit_paths(
     memory = {} if memory is None else memory  # along Cs, each C starts with the curvature of the one before
     if r >= _PRECONDITION_MIN_DIMS:
         directions, variances = stack.top_directions(_PRECONDITION_RANK)
+        # a floor of 1e-3 of the largest: codes of lower rank than the directions (dead channels, few positions) would
+        # otherwise have ~0 curvature "elsewhere", and the signal directions would be scaled down a millionfold
+        variances = variances.clamp_min(1e-3 * variances[:, :1])
         curvature = _CURVATURE[loss](k) * variances  # (P, k): the data term's curvature along each direction
     for C in Cs:
         lam = 1.0 / (float(C) * stack.counts)

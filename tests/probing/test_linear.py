@@ -104,3 +104,28 @@ def test_preconditioned_solves_reach_the_unpreconditioned_optimum(monkeypatch, l
         ref = (LogisticRegression(C=C, tol=1e-10, max_iter=20000) if loss == "multinomial"
                else LinearSVC(C=C, tol=1e-10, max_iter=200000, intercept_scaling=100)).fit(X, y)  # fmt: skip
         np.testing.assert_allclose(conditioned.coefs[i], ref.coef_.T, atol=0.02 * np.abs(ref.coef_).max())
+
+
+@pytest.mark.parametrize("loss", ["multinomial", "squared_hinge"])
+def test_preconditioner_copes_with_codes_of_lower_rank_than_its_directions(monkeypatch, loss):
+    """Rank-10 codes in 256 dims (dead channels, few positions): the 32 directions' smallest variances are ~0, which
+    must not stall the solver short of the optimum (it used to, by scaling the signal directions down a millionfold)."""
+    import torch
+
+    from cnncodes.probing import _linear
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(300, 10)) @ rng.normal(size=(10, 256))).astype(np.float32)
+    y = (X[:, :4] @ rng.normal(size=(4, 3))).argmax(1)
+
+    def objective(path):
+        stack = _linear.ProblemStack([X], [y], 3)
+        value, _, _ = stack.value_and_grad(torch.as_tensor(path.coefs[0].T)[None],
+                                           torch.as_tensor(path.intercepts[0])[None], 1.0 / (100 * stack.counts), loss)  # fmt: skip
+        return float(value[0])
+
+    conditioned = fit_path(X, y, 3, [100.0], loss, tol=1e-4, max_iter=300)
+    monkeypatch.setattr(_linear, "_PRECONDITION_MIN_DIMS", 10**9)
+    plain = fit_path(X, y, 3, [100.0], loss, tol=1e-4, max_iter=300)
+    assert objective(conditioned) <= objective(plain) * (1 + 1e-4)
+    assert conditioned.n_iter[0] < 300, "the preconditioned solve did not converge"
