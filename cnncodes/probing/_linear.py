@@ -162,6 +162,7 @@ class ProblemStack:
         self.weights = (self.mask / self.counts[:, None])[:, None, :]  # (P, 1, n): each problem's mean over its rows
         self._targets: dict[str, torch.Tensor] = {}
         self._directions: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (k asked, directions, variances)
+        self._mean_variance: torch.Tensor | None = None
 
     def top_directions(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each problem's ``k`` leading principal directions (P, r, k) and the mean square of its rows along them
@@ -176,6 +177,13 @@ class ProblemStack:
             _, S, Vh = torch.linalg.svd(self.Z @ Q, full_matrices=False)  # Z ~ (Z Q) Q^T = U S (Q Vh^T)^T
             self._directions = (k, Q @ Vh.transpose(1, 2), S.square() / self.counts[:, None])
         return self._directions[1:]
+
+    def mean_variance(self) -> torch.Tensor:
+        """Each problem's mean square of its features (P,), over its own rows and columns (computed once)."""
+        if self._mean_variance is None:
+            dims = torch.tensor([b.Z.shape[1] for b in self.bases], dtype=self.Z.dtype, device=self.Z.device)
+            self._mean_variance = self.Z.square().sum((1, 2)) / (self.counts * dims)
+        return self._mean_variance
 
     def outputs(self, loss: str) -> int:
         return 1 if (loss == "squared_hinge" and self.n_classes == 2) else self.n_classes
@@ -355,25 +363,33 @@ def fit_paths(
     penalized = torch.zeros(1, k * r + k, dtype=x.dtype, device=x.device)
     penalized[:, : k * r] = 1
     memory = {} if memory is None else memory  # along Cs, each C starts with the curvature of the one before
-    if r >= _PRECONDITION_MIN_DIMS:
+    c = _CURVATURE[loss](k)
+    directional = r >= _PRECONDITION_MIN_DIMS
+    if directional:
         directions, variances = stack.top_directions(_PRECONDITION_RANK)
         # a floor of 1e-3 of the largest: codes of lower rank than the directions (dead channels, few positions) would
         # otherwise have ~0 curvature "elsewhere", and the signal directions would be scaled down a millionfold
         variances = variances.clamp_min(1e-3 * variances[:, :1])
-        curvature = _CURVATURE[loss](k) * variances  # (P, k): the data term's curvature along each direction
+        curvature = c * variances  # (P, k): the data term's curvature along each direction
     for C in Cs:
         lam = 1.0 / (float(C) * stack.counts)
-        precondition = None
-        if r >= _PRECONDITION_MIN_DIMS:
+        # the weights' curvature "elsewhere" (beyond the leading directions, or on average), which the initial inverse
+        # Hessian is scaled to, and the intercept's: c, unpenalized. Strongly regularized, the weights' is lam and
+        # the intercept's a hundred times less: unscaled, L-BFGS would crawl along the intercept.
+        reference = (curvature[:, -1] if directional else c * stack.mean_variance()) + lam
+        intercept = (reference / c)[:, None]
+        if directional:
             # the inverse Hessian's shape, ``(c v + lam)^-1`` along each leading direction and that of the smallest
             # one elsewhere: correlated codes put most of their curvature in a few directions, which L-BFGS's ten
             # pairs learn only slowly. Halves the iterations on 448- to 1,280-dim codes.
             shrink = ((curvature[:, -1:] + lam[:, None]) / (curvature + lam[:, None]) - 1)[:, None, :]  # (P, 1, k)
 
-            def precondition(q: torch.Tensor) -> torch.Tensor:
-                W = q[:, : k * r].view(P, k, r)
-                W = torch.baddbmm(W, (W @ directions) * shrink, directions.transpose(1, 2))  # noqa: B023
-                return torch.cat([W.reshape(P, -1), q[:, k * r :]], 1)
+        def precondition(q: torch.Tensor) -> torch.Tensor:
+            W = q[:, : k * r]
+            if directional:
+                W = W.view(P, k, r)
+                W = torch.baddbmm(W, (W @ directions) * shrink, directions.transpose(1, 2)).reshape(P, -1)  # noqa: B023
+            return torch.cat([W, q[:, k * r :] * intercept], 1)  # noqa: B023
 
         def objective(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             W = x[:, : k * r].view(P, k, r)  # class-major, see value_and_grad
