@@ -251,6 +251,7 @@ def _lbfgs(
     value, grad = objective(x)
     active = grad.abs().amax(1) > tol
     n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
+    flat = torch.zeros_like(n_iter)  # iterations in a row without a decrease
     steps = list(pairs or [])  # (s, y, 1 / s.y); 0 where a pair is unusable
     if scale is None:  # initial inverse Hessian s.y / y.y of the latest pair
         scale = torch.ones(P, dtype=x.dtype, device=x.device)
@@ -297,10 +298,11 @@ def _lbfgs(
         steps.append((s, y, torch.where(usable, 1.0 / sy.clamp_min(1e-30), 0)))
         steps = steps[-history:]
         scale = torch.where(usable, sy / yy.clamp_min(1e-30), scale)
-        # no decrease at all: the objective has reached float precision (what tolerance_change does in torch's L-BFGS)
-        flat = value_new >= value
+        # no decrease at all, three times running: the objective has reached float precision (what tolerance_change
+        # does in torch's L-BFGS). Once can be a short step whose decrease rounds away while the gradient is large.
+        flat = torch.where(value_new >= value, flat + 1, 0)
         x, value, grad = x_new, value_new, grad_new
-        active &= ~stalled & ~flat & (grad.abs().amax(1) > tol)
+        active &= ~stalled & (flat < 3) & (grad.abs().amax(1) > tol)
     return x, n_iter, steps, scale
 
 
