@@ -144,3 +144,27 @@ def test_a_sweep_in_threads_leaves_torch_threads_as_it_found_them():
     thread.start()
     thread.join()
     assert seen == [before]
+
+
+def test_narrow_arrays_are_packed_into_tasks_no_wider_than_the_widest_array():
+    from cnncodes.probing._search import _packs
+
+    dims = {"a": 16, "b": 600, "c": 200, "d": 40, "e": 100, "f": 1280, "g": 64}
+    assert _packs(list(dims), dims) == [["a", "d", "g", "e", "c"], ["b"], ["f"]]
+    dims = {"a": 200, "b": 100, "c": 150}  # all narrow: packs no wider than 256 in all
+    assert _packs(list(dims), dims) == [["b", "c"], ["a"]]
+
+
+def test_packing_narrow_arrays_changes_the_schedule_not_the_rows(monkeypatch):
+    from cnncodes.probing import _search
+
+    rng = np.random.default_rng(5)
+    y = np.arange(90) % 3
+    codes = {f"t{d}": rng.normal(size=(90, d)) + y[:, None] * rng.normal(size=d) for d in (4, 8, 12, 300)}
+    packed = cnncodes.sweep_codes(codes, y, probes=["logreg", "linsvc"], folds=3, jobs=2)
+    assert len(_search._packs(list(codes), {k: v.shape[1] for k, v in codes.items()})) == 2
+    monkeypatch.setattr(_search, "_NARROW_DIMS", 0)  # every array a task of its own
+    alone = cnncodes.sweep_codes(codes, y, probes=["logreg", "linsvc"], folds=3, jobs=2)
+    assert [(r.tap, r.probe, r.C, r.cv_accuracy, r.test_accuracy) for r in packed.rows] == [
+        (r.tap, r.probe, r.C, r.cv_accuracy, r.test_accuracy) for r in alone.rows
+    ]
