@@ -93,10 +93,10 @@ def test_preconditioned_solves_reach_the_unpreconditioned_optimum(monkeypatch, l
     X = rng.normal(size=(240, 6)) @ rng.normal(size=(6, 160)) + 0.3 * rng.normal(size=(240, 160))
     X = StandardScaler().fit_transform(X).astype(np.float32)
     y = (X[:, :3] @ rng.normal(size=(3, 3))).argmax(1)
-    assert X.shape[1] >= _linear._PRECONDITION_MIN_DIMS and not FeatureBasis(X).reduced
+    assert not FeatureBasis(X).reduced
     Cs = [0.01, 1.0]
     conditioned = fit_path(X, y, 3, Cs, loss, tol=1e-7, max_iter=3000)
-    monkeypatch.setattr(_linear, "_PRECONDITION_MIN_DIMS", 10**9)
+    monkeypatch.setattr(_linear, "_PRECONDITION_RANK", 0)
     plain = fit_path(X, y, 3, Cs, loss, tol=1e-7, max_iter=3000)
     for i, C in enumerate(Cs):
         top = np.abs(plain.coefs[i]).max()
@@ -127,17 +127,21 @@ def test_preconditioner_copes_with_codes_of_lower_rank_than_its_directions(monke
     # a tight tolerance: nearly separable at C = 100, a gradient of 1e-4 still leaves the objective 2 % above its
     # optimum, at a point that depends on the path taken
     conditioned = fit_path(X, y, 3, [100.0], loss, tol=1e-6, max_iter=300)
-    monkeypatch.setattr(_linear, "_PRECONDITION_MIN_DIMS", 10**9)
+    monkeypatch.setattr(_linear, "_PRECONDITION_RANK", 0)
     plain = fit_path(X, y, 3, [100.0], loss, tol=1e-6, max_iter=300)
     assert objective(conditioned) <= objective(plain) * (1 + 1e-4)
     assert conditioned.n_iter[0] < 300, "the preconditioned solve did not converge"
 
 
-@pytest.mark.parametrize("d", [20, 200])  # the plain and the directionally preconditioned solver
-def test_a_strongly_regularized_solve_does_not_crawl_along_the_unpenalized_intercept(d):
+@pytest.mark.parametrize("rank", [0, 32])  # with and without the directions
+@pytest.mark.parametrize("d", [20, 200])
+def test_a_strongly_regularized_solve_does_not_crawl_along_the_unpenalized_intercept(monkeypatch, d, rank):
     """At C = 1e-4 the weights' curvature is the penalty's, a hundred times the intercept's (unpenalized): scaled to
     the weights alone, L-BFGS took 18 to 21 iterations here, crawling along the intercept. It takes 7, to
     scikit-learn's optimum (whose multinomial intercepts are defined up to a common shift)."""
+    from cnncodes.probing import _linear
+
+    monkeypatch.setattr(_linear, "_PRECONDITION_RANK", rank)
     rng = np.random.default_rng(1)
     y = rng.choice(3, size=400, p=[0.6, 0.3, 0.1])  # unbalanced: the intercepts carry the class priors
     X = StandardScaler().fit_transform(rng.normal(size=(400, d)) + 0.5 * np.eye(3, d)[y]).astype(np.float32)
