@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from ..errors import MissingExtraError, ParameterError, SchedulerError
 from ._fewshot import check_shots, evaluate_few_shot
 from ._knn import evaluate_knn
-from ._linear import ProblemStack, fit_paths
+from ._linear import _SPAN_FACTOR, ProblemStack, fit_paths
 from ._multilabel import check_multilabel_split, evaluate_multilabel
 from ._probes import PATH_LOSS, make_classifier, make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepResult, SweepRow, best_of
@@ -290,9 +290,7 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
     labels = np.asarray(labels)
     test_labels = np.asarray(test_labels)
     n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
-    # in memory: the float32 training rows plus one normalized copy per fold
-    nbytes = len(split.train_rows) * codes.shape[1] * 4 * (len(split.folds) + 1)
-    if config.max_memory is not None and nbytes > config.max_memory:
+    if config.max_memory is not None and _fit_bytes(codes.shape[1], split) > config.max_memory:
         return evaluate_streaming(
             codes,
             labels,
@@ -374,6 +372,15 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
             )
             out.append((row, Fitted(estimator, pred, plain_scores)))
     return out
+
+
+def _fit_bytes(dims: int, split: Split) -> int:
+    """Bytes an in-memory search of ``dims``-dim codes holds: the float32 training rows, one normalized copy per fold,
+    and the solver's two copies of every fold's fit rows (in the span of the rows when the codes are wider than
+    ``_SPAN_FACTOR`` times them: a float32 pair and the float64 Cholesky factor, rows x rows each)."""
+    fit = max(len(rows) for rows, _ in split.folds)
+    width = 2 * fit if dims > _SPAN_FACTOR * fit else dims
+    return 4 * (len(split.train_rows) * dims * (len(split.folds) + 1) + 2 * len(split.folds) * fit * width)
 
 
 @contextmanager
