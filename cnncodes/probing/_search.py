@@ -25,7 +25,8 @@ Protocol
   :class:`~sklearn.linear_model.SGDClassifier` ``partial_fit`` (hinge loss for ``linsvc``, log loss for ``logreg``).
 
 Work is spread with joblib over (tap, pooling) tasks, largest first, in threads unless a joblib backend is chosen
-(loky processes and Dask work too). Codes may be any
+(loky processes and Dask work too); narrow arrays, whose searches are bound by per-operation overhead under the GIL,
+are packed into tasks that search them one after the other. Codes may be any
 array-like with ``shape`` and NumPy indexing: in-memory arrays, memmaps, or a store's lazy handles, which pickle as
 a path so workers read the codes themselves instead of receiving a copy.
 """
