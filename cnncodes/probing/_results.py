@@ -38,7 +38,8 @@ class SweepConfig:
         Resolution of the C search: one coarse value per decade, then a binary search around the best down to this
         many steps per decade (2: half-decade; 8 over 1e-6 to 1e6: CLIP's 97-point grid).
     max_memory : int, optional
-        Bytes per task; a candidate whose in-memory fit needs more is fitted out of core by streaming.
+        Bytes per task; a candidate whose in-memory fit needs more is fitted out of core by streaming (the kNN and
+        multi-label rows, which hold every training row, are refused instead).
     device : str, default="cpu"
         Torch device of the path solver.
     shots : tuple of int, default=()

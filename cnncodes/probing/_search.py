@@ -375,13 +375,30 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
     return out
 
 
+def _rows_bytes(dims: int, split: Split) -> int:
+    """Bytes of ``dims``-dim float32 training rows and one normalized copy of them per fold."""
+    return 4 * len(split.train_rows) * dims * (len(split.folds) + 1)
+
+
 def _fit_bytes(dims: int, split: Split) -> int:
-    """Bytes an in-memory search of ``dims``-dim codes holds: the float32 training rows, one normalized copy per fold,
-    and the solver's two copies of every fold's fit rows (in the span of the rows when the codes are wider than
-    ``_SPAN_FACTOR`` times them: a float32 pair and the float64 Cholesky factor, rows x rows each)."""
+    """Bytes an in-memory search of ``dims``-dim codes holds: :func:`_rows_bytes`, and the solver's two copies of
+    every fold's fit rows (in the span of the rows when the codes are wider than ``_SPAN_FACTOR`` times them: a
+    float32 pair and the float64 Cholesky factor, rows x rows each)."""
     fit = max(len(rows) for rows, _ in split.folds)
     width = 2 * fit if dims > _SPAN_FACTOR * fit else dims
-    return 4 * (len(split.train_rows) * dims * (len(split.folds) + 1) + 2 * len(split.folds) * fit * width)
+    return _rows_bytes(dims, split) + 4 * 2 * len(split.folds) * fit * width
+
+
+def _check_in_memory(what: str, fix: str, keys: Sequence[Hashable], dims: Mapping[Hashable, int], split: Split,
+                     config: SweepConfig) -> None:  # fmt: skip
+    """Refuse, before any work, rows that hold every training row in memory beyond ``config.max_memory``."""
+    for k in keys:
+        need = _rows_bytes(dims[k], split)
+        if config.max_memory is not None and need > config.max_memory:
+            name = " / ".join(part for part in _candidate_name(k) if part)
+            raise ParameterError(f"{what} hold every training row in memory: {name} needs about "
+                                 f"{need / 2**20:.1f} MiB, over max_memory="
+                                 f"{config.max_memory} bytes (--max-memory). Raise it, or {fix}.")  # fmt: skip
 
 
 @contextmanager
@@ -542,6 +559,12 @@ def sweep_codes(
         check_multilabel_split(y, split, class_names, y_test)
     if config.shots:
         check_shots(config.shots, y, split, class_names)
+    dims = {k: int(arrays[k].shape[1]) for k in keys}
+    if "knn" in config.probes:  # a kNN classifier is its training rows
+        _check_in_memory("kNN baseline rows", "drop knn from --probes", keys, dims, split, config)
+    if multilabel:  # scikit-learn's one-vs-rest search fits in memory
+        _check_in_memory("multi-label probes", "sweep fewer or narrower arrays (--taps, --poolings)", keys, dims, split,
+                         config)  # fmt: skip
 
     def where(k: Hashable) -> dict[str, Any]:
         backbone, tap, pooling = names[k]
@@ -553,7 +576,7 @@ def sweep_codes(
     else:
         tasks = [delayed(_linear_task)([where(k) | {"codes": arrays[k], "test_codes": test_arrays[k]} for k in pack],
                                        y, y_test, split, linear, n_classes=len(class_names))
-                 for pack in _packs(keys, {k: int(arrays[k].shape[1]) for k in keys})]  # fmt: skip
+                 for pack in _packs(keys, dims)]  # fmt: skip
     if "knn" in config.probes:
         tasks += [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k)) for k in keys]
     results: list[tuple[SweepRow, Fitted | None]] = []

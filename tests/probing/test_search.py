@@ -168,3 +168,19 @@ def test_packing_narrow_arrays_changes_the_schedule_not_the_rows(monkeypatch):
     assert [(r.tap, r.probe, r.C, r.cv_accuracy, r.test_accuracy) for r in packed.rows] == [
         (r.tap, r.probe, r.C, r.cv_accuracy, r.test_accuracy) for r in alone.rows
     ]
+
+
+def test_knn_and_multilabel_rows_are_refused_up_front_beyond_max_memory():
+    """Linear probes stream past --max-memory; a kNN classifier is its training rows and the multi-label search is
+    scikit-learn's in memory, so those are refused before any work, naming the array, the option and the fixes."""
+    rng = np.random.default_rng(6)
+    y = np.arange(90) % 3
+    codes = {("resnet18", "layer4", "avg"): rng.normal(size=(90, 50)) + y[:, None]}
+    streamed = cnncodes.sweep_codes(codes, y, probes=["logreg"], folds=3, max_memory=10_000)
+    assert streamed.rows[0].solver == "sgd-stream"
+    with pytest.raises(cnncodes.ParameterError, match=r"kNN.*resnet18 / layer4 / avg.*--max-memory.*drop knn"):
+        cnncodes.sweep_codes(codes, y, probes=["logreg", "knn"], folds=3, max_memory=10_000)
+    multi = np.stack([y == 0, y == 1, y != 1], 1).astype(int)
+    with pytest.raises(cnncodes.ParameterError, match=r"multi-label.*--max-memory.*--taps"):
+        cnncodes.sweep_codes(codes, multi, probes=["logreg"], folds=3, max_memory=10_000)
+    assert cnncodes.sweep_codes(codes, y, probes=["logreg", "knn"], folds=3, max_memory=10**8).best is not None
