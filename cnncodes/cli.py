@@ -470,9 +470,9 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
         type=_parse_bytes,
         default=None,
         metavar="SIZE",
-        help="memory per sweep task; arrays whose in-memory fit (train rows x dims x 4 B x (folds+1), plus the solver's "
-        "two copies of each fold's rows) needs more stream out of core; kNN and multi-label rows over it are refused "
-        "(e.g. 2G)",
+        help="memory per sweep task; arrays whose in-memory fit (their rows, a normalized copy per fold and the solver's "
+        "two copies of each fold's rows: see docs/scaling.md) needs more stream out of core; kNN and multi-label rows "
+        "over it are refused (e.g. 2G)",
     )
     p.add_argument("--device", default="cpu", help="device of the linear solvers (cpu, cuda)")
     p.add_argument("--backend", choices=["dask"], help="run the sweep's tasks on a Dask cluster (needs cnncodes[dask])")

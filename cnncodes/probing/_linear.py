@@ -182,7 +182,7 @@ class ProblemStack:
         """Each problem's mean square of its features (P,), over its own rows and columns (computed once)."""
         if self._mean_variance is None:
             dims = torch.tensor([b.Z.shape[1] for b in self.bases], dtype=self.Z.dtype, device=self.Z.device)
-            self._mean_variance = self.Z.square().sum((1, 2)) / (self.counts * dims)
+            self._mean_variance = self.Z.square().sum((1, 2)) / (self.counts * dims).clamp_min(1)
         return self._mean_variance
 
     def outputs(self, loss: str) -> int:
@@ -253,6 +253,7 @@ def _lbfgs(
     n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
     flat = torch.zeros_like(n_iter)  # iterations in a row without a decrease
     steps = list(pairs or [])  # (s, y, 1 / s.y); 0 where a pair is unusable
+    unscaled = scale is None and not steps  # no idea of the curvature yet: the first step is kept short, see below
     if scale is None:  # initial inverse Hessian s.y / y.y of the latest pair
         scale = torch.ones(P, dtype=x.dtype, device=x.device)
     for _ in range(max_iter):
@@ -273,9 +274,9 @@ def _lbfgs(
         if bool((uphill & active).any()):
             direction = torch.where((uphill & active)[:, None], -grad, direction)
             slope = (grad * direction).sum(1)
-        # the first step has no curvature yet: as scipy and torch, keep its length near 1
+        # the first step without any curvature: as scipy and torch, keep its length near 1
         t = torch.ones(P, dtype=x.dtype, device=x.device)
-        if not steps:
+        if unscaled and not steps:
             t = torch.clamp(1.0 / grad.abs().sum(1).clamp_min(1e-30), max=1.0)
         for _ in range(30):
             x_new = x + t[:, None] * direction
@@ -366,7 +367,7 @@ def fit_paths(
     penalized[:, : k * r] = 1
     memory = {} if memory is None else memory  # along Cs, each C starts with the curvature of the one before
     c = _CURVATURE[loss](k)
-    directional = _PRECONDITION_RANK > 0
+    directional = _PRECONDITION_RANK > 0 and r > 0
     if directional:
         directions, variances = stack.top_directions(min(_PRECONDITION_RANK, r))
         # a floor of 1e-3 of the largest: codes of lower rank than the directions (dead channels, few positions) would
@@ -400,17 +401,19 @@ def fit_paths(
             value, grad_W, grad_b = stack.value_and_grad(W, x[:, k * r :], lam, loss)  # noqa: B023
             return value, torch.cat([grad_W.reshape(P, -1), grad_b], 1)
 
-        pairs, scale = [], None
+        # no curvature pairs yet: the initial inverse Hessian is the preconditioner over the reference curvature, a
+        # Newton step on the model above (the intercept's steps 1 / c, however small the features' scale)
+        pairs, scale = [], 1.0 / reference
         if memory:  # the last C's curvature: its data part still holds, its penalty part moves with lambda
             shift = (lam - memory["lam"])[:, None] * penalized
-            scale = memory["scale"]
+            scale = memory["scale"] * memory["reference"] / reference  # the preconditioner moved with lambda too
             for s_, y_, rho_ in memory["pairs"]:
                 y_ = y_ + shift * s_
                 sy = (s_ * y_).sum(1)
                 pairs.append((s_, y_, torch.where((rho_ != 0) & (sy > 0), 1.0 / sy.clamp_min(1e-30), 0)))
         x, n_iter, pairs, scale = _lbfgs(objective, x, tol=tol, max_iter=max_iter, pairs=pairs, scale=scale,
                                          precondition=precondition)  # fmt: skip
-        memory.update(pairs=pairs, scale=scale, lam=lam)
+        memory.update(pairs=pairs, scale=scale, lam=lam, reference=reference)
         for p, (basis, path) in enumerate(zip(bases, paths)):
             A = x[p, : k * r].view(k, r)[:, : basis.Z.shape[1]].T.contiguous()
             b = x[p, k * r :].clone()

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
+from joblib.parallel import get_active_backend
 from sklearn.model_selection import KFold, ShuffleSplit, StratifiedKFold, StratifiedShuffleSplit, train_test_split
 from tqdm.auto import tqdm
 
@@ -376,17 +377,24 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
 
 
 def _rows_bytes(dims: int, split: Split) -> int:
-    """Bytes of ``dims``-dim float32 training rows and one normalized copy of them per fold."""
-    return 4 * len(split.train_rows) * dims * (len(split.folds) + 1)
+    """Bytes of ``dims``-dim float32 training and test rows, a normalized copy of the training rows per fold and one
+    for the refit."""
+    train = len(split.train_rows)
+    return 4 * dims * (train + len(split.test_rows) + (len(split.folds) + 1) * train)
 
 
 def _fit_bytes(dims: int, split: Split) -> int:
-    """Bytes an in-memory search of ``dims``-dim codes holds: :func:`_rows_bytes`, and the solver's two copies of
-    every fold's fit rows (in the span of the rows when the codes are wider than ``_SPAN_FACTOR`` times them: a
-    float32 pair and the float64 Cholesky factor, rows x rows each)."""
-    fit = max(len(rows) for rows, _ in split.folds)
-    width = 2 * fit if dims > _SPAN_FACTOR * fit else dims
-    return _rows_bytes(dims, split) + 4 * 2 * len(split.folds) * fit * width
+    """Bytes an in-memory search of ``dims``-dim codes holds at its peak: :func:`_rows_bytes`, and the solver's copies
+    of every fold's fit rows and of the refit's rows (the stack's ``Z`` and ``ZT``; in the span of the rows, when the
+    codes are wider than ``_SPAN_FACTOR`` times them, rows x rows: those two, the basis' float32 and float64 factors,
+    and once the float64 copy of the rows a factor is built from)."""
+
+    def kept(n: int) -> int:  # float32 words the solver keeps for a problem of n rows
+        return 5 * n * n if dims > _SPAN_FACTOR * n else 2 * n * dims
+
+    fit, train = max(len(rows) for rows, _ in split.folds), len(split.train_rows)
+    built = 2 * train * dims if dims > _SPAN_FACTOR * fit else 0  # transient, one problem at a time
+    return _rows_bytes(dims, split) + 4 * (len(split.folds) * kept(fit) + kept(train) + built)
 
 
 def _check_in_memory(what: str, fix: str, keys: Sequence[Hashable], dims: Mapping[Hashable, int], split: Split,
@@ -570,17 +578,20 @@ def sweep_codes(
         backbone, tap, pooling = names[k]
         return {"tap": tap, "pooling": pooling, "depth": depth_of[k], "backbone": backbone}
 
-    if multilabel:
-        tasks = [delayed(evaluate_multilabel)(arrays[k], y, test_arrays[k], y_test, split, linear, **where(k))
-                 for k in keys]  # fmt: skip
-    else:
-        tasks = [delayed(_linear_task)([where(k) | {"codes": arrays[k], "test_codes": test_arrays[k]} for k in pack],
-                                       y, y_test, split, linear, n_classes=len(class_names))
-                 for pack in _packs(keys, dims)]  # fmt: skip
-    if "knn" in config.probes:
-        tasks += [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k)) for k in keys]
     results: list[tuple[SweepRow, Fitted | None]] = []
     with joblib_backend(backend, scheduler):
+        if multilabel:
+            tasks = [delayed(evaluate_multilabel)(arrays[k], y, test_arrays[k], y_test, split, linear, **where(k))
+                     for k in keys]  # fmt: skip
+        else:  # arrays as arguments of their own, which joblib's Dask backend scatters to the workers
+            tasks = [delayed(_linear_task)(arrays[pack[0]], y, test_arrays[pack[0]], y_test, split, linear,
+                                           n_classes=len(class_names), **where(pack[0])) if len(pack) == 1 else
+                     delayed(_linear_pack)([where(k) | {"codes": arrays[k], "test_codes": test_arrays[k]} for k in pack],
+                                           y, y_test, split, linear, n_classes=len(class_names))
+                     for pack in _packs(keys, dims, _in_threads())]  # fmt: skip
+        if "knn" in config.probes:
+            tasks += [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k))
+                      for k in keys]  # fmt: skip
         results += _run_tasks(tasks, jobs, progress, "sweep")
         if config.shots:
             full_C = {}
@@ -622,37 +633,55 @@ def _candidate_name(key: Hashable) -> tuple[str, str, str]:
     return ("", str(key), "")
 
 
-def _linear_task(candidates: list[dict[str, Any]], labels: np.ndarray, test_labels: np.ndarray, split: Split,
-                 config: SweepConfig, *, n_classes: int) -> list[tuple[SweepRow, Fitted]]:  # fmt: skip
-    """:func:`evaluate_codes` of each candidate in turn (``codes``, ``test_codes``, ``backbone``, ``tap``,
-    ``pooling``, ``depth``), its rows marked with the backbone they come from."""
-    out = []
-    for c in candidates:
-        rows = evaluate_codes(c["codes"], labels, c["test_codes"], test_labels, split, config, tap=c["tap"],
-                              pooling=c["pooling"], depth=c["depth"], n_classes=n_classes)  # fmt: skip
-        for row, _ in rows:
-            row.backbone = c["backbone"]
-        out += rows
+def _linear_task(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.ndarray, split: Split,
+                 config: SweepConfig, *, backbone: str, **where: Any) -> list[tuple[SweepRow, Fitted]]:  # fmt: skip
+    """:func:`evaluate_codes`, its rows marked with the backbone they come from."""
+    out = evaluate_codes(codes, labels, test_codes, test_labels, split, config, **where)
+    for row, _ in out:
+        row.backbone = backbone
     return out
 
 
-#: arrays narrower than this are packed into tasks that search them one after the other. Their searches are bound by
-#: per-operation overhead, which holds the GIL, not by arithmetic: two threads on them run no faster than one, and
-#: slow down the threads on wide arrays (on the digits store, packing its 7 narrow arrays took the sweep on 2 threads
-#: from 0.97 to 0.85 s).
+def _linear_pack(candidates: list[dict[str, Any]], labels: np.ndarray, test_labels: np.ndarray, split: Split,
+                 config: SweepConfig, *, n_classes: int) -> list[tuple[SweepRow, Fitted]]:  # fmt: skip
+    """:func:`_linear_task` of each candidate in turn (``codes``, ``test_codes``, ``backbone``, ``tap``, ``pooling``,
+    ``depth``)."""
+    out = []
+    for c in candidates:
+        out += _linear_task(c["codes"], labels, c["test_codes"], test_labels, split, config, n_classes=n_classes,
+                            backbone=c["backbone"], tap=c["tap"], pooling=c["pooling"], depth=c["depth"])  # fmt: skip
+    return out
+
+
+#: an array's search costs about this many dims' worth of arithmetic in per-operation overhead, which holds the GIL
+#: (on one CPU thread at 1,000 rows and 10 classes: 64 dims take 0.05 s, 512 dims 0.12 s). Arrays narrower than
+#: this are overhead-bound: in threads, they are packed into tasks that search them one after the other, since two
+#: threads on them run no faster than one and slow down the threads on wide arrays (on the digits store, packing
+#: its 7 narrow arrays took the sweep on 2 threads from 0.98 to 0.87 s).
 _NARROW_DIMS = 256
 
 
-def _packs(keys: Sequence[Hashable], dims: Mapping[Hashable, int]) -> list[list[Hashable]]:
-    """The keys in tasks: every wide array alone, the narrow ones packed in order of width into tasks no wider in all
-    than the widest array (so a pack is no longer than the longest task)."""
-    cap = max(max(dims.values()), _NARROW_DIMS)
+def _packs(keys: Sequence[Hashable], dims: Mapping[Hashable, int], threads: bool) -> list[list[Hashable]]:
+    """The keys in tasks: every wide array alone, and in threads (see ``_NARROW_DIMS``) the narrow ones packed in
+    order of width, each pack costing no more than the costliest array (cost: dims + ``_NARROW_DIMS``). Processes
+    (loky, Dask) run narrow arrays in parallel without contention: there every array is a task."""
+    if not threads:
+        return [[k] for k in keys]
+    cost = {k: dims[k] + _NARROW_DIMS for k in keys}
+    cap = max(cost.values())
     packs: list[list[Hashable]] = []
     for k in sorted((k for k in keys if dims[k] < _NARROW_DIMS), key=lambda k: dims[k]):
-        if not packs or sum(dims[j] for j in packs[-1]) + dims[k] > cap:
+        if not packs or sum(cost[j] for j in packs[-1]) + cost[k] > cap:
             packs.append([])
         packs[-1].append(k)
     return packs + [[k] for k in keys if dims[k] >= _NARROW_DIMS]
+
+
+def _in_threads() -> bool:
+    """Whether tasks run in threads of this process: joblib's choice for ``prefer="threads"`` unless a backend of
+    processes (loky, Dask) is active."""
+    backend, _ = get_active_backend(prefer="threads")
+    return bool(getattr(backend, "uses_threads", False))
 
 
 def _run_tasks(tasks: list[Any], jobs: int, progress: bool, what: str) -> list[Any]:

@@ -111,8 +111,8 @@ def sweep(
         joblib workers (``-1``: all cores, or every Dask worker thread). Runs under the active joblib backend, so
         ``with joblib.parallel_config(backend="dask"):`` spreads it over a Dask cluster.
     max_memory : int, optional
-        Bytes per task; arrays whose in-memory fit needs more (float32 training rows x (folds + 1)) are fitted out
-        of core by streaming.
+        Bytes per task; arrays whose in-memory fit needs more (their rows, a normalized copy per fold, the solver's
+        copies: docs/scaling.md) are fitted out of core by streaming; kNN and multi-label rows over it are refused.
     device : str, default="cpu"
         Torch device of the path solver.
     progress : bool, default=True

@@ -151,3 +151,23 @@ def test_a_strongly_regularized_solve_does_not_crawl_along_the_unpenalized_inter
     b = path.intercepts[0]
     np.testing.assert_allclose(b - b.mean(), ref.intercept_ - ref.intercept_.mean(), atol=1e-4)
     np.testing.assert_allclose(path.coefs[0].T, ref.coef_, atol=1e-3 * np.abs(ref.coef_).max())
+
+
+@pytest.mark.parametrize("loss", ["multinomial", "squared_hinge"])
+@pytest.mark.parametrize("scale", [0.0, 1e-5])
+def test_features_of_no_or_tiny_scale_still_get_the_class_priors(loss, scale):
+    """All-zero or 1e-5-scale features at C = 1e6: the weights' curvature is ~0, so the intercept's preconditioning
+    factor is ~1e-8. Its first steps used to round away in float32 and the solve stopped at zero intercepts (uniform
+    probabilities); the initial inverse Hessian is now scaled so the intercept's steps are Newton's."""
+    rng = np.random.default_rng(0)
+    y = rng.choice(3, size=200, p=[0.1, 0.3, 0.6])
+    X = (scale * rng.normal(size=(200, 5))).astype(np.float32)
+    path = fit_path(X, y, 3, [1e6], loss, tol=1e-6, max_iter=1000)
+    b = path.intercepts[0]
+    if loss == "multinomial":  # log class priors, up to a common shift
+        prior = np.log(np.bincount(y) / len(y))
+        np.testing.assert_allclose(b - b.mean(), prior - prior.mean(), atol=1e-3)
+    else:  # one-vs-rest squared hinge on a constant: 2 p - 1
+        np.testing.assert_allclose(b, 2 * np.bincount(y) / len(y) - 1, atol=1e-3)
+    empty = fit_path(np.zeros((30, 0), np.float32), np.arange(30) % 3, 3, [1.0], loss)  # no features at all
+    assert empty.coefs[0].shape == (0, 3)

@@ -147,12 +147,22 @@ def test_a_sweep_in_threads_leaves_torch_threads_as_it_found_them():
 
 
 def test_narrow_arrays_are_packed_into_tasks_no_wider_than_the_widest_array():
-    from cnncodes.probing._search import _packs
+    import joblib
+
+    from cnncodes.probing._search import _in_threads, _packs
 
     dims = {"a": 16, "b": 600, "c": 200, "d": 40, "e": 100, "f": 1280, "g": 64}
-    assert _packs(list(dims), dims) == [["a", "d", "g", "e", "c"], ["b"], ["f"]]
-    dims = {"a": 200, "b": 100, "c": 150}  # all narrow: packs no wider than 256 in all
-    assert _packs(list(dims), dims) == [["b", "c"], ["a"]]
+    # a pack costs no more than the costliest array, at dims + 256 each (the per-operation overhead)
+    assert _packs(list(dims), dims, threads=True) == [["a", "d", "g", "e"], ["c"], ["b"], ["f"]]
+    dims = {"a": 200, "b": 100, "c": 150}  # all narrow: packs cost no more than the widest alone
+    assert _packs(list(dims), dims, threads=True) == [["b"], ["c"], ["a"]]
+    dims = {"a": 10, "b": 20, "c": 300}
+    assert _packs(list(dims), dims, threads=True) == [["a", "b"], ["c"]]
+    # processes (loky, Dask) have no GIL to share: every array a task
+    assert _packs(list(dims), dims, threads=False) == [["a"], ["b"], ["c"]]
+    assert _in_threads()  # joblib's default for prefer="threads"
+    with joblib.parallel_config(backend="loky"):
+        assert not _in_threads()
 
 
 def test_packing_narrow_arrays_changes_the_schedule_not_the_rows(monkeypatch):
@@ -162,7 +172,8 @@ def test_packing_narrow_arrays_changes_the_schedule_not_the_rows(monkeypatch):
     y = np.arange(90) % 3
     codes = {f"t{d}": rng.normal(size=(90, d)) + y[:, None] * rng.normal(size=d) for d in (4, 8, 12, 300)}
     packed = cnncodes.sweep_codes(codes, y, probes=["logreg", "linsvc"], folds=3, jobs=2)
-    assert len(_search._packs(list(codes), {k: v.shape[1] for k, v in codes.items()})) == 2
+    packs = _search._packs(list(codes), {k: v.shape[1] for k, v in codes.items()}, threads=True)
+    assert packs == [["t4", "t8"], ["t12"], ["t300"]]
     monkeypatch.setattr(_search, "_NARROW_DIMS", 0)  # every array a task of its own
     alone = cnncodes.sweep_codes(codes, y, probes=["logreg", "linsvc"], folds=3, jobs=2)
     assert [(r.tap, r.probe, r.C, r.cv_accuracy, r.test_accuracy) for r in packed.rows] == [
