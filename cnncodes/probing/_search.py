@@ -583,12 +583,18 @@ def sweep_codes(
         if multilabel:
             tasks = [delayed(evaluate_multilabel)(arrays[k], y, test_arrays[k], y_test, split, linear, **where(k))
                      for k in keys]  # fmt: skip
-        else:  # arrays as arguments of their own, which joblib's Dask backend scatters to the workers
-            tasks = [delayed(_linear_task)(arrays[pack[0]], y, test_arrays[pack[0]], y_test, split, linear,
-                                           n_classes=len(class_names), **where(pack[0])) if len(pack) == 1 else
-                     delayed(_linear_pack)([where(k) | {"codes": arrays[k], "test_codes": test_arrays[k]} for k in pack],
-                                           y, y_test, split, linear, n_classes=len(class_names))
-                     for pack in _packs(keys, dims, _in_threads())]  # fmt: skip
+        else:
+            tasks = []
+            for pack in _packs(keys, dims, _in_threads()):
+                if len(pack) == 1:  # its arrays as arguments of their own, which joblib's Dask backend scatters
+                    k = pack[0]
+                    tasks.append(delayed(_linear_task)(arrays[k], y, test_arrays[k], y_test, split, linear,
+                                                       n_classes=len(class_names), **where(k)))  # fmt: skip
+                else:
+                    candidates = [where(k) | {"codes": arrays[k], "test_codes": test_arrays[k]} for k in pack]
+                    tasks.append(
+                        delayed(_linear_pack)(candidates, y, y_test, split, linear, n_classes=len(class_names))
+                    )
         if "knn" in config.probes:
             tasks += [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k))
                       for k in keys]  # fmt: skip
