@@ -12,6 +12,7 @@ normalizer.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,57 @@ from ._probes import make_classifier, make_normalizer
 from ._results import Split, SweepConfig, SweepRow
 from ._scoring import Fitted, c_grid, load_rows
 
-__all__ = ["evaluate_multilabel", "check_multilabel_split"]
+__all__ = ["evaluate_multilabel", "check_multilabel_split", "stratified_subsets", "MultilabelStratifiedFolds"]
+
+
+def stratified_subsets(Y: np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
+    """The subset (an index into ``fractions``) of every image of a 0/1 images x classes matrix ``Y``, by iterative
+    stratification (Sechidis, Tsoumakas and Vlahavas 2011, "On the Stratification of Multi-label Data").
+
+    The images of the class with the fewest left to place go first, each to the subset that lacks that class most
+    (then the one lacking images most, then at random), so every class is spread over the subsets in proportion to
+    ``fractions`` as far as its count allows; scikit-learn's stratified splitters take one label per image.
+    """
+    rng = np.random.default_rng(seed)
+    Y = np.asarray(Y).astype(bool)
+    fractions = np.asarray(fractions, dtype=float)
+    want = fractions * len(Y)  # images each subset still lacks
+    want_class = np.outer(fractions, Y.sum(0))  # (subsets, classes): positives each subset still lacks
+    subset = np.full(len(Y), -1)
+    left = Y.copy()  # the positives of images not placed yet
+
+    def place(i: int, lacking: np.ndarray) -> None:
+        j = np.lexsort((rng.random(len(fractions)), -want, -lacking))[0]
+        subset[i] = j
+        want[j] -= 1
+        want_class[j] -= Y[i]
+        left[i] = False
+
+    while left.any():
+        counts = left.sum(0)
+        rarest = np.flatnonzero(counts == counts[counts > 0].min())[0]
+        for i in rng.permutation(np.flatnonzero(left[:, rarest])):
+            place(i, want_class[:, rarest])
+    for i in rng.permutation(np.flatnonzero(subset < 0)):  # images of no class
+        place(i, np.zeros(len(fractions)))
+    return subset
+
+
+class MultilabelStratifiedFolds:
+    """A splitter as scikit-learn's (``split(X, Y)`` yields fit and validation positions): ``folds`` folds, or one
+    validation part of ``val_size``, of images stratified per class by :func:`stratified_subsets`."""
+
+    def __init__(self, folds: int = 5, val_size: float | None = None, seed: int = 0) -> None:
+        self.folds, self.val_size, self.seed = folds, val_size, seed
+
+    def split(self, X: Any, Y: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.val_size is not None:
+            side = stratified_subsets(Y, [self.val_size, 1 - self.val_size], self.seed)
+            yield np.flatnonzero(side == 1), np.flatnonzero(side == 0)
+            return
+        part = stratified_subsets(Y, [1 / self.folds] * self.folds, self.seed)
+        for f in range(self.folds):
+            yield np.flatnonzero(part != f), np.flatnonzero(part == f)
 
 
 def check_multilabel_split(Y: np.ndarray, split: Split, classes: list[str], Y_test: np.ndarray | None = None) -> None:
@@ -41,9 +92,9 @@ def check_multilabel_split(Y: np.ndarray, split: Split, classes: list[str], Y_te
         bad = np.flatnonzero((positives == 0) | (positives == len(part)))
         if len(bad):
             raise ParameterError(f"class {classes[bad[0]]!r} has {'no' if positives[bad[0]] == 0 else 'only'} "
-                                 f"positive images in {where}, so its average precision is undefined; use fewer "
-                                 "--folds, a larger --test-size, another --seed (the split is not stratified), or "
-                                 "more images with and without that class.")  # fmt: skip
+                                 f"positive images in {where}, so its average precision is undefined (the split spreads "
+                                 "each class over the folds as far as its images allow); use fewer --folds, a larger "
+                                 "--test-size, or more images with and without that class.")  # fmt: skip
 
 
 def _binary_classifier(probe: str, n_samples: int, seed: int) -> Any:

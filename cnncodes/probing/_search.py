@@ -45,14 +45,14 @@ from typing import Any
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
 from joblib.parallel import get_active_backend
-from sklearn.model_selection import KFold, ShuffleSplit, StratifiedKFold, StratifiedShuffleSplit, train_test_split
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, train_test_split
 from tqdm.auto import tqdm
 
 from ..errors import MissingExtraError, ParameterError, SchedulerError
 from ._fewshot import check_shots, evaluate_few_shot
 from ._knn import evaluate_knn
 from ._linear import _SPAN_FACTOR, ProblemStack, fit_paths
-from ._multilabel import check_multilabel_split, evaluate_multilabel
+from ._multilabel import MultilabelStratifiedFolds, check_multilabel_split, evaluate_multilabel, stratified_subsets
 from ._probes import PATH_LOSS, make_classifier, make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepResult, SweepRow, best_of
 from ._scoring import Fitted, c_grid, load_rows, metrics_from_scores
@@ -65,7 +65,7 @@ def split_images(
     labels: np.ndarray, views: int, config: SweepConfig, *, test_rows: int | None = None, test_views: int = 0
 ) -> Split:
     """Stratified split by image: held-out test images (unless a separate test set of ``test_rows`` rows is given)
-    and CV folds on the rest. Multi-label ``labels`` (rows x classes) are split by image without stratification.
+    and CV folds on the rest. Multi-label ``labels`` (rows x classes) are stratified per class (iteratively).
 
     ``labels`` has one entry per row (image-major, ``views + 1`` rows per image); augmented views of an image always
     land on the same side of every split, and validation and test use plain views only.
@@ -75,21 +75,16 @@ def split_images(
     if len(labels) % per:
         raise ParameterError(f"{len(labels)} rows is not a whole number of images with views={views}.")
     labels = labels[::per]
-    if labels.ndim == 2:  # multi-label: no stratification (check_multilabel_split checks every class's coverage)
+    if labels.ndim == 2:  # multi-label: stratified per class (check_multilabel_split checks every class's coverage)
         images = np.arange(len(labels))
         if test_rows is None:
-            train_img, test_img = train_test_split(images, test_size=config.test_size, random_state=config.seed)
-            train_img.sort()
-            test_img.sort()
+            side = stratified_subsets(labels, [config.test_size, 1 - config.test_size], config.seed)
+            train_img, test_img = np.flatnonzero(side == 1), np.flatnonzero(side == 0)
             test, test_views = (test_img[:, None] * per + np.arange(per)).ravel(), views
         else:
             train_img, test = images, np.arange(test_rows)
-        multi: Any = (
-            ShuffleSplit(n_splits=1, test_size=config.val_size, random_state=config.seed)
-            if config.val_size is not None
-            else KFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
-        )
-        return _fold_split(train_img, None, multi, per, test, views, test_views)
+        folds = MultilabelStratifiedFolds(config.folds, config.val_size, config.seed)
+        return _fold_split(train_img, labels[train_img], folds, per, test, views, test_views)
     if (labels < 0).any():
         raise ParameterError("some images are unlabeled (label -1); a sweep needs labels (ImageFolder, CSV with "
                              "labels, or labels=).")  # fmt: skip

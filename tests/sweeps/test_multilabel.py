@@ -157,3 +157,38 @@ def test_a_multilabel_probe_exports_with_its_large_scores(tagged, tmp_path):
     eager = probe.bundle.decision_function_codes(probe.extractor.net(x)[result.best.tap][result.best.pooling].numpy())
     assert module(x).shape == (3, 3)
     np.testing.assert_allclose(module(x).detach().numpy(), eager, rtol=1e-4, atol=1e-4 * np.abs(eager).max())
+
+
+def test_multilabel_splits_spread_every_class_over_the_folds():
+    """Iterative stratification: a class of 10 images among 200 lands 2 to a fold and 2 or 3 in the test split, where
+    scikit-learn's shuffled KFold (one label per image, so unstratified here) leaves folds without it."""
+    from sklearn.model_selection import KFold
+
+    from cnncodes.probing._multilabel import check_multilabel_split, stratified_subsets
+
+    rng = np.random.default_rng(0)
+    Y = (rng.random((200, 4)) < [0.5, 0.3, 0.1, 0.0]).astype(int)
+    Y[rng.choice(200, 10, replace=False), 3] = 1  # the rare class
+    parts = stratified_subsets(Y, [0.2] * 5, seed=0)
+    for c in range(4):  # every class within one image of its share in every part
+        assert np.abs(np.bincount(parts[Y[:, c] == 1], minlength=5) - Y[:, c].sum() / 5).max() <= 1
+    assert np.abs(np.bincount(parts, minlength=5) - 40).max() <= 4
+    np.testing.assert_array_equal(parts, stratified_subsets(Y, [0.2] * 5, seed=0))  # seeded
+
+    config = SweepConfig(folds=5, test_size=0.25, seed=1)
+    split = split_images(Y, 0, config)
+    check_multilabel_split(Y, split, ["a", "b", "c", "rare"])  # every part has positives and negatives of each
+    assert {2, 3} >= {int(Y[split.test_rows, 3].sum())}
+    assert sorted(np.concatenate([split.train_rows, split.test_rows])) == list(range(200))
+    for fit, val in split.folds:
+        assert not set(fit) & set(val) and len(fit) + len(val) == len(split.train_rows)
+    spreads = {"stratified": [], "KFold": []}  # the rare class's most minus fewest images in a fold, per seed
+    for seed in range(10):
+        folds = split_images(Y, 0, SweepConfig(folds=5, seed=seed)).folds
+        spreads["stratified"].append(np.ptp([Y[v, 3].sum() for _, v in folds]))
+        shuffled = KFold(5, shuffle=True, random_state=seed).split(split.train_rows)
+        spreads["KFold"].append(np.ptp([Y[split.train_rows[v], 3].sum() for _, v in shuffled]))
+    assert max(spreads["stratified"]) <= 1 and np.mean(spreads["KFold"]) > 1.5
+    held = split_images(Y, 0, SweepConfig(val_size=0.3, seed=1))  # one validation part, stratified too
+    ((fit, val),) = held.folds
+    assert abs(Y[val, 3].sum() - 0.3 * Y[held.train_rows, 3].sum()) <= 1
