@@ -130,9 +130,8 @@ def evaluate_multilabel(
     per = split.test_views + 1
     Y_plain = np.asarray(Y_test)[split.test_rows][::per]
     folds = [(np.searchsorted(split.train_rows, f), np.searchsorted(split.train_rows, v)) for f, v in split.folds]
-    grid = c_grid(
-        config.c_min, config.c_max, config.c_steps_per_decade
-    )  # the lattice the single-label search refines on
+    # the lattice the single-label search refines on
+    grid = c_grid(config.c_min, config.c_max, config.c_steps_per_decade)
     out = []
     for norm in config.normalizers:
         for probe in config.probes:

@@ -53,9 +53,9 @@ from ._fewshot import check_shots, evaluate_few_shot
 from ._knn import evaluate_knn
 from ._linear import _SPAN_FACTOR, ProblemStack, fit_paths
 from ._multilabel import MultilabelStratifiedFolds, check_multilabel_split, evaluate_multilabel, stratified_subsets
-from ._probes import PATH_LOSS, make_classifier, make_normalizer, make_probe
+from ._probes import PATH_LOSS, make_classifier, make_probe
 from ._results import Split, SweepConfig, SweepResult, SweepRow, best_of
-from ._scoring import Fitted, c_grid, load_rows, metrics_from_scores
+from ._scoring import Fitted, c_grid, load_rows, metrics_from_scores, normalized_folds
 from ._streaming import evaluate_streaming
 
 __all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend"]
@@ -139,14 +139,6 @@ def _fold_split(train_img: np.ndarray, y_train: np.ndarray | None, splitter: Any
         fold_rows.append((np.sort(fit_rows), np.sort(val_rows)))
     train_rows = (train_img[:, None] * per + np.arange(per)).ravel()
     return Split(train_rows, fold_rows, test, views, test_views)
-
-
-def _normalize(name: str, X_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    step = make_normalizer(name)
-    if step == "passthrough":
-        return [X_fit, *others]
-    step.fit(X_fit)
-    return [step.transform(X).astype(np.float32, copy=False) for X in (X_fit, *others)]
 
 
 def _refinements(steps_per_decade: int) -> list[int]:
@@ -309,13 +301,7 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
     out = []
     for norm in config.normalizers:
         started = time.perf_counter()
-        folds_raw = []
-        for fit_rows, val_rows in split.folds:
-            # train_rows is sorted, so a row's position in X_train is a binary search away
-            fit_i = np.searchsorted(split.train_rows, fit_rows)
-            val_i = np.searchsorted(split.train_rows, val_rows)
-            X_fit, X_val = _normalize(norm, X_train[fit_i], X_train[val_i])
-            folds_raw.append((X_fit, y_train[fit_i], X_val, y_train[val_i]))
+        folds_raw = list(normalized_folds(norm, X_train, y_train, split))
         stack = None
         prep_s = time.perf_counter() - started
         for probe in config.probes:
