@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from cnncodes import extract
+from cnncodes import SweepConfig, extract
 from cnncodes.sweeps import sweep
 
 warnings.filterwarnings("ignore")
@@ -58,7 +58,7 @@ def run(task: str, images: np.ndarray, labels: np.ndarray, model: str, size: int
         start = time.perf_counter()
         store = extract(images, labels=labels, out=f"{root}/{task}-{mode}", model=model, input_size=size,
                         taps="stages,expanded", poolings="avg,avg2", relu=mode, progress=False)  # fmt: skip
-        result = sweep(store, probes=("logreg",), jobs=-1, progress=False)
+        result = sweep(store, SweepConfig(probes=("logreg",)), jobs=-1, progress=False)
         rectified = {(a["tap"], a["pooling"]): a["relu_applied"] for a in store.arrays}
         rows = {(r.tap, r.pooling): r.to_dict() for r in result.rows}
         results[mode] = {

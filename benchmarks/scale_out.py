@@ -83,6 +83,7 @@ def write_and_merge(folder: Path, mib: int) -> tuple[float, float]:
 
 def probe_rates(folder: Path, rows: int, dims: int) -> tuple[float, float, float, float]:
     """Training rows/s and test accuracy of one sweep task in memory and streamed out of core."""
+    from cnncodes.probing import SweepConfig
     from cnncodes.sweeps import sweep
 
     rng = np.random.default_rng(0)
@@ -101,7 +102,7 @@ def probe_rates(folder: Path, rows: int, dims: int) -> tuple[float, float, float
     out = []
     for max_memory in (None, 32 * 2**20):
         start = time.perf_counter()
-        result = sweep(folder, probes=("logreg",), folds=3, jobs=1, max_memory=max_memory, progress=False)
+        result = sweep(folder, SweepConfig(probes=("logreg",), folds=3, max_memory=max_memory), jobs=1, progress=False)
         out += [result.data["n_train_images"] / (time.perf_counter() - start), result.best.test_accuracy]
     return tuple(out)
 

@@ -10,7 +10,7 @@ same 5 stratified folds, pick the array with the best CV accuracy and report its
 * LogisticRegressionCV: per (tap, pooling), ``make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=logspace(-3, 2,
   8), cv=folds, max_iter=1000, n_jobs=jobs))`` (warm-started along C, its default; the scaler sees all training rows,
   as LogisticRegressionCV cannot scale per fold);
-* cnncodes: ``sweep(store, probes=("logreg",), jobs=jobs)`` (per-fold scaling, coarse-to-fine C in [1e-4, 1e4]).
+* cnncodes: ``sweep(store, SweepConfig(probes=("logreg",)), jobs=jobs)`` (per-fold scaling, coarse-to-fine C in [1e-4, 1e4]).
 
 Two comparisons, each like for like:
 
@@ -126,7 +126,7 @@ def main() -> None:
                 best[kind] = search_arrays(arrays, y, split.train_rows, split.test_rows, folds, kind, args.jobs)
                 times[kind].append(time.perf_counter() - start)
             start = time.perf_counter()
-            ours = sweep(store, probes=("logreg",), jobs=args.jobs, progress=False)
+            ours = sweep(store, SweepConfig(probes=("logreg",)), jobs=args.jobs, progress=False)
             times["ours"].append(time.perf_counter() - start)
             start = time.perf_counter()
             done = subprocess.run(user, check=True, capture_output=True, text=True)
@@ -145,7 +145,7 @@ def main() -> None:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # one core, as each task of a parallel sweep has
             try:
-                cProfile.runctx("sweep(store, probes=('logreg',), jobs=1, progress=False)", {"sweep": sweep},
+                cProfile.runctx("sweep(store, SweepConfig(probes=('logreg',)), jobs=1, progress=False)", {"sweep": sweep, "SweepConfig": SweepConfig},
                                 {"store": store}, args.profile)  # fmt: skip
             finally:
                 torch.set_num_threads(threads)

@@ -8,10 +8,13 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .errors import CnncodesError
+
+if TYPE_CHECKING:
+    from .probing import SweepConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -254,27 +257,16 @@ def _run_sweep(stores: list[str], out: str, args: argparse.Namespace) -> int:
         _check_bundle_source(store)
     result = sweep(
         stores,
+        sweep_config(args),
         test=tests or None,
-        probes=args.probes.split(","),
-        normalizers=args.normalizers.split(","),
         taps=args.taps.split(",") if args.taps else None,
         poolings=args.poolings.split(",") if args.poolings else None,
-        folds=args.folds,
-        val_size=args.val_size,
-        test_size=args.test_size,
-        seed=args.seed,
-        c_min=args.c_range[0],
-        c_max=args.c_range[1],
-        c_steps_per_decade=args.c_steps_per_decade,
+        concat=args.concat,
+        latency=args.latency,
         jobs=args.jobs,
-        max_memory=args.max_memory,
-        device=args.device,
         progress=not args.quiet,
         backend=args.backend,
         scheduler=args.scheduler,
-        shots=args.shots,
-        draws=args.draws,
-        concat=args.concat,
     )
     print(format_table(result))
     paths = write_report(result, out)
@@ -282,6 +274,30 @@ def _run_sweep(stores: list[str], out: str, args: argparse.Namespace) -> int:
     print(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
     print(f"{paths['probe']} digest {bundle_digest(paths['probe'])} (pin it: cnncodes predict --digest ...)")
     return 0
+
+
+def sweep_config(args: argparse.Namespace) -> SweepConfig:
+    """The one SweepConfig the sweep flags describe."""
+    from .probing import SweepConfig
+
+    return SweepConfig(
+        probes=tuple(args.probes.split(",")),
+        normalizers=tuple(args.normalizers.split(",")),
+        folds=args.folds,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        seed=args.seed,
+        c_min=args.c_range[0],
+        c_max=args.c_range[1],
+        c_steps_per_decade=args.c_steps_per_decade,
+        max_memory=args.max_memory,
+        device=args.device,
+        shots=args.shots,
+        draws=args.draws,
+        pick=args.pick,
+        tolerance=args.tolerance,
+        repeats=args.repeats,
+    )
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -484,6 +500,21 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=_parse_ints, default=(), metavar="N,N,...",
                    help="few-shot rows: training images per class, e.g. 1,2,4,8,16 (never drawn from the test split)")  # fmt: skip
     p.add_argument("--draws", type=_int_at_least(1), default=5, help="subsets drawn per shot count (default: 5)")
+    p.add_argument("--pick", choices=["best", "cheapest"], default="best",
+                   help="the row to save: best (highest CV score) or cheapest (lowest forward FLOPs among the rows not "
+                        "significantly worse than the best on the CV folds) (default: %(default)s)")  # fmt: skip
+    p.add_argument("--tolerance", type=float, default=None, metavar="POINTS",
+                   help="with --pick cheapest: rows within this many points of the best CV score count as equal, "
+                        "instead of the paired test")  # fmt: skip
+    p.add_argument("--repeats", type=_int_at_least(1), default=1, metavar="R",
+                   help="redraw the test split and folds R times (seeded) and report how stable the ranking is: test "
+                        "accuracy mean and std, P(best), rank correlation (default: 1, no redraws)")  # fmt: skip
+    p.add_argument(
+        "--no-latency",
+        dest="latency",
+        action="store_false",
+        help="skip timing the network up to each tap (FLOPs are still counted)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(test=None, taps=None, poolings=None, concat=None)
 

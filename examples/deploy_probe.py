@@ -21,7 +21,8 @@ store = cnncodes.extract(
     taps="last:2",
     progress=False,
 )
-bundle_path = cnncodes.save_probe(cnncodes.sweep(store, probes=("logreg",), folds=3, progress=False), work)
+result = cnncodes.sweep(store, cnncodes.SweepConfig(probes=("logreg",), folds=3), progress=False)
+bundle_path = cnncodes.save_probe(result, work)
 probe = cnncodes.load_bundle(bundle_path)
 new = make_folder(work / "new", per_class=2)
 for row in probe.predict_source(new):

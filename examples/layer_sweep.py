@@ -17,7 +17,7 @@ images = make_folder(work / "images")
 store = cnncodes.extract(
     images, out=work / "codes", model="resnet18:none", input_size=32, taps="stages", poolings="avg,avg2", progress=False
 )
-result = cnncodes.sweep(store, probes=("logreg",), folds=3, progress=False)
+result = cnncodes.sweep(store, cnncodes.SweepConfig(probes=("logreg",), folds=3), progress=False)
 print(cnncodes.format_table(result))
 cnncodes.write_report(result, work / "sweep")
 print("best layer:", result.best.tap, result.best.pooling)

@@ -37,5 +37,5 @@ if __name__ == "__main__":
         store = cnncodes.merge_shards(work / "codes", remove_shards=True)
         print(f"merged: {store.rows} rows x {len(store.arrays)} arrays")
         with joblib.parallel_config(backend="dask"):
-            result = cnncodes.sweep(store, probes=("logreg",), folds=3, jobs=-1, progress=False)
+            result = cnncodes.sweep(store, cnncodes.SweepConfig(probes=("logreg",), folds=3), jobs=-1, progress=False)
     print("best layer:", result.best.tap, result.best.pooling, f"test accuracy {result.best.test_accuracy:.3f}")

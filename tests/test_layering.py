@@ -26,7 +26,7 @@ ALLOWED = {
     "extraction": {"images", "network", "store"},
     "probing": set(),
     "deploy": {"images", "network", "probing"},
-    "sweeps": {"store", "probing"},
+    "sweeps": {"store", "network", "probing"},  # network: what each tap costs
     "training": {"images", "network", "store", "extraction", "probing", "deploy", "sweeps"},
     "adapter": {"images", "network"},
 }
@@ -34,10 +34,10 @@ BASE = {"errors", "_compat", "_versions", "_fsutil", "_labels", "_figures"}  # m
 #: compute works on arrays and tensors only
 COMPUTE = {"network._graph", "network._layout", "network._pooling", "network._taps", "network._extractor",
            "images._preprocess", "probing._linear", "probing._probes", "probing._results", "probing._search",
-           "probing._streaming", "probing._scoring", "probing._knn", "probing._fewshot", "probing._multilabel", "probing._concat", "network._top"}  # fmt: skip
+           "probing._streaming", "probing._scoring", "probing._knn", "probing._fewshot", "probing._multilabel", "probing._concat", "probing._stats", "network._top"}  # fmt: skip
 #: modules that read or write files of images, codes, bundles or reports
 #: neither: they load models or run compute over images (checked by the room rules only)
-RUNNERS = {"network._backbones", "network._encode", "deploy._predict", "adapter", "training._feeds",
+RUNNERS = {"network._backbones", "network._encode", "network._cost", "deploy._predict", "adapter", "training._feeds",
            "training._finetune"}  # fmt: skip
 IO = {"images._sources", "store._format", "store._reader", "store._writer", "store._merge", "extraction._run",
       "extraction._plan", "deploy._bundle", "deploy._export", "sweeps._report", "sweeps._run", "sweeps._compare", "training._run", "training._depth", "training._saved"}  # fmt: skip

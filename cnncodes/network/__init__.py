@@ -3,6 +3,8 @@ pooled on the device by a :class:`CodeExtractor` that stops after the deepest ta
 image source batch by batch. Tensors in, codes out: nothing here writes files."""
 
 from ._backbones import DEFAULT_MODEL, Backbone, load_backbone, read_state_dict, weights_fingerprint
+from ._cost import LatencyTimes, TapCost, architecture_of, measure_latency, tap_costs
+from ._cost import TapCost, architecture_of, forward_flops, measure_latency, tap_costs
 from ._encode import (
     DTYPES,
     ImageViews,
@@ -31,6 +33,11 @@ __all__ = [
     "Layout",
     "Pooling",
     "TapCatalogue",
+    "TapCost",
+    "architecture_of",
+    "forward_flops",
+    "measure_latency",
+    "tap_costs",
     "TapInfo",
     "Top",
     "cut_points",
@@ -49,4 +56,9 @@ __all__ = [
     "read_state_dict",
     "resolve_device",
     "weights_fingerprint",
+    "LatencyTimes",
+    "TapCost",
+    "architecture_of",
+    "measure_latency",
+    "tap_costs",
 ]

@@ -14,7 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsTransformer
 
 from ._probes import make_probe
 from ._results import Split, SweepConfig, SweepRow
-from ._scoring import Fitted, load_rows, metrics_from_scores, normalized_folds
+from ._scoring import Fitted, load_rows, metrics_from_scores, normalized_folds, pack_hits
 
 __all__ = ["KNN_KS", "evaluate_knn"]
 
@@ -23,16 +23,14 @@ __all__ = ["KNN_KS", "evaluate_knn"]
 KNN_KS = (10, 20, 50, 100)
 
 
-def _fold_accuracy(
-    X_fit: np.ndarray, y_fit: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, ks: list[int]
-) -> list[float]:
+def _fold_hits(X_fit: np.ndarray, y_fit: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, ks: list[int]) -> np.ndarray:
+    """(ks, validation images): whether each k classifies each validation image right."""
     graph = KNeighborsTransformer(n_neighbors=max(ks), metric="cosine", algorithm="brute").fit(X_fit)
     fit_graph, val_graph = graph.transform(X_fit), graph.transform(X_val)
-    return [
-        float((KNeighborsClassifier(n_neighbors=k, metric="precomputed").fit(fit_graph, y_fit).predict(val_graph)
-               == y_val).mean())
+    return np.array([
+        KNeighborsClassifier(n_neighbors=k, metric="precomputed").fit(fit_graph, y_fit).predict(val_graph) == y_val
         for k in ks
-    ]  # fmt: skip
+    ])  # fmt: skip
 
 
 def evaluate_knn(
@@ -70,8 +68,8 @@ def evaluate_knn(
     out = []
     for norm in config.normalizers:
         started = time.perf_counter()
-        per_fold = [_fold_accuracy(*fold, ks) for fold in normalized_folds(norm, X_train, y_train, split)]
-        cv = np.asarray(per_fold)  # (folds, ks)
+        per_fold = [_fold_hits(*fold, ks) for fold in normalized_folds(norm, X_train, y_train, split)]
+        cv = np.array([hits.mean(1) for hits in per_fold])  # (folds, ks)
         best = int(np.argmax(cv.mean(0)))  # first of equals: the smallest k
         estimator = make_probe("knn", norm, n_neighbors=ks[best]).fit(X_train, y_train)
         metrics, pred, plain = metrics_from_scores(
@@ -82,6 +80,7 @@ def evaluate_knn(
             solver="brute-cosine", C=None, C_at_edge=bool(len(ks) > 1 and best == len(ks) - 1), n_fits=cv.size,
             cv_accuracy=float(cv[:, best].mean()), cv_std=float(cv[:, best].std()), **metrics,
             fit_seconds=float(time.perf_counter() - started), backbone=backbone, protocol="knn", k=ks[best],
+            cv_folds=[float(v) for v in cv[:, best]], cv_hits=pack_hits(np.concatenate([h[best] for h in per_fold])),
         )  # fmt: skip
         out.append((row, Fitted(estimator, pred, plain)))
     return out

@@ -144,6 +144,9 @@ def evaluate_multilabel(
             per_class = estimator.named_steps["classify"].estimators_
             chosen = [s.best_params_.get("C") or 1.0 / (s.best_params_["alpha"] * len(X_train)) for s in per_class]
             cv_ap = np.array([s.best_score_ for s in per_class])
+            # each fold's mAP at every class's chosen C: what the paired test on the folds pairs
+            fold_map = [float(np.mean([s.cv_results_[f"split{i}_test_score"][s.best_index_] for s in per_class]))
+                        for i in range(len(folds))]  # fmt: skip
             scores = estimator.decision_function(X_test)[::per]
             predicted = (scores > 0).astype(np.int64)
             ap = average_precision_score(Y_plain, scores, average=None)
@@ -158,6 +161,7 @@ def evaluate_multilabel(
                 cv_map=float(cv_ap.mean()), cv_map_std=float(cv_ap.std()), test_map=float(np.mean(ap)),
                 test_class_ap={c: float(v) for c, v in enumerate(ap)},
                 class_C={c: float(v) for c, v in enumerate(chosen)},
+                cv_folds=fold_map,
             )  # fmt: skip
             out.append((row, Fitted(estimator, predicted, scores)))
     if not out:

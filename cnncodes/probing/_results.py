@@ -12,7 +12,10 @@ from sklearn.pipeline import Pipeline
 from ..errors import ParameterError
 from ._probes import CLASSIFIERS, NORMALIZERS
 
-__all__ = ["SweepConfig", "SweepRow", "SweepResult", "Split", "PROTOCOLS", "best_of"]
+__all__ = ["SweepConfig", "SweepRow", "SweepResult", "Split", "PROTOCOLS", "PICKS", "best_of"]
+
+#: What ``--pick`` can choose: the highest CV score, or the cheapest row statistically as good.
+PICKS = ("best", "cheapest")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,25 @@ class SweepConfig:
         Tolerance and iterations of the selection fits (the final refit is tight).
     threads : int, default=0
         Torch threads per task (0: leave torch's default).
+    pick : {"best", "cheapest"}, default="best"
+        Which row the sweep hands back as its choice (``SweepResult.chosen``, the bundle saved): ``best``, the highest
+        CV score; ``cheapest``, the row with the lowest forward FLOPs to its tap among those not significantly worse
+        than the best on the CV folds (neither the one-sided corrected paired t on the fold scores nor the one-sided
+        exact McNemar test on the out-of-fold predictions rejects at ``alpha``; not corrected for multiplicity: a
+        correction would let more worse rows pass as equal), or within ``tolerance`` when given. CV only: the test
+        split is never used to choose.
+    tolerance : float, optional
+        With ``pick="cheapest"``: rows within this many percentage points of the best CV score count as equal
+        (instead of the test).
+    alpha : float, default=0.05
+        Significance level of the paired tests (and 1 - alpha the level of every interval).
+    repeats : int, default=1
+        Redraw the held-out split and the folds this many times (seeds ``seed``, ``seed + 1``, ...) and report how
+        stable the ranking is: every row's test accuracy mean and std over the repeats, how often it is the best
+        (``p_best``), and the rank correlation between repeats. The rows' own numbers and the choice come from the
+        first draw (``seed``), whose test images the other draws' folds would otherwise touch. 1 costs nothing.
+    resamples : int, default=2000
+        Bootstrap resamples of the test images, for the intervals that are not proportions (seeded by ``seed``).
     """
 
     probes: tuple[str, ...] = ("logreg", "linsvc")
@@ -68,6 +90,11 @@ class SweepConfig:
     threads: int = 0
     shots: tuple[int, ...] = ()
     draws: int = 5
+    pick: str = "best"
+    tolerance: float | None = None
+    alpha: float = 0.05
+    repeats: int = 1
+    resamples: int = 2000
 
     def __post_init__(self) -> None:
         for name, allowed in (("probes", CLASSIFIERS), ("normalizers", NORMALIZERS)):
@@ -111,6 +138,23 @@ class SweepConfig:
             raise ParameterError("few-shot rows are linear probes; add logreg, linsvc or sgd to the probes.")
         if self.max_memory is not None and _integer("max_memory", self.max_memory) < 1:
             raise ParameterError(f"max_memory must be a positive number of bytes, got {self.max_memory}.")
+        if self.pick not in PICKS:
+            raise ParameterError(f"pick={self.pick!r}; use one of {list(PICKS)} (--pick best|cheapest).")
+        if self.tolerance is not None:
+            if not 0 <= _number("tolerance", self.tolerance) < 100:
+                raise ParameterError(f"tolerance must be 0 to 100 percentage points of CV accuracy, got "
+                                     f"{self.tolerance} (--tolerance 0.5).")  # fmt: skip
+            object.__setattr__(self, "tolerance", float(self.tolerance))
+        if self.pick == "cheapest" and self.val_size is not None and self.tolerance is None:
+            raise ParameterError("pick='cheapest' with one validation split (val_size) has no folds to test rows "
+                                 "against the best on; give a tolerance in points (--tolerance 0.5) or use k-fold "
+                                 "(--folds).")  # fmt: skip
+        if not 0 < _number("alpha", self.alpha) < 0.5:
+            raise ParameterError(f"alpha must be in (0, 0.5), got {self.alpha} (0.05: 95 % intervals).")
+        if not 1 <= _integer("repeats", self.repeats) <= 100:
+            raise ParameterError(f"repeats must be 1 to 100 redrawn splits, got {self.repeats} (--repeats 3).")
+        if not 100 <= _integer("resamples", self.resamples) <= 100_000:
+            raise ParameterError(f"resamples must be 100 to 100000 bootstrap resamples, got {self.resamples}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +217,36 @@ _OPTIONAL = (
     "test_map",
     "test_class_ap",
     "class_C",
+    *(
+        f"{m}_ci"
+        for m in (
+            "cv",
+            "test_accuracy",
+            "test_balanced_accuracy",
+            "test_macro_f1",
+            "test_top5_accuracy",
+            "test_tta_accuracy",
+            "test_map",
+        )
+    ),
+    "cv_folds",
+    "cv_hits",
+    "p_cv",
+    "p_cv_holm",
+    "p_cv_images",
+    "p_cv_images_holm",
+    "p_test",
+    "p_test_holm",
+    "flops",
+    "params",
+    "latency_ms_batch1",
+    "latency_ms_batch64",
+    "code_bytes",
+    "probe_bytes",
+    "test_accuracy_mean",
+    "test_accuracy_repeat_std",
+    "p_best",
+    "test_hits",
 )
 #: Row fields keyed by class index, which results.json keys by class name.
 _BY_CLASS = ("test_class_recall", "test_class_ap", "class_C")
@@ -233,6 +307,35 @@ class SweepRow:
     test_map: float | None = None  # multi-label: test mean average precision
     test_class_ap: dict[int, float] | None = None  # multi-label: test average precision by class label
     class_C: dict[int, float] | None = None  # multi-label: each class's C (C is their geometric mean)
+    # uncertainty (cnncodes.probing._stats): 1 - alpha intervals [low, high] of the numbers above
+    cv_ci: list[float] | None = None  # corrected resampled t over the folds (Wilson with one validation split)
+    test_accuracy_ci: list[float] | None = None  # Wilson
+    test_balanced_accuracy_ci: list[float] | None = None  # percentile bootstrap over test images
+    test_macro_f1_ci: list[float] | None = None  # percentile bootstrap over test images
+    test_top5_accuracy_ci: list[float] | None = None  # Wilson
+    test_tta_accuracy_ci: list[float] | None = None  # Wilson
+    test_map_ci: list[float] | None = None  # percentile bootstrap over test images
+    cv_folds: list[float] | None = None  # the score of every CV fold at the chosen C (what the paired t pairs)
+    cv_hits: str | None = None  # out-of-fold correctness of every validation image, fold after fold (packed hex)
+    # paired comparisons with the best row (None for the best itself and for rows no test applies to)
+    p_cv: float | None = None  # one-sided: the best is better on the CV folds (corrected paired t)
+    p_cv_holm: float | None = None  # Holm-adjusted over the rows tested
+    p_cv_images: float | None = None  # one-sided exact McNemar on the out-of-fold predictions of every training image
+    p_cv_images_holm: float | None = None
+    p_test: float | None = None  # on the test images: exact McNemar (mAP: paired bootstrap, one-sided)
+    p_test_holm: float | None = None
+    # cost, measured on this machine (cnncodes.network._cost)
+    flops: int | None = None  # forward FLOPs per image up to the tap (FlopCounterMode on the early-exit network)
+    params: int | None = None  # parameters that run up to the tap
+    latency_ms_batch1: float | None = None  # per-image ms of the network up to the tap, batch 1
+    latency_ms_batch64: float | None = None  # per-image ms at batch 64
+    code_bytes: int | None = None  # bytes of one image's codes in the store
+    probe_bytes: int | None = None  # bytes of the fitted probe's arrays (normalizer and linear layer)
+    # stability over redrawn splits (repeats > 1)
+    test_accuracy_mean: float | None = None
+    test_accuracy_repeat_std: float | None = None
+    p_best: float | None = None  # how often the row was the best over the repeats
+    test_hits: str | None = None  # per-image test correctness, packed bits in hex (results.json: paired tests later)
 
     @property
     def score(self) -> float | None:
@@ -278,20 +381,24 @@ class SweepResult:
     Attributes
     ----------
     rows : list of SweepRow
-        One per (tap, pooling, normalizer, probe), in the order of the codes given.
+        One per (tap, pooling, normalizer, probe), in the order of the codes given, each with its intervals, its
+        paired tests against the best row and, for a store sweep, its cost.
     best : SweepRow
         The row with the best CV accuracy (ties: fewer dimensions). Selection never looks at the test split.
+    cheapest : SweepRow or None
+        The row with the lowest forward FLOPs among those not significantly worse than ``best`` on the CV folds (or
+        within ``config.tolerance``); None when the rows' costs are unknown (codes in memory without ``costs``).
     estimator : Pipeline
-        The best probe refit on every training row.
+        The chosen row's probe (``config.pick``: ``best`` or ``cheapest``) refit on every training row.
     test_predictions : dict
-        ``sources``, ``labels``, ``predicted`` and ``scores`` of the best probe on the plain test views.
+        ``sources``, ``labels``, ``predicted`` and ``scores`` of the chosen probe on the plain test views.
     classes : list of str
     config : SweepConfig
     data : dict
         What was swept: ``store``/``test_store`` paths (for a store sweep), ``n_train_images``, ``n_test_images``,
-        ``views``.
+        ``views``, and with repeats ``stability`` (rank correlations between redrawn splits).
     extractor : dict
-        For a store sweep, how the best codes were made (model, tap, pooling, rectification, dtype, dims): what a
+        For a store sweep, how the chosen codes were made (model, tap, pooling, rectification, dtype, dims): what a
         probe bundle needs to compute them again.
     """
 
@@ -303,11 +410,19 @@ class SweepResult:
     config: SweepConfig
     data: dict[str, Any] = field(default_factory=dict)
     extractor: dict[str, Any] = field(default_factory=dict)
+    cheapest: SweepRow | None = None
+
+    @property
+    def chosen(self) -> SweepRow:
+        """The row ``config.pick`` names: what the bundle holds."""
+        return self.cheapest if self.config.pick == "cheapest" and self.cheapest is not None else self.best
 
     def best_record(self) -> dict[str, Any]:
-        """The best row with where it came from: ``best.json`` and a bundle's metrics."""
+        """The chosen row with where it came from and the choice it was (``best.json`` and a bundle's metrics)."""
         keep = ("store", "n_train_images", "n_test_images")
-        return {**self._named(self.best), **{k: self.data[k] for k in keep if k in self.data}}
+        record = {**self._named(self.chosen), **{k: self.data[k] for k in keep if k in self.data}}
+        record.pop("test_hits", None)
+        return {**record, **selection_record(self.best, self.cheapest, self.config.pick, self.config.tolerance)}
 
     def _named(self, row: SweepRow) -> dict[str, Any]:
         """``row.to_dict()`` with its per-class figures keyed by class name."""
@@ -326,5 +441,61 @@ class SweepResult:
             "data": self.data,
             "classes": self.classes,
             "protocols": protocols,
+            "statistics": STATISTICS,
+            "selection": selection_record(self.best, self.cheapest, self.config.pick, self.config.tolerance),
             "rows": rows,
         }
+
+
+def _summary(row: SweepRow | None) -> dict[str, Any] | None:
+    """The fields that say which row it is and what it scores and costs."""
+    if row is None:
+        return None
+    keep = ("backbone", "tap", "pooling", "normalizer", "probe", "depth", "dims", "C", "cv_accuracy", "cv_ci",
+            "cv_map", "test_accuracy", "test_accuracy_ci", "test_map", "test_map_ci", "p_cv", "p_test", "flops",
+            "params", "latency_ms_batch1", "latency_ms_batch64", "code_bytes", "probe_bytes")  # fmt: skip
+    return {k: getattr(row, k) for k in keep if getattr(row, k) is not None}
+
+
+def selection_record(best: SweepRow, cheapest: SweepRow | None, pick: str, tolerance: float | None) -> dict[str, Any]:
+    """Both choices side by side, with what the cheaper one saves: ``best.json``, ``results.json`` and bundles."""
+    rule = (f"the lowest forward FLOPs among rows within {tolerance} points of the best CV score" if tolerance is not None
+            else "the lowest forward FLOPs among rows not significantly worse than the best on the CV folds: "
+                 "neither the one-sided corrected paired t on the folds (p_cv) nor the one-sided exact McNemar test "
+                 "on the out-of-fold predictions (p_cv_images) rejects at alpha, uncorrected for multiplicity "
+                 "(correcting would let more worse rows pass as equal)")  # fmt: skip
+    out: dict[str, Any] = {"pick": pick, "cheapest_rule": rule, "best": _summary(best), "cheapest": _summary(cheapest)}
+    if cheapest is not None and best.flops and cheapest.flops:
+        out["flops_speedup"] = best.flops / cheapest.flops
+        for b in ("batch1", "batch64"):
+            fast, slow = getattr(cheapest, f"latency_ms_{b}"), getattr(best, f"latency_ms_{b}")
+            if fast and slow:
+                out[f"latency_speedup_{b}"] = slow / fast
+    return out
+
+
+#: How every interval and test of a sweep is computed (``results.json`` carries this table).
+STATISTICS = {
+    "intervals": "Every interval is at 1 - alpha (0.95 by default). Test accuracy, top-5 and TTA accuracy: Wilson "
+                 "score intervals for a proportion of test images (scipy.stats.binomtest(...).proportion_ci). Balanced "
+                 "accuracy, macro F1 and mAP: percentile bootstrap over test images (scipy.stats.bootstrap, "
+                 "--seed-seeded, `resamples` draws). CV accuracy: the fold mean with the corrected resampled t "
+                 "interval of Nadeau and Bengio (2003), whose variance (1/k + n_val/n_fit) s^2 accounts for the "
+                 "folds' overlapping training sets; with one validation split, Wilson on its images.",
+    "paired_tests": "Every row against the best row, on the same images. CV: one-sided corrected resampled paired t "
+                    "on the fold differences (H1: the best is better), p_cv, which accounts for the variance of "
+                    "training on other images but has k - 1 degrees of freedom; and a one-sided exact McNemar test on "
+                    "the out-of-fold predictions of every training image (each validated once, by the fold that left "
+                    "it out), p_cv_images, which has the power of every image but sees only the variance of the "
+                    "images. A row is statistically as good as the best when neither test rejects. Test: exact McNemar test on the images "
+                    "exactly one of the two gets right (scipy.stats.binomtest(b, b + c, 0.5), two-sided), p_test; "
+                    "multi-label rows: a one-sided paired bootstrap of mAP over test images. p_cv_holm and "
+                    "p_test_holm are Holm-adjusted over the rows tested (family-wise error).",
+    "reading": "A row whose p_cv_holm < alpha is worse than the best, with the family-wise error controlled; p_cv >= "
+               "alpha means the folds cannot tell it from the best, which is not proof of equality: the test split's "
+               "intervals and p_test say how far apart the two are on unseen images.",
+    "stability": "With repeats > 1: the held-out split and folds redrawn with seeds seed, seed + 1, ...; per row the "
+                 "mean and std of its test accuracy and p_best, the share of draws in which it was the best; "
+                 "rank_correlation: Kendall's tau and Spearman's rho of the rows' CV scores between every pair of "
+                 "draws, averaged.",
+}  # fmt: skip

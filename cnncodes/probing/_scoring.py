@@ -14,7 +14,7 @@ from sklearn.pipeline import Pipeline
 from ..errors import ParameterError
 from ._probes import make_normalizer
 
-__all__ = ["c_grid", "metrics_from_scores", "Fitted", "normalized_folds", "load_rows"]
+__all__ = ["c_grid", "metrics_from_scores", "Fitted", "normalized_folds", "load_rows", "pack_hits", "unpack_hits"]
 
 
 def c_grid(c_min: float = 1e-4, c_max: float = 1e4, steps_per_decade: int = 1) -> list[float]:
@@ -98,3 +98,17 @@ def normalized_folds(
             step.fit(X_fit)
             X_fit, X_val = (step.transform(X).astype(np.float32, copy=False) for X in (X_fit, X_val))
         yield X_fit, y_train[fit_i], X_val, y_train[val_i]
+
+
+def pack_hits(hits: np.ndarray) -> str:
+    """Per-image correctness as hex of packed bits: how a row carries its out-of-fold and test hits into
+    ``results.json``, for paired tests of sweeps joined later."""
+    return np.packbits(np.asarray(hits, dtype=bool)).tobytes().hex()
+
+
+def unpack_hits(text: str, n: int) -> np.ndarray:
+    """The inverse of :func:`pack_hits` for ``n`` images; a ValueError when ``text`` does not hold ``n`` bits."""
+    if len(text) != 2 * ((n + 7) // 8):
+        raise ValueError(f"{len(text) // 2} bytes of hits, not the {(n + 7) // 8} of {n} images")
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))
+    return bits[:n].astype(bool)

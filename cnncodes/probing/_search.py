@@ -37,9 +37,10 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Container, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -55,10 +56,11 @@ from ._linear import _SPAN_FACTOR, ProblemStack, fit_paths
 from ._multilabel import MultilabelStratifiedFolds, check_multilabel_split, evaluate_multilabel, stratified_subsets
 from ._probes import PATH_LOSS, make_classifier, make_probe
 from ._results import Split, SweepConfig, SweepResult, SweepRow, best_of
-from ._scoring import Fitted, c_grid, load_rows, metrics_from_scores, normalized_folds
+from ._scoring import Fitted, c_grid, load_rows, metrics_from_scores, normalized_folds, pack_hits
+from ._stats import annotate_rows, fold_sizes, pick_cheapest, probe_bytes, row_evidence, stability
 from ._streaming import evaluate_streaming
 
-__all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend"]
+__all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend", "config_from"]
 
 
 def split_images(
@@ -169,19 +171,23 @@ def _path_search(stack, val_data, loss, lattice, steps, tol, max_iter, patience=
     then a quarter, ... down to one lattice step, each round around the best so far; every fit is warm-started from
     the nearest C already solved, and its L-BFGS from the curvature of the fit before.
 
-    Returns ``{C: [accuracy per fold]}`` and ``{C: fold states}`` (solutions in each fold's solve coordinates).
+    Returns ``{C: [accuracy per fold]}``, ``{C: fold states}`` (solutions in each fold's solve coordinates) and
+    ``{C: out-of-fold hits}`` (every validation image, fold after fold).
     """
     scores: dict[int, list[float]] = {}
     states: dict[int, list] = {}
+    hits: dict[int, np.ndarray] = {}  # out-of-fold correctness, the folds' validation images one after the other
     memory: dict = {}  # L-BFGS curvature carried from each fit to the next
 
     def fit_at(i: int, inits: list | None) -> list:
         paths = fit_paths(stack, None, stack.n_classes, [lattice[i]], loss, inits=inits, tol=tol, max_iter=max_iter,
                           coefs=False, memory=memory)  # fmt: skip
-        scores[i] = []
+        right = []
         for (Z_val, y_val), path in zip(val_data, paths):
             A, b = path.states[0]
-            scores[i].append(float(((Z_val @ A + b).argmax(1).cpu().numpy() == y_val).mean()))
+            right.append((Z_val @ A + b).argmax(1).cpu().numpy() == y_val)
+        scores[i] = [float(r.mean()) for r in right]
+        hits[i] = np.concatenate(right)
         states[i] = [path.states[0] for path in paths]
         return states[i]
 
@@ -197,7 +203,8 @@ def _path_search(stack, val_data, loss, lattice, steps, tol, max_iter, patience=
     for width in _refinements(steps):
         for i in _refine(_best(scores), width, len(lattice) - 1, scores):
             fit_at(i, states[min(states, key=lambda j: (abs(j - i), j))])  # nearest solved C, the smaller on ties
-    return {lattice[i]: v for i, v in scores.items()}, {lattice[i]: v for i, v in states.items()}
+    return ({lattice[i]: v for i, v in scores.items()}, {lattice[i]: v for i, v in states.items()},
+            {lattice[i]: v for i, v in hits.items()})  # fmt: skip
 
 
 def _mean_solution(stack, fold_states) -> tuple[np.ndarray, np.ndarray]:
@@ -210,17 +217,20 @@ def _sgd_search(folds_raw, name, lattice, steps, seed):
     """CV accuracy of SGD probes: the whole coarse grid, then the binary search of :func:`_path_search` (no warm
     starts)."""
     scores: dict[int, list[float]] = {}
+    hits: dict[int, list[np.ndarray]] = {}
 
     def run(indices):
         for X_fit, y_fit, X_val, y_val in folds_raw:
             for i in indices:
                 clf = make_classifier(name, lattice[i], n_samples=len(y_fit), random_state=seed).fit(X_fit, y_fit)
-                scores.setdefault(i, []).append(float((clf.predict(X_val) == y_val).mean()))
+                right = clf.predict(X_val) == y_val
+                scores.setdefault(i, []).append(float(right.mean()))
+                hits.setdefault(i, []).append(right)
 
     run(range(0, len(lattice), steps))
     for width in _refinements(steps):
         run(_refine(_best(scores), width, len(lattice) - 1, scores))
-    return {lattice[i]: v for i, v in scores.items()}
+    return {lattice[i]: v for i, v in scores.items()}, {lattice[i]: np.concatenate(v) for i, v in hits.items()}
 
 
 def evaluate_codes(
@@ -312,7 +322,7 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
                     stack = ProblemStack([f[0] for f in folds_raw], [f[1] for f in folds_raw], n_classes, config.device)
                     val_data = [(basis.project(f[2]), f[3]) for basis, f in zip(stack.bases, folds_raw)]
                     prep_s += time.perf_counter() - t_basis
-                scores, states = _path_search(
+                scores, states, fold_hits = _path_search(
                     stack,
                     val_data,
                     PATH_LOSS[probe],
@@ -322,7 +332,7 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
                     config.cv_max_iter,
                 )
             else:
-                scores, states = _sgd_search(folds_raw, probe, lattice, steps, config.seed), {}
+                (scores, fold_hits), states = _sgd_search(folds_raw, probe, lattice, steps, config.seed), {}
             best_c = _best(scores)
             estimator = make_probe(
                 probe, norm, best_c, n_samples=len(y_train), random_state=config.seed, device=config.device
@@ -351,6 +361,8 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
                 cv_accuracy=float(np.mean(cv)),
                 cv_std=float(np.std(cv)),
                 **metrics,
+                cv_folds=[float(v) for v in cv],
+                cv_hits=pack_hits(fold_hits[best_c]),
                 fit_seconds=float(time.perf_counter() - t0 + prep_s / len(config.probes)),
             )
             out.append((row, Fitted(estimator, pred, plain_scores)))
@@ -428,6 +440,7 @@ def joblib_backend(backend: str | None, scheduler: str | None) -> Iterator[None]
 def sweep_codes(
     codes: Mapping[Hashable, Any],
     labels: Any,
+    config: SweepConfig | None = None,
     *,
     test: Mapping[Hashable, Any] | None = None,
     test_labels: Any = None,
@@ -437,23 +450,12 @@ def sweep_codes(
     depths: Mapping[Hashable, int] | None = None,
     sources: Sequence[str] | None = None,
     test_sources: Sequence[str] | None = None,
-    probes: Sequence[str] = ("logreg", "linsvc"),
-    normalizers: Sequence[str] = ("standard",),
-    folds: int = 5,
-    val_size: float | None = None,
-    test_size: float = 0.25,
-    seed: int = 0,
-    c_min: float = 1e-4,
-    c_max: float = 1e4,
-    c_steps_per_decade: int = 2,
+    costs: Mapping[Hashable, Mapping[str, Any]] | None = None,
     jobs: int = 1,
-    max_memory: int | None = None,
-    device: str = "cpu",
     progress: bool = False,
     backend: str | None = None,
     scheduler: str | None = None,
-    shots: Sequence[int] = (),
-    draws: int = 5,
+    **options: Any,
 ) -> SweepResult:
     """Probe every array of codes in memory and pick the best: arrays and labels in, a :class:`SweepResult` out.
 
@@ -468,6 +470,9 @@ def sweep_codes(
         ``views + 1`` rows per image (view 0 plain).
     labels : array-like of int or str, shape (n_rows,)
         Class of every row; strings are mapped to sorted class names.
+    config : SweepConfig, optional
+        How every candidate is fitted, scored, compared and picked (probes, folds, C grid, ``pick``, ``repeats``...);
+        default ``SweepConfig()``.
     test, test_labels : optional
         A separate test set with the same keys (otherwise ``test_size`` of the images are held out, stratified).
     views, test_views : int, default=0
@@ -478,21 +483,25 @@ def sweep_codes(
         Forward-order position of each tap (for tables and plots).
     sources, test_sources : list of str, optional
         One id per image, for the test predictions.
-    probes, normalizers, folds, val_size, test_size, seed, c_min, c_max, c_steps_per_decade, max_memory, device, shots,
-    draws
-        See :class:`SweepConfig`. ``"knn"`` among the probes adds the kNN baseline rows; ``shots`` the few-shot rows
-        (both described in ``SweepResult.to_dict()["protocols"]``).
+    costs : mapping of key to dict, optional
+        What each array costs when deployed: ``flops`` (forward FLOPs per image up to its tap), and optionally
+        ``params``, ``latency_ms_batch1``, ``latency_ms_batch64``, ``code_bytes``. ``config.pick="cheapest"`` needs
+        ``flops`` for every array; :func:`cnncodes.sweep` measures them for a store.
     jobs : int, default=1
         joblib workers (``-1``: all cores); runs under the active joblib backend.
     progress : bool, default=False
     backend, scheduler
         ``backend="dask"`` runs the tasks on a Dask cluster (the ``dask`` extra): ``scheduler`` is its address or
         scheduler file, default a local cluster.
+    **options
+        Deprecated: :class:`SweepConfig` fields as keywords (``probes=``, ``folds=``...), which build the config. Pass
+        ``config=SweepConfig(...)`` instead; the keywords go in the next release.
 
     Returns
     -------
     SweepResult
-        Equal on any backend: tasks are seeded and independent of where they run.
+        Equal on any backend: tasks are seeded and independent of where they run. Every row carries its intervals and
+        its paired tests against the best row (see ``SweepResult.to_dict()["statistics"]``).
 
     Examples
     --------
@@ -500,20 +509,16 @@ def sweep_codes(
     >>> rng = np.random.default_rng(0)
     >>> y = np.arange(60) % 3
     >>> codes = {"good": rng.normal(size=(60, 5)) + y[:, None], "noise": rng.normal(size=(60, 5))}
-    >>> cnncodes.sweep_codes(codes, y, probes=["logreg"], folds=3).best.tap
+    >>> cnncodes.sweep_codes(codes, y, cnncodes.SweepConfig(probes=("logreg",), folds=3)).best.tap
     'good'
     """
     if type(jobs) is not int or jobs == 0 or jobs < -1 or jobs > 4096:
         raise ParameterError(
             f"jobs={jobs!r}; use 1 to 4096 workers, or -1 for all cores (or every Dask worker thread)."
         )
+    config = config_from(config, options, "sweep_codes")
     n_jobs = jobs if jobs != -1 else (os.cpu_count() or 1)
-    config = SweepConfig(
-        probes=tuple(probes), normalizers=tuple(normalizers), folds=folds, val_size=val_size, test_size=test_size,
-        seed=seed, c_min=c_min, c_max=c_max, c_steps_per_decade=c_steps_per_decade, max_memory=max_memory,
-        device=device,
-        threads=max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else 0, shots=tuple(shots), draws=draws,
-    )  # fmt: skip
+    config = replace(config, threads=max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else 0)
     keys = list(codes)
     if not keys:
         raise ParameterError("codes is empty: give at least one array of codes.")
@@ -533,83 +538,188 @@ def sweep_codes(
         test_arrays = {k: _check_codes(test[k], len(y_test), f"test[{k!r}]") for k in keys}
     if (y.ndim == 2) != (y_test.ndim == 2):
         raise ParameterError("labels and test_labels must both be multi-label (0/1 matrices) or both single-label.")
-    split = split_images(y, views, config, test_rows=None if test is None else len(y_test), test_views=test_views)
-    names = {k: _candidate_name(k) for k in keys}
-    depth_of = {k: int((depths or {}).get(k, -1)) for k in keys}
     if not set(config.probes) - {"knn"}:
         raise ParameterError("probes=['knn'] alone: the kNN row is a baseline next to linear probes, which the sweep "
                              "picks its best from; add logreg, linsvc or sgd.")  # fmt: skip
-    linear = replace(config, probes=tuple(p for p in config.probes if p != "knn"))
-    multilabel = y.ndim == 2
-    if multilabel:
-        if "knn" in config.probes or config.shots:
-            raise ParameterError("the kNN and few-shot rows are single-label protocols; a multi-label sweep (a CSV "
-                                 "with cat;dog labels) takes linear probes only: drop knn and --shots.")  # fmt: skip
-        check_multilabel_split(y, split, class_names, y_test)
-    if config.shots:
-        check_shots(config.shots, y, split, class_names)
-    dims = {k: int(arrays[k].shape[1]) for k in keys}
-    if "knn" in config.probes:  # a kNN classifier is its training rows
-        _check_in_memory("kNN baseline rows", "drop knn from --probes", keys, dims, split, config)
-    if multilabel:  # scikit-learn's one-vs-rest search fits in memory
-        _check_in_memory("multi-label probes", "sweep fewer or narrower arrays (--taps, --poolings)", keys, dims, split,
-                         config)  # fmt: skip
-
-    def where(k: Hashable) -> dict[str, Any]:
-        backbone, tap, pooling = names[k]
-        return {"tap": tap, "pooling": pooling, "depth": depth_of[k], "backbone": backbone}
-
-    results: list[tuple[SweepRow, Fitted | None]] = []
+    costs = _check_costs(costs, keys, config)
+    job = _Job(arrays, test_arrays, y, y_test, class_names, {k: _candidate_name(k) for k in keys},
+               {k: int((depths or {}).get(k, -1)) for k in keys}, views, test_views,
+               None if test is None else len(y_test), jobs, progress)  # fmt: skip
     with joblib_backend(backend, scheduler):
-        if multilabel:
-            tasks = [delayed(evaluate_multilabel)(arrays[k], y, test_arrays[k], y_test, split, linear, **where(k))
-                     for k in keys]  # fmt: skip
-        else:
-            tasks = []
-            for pack in _packs(keys, dims, _in_threads()):
-                if len(pack) == 1:  # its arrays as arguments of their own, which joblib's Dask backend scatters
-                    k = pack[0]
-                    tasks.append(delayed(_linear_task)(arrays[k], y, test_arrays[k], y_test, split, linear,
-                                                       n_classes=len(class_names), **where(k)))  # fmt: skip
-                else:
-                    candidates = [where(k) | {"codes": arrays[k], "test_codes": test_arrays[k]} for k in pack]
-                    tasks.append(
-                        delayed(_linear_pack)(candidates, y, y_test, split, linear, n_classes=len(class_names))
-                    )
-        if "knn" in config.probes:
-            tasks += [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k))
-                      for k in keys]  # fmt: skip
-        results += _run_tasks(tasks, jobs, progress, "sweep")
-        if config.shots:
-            full_C = {}
-            for row, _ in results:
-                if row.protocol == "linear":
-                    full_C.setdefault((row.backbone, row.tap, row.pooling), {})[(row.normalizer, row.probe)] = row.C
-            shot_tasks = [delayed(evaluate_few_shot)(arrays[k], y, test_arrays[k], y_test, split, linear,
-                                                     full_C[names[k]], evaluate_codes, n_classes=len(class_names),
-                                                     **where(k))
-                          for k in keys]  # fmt: skip
-            results += [(row, None) for row in _run_tasks(shot_tasks, jobs, progress, "few-shot")]
-    order = {names[k]: i for i, k in enumerate(keys)}
-    protocol_order = {"linear": 0, "multilabel": 0, "knn": 1, "few-shot": 2}
-    results.sort(key=lambda rf: (order[(rf[0].backbone, rf[0].tap, rf[0].pooling)], protocol_order[rf[0].protocol],
-                                 rf[0].normalizer, rf[0].probe, rf[0].shots or 0))  # fmt: skip
+        split, results = _sweep_split(job, config, extras=True)
+        redrawn = [_sweep_split(job, replace(config, seed=config.seed + r), extras=False)
+                   for r in range(1, config.repeats)]  # fmt: skip
     rows = [r for r, _ in results]
+    _attach_costs(results, job, costs)
     best_row = best_of(rows)
-    fit = next(f for r, f in results if r is best_row)
     per = split.test_views + 1
     plain_rows = split.test_rows[::per]
+    sizes = fold_sizes(split, views)
+    evidence = {id(r): row_evidence(r, f, y_test[plain_rows]) for r, f in results}
+    annotate_rows(rows, [evidence[id(r)] for r in rows], best_row, sizes, config)
+    cheapest = pick_cheapest(rows, best_row, config) if costs else None
+    data = {"n_train_images": int(len(split.train_rows) // (views + 1)), "n_test_images": int(len(plain_rows)),
+            "views": views, "test_views": split.test_views, "multilabel": y.ndim == 2,
+            "split_digest": _split_digest(split, y, y_test, sources, test_sources if test is not None else None),
+            "fold_sizes": list(sizes)}  # fmt: skip
+    if redrawn:
+        data["stability"] = stability(rows, [[r for r, _ in res] for _, res in redrawn])
+    result = SweepResult(rows, best_row, None, {}, class_names, config, data, cheapest=cheapest)  # type: ignore[arg-type]
+    fit = next(f for r, f in results if r is result.chosen)
     ids = test_sources if test is not None else sources
-    test_predictions = {
+    result.estimator = fit.estimator
+    result.test_predictions = {
         "sources": [ids[r // per] if ids is not None else str(r // per) for r in plain_rows],
         "labels": y_test[plain_rows],
         "predicted": fit.predicted,
         "scores": fit.scores,
     }
-    data = {"n_train_images": int(len(split.train_rows) // (views + 1)), "n_test_images": int(len(plain_rows)),
-            "views": views, "test_views": split.test_views, "multilabel": multilabel,
-            "split_digest": _split_digest(split, y, y_test, sources, test_sources if test is not None else None)}  # fmt: skip
-    return SweepResult(rows, best_row, fit.estimator, test_predictions, class_names, config, data)
+    return result
+
+
+def config_from(config: SweepConfig | None, options: Mapping[str, Any], where: str) -> SweepConfig:
+    """``config``, or one built from the deprecated keyword arguments of ``where`` (with a DeprecationWarning)."""
+    if config is not None and not isinstance(config, SweepConfig):
+        raise ParameterError(f"{where}: config must be a SweepConfig, got {type(config).__name__}; pass "
+                             "config=cnncodes.SweepConfig(probes=('logreg',), folds=3).")  # fmt: skip
+    if not options:
+        return config or SweepConfig()
+    known = {f.name for f in fields(SweepConfig)} - {"threads"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+    warnings.warn(f"{where}({', '.join(f'{k}=' for k in options)}) is deprecated and goes in the next release: pass "
+                  f"config=cnncodes.SweepConfig({', '.join(f'{k}=...' for k in options)}) instead.", DeprecationWarning,
+                  stacklevel=3)  # fmt: skip
+    values = {k: tuple(v) if k in ("probes", "normalizers", "shots") and not isinstance(v, (str, int)) else v
+              for k, v in options.items()}  # fmt: skip
+    return replace(config or SweepConfig(), **values)
+
+
+@dataclass
+class _Job:
+    """What every draw of a sweep's split shares: the arrays, labels, names and how to run the tasks."""
+
+    arrays: dict[Hashable, Any]
+    test_arrays: dict[Hashable, Any]
+    y: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    names: dict[Hashable, tuple[str, str, str]]
+    depth_of: dict[Hashable, int]
+    views: int
+    test_views: int
+    test_rows: int | None  # rows of a separate test set, or None when the test images are held out
+    jobs: int
+    progress: bool
+
+    def where(self, k: Hashable) -> dict[str, Any]:
+        backbone, tap, pooling = self.names[k]
+        return {"tap": tap, "pooling": pooling, "depth": self.depth_of[k], "backbone": backbone}
+
+
+def _sweep_split(job: _Job, config: SweepConfig, *, extras: bool) -> tuple[Split, list[tuple[SweepRow, Any]]]:
+    """Split the images by ``config.seed`` and evaluate every candidate on that split: the rows in the order of the
+    codes, each with its fitted probe (``None`` for few-shot rows). ``extras=False`` leaves out the kNN and few-shot
+    rows (a redrawn split of ``repeats`` compares the rows that compete for the best)."""
+    keys, y, y_test, n_classes = list(job.arrays), job.y, job.y_test, len(job.class_names)
+    split = split_images(y, job.views, config, test_rows=job.test_rows, test_views=job.test_views)
+    linear = replace(config, probes=tuple(p for p in config.probes if p != "knn"))
+    multilabel = y.ndim == 2
+    knn = extras and "knn" in config.probes
+    shots = config.shots if extras else ()
+    if multilabel:
+        if "knn" in config.probes or config.shots:
+            raise ParameterError("the kNN and few-shot rows are single-label protocols; a multi-label sweep (a CSV "
+                                 "with cat;dog labels) takes linear probes only: drop knn and --shots.")  # fmt: skip
+        check_multilabel_split(y, split, job.class_names, y_test)
+    if shots:
+        check_shots(shots, y, split, job.class_names)
+    dims = {k: int(job.arrays[k].shape[1]) for k in keys}
+    if knn:  # a kNN classifier is its training rows
+        _check_in_memory("kNN baseline rows", "drop knn from --probes", keys, dims, split, config)
+    if multilabel:  # scikit-learn's one-vs-rest search fits in memory
+        _check_in_memory("multi-label probes", "sweep fewer or narrower arrays (--taps, --poolings)", keys, dims, split,
+                         config)  # fmt: skip
+    arrays, test_arrays, where = job.arrays, job.test_arrays, job.where
+    results: list[tuple[SweepRow, Fitted | None]] = []
+    if multilabel:
+        tasks = [delayed(evaluate_multilabel)(arrays[k], y, test_arrays[k], y_test, split, linear, **where(k))
+                 for k in keys]  # fmt: skip
+    else:
+        tasks = []
+        for pack in _packs(keys, dims, _in_threads()):
+            if len(pack) == 1:  # its arrays as arguments of their own, which joblib's Dask backend scatters
+                k = pack[0]
+                tasks.append(delayed(_linear_task)(arrays[k], y, test_arrays[k], y_test, split, linear,
+                                                   n_classes=n_classes, **where(k)))  # fmt: skip
+            else:
+                candidates = [where(k) | {"codes": arrays[k], "test_codes": test_arrays[k]} for k in pack]
+                tasks.append(delayed(_linear_pack)(candidates, y, y_test, split, linear, n_classes=n_classes))
+    if knn:
+        tasks += [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k))
+                  for k in keys]  # fmt: skip
+    what = "sweep" if extras else f"sweep (redrawn split, seed {config.seed})"
+    results += _run_tasks(tasks, job.jobs, job.progress, what)
+    if shots:
+        full_C = {}
+        for row, _ in results:
+            if row.protocol == "linear":
+                full_C.setdefault((row.backbone, row.tap, row.pooling), {})[(row.normalizer, row.probe)] = row.C
+        shot_tasks = [delayed(evaluate_few_shot)(arrays[k], y, test_arrays[k], y_test, split, linear,
+                                                 full_C[job.names[k]], evaluate_codes, n_classes=n_classes,
+                                                 **where(k))
+                      for k in keys]  # fmt: skip
+        results += [(row, None) for row in _run_tasks(shot_tasks, job.jobs, job.progress, "few-shot")]
+    order = {job.names[k]: i for i, k in enumerate(keys)}
+    protocol_order = {"linear": 0, "multilabel": 0, "knn": 1, "few-shot": 2}
+    results.sort(key=lambda rf: (order[(rf[0].backbone, rf[0].tap, rf[0].pooling)], protocol_order[rf[0].protocol],
+                                 rf[0].normalizer, rf[0].probe, rf[0].shots or 0))  # fmt: skip
+    return split, results
+
+
+_COST_FIELDS = ("flops", "params", "latency_ms_batch1", "latency_ms_batch64", "code_bytes")
+
+
+def _check_costs(costs: Mapping[Hashable, Mapping[str, Any]] | None, keys: list[Hashable],
+                 config: SweepConfig) -> dict[Hashable, dict[str, Any]]:  # fmt: skip
+    """``costs`` checked against the codes' keys: known fields, numbers; every key's ``flops`` for a cheapest pick."""
+    out: dict[Hashable, dict[str, Any]] = {}
+    for k, entry in (costs or {}).items():
+        if k not in keys:
+            raise ParameterError(f"costs[{k!r}] names no array of codes; its keys are those of codes.")
+        bad = sorted(set(entry) - set(_COST_FIELDS))
+        if bad:
+            raise ParameterError(f"costs[{k!r}] has unknown fields {bad}; use any of {list(_COST_FIELDS)}.")
+        for name, value in entry.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                                      or not np.isfinite(value) or value < 0):  # fmt: skip
+                raise ParameterError(f"costs[{k!r}][{name!r}] is {value!r}; give a non-negative number or None.")
+        out[k] = dict(entry)
+    if config.pick == "cheapest":
+        missing = [k for k in keys if out.get(k, {}).get("flops") is None]
+        if missing:
+            raise ParameterError(f"pick='cheapest' needs the forward FLOPs of every array, but {missing[0]!r} has none "
+                                 "(a store swept from a Python nn.Module cannot be rebuilt to count them). Pass "
+                                 "costs={key: {'flops': ...}} to sweep_codes, or use pick='best'.")  # fmt: skip
+    return out
+
+
+def _attach_costs(results: list[tuple[SweepRow, Any]], job: _Job, costs: dict[Hashable, dict[str, Any]]) -> None:
+    """Every row's cost: the array's measured costs, its code bytes per image and its probe's bytes."""
+    key_of = {job.names[k]: k for k in job.arrays}
+    for row, fitted in results:
+        k = key_of[(row.backbone, row.tap, row.pooling)]
+        entry = costs.get(k, {})
+        for name in _COST_FIELDS:
+            if entry.get(name) is not None:
+                value = entry[name]
+                setattr(row, name, int(value) if name in ("flops", "params", "code_bytes") else float(value))
+        if row.code_bytes is None:
+            dtype = getattr(job.arrays[k], "dtype", None)
+            row.code_bytes = int(row.dims * (np.dtype(dtype).itemsize if dtype is not None else 4))
+        if fitted is not None:
+            row.probe_bytes = probe_bytes(fitted.estimator)
 
 
 def _candidate_name(key: Hashable) -> tuple[str, str, str]:

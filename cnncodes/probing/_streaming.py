@@ -22,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ._probes import make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepRow
-from ._scoring import Fitted, c_grid, check_finite, metrics_from_scores
+from ._scoring import Fitted, c_grid, check_finite, metrics_from_scores, pack_hits
 
 __all__ = ["evaluate_streaming", "STREAM_PROBE"]
 
@@ -100,11 +100,13 @@ def evaluate_streaming(
                     Xn = transform(X)[order]
                     for model in models.values():
                         model.partial_fit(Xn, labels[rows][order], classes=classes)
-            correct = dict.fromkeys(grid, 0)
+            right: dict[float, list[np.ndarray]] = {C: [] for C in grid}
             for X, rows in _chunks(codes, val_rows, chunk_rows):
                 Xn = transform(X)
                 for C, model in models.items():
-                    correct[C] += int((model.predict(Xn) == labels[rows]).sum())
+                    right[C].append(model.predict(Xn) == labels[rows])
+            val_hits = {C: np.concatenate(v) if v else np.zeros(0, bool) for C, v in right.items()}
+            correct = {C: int(v.sum()) for C, v in val_hits.items()}
             best_c = max(grid, key=lambda c: (correct[c], -c))
             final = make_probe(
                 stand_in, "none", best_c, n_samples=len(split.train_rows), random_state=config.seed
@@ -135,6 +137,8 @@ def evaluate_streaming(
                 cv_accuracy=correct[best_c] / max(1, len(val_rows)),
                 cv_std=0.0,
                 **metrics,
+                cv_folds=[correct[best_c] / max(1, len(val_rows))],  # one validation split: no paired t
+                cv_hits=pack_hits(val_hits[best_c]),
                 fit_seconds=float(time.perf_counter() - t0 + prep_s),
             )
             out.append((row, Fitted(estimator, pred, plain)))

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ParameterError
-from ..probing import PROTOCOLS, SweepRow, best_of
+from ..probing import PROTOCOLS, SweepConfig, SweepRow, best_of
+from ..probing._results import STATISTICS, selection_record
+from ..probing._stats import compare_with_best, pick_cheapest, saved_evidence
 
 __all__ = ["Comparison", "compare"]
 
@@ -41,15 +43,21 @@ class Comparison:
     classes: list[str]
     data: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    cheapest: SweepRow | None = None
+
+    def _selection(self) -> dict[str, Any]:
+        return selection_record(self.best, self.cheapest, self.config.get("pick", "best"), self.config.get("tolerance"))
 
     def best_record(self) -> dict[str, Any]:
         sweep_of = self.data.get("sweep_of", {})
-        return {**self.best.to_dict(), "sweep": sweep_of.get(self.best.backbone)}
+        record = {k: v for k, v in self.best.to_dict().items() if k != "test_hits"}
+        return {**record, "sweep": sweep_of.get(self.best.backbone), **self._selection()}
 
     def to_dict(self) -> dict[str, Any]:
         rows = [r.to_dict() for r in self.rows]
         protocols = {p: PROTOCOLS[p] for p in dict.fromkeys(r["protocol"] for r in rows) if p in PROTOCOLS}
-        return {"config": self.config, "data": self.data, "classes": self.classes, "protocols": protocols, "rows": rows}
+        return {"config": self.config, "data": self.data, "classes": self.classes, "protocols": protocols,
+                "statistics": STATISTICS, "selection": self._selection(), "rows": rows}  # fmt: skip
 
 
 _NUMBERS = (
@@ -66,6 +74,12 @@ _NUMBERS = (
     "test_top5_accuracy",
     "fit_seconds",
     "C",
+    "flops",
+    "params",
+    "latency_ms_batch1",
+    "latency_ms_batch64",
+    "code_bytes",
+    "probe_bytes",
 )
 _TEXT = ("backbone", "tap", "pooling", "normalizer", "probe", "solver", "protocol")
 
@@ -86,12 +100,27 @@ def _check_row(row: Any, where: str) -> SweepRow:
         value = row.get(key)
         if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
             raise ValueError(f"{where}: {key} is {value!r}, not a finite number")
+    for key in ("cv_folds", *(k for k in row if k.endswith("_ci"))):
+        value = row.get(key)
+        if value is not None and (not isinstance(value, list) or not all(type(v) in (int, float) and math.isfinite(v)
+                                                                           for v in value)):  # fmt: skip
+            raise ValueError(f"{where}: {key} is {str(value)[:40]}, not a list of finite numbers")
+    if row.get("test_hits") is not None and not (isinstance(row["test_hits"], str) and _is_hex(row["test_hits"])):
+        raise ValueError(f"{where}: test_hits is not hexadecimal text")
     parsed = SweepRow.from_dict(row)
     if parsed.selectable and parsed.score is None:
         raise ValueError(f"{where}: a {parsed.protocol} row without its CV score")
     if parsed.C is None and parsed.k is None:
         raise ValueError(f"{where}: neither C nor k")
     return parsed
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _read(directory: Path) -> dict[str, Any]:
@@ -169,4 +198,28 @@ def compare(directories: list[str | os.PathLike]) -> Comparison:
             rows.append(r)
     data = {key: first["data"].get(key) for key in ("n_train_images", "n_test_images", "views", "split_digest")}
     data.update(sweeps=[str(d) for d in dirs], sweep_of=sweep_of)
-    return Comparison(rows, best_of(rows), first["classes"], data, first["config"])
+    best = best_of(rows)
+    config = _stats_config(first["config"])
+    n_test = int(data.get("n_test_images") or 0)
+    try:
+        evidence = [saved_evidence(r, n_test) for r in rows]
+    except ValueError as exc:
+        raise ParameterError(f"a row's test_hits do not fit the {n_test} test images ({exc}); rerun the sweeps with "
+                             "this cnncodes.") from None  # fmt: skip
+    sizes = tuple(first["data"].get("fold_sizes") or (0.0, 0.0))
+    if not all(sizes):  # written before fold sizes were recorded: the paired t needs them
+        for r in rows:
+            r.cv_folds = None
+        evidence = [saved_evidence(r, n_test) for r in rows]
+    compare_with_best(rows, evidence, best, sizes, config)  # on the same folds and test images (same split digest)
+    cheapest = pick_cheapest(rows, best, config) if any(r.flops for r in rows) else None
+    return Comparison(rows, best, first["classes"], data, first["config"], cheapest)
+
+
+def _stats_config(saved: dict[str, Any]) -> SweepConfig:
+    """The tests' settings (alpha, tolerance, seed, resamples) of a saved sweep's config; defaults where absent."""
+    keep = {k: saved[k] for k in ("alpha", "tolerance", "seed", "resamples") if saved.get(k) is not None}
+    try:
+        return SweepConfig(**keep)
+    except (ParameterError, TypeError):
+        return SweepConfig()

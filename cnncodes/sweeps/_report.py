@@ -17,57 +17,114 @@ from .._labels import label_text
 from ..probing import CONCAT_SEP, SweepResult, SweepRow
 from ._compare import Comparison
 
-__all__ = ["format_table", "write_report", "write_results", "plot_sweep", "plot_confusion", "plot_few_shot"]
+__all__ = [
+    "format_table",
+    "write_report",
+    "write_results",
+    "plot_sweep",
+    "plot_pareto",
+    "plot_confusion",
+    "plot_few_shot",
+    "pareto_front",
+    "summary_lines",
+]
 
 _COLUMNS = ["backbone", "tap", "depth", "pooling", "dims", "normalizer", "probe", "protocol", "C", "k", "shots",
-            "draws", "cv_accuracy", "cv_std", "cv_map", "cv_map_std", "test_map", "test_accuracy", "test_accuracy_std",
-            "test_balanced_accuracy",
-            "test_macro_f1", "test_tta_accuracy", "test_top5_accuracy", "fit_seconds", "C_at_edge", "n_fits",
-            "solver"]  # fmt: skip
+            "draws", "cv_accuracy", "cv_std", "cv_ci", "p_cv", "p_cv_holm", "p_cv_images", "p_cv_images_holm", "cv_map", "cv_map_std", "test_map",
+            "test_map_ci", "test_accuracy", "test_accuracy_ci", "p_test", "p_test_holm", "test_accuracy_std",
+            "test_balanced_accuracy", "test_balanced_accuracy_ci", "test_macro_f1", "test_macro_f1_ci",
+            "test_tta_accuracy", "test_tta_accuracy_ci", "test_top5_accuracy", "test_top5_accuracy_ci", "flops",
+            "params", "latency_ms_batch1", "latency_ms_batch64", "code_bytes", "probe_bytes", "test_accuracy_mean",
+            "test_accuracy_repeat_std", "p_best", "fit_seconds", "C_at_edge", "n_fits", "solver"]  # fmt: skip
+
+
+def _csv_columns() -> list[str]:
+    """The CSV's header: an interval ``x_ci`` is two columns, ``x_ci_low`` and ``x_ci_high``."""
+    return [part for c in _COLUMNS for part in ((f"{c}_low", f"{c}_high") if c.endswith("_ci") else (c,))]
+
+
+def _csv_row(row: SweepRow) -> dict[str, object]:
+    out = row.to_dict()
+    for c in _COLUMNS:
+        if c.endswith("_ci"):
+            low, high = out.pop(c, None) or (None, None)
+            out[f"{c}_low"], out[f"{c}_high"] = low, high
+    return out
 
 
 def _percent(value: float | None, width: int = 6) -> str:
     return f"{'-':>{width}}" if value is None else f"{100 * value:{width}.2f}"
 
 
+def _interval(ci: list[float] | None) -> str:
+    """``[98.7, 99.9]`` in percent, 14 characters wide."""
+    return f"{'':<14}" if ci is None else f"[{100 * ci[0]:5.1f},{100 * ci[1]:6.1f}]"
+
+
+def _p(value: float | None) -> str:
+    return f"{'-':>6}" if value is None else (f"{value:6.3f}" if value >= 1e-3 else f"{'<.001':>6}")
+
+
+def _flops(value: int | None) -> str:
+    """Forward FLOPs in the unit that keeps 4 digits: ``170.2M``, ``4.11G``."""
+    if value is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return str(int(value))
+
+
+def _name(r: SweepRow, several: bool) -> str:
+    return f"{r.backbone} {r.tap}" if several else r.tap
+
+
 def format_table(result: SweepResult | Comparison) -> str:
-    """A fixed-width table of every row; the best is marked ``*`` and a C on the grid edge ``!``. Few-shot rows
-    follow in their own table (test accuracy, mean ± std over the draws, per shot count)."""
+    """A fixed-width table of every row, then what was chosen and how sure it is.
+
+    Marks: ``*`` the best row (CV), ``c`` the cheapest row not significantly worse than it, ``=`` every other row the
+    CV folds cannot tell from the best (p_cv >= alpha), ``!`` a C on the grid edge. Intervals are 95 % (1 - alpha);
+    p(CV) is the smaller of each row's two paired tests against the best on the CV folds (the corrected paired t on
+    the fold scores, the McNemar test on the out-of-fold predictions) and p(test) the McNemar test on the test images. Few-shot rows follow in their own table (test
+    accuracy, mean ± std over the draws, per shot count)."""
     rows = [r for r in result.rows if r.protocol != "few-shot"]
     several = len({r.backbone for r in result.rows}) > 1
     multilabel = any(r.protocol == "multilabel" for r in rows)
     tta = any(r.test_tta_accuracy is not None for r in rows)
-    names = [f"{r.backbone} {r.tap}" if several else r.tap for r in result.rows]
-    name_width = min(max(22, *map(len, names)), 64)
+    costed = any(r.flops is not None for r in rows)
+    timed = any(r.latency_ms_batch1 is not None for r in rows)
+    cheapest = getattr(result, "cheapest", None)
+    alpha = _alpha(result)
+    name_width = min(max(22, *(len(_name(r, several)) for r in result.rows)), 64)
     # multi-label rows are selected and scored by mean average precision; their "exact" is subset accuracy
     cv_head, test_head, bal_head = ("CV mAP", "mAP", "exact") if multilabel else ("CV acc", "test", "bal")
-    head = f"  {'tap':<{name_width}} {'depth':>5} {'pool':<5} {'dims':>6} {'probe':<16} {'C / k':>9}  {cv_head:>13}"
-    head += f" {test_head:>6} {bal_head:>6} {'F1':>6}" + (f" {'TTA':>6}" if tta else "")
+    head = f"  {'tap':<{name_width}} {'depth':>5} {'pool':<5} {'dims':>6} {'probe':<16} {'C / k':>9}  {cv_head:>6}"
+    head += f" {'95% CI':<14} {'p(CV)':>6} {test_head:>6} {'95% CI':<14} {'p(test)':>7} {bal_head:>6} {'F1':>6}"
+    head += (
+        (f" {'TTA':>6}" if tta else "") + (f" {'FLOPs':>7}" if costed else "") + (f" {'ms/img':>6}" if timed else "")
+    )
     lines = [head + f" {'fit s':>6}"]
     for r in rows:
-        star = "*" if r.key == result.best.key else " "
+        star = ("*" if r.key == result.best.key else "c" if cheapest is not None and r.key == cheapest.key
+                else "=" if _tied(r, alpha) else " ")  # fmt: skip
         edge = "!" if r.C_at_edge else " "
         probe = r.probe if r.normalizer == "standard" else f"{r.normalizer}+{r.probe}"
-        name = f"{r.backbone} {r.tap}" if several else r.tap
         param = f"k={r.k}" if r.k is not None else f"{r.C:.3g}"
-        cv, cv_std = (r.cv_map, r.cv_map_std) if multilabel else (r.cv_accuracy, r.cv_std)
-        test, second = (r.test_map, r.test_accuracy) if multilabel else (r.test_accuracy, r.test_balanced_accuracy)
-        line = (
-            f"{star} {name[:name_width]:<{name_width}} {r.depth:>5} {r.pooling or '-':<5} {r.dims:>6} {probe[:16]:<16}"
+        cv, test = (r.cv_map, r.test_map) if multilabel else (r.cv_accuracy, r.test_accuracy)
+        test_ci = r.test_map_ci if multilabel else r.test_accuracy_ci
+        second = r.test_accuracy if multilabel else r.test_balanced_accuracy
+        line = f"{star} {_name(r, several)[:name_width]:<{name_width}} {r.depth:>5} {r.pooling or '-':<5} {r.dims:>6}"
+        line += f" {probe[:16]:<16} {param:>8}{edge} {_percent(cv)} {_interval(r.cv_ci)} {_p(_p_cv(r))}"
+        line += (
+            f" {_percent(test)} {_interval(test_ci)} {_p(r.p_test):>7} {_percent(second)} {_percent(r.test_macro_f1)}"
         )
-        line += f" {param:>8}{edge} {_percent(cv)}±{100 * (cv_std or 0):<5.2f} {_percent(test)}"
-        line += f" {_percent(second)} {_percent(r.test_macro_f1)}"
         line += f" {_percent(r.test_tta_accuracy)}" if tta else ""
+        line += f" {_flops(r.flops):>7}" if costed else ""
+        line += f" {_ms(r.latency_ms_batch1):>6}" if timed else ""
         lines.append(line + f" {r.fit_seconds:6.1f}")
-    b = result.best
-    where = f"{b.backbone} / " if several else ""
-    score = (f"CV mAP {100 * b.cv_map:.2f}%, test mAP {100 * b.test_map:.2f}%" if multilabel
-             else f"CV {100 * b.cv_accuracy:.2f}%, test {100 * b.test_accuracy:.2f}%")  # fmt: skip
-    lines.append(
-        f"best: {where}{b.tap} / {b.pooling or '-'} / {b.probe} (C={b.C:.3g}): {score} on "
-        f"{result.data.get('n_test_images', '?')} held-out images"
-        + ("  (! = C or k on the edge of the grid: widen --c-range)" if any(r.C_at_edge for r in rows) else "")
-    )
+    lines += summary_lines(result)
+    if any(r.C_at_edge for r in rows):
+        lines.append("! = C or k on the edge of the grid: widen --c-range")
     few = [r for r in result.rows if r.protocol == "few-shot"]
     if few:
         shots = sorted({r.shots for r in few})
@@ -85,6 +142,88 @@ def format_table(result: SweepResult | Comparison) -> str:
                      if n in by_shots else f"{'-':>12}" for n in shots]  # fmt: skip
             lines.append(f"  {name[: name_width + 24]:<{name_width + 24}} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def _p_cv(r: SweepRow) -> float | None:
+    """The smaller of the row's two CV tests against the best (the table's p(CV) column)."""
+    tests = [p for p in (r.p_cv, r.p_cv_images) if p is not None]
+    return min(tests) if tests else None
+
+
+def _tied(r: SweepRow, alpha: float) -> bool:
+    """Whether neither CV test tells the row from the best (what makes it a candidate for the cheapest pick)."""
+    tests = [p for p in (r.p_cv, r.p_cv_images) if p is not None]
+    return bool(tests) and min(tests) >= alpha
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _alpha(result: SweepResult | Comparison) -> float:
+    config = result.config
+    return float(config.get("alpha", 0.05) if isinstance(config, dict) else config.alpha)
+
+
+def _describe(r: SweepRow, several: bool, n_test: object, multilabel: bool) -> str:
+    """One row in a sentence: where, its scores with intervals, its cost."""
+    where = f"{r.backbone} / " if several else ""
+    head = f"{where}{r.tap} / {r.pooling or '-'} / {r.probe} (C={r.C:.3g})"
+    if multilabel:
+        score = (f"CV mAP {100 * r.cv_map:.2f}% {_interval(r.cv_ci).strip()}, test mAP {100 * r.test_map:.2f}% "
+                 f"{_interval(r.test_map_ci).strip()}")  # fmt: skip
+    else:
+        score = (f"CV {100 * r.cv_accuracy:.2f}% {_interval(r.cv_ci).strip()}, test {100 * r.test_accuracy:.2f}% "
+                 f"{_interval(r.test_accuracy_ci).strip()}")  # fmt: skip
+    cost = ""
+    if r.flops is not None:
+        cost = f"; {_flops(r.flops)} FLOPs"
+        if r.latency_ms_batch1 is not None:
+            cost += f", {r.latency_ms_batch1:.3g} ms/image at batch 1, {r.latency_ms_batch64:.3g} at 64"
+    return f"{head}: {score} on {n_test} held-out images{cost}"
+
+
+def summary_lines(result: SweepResult | Comparison) -> list[str]:
+    """The best row, the cheapest row statistically as good (with what it saves and its tests), which was saved, how
+    many rows the folds cannot tell from the best, and with repeats how stable the ranking is."""
+    rows = [r for r in result.rows if r.protocol != "few-shot"]
+    several = len({r.backbone for r in result.rows}) > 1
+    multilabel = any(r.protocol == "multilabel" for r in rows)
+    n_test = result.data.get("n_test_images", "?")
+    b, cheapest, alpha = result.best, getattr(result, "cheapest", None), _alpha(result)
+    lines = [f"best: {_describe(b, several, n_test, multilabel)}"]
+    if cheapest is not None and cheapest.key != b.key:
+        saving = f"{b.flops / cheapest.flops:.1f}x fewer FLOPs" if b.flops and cheapest.flops else ""
+        if cheapest.latency_ms_batch1 and b.latency_ms_batch1:
+            saving += f", {b.latency_ms_batch1 / cheapest.latency_ms_batch1:.1f}x faster at batch 1"
+        test_name = "paired bootstrap" if multilabel else "McNemar"
+        lines.append(f"cheapest equal: {_describe(cheapest, several, n_test, multilabel)}")
+        lines.append(f"  {saving}; vs the best: p = {_p(cheapest.p_cv).strip()} (corrected paired t on the folds), "
+                     f"{_p(cheapest.p_cv_images).strip()} (McNemar, out-of-fold), {_p(cheapest.p_test).strip()} "
+                     f"({test_name}, test images)")  # fmt: skip
+    elif cheapest is not None:
+        lines.append("cheapest equal: the best row itself (no row with fewer FLOPs is statistically as good)")
+    else:
+        lines.append("cheapest equal: unknown (no row's FLOPs were counted: codes in memory, or a store of a Python "
+                     "module)")  # fmt: skip
+    pick = result.config.get("pick", "best") if isinstance(result.config, dict) else result.config.pick
+    if isinstance(result, SweepResult):
+        lines.append(f"saved: the {pick} row (--pick {pick})")
+    tested = [r for r in rows if r.p_cv is not None or r.p_cv_images is not None]
+    tied = [r for r in tested if _tied(r, alpha)]
+    worse = [r for r in tested if min(p for p in (r.p_cv_holm, r.p_cv_images_holm, 1.0) if p is not None) < alpha]
+    if tested:
+        lines.append(f"{len(tied)} of {len(tested)} other rows (=) are not significantly worse than the best on the CV "
+                     f"folds (neither p(CV), the corrected paired t on the folds, nor the McNemar test on the "
+                     f"out-of-fold predictions is below {alpha:g}); {len(worse)} are worse after Holm's correction.")  # fmt: skip
+    stable = result.data.get("stability")
+    if stable:
+        rank = stable.get("rank_correlation") or {}
+        p_best = sorted((r for r in rows if r.p_best), key=lambda r: -r.p_best)
+        shares = ", ".join(f"{_name(r, several)} {r.pooling} {r.probe} {r.p_best:.2f}" for r in p_best[:4])
+        lines.append(f"over {stable['repeats']} redrawn splits: Kendall tau {rank.get('kendall_tau', float('nan')):.2f}"
+                     f", Spearman {rank.get('spearman', float('nan')):.2f} between the rankings; P(best): {shares}")  # fmt: skip
+    return lines
 
 
 def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Path:
@@ -132,19 +271,76 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
             label = f"{r.pooling or '-'} · {r.probe}" + ("" if r.normalizer == "standard" else f" ({r.normalizer})")
             series.setdefault(label, []).append(r)
         for label, members in series.items():
-            ax.errorbar([x_of[r.tap] for r in members], [100 * r.score for r in members],
-                        yerr=[100 * (r.cv_map_std if r.cv_map is not None else r.cv_std) for r in members], marker="o",
-                        ms=4, capsize=2, label=label)  # fmt: skip
+            ax.errorbar([x_of[r.tap] for r in members], [100 * r.score for r in members], yerr=_yerr(members),
+                        marker="o", ms=4, capsize=2, label=label)  # fmt: skip
         ax.plot([x_of[b.tap]], [100 * b.score], marker="*", ms=18, color="gold", mec="black", zorder=5,
                 label=f"best: {b.tap} {b.pooling} {b.probe}")  # fmt: skip
         ax.set_xticks(range(len(taps)))
         ax.set_xticklabels([f"{t}\n(depth {depth_of[t]})" for t in taps], rotation=30, ha="right", fontsize=8)
-        ax.set_xlabel("tap (shallow → deep)")
+        ax.set_xlabel("tap (shallow → deep); bars: 95 % intervals of the CV score (corrected resampled t)")
         ax.set_title(f"Linear probe accuracy by layer: {Path(result.data.get('store') or 'codes').name}")
     multilabel = any(r.protocol == "multilabel" for r in rows)
     ax.set_ylabel(f"cross-validated {'mean average precision' if multilabel else 'accuracy'} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _yerr(rows: list[SweepRow]) -> np.ndarray:
+    """Asymmetric error bars in points: each row's CV interval, or its fold std where it has none."""
+    out = []
+    for r in rows:
+        spread = r.cv_map_std if r.cv_map is not None else r.cv_std
+        low, high = r.cv_ci or (r.score - (spread or 0.0), r.score + (spread or 0.0))
+        out.append((100 * max(r.score - low, 0.0), 100 * max(high - r.score, 0.0)))
+    return np.array(out, dtype=float).T.reshape(2, len(rows))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: none has lower (or equal) cost and a higher score; ordered by
+    cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, top = [], -np.inf
+    for i in order:
+        if points[i][1] > top:
+            front.append(i)
+            top = points[i][1]
+    return front
+
+
+def plot_pareto(result: SweepResult | Comparison, path: str | os.PathLike) -> Path:
+    """What each row costs against how well it does: CV score (95 % interval bars) against forward FLOPs and, where
+    timed, against per-image latency at batch 1; the Pareto front drawn, the best and the cheapest equal row marked."""
+    rows = [r for r in result.rows if r.selectable and r.flops]
+    timed = all(r.latency_ms_batch1 for r in rows)
+    fig, first = new_figure(13.0 if timed else 7.5, 4.8)
+    axes = [first]
+    if timed:
+        fig.clear()
+        axes = list(fig.subplots(1, 2, sharey=True))
+    cheapest = getattr(result, "cheapest", None)
+    for ax, (what, label) in zip(axes, (("flops", "forward FLOPs per image up to the tap (log)"),
+                                        ("latency_ms_batch1", "ms per image at batch 1, network up to the tap (log)"))):  # fmt: skip
+        x = [float(getattr(r, what)) for r in rows]
+        y = [100 * r.score for r in rows]
+        ax.errorbar(x, y, yerr=_yerr(rows), fmt="o", ms=3, capsize=2, alpha=0.45, color="tab:blue", label="rows")
+        front = pareto_front(list(zip(x, y)))
+        ax.plot([x[i] for i in front], [y[i] for i in front], "-", color="tab:red", lw=1.2, label="Pareto front")
+        for marker, row, text in (("*", result.best, "best"), ("D", cheapest, "cheapest equal")):
+            if row is not None and getattr(row, what):
+                ax.plot([getattr(row, what)], [100 * row.score], marker=marker, ms=14 if marker == "*" else 9,
+                        color="gold" if marker == "*" else "limegreen", mec="black", ls="none", zorder=5,
+                        label=f"{text}: {row.tap} {row.pooling} {row.probe}")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    multilabel = any(r.protocol == "multilabel" for r in rows)
+    axes[0].set_ylabel(f"cross-validated {'mAP' if multilabel else 'accuracy'} (%), 95 % interval")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+    fig.suptitle("What each row costs: accuracy against compute")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -158,9 +354,9 @@ def write_results(result: SweepResult | Comparison, out: str | os.PathLike, *, p
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("results.csv", "results.json", "best.json")}
     with open(paths["results.csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=_csv_columns(), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(r.to_dict() for r in result.rows)
+        writer.writerows(_csv_row(r) for r in result.rows)
     paths["results.json"].write_text(json.dumps(result.to_dict(), indent=1))
     # best.json describes the choice, without timings, so equal sweeps of one store (local or on a cluster) write
     # equal files; timings are in results.csv/json.
@@ -168,6 +364,8 @@ def write_results(result: SweepResult | Comparison, out: str | os.PathLike, *, p
     paths["best.json"].write_text(json.dumps(best, indent=1))
     if plot:
         paths["sweep.png"] = plot_sweep(result, out / "sweep.png")
+        if any(r.flops for r in result.rows if r.selectable):
+            paths["pareto.png"] = plot_pareto(result, out / "pareto.png")
         if any(r.protocol == "few-shot" for r in result.rows):
             paths["few_shot.png"] = plot_few_shot(result, out / "few_shot.png")
     return paths
@@ -224,7 +422,7 @@ def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = Tr
 
 
 def plot_confusion(result: SweepResult, path: str | os.PathLike) -> Path:
-    """The best candidate's confusion matrix on the test images (rows: true class, normalized to recall)."""
+    """The chosen candidate's confusion matrix on the test images (rows: true class, normalized to recall)."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
     pred = result.test_predictions
@@ -236,7 +434,7 @@ def plot_confusion(result: SweepResult, path: str | os.PathLike) -> Path:
         values_format=".2f", include_values=len(labels) <= 20, cmap="Blues", colorbar=False, ax=ax,
         xticks_rotation=45,
     )  # fmt: skip
-    best = result.best
+    best = result.chosen
     ax.set_title(
         f"{best.backbone + ' / ' if best.backbone else ''}{best.tap} / {best.pooling} / {best.normalizer} / "
         f"{best.probe}: test accuracy {best.test_accuracy:.3f}"

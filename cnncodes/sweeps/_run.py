@@ -33,6 +33,7 @@ from ..probing import (
     split_images,
     sweep_codes,
 )
+from ..probing._search import config_from
 from ..store import CodeStore
 
 __all__ = ["sweep", "make_split", "check_same_images", "check_test_stores", "backbone_names", "extractor_of"]
@@ -58,28 +59,19 @@ def make_split(store: CodeStore, *, test: CodeStore | None = None, config: Sweep
 
 def sweep(
     store: CodeStore | str | os.PathLike | Sequence[CodeStore | str | os.PathLike],
+    config: SweepConfig | None = None,
     *,
     test: CodeStore | str | os.PathLike | Sequence[CodeStore | str | os.PathLike] | None = None,
-    probes: Sequence[str] = ("logreg", "linsvc"),
-    normalizers: Sequence[str] = ("standard",),
     taps: Iterable[str] | str | None = None,
     poolings: Iterable[str] | str | None = None,
-    folds: int = 5,
-    val_size: float | None = None,
-    test_size: float = 0.25,
-    seed: int = 0,
-    c_min: float = 1e-4,
-    c_max: float = 1e4,
-    c_steps_per_decade: int = 2,
+    concat: Iterable[str] | str | None = None,
+    costs: bool = True,
+    latency: bool = True,
     jobs: int = 1,
-    max_memory: int | None = None,
-    device: str = "cpu",
     progress: bool = True,
     backend: str | None = None,
     scheduler: str | None = None,
-    shots: Sequence[int] = (),
-    draws: int = 5,
-    concat: Iterable[str] | str | None = None,
+    **options: Any,
 ) -> SweepResult:
     """Evaluate linear probes on every (tap, pooling) of one or several code stores and pick the best extraction point.
 
@@ -88,59 +80,49 @@ def sweep(
     store : CodeStore or path, or a sequence of them
         Several stores must hold the same images in the same order (from different backbones or input sizes): they
         share one split, and the best (backbone, tap, pooling, probe) is picked over all of them.
+    config : SweepConfig, optional
+        How every candidate is fitted, scored, compared and picked: probes, normalizers, folds, test size, seed, the C
+        grid, ``pick`` (``best`` or ``cheapest``), ``tolerance``, ``repeats``... Default ``SweepConfig()``.
     test : CodeStore or path (a sequence matching ``store``), optional
-        A separate test store; otherwise ``test_size`` of the images are held out (stratified, ``seed``).
-    probes : sequence of str, default=("logreg", "linsvc")
-        Any of ``logreg``, ``linsvc``, ``sgd``, ``sgd-log``; ``knn`` adds the kNN baseline rows.
-    normalizers : sequence of str, default=("standard",)
-        Any of ``standard``, ``l2``, ``power``, ``none``.
+        A separate test store; otherwise ``config.test_size`` of the images are held out (stratified, seeded).
     taps, poolings : str or iterable of str, optional
         Restrict the sweep to these (the names :func:`cnncodes.extract` stored; comma-separated strings welcome).
-    folds : int, default=5
-        Stratified k-fold over training images.
-    val_size : float, optional
-        Use one stratified validation split of this fraction instead of k-fold.
-    test_size : float, default=0.25
-    seed : int, default=0
-    c_min, c_max : float
-        C grid bounds.
-    c_steps_per_decade : int, default=2
-        C resolution: one C per decade, then a binary search around the best down to 1/N decade (CLIP's protocol:
-        ``c_min=1e-6, c_max=1e6, c_steps_per_decade=8``; see :class:`cnncodes.probing.SweepConfig`).
+    concat : str or iterable of str, optional
+        Add candidates that join several taps' codes side by side, per pooling: ``"last:K"`` for each store's K
+        deepest taps (after the ``taps`` filter), or an explicit ``"layer3+layer4"``. Their rows are named
+        ``layer3+layer4``; a probe bundle of one computes every part again in one forward pass.
+    costs : bool, default=True
+        Count every row's forward FLOPs and running parameters up to its tap (torch's ``FlopCounterMode`` on the
+        early-exit network a bundle runs, built from the store's model spec with random weights: no download).
+    latency : bool, default=True
+        Also time that network per image at batch 1 and 64 on this machine (the store's extraction device where it
+        is here, else the CPU).
     jobs : int, default=1
         joblib workers (``-1``: all cores, or every Dask worker thread). Runs under the active joblib backend, so
         ``with joblib.parallel_config(backend="dask"):`` spreads it over a Dask cluster.
-    max_memory : int, optional
-        Bytes per task; arrays whose in-memory fit needs more (their rows, a normalized copy per fold, the solver's
-        copies: docs/scaling.md) are fitted out of core by streaming; kNN and multi-label rows over it are refused.
-    device : str, default="cpu"
-        Torch device of the path solver.
     progress : bool, default=True
     backend : {"dask"}, optional
         Run on a Dask cluster (the ``dask`` extra); default: the active joblib backend.
     scheduler : str, optional
         With ``backend="dask"``: the scheduler address (``tcp://host:8786``) or a scheduler JSON file; default: a
         local cluster. Workers read the store by its path, so it must be on storage they share.
-    shots : sequence of int, optional
-        Few-shot rows for these numbers of training images per class.
-    draws : int, default=5
-        Subsets drawn per shot count.
-    concat : str or iterable of str, optional
-        Add candidates that join several taps' codes side by side, per pooling: ``"last:K"`` for each store's K
-        deepest taps (after the ``taps`` filter), or an explicit ``"layer3+layer4"``. Their rows are named
-        ``layer3+layer4``; a probe bundle of one computes every part again in one forward pass.
+    **options
+        Deprecated: :class:`~cnncodes.probing.SweepConfig` fields as keywords (``probes=``, ``folds=``...). Pass
+        ``config=SweepConfig(...)`` instead; the keywords go in the next release.
 
     Returns
     -------
     SweepResult
         Equal on any backend: tasks are seeded and independent of where they run. Every row names its ``backbone``
-        (``data["stores"]`` maps each to its store); ``extractor`` describes the best row's store.
+        (``data["stores"]`` maps each to its store), carries its intervals, paired tests against the best row and
+        costs; ``extractor`` describes the chosen row's store.
 
     See Also
     --------
     cnncodes.sweep_codes : the same sweep on arrays in memory.
     cnncodes.sweeps.compare : join the results of sweeps written before.
     """
+    config = config_from(config, options, "sweep")
     stores = [_open(s) for s in _as_list(store)]
     test_stores = None if test is None else [_open(t) for t in _as_list(test)]
     if test_stores is not None and len(test_stores) != len(stores):
@@ -193,9 +175,11 @@ def sweep(
             raise ParameterError(f"--concat {spec}: no store swept has all of those taps; check the names against "
                                  "cnncodes layers or the stores' manifests.")  # fmt: skip
     first, first_test = stores[0], None if test_stores is None else test_stores[0]
+    measured = _measure_costs(stores, names, codes, latency=latency) if costs else {}
     result = sweep_codes(
         codes,
         np.asarray(first.labels),
+        config,
         test=test_codes or None,
         test_labels=None if first_test is None else np.asarray(first_test.labels),
         views=first.views,
@@ -204,20 +188,59 @@ def sweep(
         depths=depth,
         sources=first.sources,
         test_sources=None if first_test is None else first_test.sources,
-        probes=probes, normalizers=normalizers, folds=folds, val_size=val_size, test_size=test_size, seed=seed,
-        c_min=c_min, c_max=c_max, c_steps_per_decade=c_steps_per_decade, jobs=jobs, max_memory=max_memory,
-        device=device, progress=progress,
-        backend=backend, scheduler=scheduler, shots=shots, draws=draws,
-    )  # fmt: skip
-    best = result.best
-    at = names.index(best.backbone)
+        costs=measured,
+        jobs=jobs,
+        progress=progress,
+        backend=backend,
+        scheduler=scheduler,
+    )
+    chosen = result.chosen
+    at = names.index(chosen.backbone)
     result.data.update(
         store=str(stores[at].path),
         test_store=str(test_stores[at].path) if test_stores else None,
         stores={n: str(s.path) for n, s in zip(names, stores)},
     )
-    result.extractor = extractor_of(stores[at], best.tap, best.pooling)
+    result.extractor = extractor_of(stores[at], chosen.tap, chosen.pooling)
     return result
+
+
+def _measure_costs(stores: Sequence[CodeStore], names: Sequence[str], codes: dict, *,
+                   latency: bool) -> dict[tuple[str, str, str], dict[str, Any]]:  # fmt: skip
+    """Every array's cost: forward FLOPs and running parameters up to its taps, the network's per-image latency at
+    batch 1 and 64, and the bytes of one image's codes. A store whose model cannot be rebuilt (a Python module) gets
+    its code bytes only."""
+    from ..network import architecture_of, measure_latency, resolve_device, tap_costs
+
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for name, st in zip(names, stores):
+        model = st.manifest.get("model") or {}
+        size = (model.get("preprocessing") or {}).get("input_size")
+        keys = [k for k in codes if k[0] == name]
+        itemsize = {(a["tap"], a["pooling"]): np.dtype(a["dtype"]).itemsize for a in st.arrays}
+        dims = {(a["tap"], a["pooling"]): int(a["shape"][1]) for a in st.arrays}
+        for k in keys:
+            parts = [(t, k[2]) for t in k[1].split(CONCAT_SEP)]
+            out[k] = {"code_bytes": sum(itemsize[p] * dims[p] for p in parts)}
+        backbone = architecture_of(str(model.get("spec", "")), size)
+        if backbone is None:
+            continue
+        pooled: dict[str, list[tuple[str, ...]]] = {}  # each group of taps once, at a pooling it is stored at
+        for group, pool in {tuple(k[1].split(CONCAT_SEP)): k[2] for k in reversed(keys)}.items():
+            pooled.setdefault(pool, []).append(group)
+        numerics = (st.manifest.get("config") or {}).get("numerics") or {}
+        device = "cuda" if numerics.get("device") == "cuda" and resolve_device("auto").type == "cuda" else "cpu"
+        counted, timed = {}, {}
+        for pool, groups in pooled.items():
+            counted.update(tap_costs(backbone, groups, pooling=pool))
+            if latency:
+                timed.update(measure_latency(backbone, groups, pooling=pool, batch_sizes=(1, 64), device=device))
+        for k in keys:
+            group = tuple(k[1].split(CONCAT_SEP))
+            out[k].update(flops=counted[group].flops, params=counted[group].params)
+            if group in timed:
+                out[k].update(latency_ms_batch1=timed[group].get(1), latency_ms_batch64=timed[group].get(64))
+    return out
 
 
 def extractor_of(store: CodeStore, tap: str, pooling: str) -> dict:

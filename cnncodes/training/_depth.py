@@ -12,11 +12,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .._figures import new_figure
 from ..errors import ParameterError
 from ..extraction import extract
 from ..images import open_source
-from ..network import Backbone, cut_points, list_taps, load_backbone
+from ..network import Backbone, cut_points, forward_flops, list_taps, load_backbone, tap_costs
+from ..probing import SweepConfig
+from ..probing._stats import holm, mcnemar_exact, wilson_interval
 from ..store import CodeStore
 from ..sweeps import sweep
 from ._finetune import FinetuneConfig
@@ -39,6 +43,19 @@ class DepthRow:
     extract_seconds: float
     train_seconds: float
     best: bool = False
+    # 95 % intervals: Wilson on the images scored, the corrected resampled t on the linear probe's CV folds
+    linear_cv_ci: list[float] | None = None
+    linear_test_ci: list[float] | None = None
+    finetune_val_ci: list[float] | None = None
+    finetune_test_ci: list[float] | None = None
+    # the best cut's fine-tuned top against this cut's, on the same images: exact McNemar, Holm-adjusted over cuts
+    p_val: float | None = None
+    p_val_holm: float | None = None
+    p_test: float | None = None
+    p_test_holm: float | None = None
+    linear_flops: int | None = None  # deployed linear probe: forward FLOPs per image of the network up to the cut
+    finetune_flops: int | None = None  # deployed fine-tuned model: the network up to the cut and the trained top
+    trainable_params: int | None = None  # parameters the fine-tuning trained
 
 
 def depth(
@@ -125,7 +142,7 @@ def depth_of_stores(
         raise ParameterError(f"several stores hold the cut {repeated[0][0]!r}; give one store per cut.")
     backbone = backbone or backbone_of(opened[0], weights)
     catalogue = list_taps(backbone)
-    rows = []
+    rows, hits = [], []
     for i, store in enumerate(opened):
         caches = [a for a in store.arrays if a["pooling"] == "none"]
         if len(caches) != 1:
@@ -138,17 +155,55 @@ def depth_of_stores(
                                  "--poolings none,avg.")  # fmt: skip
         if progress:
             print(f"cut {name}: linear probe on {', '.join(pooled)}, then the layers above it")
-        linear = sweep(store, taps=[name], poolings=pooled, probes=["logreg"], test_size=test_size, seed=config.seed,
-                       progress=False)  # fmt: skip
+        linear = sweep(store, SweepConfig(probes=("logreg",), test_size=test_size, seed=config.seed), taps=[name],
+                       poolings=pooled, progress=False)  # fmt: skip
         tuned = finetune(store, name, backbone=backbone, config=config, val_size=val_size, test_size=test_size,
                          device=device, progress=progress)  # fmt: skip
-        rows.append(DepthRow(name, catalogue[name].index, linear.best.cv_accuracy, linear.best.test_accuracy,
-                             tuned.val_accuracy, tuned.test_accuracy, (store.path / caches[0]["file"]).stat().st_size,
-                             float("nan") if extract_seconds is None else extract_seconds[i], tuned.seconds))  # fmt: skip
-    rows.sort(key=lambda r: r.depth)
+        row = DepthRow(name, catalogue[name].index, linear.best.cv_accuracy, linear.best.test_accuracy,
+                       tuned.val_accuracy, tuned.test_accuracy, (store.path / caches[0]["file"]).stat().st_size,
+                       float("nan") if extract_seconds is None else extract_seconds[i], tuned.seconds,
+                       linear_cv_ci=linear.best.cv_ci, linear_test_ci=linear.best.test_accuracy_ci)  # fmt: skip
+        _measure(row, tuned, backbone, catalogue[name].shape)
+        rows.append(row)
+        hits.append((tuned.val_hits, tuned.test_hits))
+    order = sorted(range(len(rows)), key=lambda i: rows[i].depth)
+    rows, hits = [rows[i] for i in order], [hits[i] for i in order]
     max(rows, key=lambda r: r.finetune_val_accuracy).best = True
+    compare_cuts(rows, hits)
     write_depth_report(rows, out)
     return rows
+
+
+def _measure(row: DepthRow, tuned: Any, backbone: Backbone, shape: tuple[int, ...]) -> None:
+    """A cut's intervals and costs: Wilson intervals of the fine-tuned top's scores, deployed FLOPs of the probe
+    (the network up to the cut) and of the fine-tuned model (that, then the trained top), trained parameters."""
+    import torch
+
+    for name, hits in (("finetune_val_ci", tuned.val_hits), ("finetune_test_ci", tuned.test_hits)):
+        if hits is not None and len(hits):
+            setattr(row, name, list(wilson_interval(int(np.sum(hits)), len(hits))))
+    prefix = tap_costs(backbone, [row.cut], pooling="none")[(row.cut,)].flops
+    model = tuned.model.to("cpu")
+    row.linear_flops = int(prefix)
+    row.finetune_flops = int(prefix + forward_flops(model, torch.zeros((1, *shape))))
+    row.trainable_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def compare_cuts(rows: list[DepthRow], hits: list[tuple[Any, Any]]) -> None:
+    """Every cut's fine-tuned top against the best cut's, on the same validation and test images (exact McNemar),
+    Holm-adjusted over the cuts, in place."""
+    at = next(i for i, r in enumerate(rows) if r.best)
+    for which, k in (("p_val", 0), ("p_test", 1)):
+        ref = hits[at][k]
+        values = np.full(len(rows), np.nan)
+        for i, (row, pair) in enumerate(zip(rows, hits)):
+            if i != at and ref is not None and pair[k] is not None and len(pair[k]) == len(ref):
+                values[i] = mcnemar_exact(ref, pair[k])
+                setattr(row, which, float(values[i]))
+        if np.isfinite(values).any():
+            for row, p in zip(rows, holm(values)):
+                if np.isfinite(p):
+                    setattr(row, f"{which}_holm", float(p))
 
 
 def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str, Path]:
@@ -163,13 +218,21 @@ def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str
     paths["json"].write_text(json.dumps([asdict(r) for r in rows], indent=1))
     fig, ax = new_figure(8, 4.5)
     x = range(len(rows))
-    ax.plot(x, [r.linear_test_accuracy for r in rows], "o-", label="linear probe (frozen up to the cut)")
-    ax.plot(x, [r.finetune_test_accuracy or 0.0 for r in rows], "s-", label="layers above the cut fine-tuned")
+
+    def bars(values: list[float], cis: list[list[float] | None]) -> np.ndarray:
+        return np.array([[v - c[0], c[1] - v] if c else [0.0, 0.0] for v, c in zip(values, cis)]).T.reshape(2, -1)
+
+    linear = [r.linear_test_accuracy for r in rows]
+    tuned = [r.finetune_test_accuracy or 0.0 for r in rows]
+    ax.errorbar(x, linear, yerr=bars(linear, [r.linear_test_ci for r in rows]), fmt="o-", capsize=3,
+                label="linear probe (frozen up to the cut)")  # fmt: skip
+    ax.errorbar(x, tuned, yerr=bars(tuned, [r.finetune_test_ci for r in rows]), fmt="s-", capsize=3,
+                label="layers above the cut fine-tuned")  # fmt: skip
     best = next(i for i, r in enumerate(rows) if r.best)
     ax.axvline(best, color="grey", linestyle=":", label=f"best cut (validation): {rows[best].cut}")
     ax.set_xticks(list(x), [r.cut for r in rows], rotation=30, ha="right")
     ax.set_xlabel("cut (deeper to the right: more layers frozen)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (bars: 95 % Wilson intervals)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(paths["plot"], dpi=120)
@@ -177,12 +240,32 @@ def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str
 
 
 def format_depth_table(rows: list[DepthRow]) -> str:
-    lines = [f"  {'cut':<28} {'linear cv':>9} {'linear test':>11} {'tuned val':>9} {'tuned test':>10} "
-             f"{'cache MiB':>9} {'extract s':>9} {'train s':>8}"]  # fmt: skip
+    """Every cut: the linear probe's CV and test accuracy, the fine-tuned top's validation and test accuracy with 95 %
+    intervals, its paired tests against the best cut, and what the cut costs."""
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    def ci(value: list[float] | None) -> str:
+        return "" if value is None else f"[{100 * value[0]:.1f},{100 * value[1]:.1f}]"
+
+    def p(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    head = (f"  {'cut':<24} {'linear cv':>9} {'linear test':>11} {'tuned val':>9} {'95% CI':<13} {'p(val)':>6} "
+            f"{'tuned test':>10} {'95% CI':<13} {'p(test)':>7} {'probe FLOPs':>11} {'tuned FLOPs':>11} "
+            f"{'cache MiB':>9} {'train s':>8}")  # fmt: skip
+    lines = [head]
     for r in rows:
-        test = "-" if r.finetune_test_accuracy is None else f"{r.finetune_test_accuracy:.4f}"
-        lines.append(f"{'*' if r.best else ' '} {r.cut:<28} {r.linear_cv_accuracy:>9.4f} {r.linear_test_accuracy:>11.4f} "
-                     f"{r.finetune_val_accuracy:>9.4f} {test:>10} {r.cache_bytes / 2**20:>9.2f} "
-                     f"{'-' if r.extract_seconds != r.extract_seconds else f'{r.extract_seconds:.1f}':>9} "
-                     f"{r.train_seconds:>8.1f}")  # fmt: skip
+        lines.append(f"{'*' if r.best else ' '} {r.cut[:24]:<24} {pct(r.linear_cv_accuracy):>9} "
+                     f"{pct(r.linear_test_accuracy):>11} {pct(r.finetune_val_accuracy):>9} {ci(r.finetune_val_ci):<13} "
+                     f"{p(r.p_val):>6} {pct(r.finetune_test_accuracy):>10} {ci(r.finetune_test_ci):<13} "
+                     f"{p(r.p_test):>7} {_giga(r.linear_flops):>11} {_giga(r.finetune_flops):>11} "
+                     f"{r.cache_bytes / 2**20:>9.2f} {r.train_seconds:>8.1f}")  # fmt: skip
+    lines.append("* = best cut by the fine-tuned top's validation accuracy; p(val), p(test): exact McNemar test of each "
+                 "cut's fine-tuned top against the best cut's on the same images (Holm-adjusted in depth.json).")  # fmt: skip
     return "\n".join(lines)
+
+
+def _giga(flops: int | None) -> str:
+    return "-" if flops is None else f"{flops / 1e9:.3f}G"

@@ -196,6 +196,8 @@ class TrainResult:
     test_accuracy: float | None
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    val_hits: np.ndarray | None = None  # per validation image, right or not (paired tests across cuts)
+    test_hits: np.ndarray | None = None  # per test image, right or not
 
 
 def train(
@@ -271,17 +273,26 @@ def train(
         if since_best >= config.patience or (steps is not None and done_steps >= steps):
             break
     model.load_state_dict(best[2])
-    test_acc = None if test is None or not len(test) else accuracy(model, feed, labels, test, config.batch_size, dev)
-    return TrainResult(model, best[1], best[0], test_acc, history, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    val_hits = hits(model, feed, labels, val, config.batch_size, dev)
+    test_hits = None if test is None or not len(test) else hits(model, feed, labels, test, config.batch_size, dev)
+    test_acc = None if test_hits is None else float(test_hits.mean())
+    return TrainResult(model, best[1], best[0], test_acc, history, seconds, val_hits, test_hits)
 
 
-def accuracy(model: nn.Module, feed: Activations, labels: np.ndarray, images: np.ndarray, batch: int, dev) -> float:
-    """Accuracy on the plain view (view 0) of ``images``, in eval mode."""
+def hits(model: nn.Module, feed: Activations, labels: np.ndarray, images: np.ndarray, batch: int, dev) -> np.ndarray:
+    """Per image of ``images``, whether the model classifies its plain view (view 0) right, in eval mode."""
     model.eval()
-    right = 0
+    out = []
     with torch.inference_mode():
         for lo in range(0, len(images), batch):
             part = images[lo : lo + batch]
             pred = model(feed.rows(part, 0).to(dev)).argmax(1).cpu().numpy()
-            right += int((pred == np.asarray(labels)[part]).sum())
-    return right / max(1, len(images))
+            out.append(pred == np.asarray(labels)[part])
+    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+
+
+def accuracy(model: nn.Module, feed: Activations, labels: np.ndarray, images: np.ndarray, batch: int, dev) -> float:
+    """Accuracy on the plain view (view 0) of ``images``, in eval mode."""
+    right = hits(model, feed, labels, images, batch, dev)
+    return float(right.sum()) / max(1, len(images))

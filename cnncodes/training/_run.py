@@ -39,6 +39,8 @@ class FinetuneResult:
     seconds: float
     config: dict[str, Any]
     path: Path | None = None  # the saved finetuned.zip, when ``out`` was given
+    val_hits: np.ndarray | None = None  # per validation image: classified right (paired tests across cuts)
+    test_hits: np.ndarray | None = None  # per test image
 
     def to_dict(self) -> dict[str, Any]:
         return {"cut": self.cut, "head": self.head, "classes": self.classes, "val_accuracy": self.val_accuracy,
@@ -136,7 +138,8 @@ def finetune(
                                 views=store.views, config=config, device=device, progress=progress)  # fmt: skip
     done = FinetuneResult(cut, config.head, result.model, store.classes, result.val_accuracy, result.test_accuracy,
                           result.best_epoch, result.history, result.seconds,
-                          {**config.to_dict(), "val_size": val_size, "test_size": test_size, "store": str(store.path)})  # fmt: skip
+                          {**config.to_dict(), "val_size": val_size, "test_size": test_size, "store": str(store.path)},
+                          val_hits=result.val_hits, test_hits=result.test_hits)  # fmt: skip
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "finetune.json").write_text(json.dumps(done.to_dict(), indent=1))

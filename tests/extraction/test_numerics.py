@@ -67,7 +67,7 @@ def test_shards_made_under_other_numerics_do_not_merge(tmp_path, monkeypatch):
 
 def test_bundles_carry_the_numerics_and_prediction_uses_their_precision(tmp_path):
     store = _extract(tmp_path / "s")
-    result = cnncodes.sweep(store, probes=["logreg"], folds=2, test_size=0.25, progress=False)
+    result = cnncodes.sweep(store, cnncodes.SweepConfig(probes=("logreg",), folds=2, test_size=0.25), progress=False)
     bundle = cnncodes.save_probe(result, tmp_path / "sweep")
     probe = cnncodes.load_bundle(bundle, backbone=make_tiny_backbone())
     assert probe.bundle.extractor.numerics == store.manifest["config"]["numerics"]

@@ -18,7 +18,7 @@ from cnncodes import Preprocessing, load_backbone
 #: The tests directory: child processes put it on sys.path to import these helpers.
 TESTS = Path(__file__).resolve().parents[1]
 
-__all__ = ["TESTS", "TinyNet", "TINY_PRE", "SYNTHETIC_MODEL", "make_tiny_backbone", "make_images", "make_code_store",
+__all__ = ["CONTEXT_FIELDS", "row_facts", "TESTS", "TinyNet", "TINY_PRE", "SYNTHETIC_MODEL", "make_tiny_backbone", "make_images", "make_code_store",
            "write_image_folder", "tiny_bundle", "wait_for"]  # fmt: skip
 
 
@@ -49,6 +49,17 @@ class TinyNet(nn.Module):
 
 
 TINY_PRE = Preprocessing(input_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+#: Row fields that depend on more than the row itself: timings, what the cost of its tap measured, and its paired tests
+#: against whichever row is the best of the sweep it is in. Two routes to the same row agree on everything else.
+CONTEXT_FIELDS = ("fit_seconds", "p_cv", "p_cv_holm", "p_cv_images", "p_cv_images_holm", "p_test", "p_test_holm",
+                  "flops", "params", "latency_ms_batch1", "latency_ms_batch64", "code_bytes", "probe_bytes")  # fmt: skip
+
+
+def row_facts(row, *drop: str) -> dict:
+    """``row.to_dict()`` without :data:`CONTEXT_FIELDS` (and ``drop``): what two routes to one row must agree on."""
+    return {k: v for k, v in row.to_dict().items() if k not in CONTEXT_FIELDS + drop}
 
 
 def make_tiny_backbone(pause: tuple[str, int, str] | None = None):
@@ -144,7 +155,7 @@ def tiny_bundle(tmp_path: Path) -> tuple[Path, Path]:
     images = write_image_folder(tmp_path / "images")
     store = cnncodes.extract(images, out=tmp_path / "codes", model=make_tiny_backbone(), taps="stages", poolings="avg",
                              batch_size=8, workers=0, progress=False)  # fmt: skip
-    result = cnncodes.sweep(store, probes=("logreg",), folds=3, progress=False)
+    result = cnncodes.sweep(store, cnncodes.SweepConfig(probes=("logreg",), folds=3), progress=False)
     return cnncodes.save_probe(result, tmp_path / "probe"), images
 
 

@@ -16,13 +16,13 @@ def _without_timings(rows):
 
 def test_the_in_memory_sweep_equals_the_store_sweep_on_the_same_codes(tmp_path):
     store = make_code_store(tmp_path / "s", n_images=90)
-    from_store = cnncodes.sweep(store, probes=("logreg", "sgd"), folds=3, progress=False)
+    from_store = cnncodes.sweep(store, SweepConfig(probes=("logreg", "sgd"), folds=3), progress=False)
     name = from_store.best.backbone  # a store sweep names every row's backbone; in memory, keys may carry one
     assert name == store.manifest["model"]["spec"]
     in_memory = cnncodes.sweep_codes(
         {(name, *k): np.asarray(store.codes(*k)) for k in store.keys()}, np.asarray(store.labels),
-        classes=store.classes, depths={(name, a["tap"], a["pooling"]): a["depth"] for a in store.arrays},
-        probes=("logreg", "sgd"), folds=3,
+        SweepConfig(probes=("logreg", "sgd"), folds=3), classes=store.classes,
+        depths={(name, a["tap"], a["pooling"]): a["depth"] for a in store.arrays},
     )  # fmt: skip
     assert _without_timings(in_memory.rows) == _without_timings(from_store.rows)
     assert in_memory.best.key == from_store.best.key
@@ -35,7 +35,7 @@ def test_string_labels_name_the_classes_and_keys_may_be_plain_names():
     names = np.array(["cat", "dog", "emu"])[np.arange(60) % 3]
     y = np.arange(60) % 3
     result = cnncodes.sweep_codes({"good": rng.normal(size=(60, 4)) + 2 * y[:, None], "bad": rng.normal(size=(60, 4))},
-                                  names, probes=["logreg"], folds=3)  # fmt: skip
+                                  names, SweepConfig(probes=("logreg",), folds=3))  # fmt: skip
     assert result.classes == ["cat", "dog", "emu"] and result.best.tap == "good" and result.best.pooling == ""
 
 
@@ -44,7 +44,7 @@ def test_separate_test_codes_are_used_once_for_the_final_numbers():
     y, y_test = np.arange(60) % 2, np.arange(20) % 2
     codes = {"a": rng.normal(size=(60, 3)) + 3 * y[:, None]}
     test = {"a": rng.normal(size=(20, 3)) + 3 * y_test[:, None]}
-    result = cnncodes.sweep_codes(codes, y, test=test, test_labels=y_test, probes=["logreg"], folds=3)
+    result = cnncodes.sweep_codes(codes, y, SweepConfig(probes=("logreg",), folds=3), test=test, test_labels=y_test)
     assert result.data["n_test_images"] == 20 and result.data["n_train_images"] == 60
     assert result.best.test_accuracy > 0.9
 
@@ -52,7 +52,7 @@ def test_separate_test_codes_are_used_once_for_the_final_numbers():
 def test_bad_inputs_name_the_argument_and_what_is_allowed():
     y = np.arange(30) % 3
     with pytest.raises(cnncodes.ParameterError, match=r"unknown probe \['svm'\]; use any of"):
-        cnncodes.sweep_codes({"a": np.zeros((30, 2))}, y, probes=["svm"])
+        cnncodes.sweep_codes({"a": np.zeros((30, 2))}, y, SweepConfig(probes=("svm",)))
     with pytest.raises(cnncodes.ParameterError, match=r"codes\['a'\] has shape \(29, 2\); expected \(30, dims\)"):
         cnncodes.sweep_codes({"a": np.zeros((29, 2))}, y)
     with pytest.raises(cnncodes.ParameterError, match="need 1e-12 <= c_min < c_max <= 1e12"):

@@ -57,7 +57,7 @@ def test_the_lattice_holds_the_coarse_grid():
 def test_the_refined_c_is_resolved_to_one_lattice_step(steps, seed):
     stack, val = _problem(seed)
     lattice = c_grid(1e-6, 1e6, steps)
-    scores, states = _path_search(stack, val, "multinomial", lattice, steps, 2e-3, 30)
+    scores, states, _ = _path_search(stack, val, "multinomial", lattice, steps, 2e-3, 30)
     assert set(scores) == set(states)
     positions = sorted(_lattice_steps(C, steps) for C in scores)
     np.testing.assert_allclose(positions, np.round(positions), atol=1e-9)  # every C fitted lies on the lattice
@@ -74,14 +74,14 @@ def test_the_refined_c_is_resolved_to_one_lattice_step(steps, seed):
 
 def test_one_step_per_decade_means_no_refinement():
     stack, val = _problem()
-    scores, _ = _path_search(stack, val, "multinomial", c_grid(1e-4, 1e4, 1), 1, 2e-3, 30)
+    scores, _, _ = _path_search(stack, val, "multinomial", c_grid(1e-4, 1e4, 1), 1, 2e-3, 30)
     positions = [math.log10(C) for C in scores]
     np.testing.assert_allclose(positions, np.round(positions), atol=1e-9)  # whole decades only
 
 
 def test_the_default_refines_half_a_decade_either_side_of_the_best():
     stack, val = _problem()
-    scores, _ = _path_search(stack, val, "multinomial", c_grid(1e-4, 1e4, 2), 2, 2e-3, 30)
+    scores, _, _ = _path_search(stack, val, "multinomial", c_grid(1e-4, 1e4, 2), 2, 2e-3, 30)
     coarse = [C for C in scores if abs(math.log10(C) - round(math.log10(C))) < 1e-9]
     fine = sorted(set(scores) - set(coarse))
     best = max(coarse, key=lambda c: (np.mean(scores[c]), -c))
@@ -94,7 +94,9 @@ def test_a_clip_range_sweep_stays_cheap_and_lands_on_the_eighth_decade_lattice(p
     rng = np.random.default_rng(3)
     y = np.arange(90) % 3
     codes = {"a": rng.normal(size=(90, 6)) + y[:, None], "b": rng.normal(size=(90, 6)) + 2 * y[:, None]}
-    result = cnncodes.sweep_codes(codes, y, probes=[probe], folds=3, c_min=1e-6, c_max=1e6, c_steps_per_decade=8)
+    result = cnncodes.sweep_codes(
+        codes, y, SweepConfig(probes=(probe,), folds=3, c_min=1e-6, c_max=1e6, c_steps_per_decade=8)
+    )
     assert result.config.c_steps_per_decade == 8
     for row in result.rows:
         assert row.n_fits / 3 <= 25  # per fold: at most 13 coarse + 2 x 3 refinement fits, not 97
@@ -137,7 +139,7 @@ def test_a_sweep_in_threads_leaves_torch_threads_as_it_found_them():
     y = np.arange(60) % 3
     codes = {k: rng.normal(size=(60, 5)) + y[:, None] for k in "abc"}
     before = torch.get_num_threads()
-    cnncodes.sweep_codes(codes, y, probes=["logreg"], folds=3, jobs=2)  # tasks set one torch thread each
+    cnncodes.sweep_codes(codes, y, SweepConfig(probes=("logreg",), folds=3), jobs=2)  # tasks set one torch thread each
     assert torch.get_num_threads() == before
     seen: list[int] = []
     thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -171,11 +173,11 @@ def test_packing_narrow_arrays_changes_the_schedule_not_the_rows(monkeypatch):
     rng = np.random.default_rng(5)
     y = np.arange(90) % 3
     codes = {f"t{d}": rng.normal(size=(90, d)) + y[:, None] * rng.normal(size=d) for d in (4, 8, 12, 300)}
-    packed = cnncodes.sweep_codes(codes, y, probes=["logreg", "linsvc"], folds=3, jobs=2)
+    packed = cnncodes.sweep_codes(codes, y, SweepConfig(probes=("logreg", "linsvc"), folds=3), jobs=2)
     packs = _search._packs(list(codes), {k: v.shape[1] for k, v in codes.items()}, threads=True)
     assert packs == [["t4", "t8"], ["t12"], ["t300"]]
     monkeypatch.setattr(_search, "_NARROW_DIMS", 0)  # every array a task of its own
-    alone = cnncodes.sweep_codes(codes, y, probes=["logreg", "linsvc"], folds=3, jobs=2)
+    alone = cnncodes.sweep_codes(codes, y, SweepConfig(probes=("logreg", "linsvc"), folds=3), jobs=2)
     assert [(r.tap, r.probe, r.C, r.cv_accuracy, r.test_accuracy) for r in packed.rows] == [
         (r.tap, r.probe, r.C, r.cv_accuracy, r.test_accuracy) for r in alone.rows
     ]
@@ -187,11 +189,12 @@ def test_knn_and_multilabel_rows_are_refused_up_front_beyond_max_memory():
     rng = np.random.default_rng(6)
     y = np.arange(90) % 3
     codes = {("resnet18", "layer4", "avg"): rng.normal(size=(90, 50)) + y[:, None]}
-    streamed = cnncodes.sweep_codes(codes, y, probes=["logreg"], folds=3, max_memory=10_000)
+    streamed = cnncodes.sweep_codes(codes, y, SweepConfig(probes=("logreg",), folds=3, max_memory=10_000))
     assert streamed.rows[0].solver == "sgd-stream"
     with pytest.raises(cnncodes.ParameterError, match=r"kNN.*resnet18 / layer4 / avg.*--max-memory.*drop knn"):
-        cnncodes.sweep_codes(codes, y, probes=["logreg", "knn"], folds=3, max_memory=10_000)
+        cnncodes.sweep_codes(codes, y, SweepConfig(probes=("logreg", "knn"), folds=3, max_memory=10_000))
     multi = np.stack([y == 0, y == 1, y != 1], 1).astype(int)
     with pytest.raises(cnncodes.ParameterError, match=r"multi-label.*--max-memory.*--taps"):
-        cnncodes.sweep_codes(codes, multi, probes=["logreg"], folds=3, max_memory=10_000)
-    assert cnncodes.sweep_codes(codes, y, probes=["logreg", "knn"], folds=3, max_memory=10**8).best is not None
+        cnncodes.sweep_codes(codes, multi, SweepConfig(probes=("logreg",), folds=3, max_memory=10_000))
+    config = SweepConfig(probes=("logreg", "knn"), folds=3, max_memory=10**8)
+    assert cnncodes.sweep_codes(codes, y, config).best is not None

@@ -6,9 +6,9 @@ import torch
 
 import cnncodes
 from cnncodes.deploy import ProbeBundle, bundle_from_pipeline, export_probe, read_bundle, save_bundle
-from cnncodes.probing import ConcatenatedCodes, make_probe
+from cnncodes.probing import ConcatenatedCodes, SweepConfig, make_probe
 from cnncodes.sweeps import extractor_of, sweep
-from helpers import make_code_store, make_tiny_backbone, write_image_folder
+from helpers import make_code_store, make_tiny_backbone, row_facts, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def store(tmp_path_factory):
 
 
 def _plain(row):
-    return {k: v for k, v in row.to_dict().items() if k not in ("fit_seconds", "tap", "depth", "backbone")}
+    return row_facts(row, "tap", "depth", "backbone")
 
 
 def test_a_concatenated_candidate_equals_a_sweep_of_the_joined_codes(store):
@@ -25,12 +25,12 @@ def test_a_concatenated_candidate_equals_a_sweep_of_the_joined_codes(store):
     by_hand = np.hstack([np.asarray(store.codes("mid", "avg")), np.asarray(store.codes("late", "avg"))])
     np.testing.assert_array_equal(joined[np.arange(90)], by_hand)
     assert joined.shape == by_hand.shape and np.asarray(joined).dtype == by_hand.dtype
-    result = sweep(store, probes=("logreg",), folds=3, concat="last:2,early+late", progress=False)
+    result = sweep(store, SweepConfig(probes=("logreg",), folds=3), concat="last:2,early+late", progress=False)
     rows = {r.tap: r for r in result.rows}
     assert set(rows) == {"early", "mid", "late", "mid+late", "early+late"}
     assert rows["mid+late"].dims == 12 + 8 and rows["mid+late"].depth == rows["late"].depth
-    in_memory = cnncodes.sweep_codes({("x", "avg"): by_hand}, np.asarray(store.labels), classes=store.classes,
-                                     probes=("logreg",), folds=3)  # fmt: skip
+    in_memory = cnncodes.sweep_codes({("x", "avg"): by_hand}, np.asarray(store.labels),
+                                     SweepConfig(probes=("logreg",), folds=3), classes=store.classes)  # fmt: skip
     assert _plain(in_memory.rows[0]) == _plain(rows["mid+late"])
 
 
@@ -39,7 +39,7 @@ def test_concat_specs_are_checked_before_any_work(store):
                         ("mid+nope", "has no swept tap 'nope'"), ("mid", "two or more distinct taps"),
                         ("mid+mid", "two or more distinct taps")):  # fmt: skip
         with pytest.raises(ValueError, match=words):
-            sweep(store, probes=("logreg",), folds=3, concat=spec, progress=False)
+            sweep(store, SweepConfig(probes=("logreg",), folds=3), concat=spec, progress=False)
 
 
 def test_a_concatenated_bundle_predicts_and_exports_like_its_probe(tmp_path):

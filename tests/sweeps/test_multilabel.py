@@ -59,7 +59,7 @@ def test_a_csv_of_label_sets_becomes_an_indicator_matrix_in_the_store(tagged):
 
 def test_multilabel_sweep_scores_map_as_scikit_learn_computes_it(tagged):
     _, store, _ = tagged
-    result = cnncodes.sweep(store, probes=("logreg",), folds=3, progress=False)
+    result = cnncodes.sweep(store, SweepConfig(probes=("logreg",), folds=3), progress=False)
     assert {r.protocol for r in result.rows} == {"multilabel"} and result.data["multilabel"]
     best = result.best
     assert best.cv_map == max(r.cv_map for r in result.rows)
@@ -80,7 +80,7 @@ def test_multilabel_sweep_scores_map_as_scikit_learn_computes_it(tagged):
         assert best.test_class_ap[k] == pytest.approx(ap, abs=1e-6)
     assert best.test_map == pytest.approx(np.mean(list(best.test_class_ap.values())))
     with pytest.raises(ValueError, match="single-label protocols"):
-        cnncodes.sweep(store, probes=("logreg", "knn"), folds=3, progress=False)
+        cnncodes.sweep(store, SweepConfig(probes=("logreg", "knn"), folds=3), progress=False)
 
 
 def test_the_multilabel_bundle_predicts_label_sets_like_the_sweep(tagged, tmp_path, capsys):
@@ -141,14 +141,14 @@ def test_stores_swept_together_must_label_their_images_alike(tagged, tmp_path):
     one = cnncodes.extract(root / "single.csv", out=tmp_path / "single", input_size=24, **kw)
     two = cnncodes.extract(root / "changed.csv", out=tmp_path / "changed", input_size=24, **kw)
     with pytest.raises(ValueError, match="is multi-label .* but .*single is not"):
-        cnncodes.sweep([store, one], probes=("logreg",), folds=3, progress=False)
+        cnncodes.sweep([store, one], SweepConfig(probes=("logreg",), folds=3), progress=False)
     with pytest.raises(ValueError, match=r"label image 2 \('.*02.png'\) as 'blue;green;red' and"):
-        cnncodes.sweep([store, two], probes=("logreg",), folds=3, progress=False)
+        cnncodes.sweep([store, two], SweepConfig(probes=("logreg",), folds=3), progress=False)
 
 
 def test_a_multilabel_probe_exports_with_its_large_scores(tagged, tmp_path):
     _, store, _ = tagged
-    result = cnncodes.sweep(store, probes=("linsvc",), folds=3, c_max=1e4, progress=False)
+    result = cnncodes.sweep(store, SweepConfig(probes=("linsvc",), folds=3, c_max=1e4), progress=False)
     path = cnncodes.save_probe(result, tmp_path)
     probe = cnncodes.load_bundle(path, backbone=make_tiny_backbone())
     exported = cnncodes.export_probe(probe, tmp_path / "m.pt2")

@@ -21,7 +21,7 @@ def store(tmp_path_factory):
 
 
 def test_sweep_picks_the_informative_tap_by_cv_only(store):
-    result = sweep(store, probes=("logreg", "linsvc"), folds=3, progress=False)
+    result = sweep(store, SweepConfig(probes=("logreg", "linsvc"), folds=3), progress=False)
     assert len(result.rows) == 3 * 2
     assert result.best.tap == "mid" and result.best.test_accuracy > 0.9
     late = [r for r in result.rows if r.tap == "late"]
@@ -50,7 +50,7 @@ def test_views_never_straddle_folds_and_tta_is_reported(tmp_path):
     for fit_rows, val_rows in split.folds:
         assert not set(groups[fit_rows]) & set(groups[val_rows]), "an image's views leaked across folds"
         assert (store.view_index[val_rows] == 0).all() and set(store.view_index[fit_rows]) == {0, 1, 2}
-    result = sweep(store, probes=("logreg",), folds=3, progress=False)
+    result = sweep(store, SweepConfig(probes=("logreg",), folds=3), progress=False)
     assert all(r.test_tta_accuracy is not None for r in result.rows)
     assert len(result.test_predictions["sources"]) == len(split.test_rows) // 3
 
@@ -59,7 +59,7 @@ def test_report_files_and_bundle_round_trip(store, tmp_path):
     import matplotlib
     import matplotlib.pyplot as plt
 
-    result = sweep(store, probes=("logreg",), folds=3, progress=False)
+    result = sweep(store, SweepConfig(probes=("logreg",), folds=3), progress=False)
     previous = matplotlib.get_backend()
     plt.switch_backend("pdf")  # a caller's own backend, e.g. a notebook's
     try:
@@ -86,9 +86,9 @@ def test_report_files_and_bundle_round_trip(store, tmp_path):
 
 
 def test_any_joblib_backend_gives_the_same_result(store):
-    local = sweep(store, probes=("logreg",), folds=3, progress=False)
+    local = sweep(store, SweepConfig(probes=("logreg",), folds=3), progress=False)
     with joblib.parallel_config(backend="threading", n_jobs=2):
-        threaded = sweep(store, probes=("logreg",), folds=3, jobs=2, progress=False)
+        threaded = sweep(store, SweepConfig(probes=("logreg",), folds=3), jobs=2, progress=False)
     assert [r.C for r in local.rows] == [r.C for r in threaded.rows]
     assert local.best.tap == threaded.best.tap
 
@@ -121,7 +121,7 @@ def test_errors_say_what_to_change(store, tmp_path):
     with pytest.raises(ValueError, match="lower --folds"):
         make_split(store, config=SweepConfig(folds=60))
     with pytest.raises(ValueError, match="unknown probe"):
-        sweep(store, probes=("svm",), progress=False)
+        sweep(store, SweepConfig(probes=("svm",)), progress=False)
 
 
 OOC_SCRIPT = r"""
@@ -129,10 +129,11 @@ import json, resource, sys
 sys.path.insert(0, {tests!r})
 import numpy as np
 from helpers import make_code_store
+from cnncodes.probing import SweepConfig
 from cnncodes.sweeps import sweep
 store = make_code_store({path!r}, n_images=3000, dims={{"early": 4, "mid": 2048, "late": 4}})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-result = sweep(store, taps=["mid"], probes=("linsvc",), folds=3, max_memory={cap}, progress=False)
+result = sweep(store, SweepConfig(probes=("linsvc",), folds=3, max_memory={cap}), taps=["mid"], progress=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"grew_kib": peak - base, "solver": result.rows[0].solver, "acc": result.best.test_accuracy}}))
 """
@@ -167,7 +168,7 @@ def test_sweep_on_a_dask_local_cluster_equals_the_local_sweep(store, tmp_path):
         assert main(["sweep", str(store.path), "--out", str(tmp_path / "dask"), "--backend", "dask",
                      "--scheduler", cluster.scheduler_address, *args]) == 0  # fmt: skip
         with distributed.Client(cluster), joblib.parallel_config(backend="dask"):  # the Python API route
-            api = sweep(store, probes=("logreg", "linsvc", "sgd"), folds=3, jobs=2, progress=False)
+            api = sweep(store, SweepConfig(probes=("logreg", "linsvc", "sgd"), folds=3), jobs=2, progress=False)
     local = json.loads((tmp_path / "local" / "results.json").read_text())
     on_dask = json.loads((tmp_path / "dask" / "results.json").read_text())
     assert (tmp_path / "dask" / "best.json").read_bytes() == (tmp_path / "local" / "best.json").read_bytes()
@@ -210,7 +211,7 @@ def test_top5_accuracy_per_class_recall_and_the_confusion_matrix(tmp_path):
     from helpers import make_code_store
 
     many = make_code_store(tmp_path / "many", n_images=240, n_classes=8)
-    result = cnncodes.sweep(many, probes=["logreg"], folds=2, progress=False)
+    result = cnncodes.sweep(many, SweepConfig(probes=("logreg",), folds=2), progress=False)
     for row in result.rows:
         assert row.test_accuracy <= row.test_top5_accuracy <= 1.0
         # balanced accuracy is the mean per-class recall: two routes to one number
@@ -220,5 +221,20 @@ def test_top5_accuracy_per_class_recall_and_the_confusion_matrix(tmp_path):
     assert set(saved["test_class_recall"]) == set(many.classes)  # by class name
     assert paths["confusion.png"].stat().st_size > 0
     assert "test_top5_accuracy" in paths["results.csv"].read_text().splitlines()[0]
-    few = cnncodes.sweep(make_code_store(tmp_path / "few", n_images=60), probes=["logreg"], folds=2, progress=False)
+    few_store = make_code_store(tmp_path / "few", n_images=60)
+    few = cnncodes.sweep(few_store, SweepConfig(probes=("logreg",), folds=2), progress=False)
     assert few.rows[0].test_top5_accuracy is None and "test_top5_accuracy" not in few.rows[0].to_dict()
+
+
+def test_the_deprecated_config_keywords_still_work_and_warn():
+    import cnncodes
+
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    codes = {"informative": rng.normal(size=(90, 8)) + y[:, None], "noise": rng.normal(size=(90, 8))}
+    with pytest.warns(DeprecationWarning, match="SweepConfig"):
+        old = cnncodes.sweep_codes(codes, y, probes=("logreg",), folds=3)
+    new = cnncodes.sweep_codes(codes, y, SweepConfig(probes=("logreg",), folds=3))
+    assert old.config == new.config
+    assert old.best.key == new.best.key
+    assert [(r.key, r.cv_accuracy) for r in old.rows] == [(r.key, r.cv_accuracy) for r in new.rows]
