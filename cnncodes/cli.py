@@ -314,11 +314,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(format_table(comparison))
     paths = write_results(comparison, args.out)
     bundle = Path(comparison.data["sweep_of"][comparison.best.backbone]) / "best_probe.zip"
-    where = (
-        f"the best probe's bundle is {bundle}"
-        if bundle.is_file()
-        else f"no bundle of the best probe in {bundle.parent}"
-    )
+    where = f"no bundle of the best probe in {bundle.parent}"
+    if bundle.is_file():
+        try:  # a sweep saved with --pick cheapest holds its cheapest row, which may not be the joint best
+            saved = json.loads((bundle.parent / "best.json").read_text())
+        except (OSError, ValueError):
+            saved = {}
+        b = comparison.best
+        same = [saved.get(k) for k in ("tap", "pooling", "normalizer", "probe")] == [b.tap, b.pooling, b.normalizer,
+                                                                                     b.probe]  # fmt: skip
+        where = (f"the best probe's bundle is {bundle}" if same else
+                 f"{bundle} holds that sweep's {saved.get('pick', 'chosen')} row, not the best: rerun it with --pick best")  # fmt: skip
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out} ({where})")
     return 0
 

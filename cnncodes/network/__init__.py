@@ -3,8 +3,7 @@ pooled on the device by a :class:`CodeExtractor` that stops after the deepest ta
 image source batch by batch. Tensors in, codes out: nothing here writes files."""
 
 from ._backbones import DEFAULT_MODEL, Backbone, load_backbone, read_state_dict, weights_fingerprint
-from ._cost import LatencyTimes, TapCost, architecture_of, measure_latency, tap_costs
-from ._cost import TapCost, architecture_of, forward_flops, measure_latency, tap_costs
+from ._cost import LatencyTimes, TapCost, architecture_of, forward_flops, measure_latency, tap_costs
 from ._encode import (
     DTYPES,
     ImageViews,
@@ -57,8 +56,4 @@ __all__ = [
     "resolve_device",
     "weights_fingerprint",
     "LatencyTimes",
-    "TapCost",
-    "architecture_of",
-    "measure_latency",
-    "tap_costs",
 ]

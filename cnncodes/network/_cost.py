@@ -32,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import BackboneError, ParameterError
 from ._backbones import DEFAULT_MODEL, Backbone, _parse_spec, _torchvision_enum, load_backbone
 from ._extractor import CodeExtractor
-from ._taps import TapCatalogue, list_taps
+from ._taps import TapCatalogue, _one_cpu_thread, list_taps
 
-__all__ = ["TapCost", "LatencyTimes", "tap_costs", "measure_latency", "architecture_of"]
+__all__ = ["TapCost", "LatencyTimes", "tap_costs", "forward_flops", "measure_latency", "architecture_of"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class _ParameterUse(TorchDispatchMode):
         super().__init__()
         self.storages: set[int] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         flat, _ = tree_flatten((args, kwargs or {}))
         for a in flat:
             if isinstance(a, torch.Tensor) and a.device.type != "meta":
@@ -197,11 +197,25 @@ def tap_costs(
             net = _runnable(extractor, backbone, dev)
             params = {p.untyped_storage().data_ptr(): p.numel() for p in net.parameters() if p.numel()}
             counter, use = FlopCounterMode(display=False), _ParameterUse()
-            with torch.inference_mode(), counter, use:
+            with torch.inference_mode(), _one_cpu_thread(dev), counter, use:
                 net(x)
             used = sum(n for ptr, n in params.items() if ptr in use.storages)
             out[entry] = TapCost(taps=entry, flops=int(counter.get_total_flops()), params=int(used))
     return out
+
+
+def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one eval-mode forward of ``model`` on ``x`` (all of ``x``'s batch), counted by FlopCounterMode.
+
+    The convention of :func:`tap_costs`, for a whole module (a fine-tuned top, say). Runs under
+    ``torch.inference_mode``; every module's training flag and every parameter's requires_grad are restored after.
+    """
+    counter = FlopCounterMode(display=False)
+    with _KeepModel(model):
+        model.eval()
+        with torch.inference_mode(), _one_cpu_thread(x.device), counter:
+            model(x)
+    return int(counter.get_total_flops())
 
 
 def measure_latency(
@@ -357,12 +371,3 @@ def _torchvision_size(name: str, weights: str | None) -> int | None:
             f"{name!r} has no weights {weights!r}; available: {[w.name for w in enum]} plus 'DEFAULT' and 'none'."
         ) from None
     return int(member.transforms().crop_size[0])
-
-
-def forward_flops(module: nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs of ``module`` on ``example`` (a batch of one), counted by ``FlopCounterMode``: what a trained top
-    above a cut adds to the network below it. The module's training mode is left as found."""
-    with _KeepModel(module), torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        module.eval()
-        module(example)
-    return int(counter.get_total_flops())

@@ -452,7 +452,7 @@ def _summary(row: SweepRow | None) -> dict[str, Any] | None:
     if row is None:
         return None
     keep = ("backbone", "tap", "pooling", "normalizer", "probe", "depth", "dims", "C", "cv_accuracy", "cv_ci",
-            "cv_map", "test_accuracy", "test_accuracy_ci", "test_map", "test_map_ci", "p_cv", "p_test", "flops",
+            "cv_map", "test_accuracy", "test_accuracy_ci", "test_map", "test_map_ci", "p_cv", "p_cv_images", "p_test", "flops",
             "params", "latency_ms_batch1", "latency_ms_batch64", "code_bytes", "probe_bytes")  # fmt: skip
     return {k: getattr(row, k) for k in keep if getattr(row, k) is not None}
 

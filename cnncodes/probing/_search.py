@@ -564,17 +564,16 @@ def sweep_codes(
             "fold_sizes": list(sizes)}  # fmt: skip
     if redrawn:
         data["stability"] = stability(rows, [[r for r, _ in res] for _, res in redrawn])
-    result = SweepResult(rows, best_row, None, {}, class_names, config, data, cheapest=cheapest)  # type: ignore[arg-type]
-    fit = next(f for r, f in results if r is result.chosen)
+    chosen = cheapest if config.pick == "cheapest" and cheapest is not None else best_row
+    fit = next(f for r, f in results if r is chosen)
     ids = test_sources if test is not None else sources
-    result.estimator = fit.estimator
-    result.test_predictions = {
+    predictions = {
         "sources": [ids[r // per] if ids is not None else str(r // per) for r in plain_rows],
         "labels": y_test[plain_rows],
         "predicted": fit.predicted,
         "scores": fit.scores,
     }
-    return result
+    return SweepResult(rows, best_row, fit.estimator, predictions, class_names, config, data, cheapest=cheapest)
 
 
 def config_from(config: SweepConfig | None, options: Mapping[str, Any], where: str) -> SweepConfig:

@@ -56,6 +56,13 @@ def _percent(value: float | None, width: int = 6) -> str:
     return f"{'-':>{width}}" if value is None else f"{100 * value:{width}.2f}"
 
 
+def _with_ci(value: float | None, ci: list[float] | None) -> str:
+    """``99.56 [98.4, 99.9]`` in percent, 20 characters wide."""
+    if value is None:
+        return f"{'-':<20}"
+    return f"{100 * value:6.2f} " + (f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "").ljust(13)
+
+
 def _interval(ci: list[float] | None) -> str:
     """``[98.7, 99.9]`` in percent, 14 characters wide."""
     return f"{'':<14}" if ci is None else f"[{100 * ci[0]:5.1f},{100 * ci[1]:6.1f}]"
@@ -83,26 +90,31 @@ def format_table(result: SweepResult | Comparison) -> str:
     """A fixed-width table of every row, then what was chosen and how sure it is.
 
     Marks: ``*`` the best row (CV), ``c`` the cheapest row not significantly worse than it, ``=`` every other row the
-    CV folds cannot tell from the best (p_cv >= alpha), ``!`` a C on the grid edge. Intervals are 95 % (1 - alpha);
+    CV folds cannot tell from the best, ``!`` a C on the grid edge. Every number has its 95 % (1 - alpha) interval;
     p(CV) is the smaller of each row's two paired tests against the best on the CV folds (the corrected paired t on
     the fold scores, the McNemar test on the out-of-fold predictions) and p(test) the McNemar test on the test images. Few-shot rows follow in their own table (test
     accuracy, mean ± std over the draws, per shot count)."""
     rows = [r for r in result.rows if r.protocol != "few-shot"]
     several = len({r.backbone for r in result.rows}) > 1
     multilabel = any(r.protocol == "multilabel" for r in rows)
-    tta = any(r.test_tta_accuracy is not None for r in rows)
-    costed = any(r.flops is not None for r in rows)
-    timed = any(r.latency_ms_batch1 is not None for r in rows)
     cheapest = getattr(result, "cheapest", None)
     alpha = _alpha(result)
     name_width = min(max(22, *(len(_name(r, several)) for r in result.rows)), 64)
-    # multi-label rows are selected and scored by mean average precision; their "exact" is subset accuracy
-    cv_head, test_head, bal_head = ("CV mAP", "mAP", "exact") if multilabel else ("CV acc", "test", "bal")
-    head = f"  {'tap':<{name_width}} {'depth':>5} {'pool':<5} {'dims':>6} {'probe':<16} {'C / k':>9}  {cv_head:>6}"
-    head += f" {'95% CI':<14} {'p(CV)':>6} {test_head:>6} {'95% CI':<14} {'p(test)':>7} {bal_head:>6} {'F1':>6}"
-    head += (
-        (f" {'TTA':>6}" if tta else "") + (f" {'FLOPs':>7}" if costed else "") + (f" {'ms/img':>6}" if timed else "")
-    )
+    # every number with its interval, as "99.56 [98.4, 99.9]"; multi-label rows are selected and scored by mean
+    # average precision, and their "exact" is subset accuracy
+    cv_head = "CV mAP" if multilabel else "CV acc"
+    scored = [("test_map", "mAP"), ("test_accuracy", "exact")] if multilabel else [
+        ("test_accuracy", "test"), ("test_balanced_accuracy", "bal"), ("test_macro_f1", "F1")]  # fmt: skip
+    scored += [(m, h) for m, h in (("test_top5_accuracy", "top-5"), ("test_tta_accuracy", "TTA"))
+               if any(getattr(r, m) is not None for r in rows)]  # fmt: skip
+    costed = any(r.flops is not None for r in rows)
+    timed = any(r.latency_ms_batch1 is not None for r in rows)
+    head = f"  {'tap':<{name_width}} {'depth':>5} {'pool':<5} {'dims':>6} {'probe':<16} {'C / k':>9}  "
+    head += f"{cv_head + ' [95% CI]':<20} {'p(CV)':>6} {scored[0][1] + ' [95% CI]':<20} {'p(test)':>7}"
+    head += "".join(f" {h + ' [95% CI]':<20}" for _, h in scored[1:])
+    head += (f" {'FLOPs':>7}" if costed else "") + (f" {'ms/img':>6}" if timed else "")
+    repeated = any(r.test_accuracy_mean is not None for r in rows)
+    head += f" {'test over repeats':>17} {'P(best)':>7}" if repeated else ""
     lines = [head + f" {'fit s':>6}"]
     for r in rows:
         star = ("*" if r.key == result.best.key else "c" if cheapest is not None and r.key == cheapest.key
@@ -110,17 +122,18 @@ def format_table(result: SweepResult | Comparison) -> str:
         edge = "!" if r.C_at_edge else " "
         probe = r.probe if r.normalizer == "standard" else f"{r.normalizer}+{r.probe}"
         param = f"k={r.k}" if r.k is not None else f"{r.C:.3g}"
-        cv, test = (r.cv_map, r.test_map) if multilabel else (r.cv_accuracy, r.test_accuracy)
-        test_ci = r.test_map_ci if multilabel else r.test_accuracy_ci
-        second = r.test_accuracy if multilabel else r.test_balanced_accuracy
+        cv = r.cv_map if multilabel else r.cv_accuracy
         line = f"{star} {_name(r, several)[:name_width]:<{name_width}} {r.depth:>5} {r.pooling or '-':<5} {r.dims:>6}"
-        line += f" {probe[:16]:<16} {param:>8}{edge} {_percent(cv)} {_interval(r.cv_ci)} {_p(_p_cv(r))}"
-        line += (
-            f" {_percent(test)} {_interval(test_ci)} {_p(r.p_test):>7} {_percent(second)} {_percent(r.test_macro_f1)}"
-        )
-        line += f" {_percent(r.test_tta_accuracy)}" if tta else ""
+        line += f" {probe[:16]:<16} {param:>8}{edge} {_with_ci(cv, r.cv_ci)} {_p(_p_cv(r))}"
+        first, *rest = scored
+        line += f" {_with_ci(getattr(r, first[0]), getattr(r, first[0] + '_ci'))} {_p(r.p_test):>7}"
+        line += "".join(f" {_with_ci(getattr(r, m), getattr(r, m + '_ci'))}" for m, _ in rest)
         line += f" {_flops(r.flops):>7}" if costed else ""
         line += f" {_ms(r.latency_ms_batch1):>6}" if timed else ""
+        if repeated:
+            spread = ("-" if r.test_accuracy_mean is None else
+                      f"{100 * r.test_accuracy_mean:.2f} ± {100 * r.test_accuracy_repeat_std:.2f}")  # fmt: skip
+            line += f" {spread:>17} {'-' if r.p_best is None else f'{r.p_best:.2f}':>7}"
         lines.append(line + f" {r.fit_seconds:6.1f}")
     lines += summary_lines(result)
     if any(r.C_at_edge for r in rows):

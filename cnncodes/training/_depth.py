@@ -20,6 +20,7 @@ from ..extraction import extract
 from ..images import open_source
 from ..network import Backbone, cut_points, forward_flops, list_taps, load_backbone, tap_costs
 from ..probing import SweepConfig
+from ..probing._scoring import pack_hits
 from ..probing._stats import holm, mcnemar_exact, wilson_interval
 from ..store import CodeStore
 from ..sweeps import sweep
@@ -56,6 +57,8 @@ class DepthRow:
     linear_flops: int | None = None  # deployed linear probe: forward FLOPs per image of the network up to the cut
     finetune_flops: int | None = None  # deployed fine-tuned model: the network up to the cut and the trained top
     trainable_params: int | None = None  # parameters the fine-tuning trained
+    val_hits: str | None = None  # the fine-tuned top right or not on each validation image (packed bits, hex)
+    test_hits: str | None = None  # on each test image
 
 
 def depth(
@@ -179,9 +182,10 @@ def _measure(row: DepthRow, tuned: Any, backbone: Backbone, shape: tuple[int, ..
     (the network up to the cut) and of the fine-tuned model (that, then the trained top), trained parameters."""
     import torch
 
-    for name, hits in (("finetune_val_ci", tuned.val_hits), ("finetune_test_ci", tuned.test_hits)):
+    for name, hits in (("val", tuned.val_hits), ("test", tuned.test_hits)):
         if hits is not None and len(hits):
-            setattr(row, name, list(wilson_interval(int(np.sum(hits)), len(hits))))
+            setattr(row, f"finetune_{name}_ci", list(wilson_interval(int(np.sum(hits)), len(hits))))
+            setattr(row, f"{name}_hits", pack_hits(hits))
     prefix = tap_costs(backbone, [row.cut], pooling="none")[(row.cut,)].flops
     model = tuned.model.to("cpu")
     row.linear_flops = int(prefix)

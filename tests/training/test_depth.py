@@ -7,8 +7,10 @@ import csv
 import json
 
 import pytest
+from scipy import stats
 
 from cnncodes.network import list_taps
+from cnncodes.probing._scoring import unpack_hits
 from cnncodes.training import FinetuneConfig, depth
 from helpers import make_images, make_tiny_backbone
 
@@ -27,6 +29,27 @@ def test_depth_probes_and_fine_tunes_every_stage_and_marks_the_best_on_validatio
     best = max(rows, key=lambda r: r.finetune_val_accuracy)
     assert best.best  # chosen by validation, never by test
     assert all(r.cache_bytes > 0 and r.train_seconds >= 0 for r in rows)
+    # intervals around every number; each cut's fine-tuned top tested against the best cut's on the same images
+    for r in rows:
+        for value, ci in ((r.finetune_val_accuracy, r.finetune_val_ci), (r.finetune_test_accuracy, r.finetune_test_ci),
+                          (r.linear_test_accuracy, r.linear_test_ci), (r.linear_cv_accuracy, r.linear_cv_ci)):  # fmt: skip
+            assert ci[0] <= value <= ci[1]
+        assert r.trainable_params > 0
+    n_test = len(rows[0].test_hits) * 4  # whole bytes of bits: the padding is equal for every cut
+    ref = unpack_hits(best.test_hits, n_test)
+    for r in rows:
+        if r is best:
+            assert r.p_test is None and r.p_val is None
+            continue
+        hits = unpack_hits(r.test_hits, n_test)
+        b, c = int((ref & ~hits).sum()), int((~ref & hits).sum())
+        assert r.p_test == pytest.approx(1.0 if b + c == 0 else stats.binomtest(b, b + c, 0.5).pvalue)
+        assert r.p_test_holm >= r.p_test and r.p_val_holm >= r.p_val
+    # deployed cost: the probe runs the network up to the cut, the fine-tuned model that and the trained top, which
+    # is the rest of the network: the same FLOPs at every cut, never fewer than the probe's
+    flops = [r.linear_flops for r in rows]
+    assert flops == sorted(flops) and len(set(flops)) == len(flops)
+    assert len({r.finetune_flops for r in rows}) == 1 and rows[-1].finetune_flops >= flops[-1]
     assert json.loads((tmp_path / "depth.json").read_text())[0]["cut"] == stages[0]
     with open(tmp_path / "depth.csv") as f:
         assert [r["cut"] for r in csv.DictReader(f)] == stages
