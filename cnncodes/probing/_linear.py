@@ -2,7 +2,8 @@
 
 Two losses, each with scikit-learn's objective ``0.5 * ||W||^2 + C * sum(loss)`` (the intercept is not penalized):
 
-* ``multinomial`` -- multinomial logistic regression, as :class:`sklearn.linear_model.LogisticRegression`;
+* ``multinomial`` -- multinomial logistic regression, as :class:`sklearn.linear_model.LogisticRegression` (a binary
+  problem as a two-class softmax with the penalty doubled: exactly scikit-learn's single-logit objective at the same C);
 * ``squared_hinge`` -- one-vs-rest L2-SVM, as :class:`sklearn.svm.LinearSVC`'s default loss.
 
 When there are several times more features than samples, the problem is solved exactly in the n-dimensional span of
@@ -374,8 +375,11 @@ def fit_paths(
         # otherwise have ~0 curvature "elsewhere", and the signal directions would be scaled down a millionfold
         variances = variances.clamp_min(1e-3 * variances[:, :1])
         curvature = c * variances  # (P, k): the data term's curvature along each direction
+    # scikit-learn solves a binary problem with one logit w; the softmax here has two, w0 = -w1 at the optimum (the loss
+    # reads w1 - w0 only), whose penalty |w0|^2 + |w1|^2 is half of |w1 - w0|^2: doubling lam gives sklearn's C exactly
+    binary_softmax = 2.0 if loss == "multinomial" and k == 2 else 1.0
     for C in Cs:
-        lam = 1.0 / (float(C) * stack.counts)
+        lam = binary_softmax / (float(C) * stack.counts)
         # the weights' curvature "elsewhere" (beyond the leading directions, or on average), which the initial inverse
         # Hessian is scaled to, and the intercept's: c, unpenalized. Strongly regularized, the weights' is lam and
         # the intercept's a hundred times less: unscaled, L-BFGS would crawl along the intercept.

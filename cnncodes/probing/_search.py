@@ -557,7 +557,9 @@ def sweep_codes(
     sizes = fold_sizes(split, views)
     evidence = {id(r): row_evidence(r, f, y_test[plain_rows]) for r, f in results}
     annotate_rows(rows, [evidence[id(r)] for r in rows], best_row, sizes, config)
-    cheapest = pick_cheapest(rows, best_row, config) if costs else None
+    # one validation split has no folds to test on: without a tolerance, no row is shown equal to the best
+    testable = config.val_size is None or config.tolerance is not None
+    cheapest = pick_cheapest(rows, best_row, config) if costs and testable else None
     data = {"n_train_images": int(len(split.train_rows) // (views + 1)), "n_test_images": int(len(plain_rows)),
             "views": views, "test_views": split.test_views, "multilabel": y.ndim == 2,
             "split_digest": _split_digest(split, y, y_test, sources, test_sources if test is not None else None),
@@ -684,7 +686,12 @@ def _check_costs(costs: Mapping[Hashable, Mapping[str, Any]] | None, keys: list[
                  config: SweepConfig) -> dict[Hashable, dict[str, Any]]:  # fmt: skip
     """``costs`` checked against the codes' keys: known fields, numbers; every key's ``flops`` for a cheapest pick."""
     out: dict[Hashable, dict[str, Any]] = {}
+    if costs is not None and not isinstance(costs, Mapping):
+        raise ParameterError(f"costs must map keys of codes to dicts of costs, got {type(costs).__name__}; pass "
+                             "costs={key: {'flops': ...}}.")  # fmt: skip
     for k, entry in (costs or {}).items():
+        if not isinstance(entry, Mapping):
+            raise ParameterError(f"costs[{k!r}] is {entry!r}, not a dict of costs; pass {{'flops': ...}}.")
         if k not in keys:
             raise ParameterError(f"costs[{k!r}] names no array of codes; its keys are those of codes.")
         bad = sorted(set(entry) - set(_COST_FIELDS))
@@ -717,7 +724,7 @@ def _attach_costs(results: list[tuple[SweepRow, Any]], job: _Job, costs: dict[Ha
         if row.code_bytes is None:
             dtype = getattr(job.arrays[k], "dtype", None)
             row.code_bytes = int(row.dims * (np.dtype(dtype).itemsize if dtype is not None else 4))
-        if fitted is not None:
+        if fitted is not None and row.protocol != "knn":  # a kNN classifier is its training rows: no probe to size
             row.probe_bytes = probe_bytes(fitted.estimator)
 
 

@@ -766,11 +766,7 @@ def annotate_rows(rows: Sequence[SweepRow], evidence: Sequence[Evidence], best: 
     level = 1 - config.alpha
     n_fit, n_val = sizes
     for row, ev in zip(rows, evidence):
-        if ev.folds is not None and len(ev.folds) >= 2:
-            _, low, high = corrected_t_interval(ev.folds, n_fit, n_val, level)
-            row.cv_ci = [low, high]
-        elif ev.folds is not None and len(ev.folds) == 1:
-            row.cv_ci = list(wilson_interval(int(round(ev.folds[0] * n_val)), n_val, level))
+        row.cv_ci = _cv_interval(row, ev, sizes, level)
         if ev.predicted is None or ev.hits is None:
             continue
         hits = ev.hits
@@ -781,17 +777,41 @@ def annotate_rows(rows: Sequence[SweepRow], evidence: Sequence[Evidence], best: 
             value = getattr(row, name)
             if value is not None:
                 setattr(row, f"{name}_ci", list(wilson_interval(int(round(value * n)), n, level)))
-        seed = config.seed
+        if n < 2:  # one test image: nothing to resample
+            continue
+        resampled = dict(seed=config.seed, n_resamples=config.resamples, confidence=level)
         if row.protocol == "multilabel":
-            row.test_map_ci = list(bootstrap_interval(_map_statistic, (ev.y.T, ev.scores.T), seed=seed,
-                                                      n_resamples=config.resamples, confidence=level))  # fmt: skip
+            row.test_map_ci = _defined(bootstrap_interval(_map_statistic, (ev.y.T, ev.scores.T), **resampled))
             continue
         k = int(max(ev.y.max(), ev.predicted.max())) + 1
         for name, metric in (("test_balanced_accuracy", balanced_accuracy), ("test_macro_f1", macro_f1)):
             statistic = _labels_statistic(metric, k)
-            setattr(row, f"{name}_ci", list(bootstrap_interval(statistic, (ev.y, ev.predicted), seed=seed,
-                                                               n_resamples=config.resamples, confidence=level)))  # fmt: skip
+            setattr(row, f"{name}_ci", _defined(bootstrap_interval(statistic, (ev.y, ev.predicted), **resampled)))
     compare_with_best(rows, evidence, best, sizes, config)
+
+
+def _cv_interval(row: SweepRow, ev: Evidence, sizes: tuple[int, int], level: float) -> list[float] | None:
+    """The CV score's interval: the corrected resampled t over the folds; Wilson on the pooled out-of-fold hits of a
+    single-label row where the folds cannot give one (one validation split, or folds that all scored the same: a
+    zero-width t interval would claim a certainty that a few validation images do not have)."""
+    n_fit, n_val = sizes
+    if ev.folds is None or not len(ev.folds):
+        return None
+    if len(ev.folds) >= 2 and np.ptp(ev.folds) > 1e-12:
+        _, low, high = corrected_t_interval(ev.folds, n_fit, n_val, level)
+        return [low, high]
+    if row.protocol == "multilabel":  # mAP is no proportion: no Wilson interval for it
+        return None
+    if ev.cv_hits is not None and len(ev.folds) >= 2:
+        n = int(round(n_val * len(ev.folds)))  # every training image validated once (the hits are padded to bytes)
+        return list(wilson_interval(int(ev.cv_hits[:n].sum()), n, level))
+    return list(wilson_interval(int(round(ev.folds[0] * n_val)), n_val, level))
+
+
+def _defined(interval: tuple[float, float]) -> list[float] | None:
+    """A bootstrap interval, or None where every resample gave the same value (no spread to report, not certainty)."""
+    low, high = interval
+    return None if high - low <= 1e-12 else [low, high]
 
 
 def _labels_statistic(metric: Any, k: int) -> Any:
@@ -809,10 +829,15 @@ def _map_statistic(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
 
 def compare_with_best(rows: Sequence[SweepRow], evidence: Sequence[Evidence], best: SweepRow,
                       sizes: tuple[int, int], config: SweepConfig) -> None:  # fmt: skip
-    """Every row's paired tests against ``best`` on the same folds and test images, Holm-adjusted over the rows
-    tested, in place: ``p_cv`` (one-sided corrected paired t on the fold scores), ``p_cv_images`` (one-sided exact
-    McNemar on the out-of-fold predictions) and ``p_test`` (two-sided exact McNemar on the test images; mAP: a
-    one-sided paired bootstrap)."""
+    """Every row's paired tests against ``best`` on the same folds and test images, in place: ``p_cv`` (one-sided
+    corrected paired t on the fold scores), ``p_cv_images`` (one-sided exact McNemar on the out-of-fold predictions)
+    and ``p_test`` (two-sided exact McNemar on the test images; mAP: a one-sided paired bootstrap). Holm-adjusted over
+    the rows that compete for the best (kNN rows are tested, not adjusted; few-shot rows have no paired evidence).
+
+    The best was chosen on these same folds, so the CV tests are biased toward "the best is better": a row of equal
+    quality is rejected more often than alpha (one simulation of 12 equal rows: 24 %). That errs on the safe side for
+    the cheapest pick (fewer rows pass as equal) and against claims that a row is worse; ``p_test``, on test images
+    the choice never saw, has no such bias."""
 
     n_fit, n_val = sizes
     at = next(i for i, r in enumerate(rows) if r is best)
@@ -822,7 +847,7 @@ def compare_with_best(rows: Sequence[SweepRow], evidence: Sequence[Evidence], be
             setattr(row, name, None)
             setattr(row, f"{name}_holm", None)
     for row, ev in zip(rows, evidence):
-        if row is best:
+        if row is best or not (row.selectable or row.protocol == "knn"):
             continue
         if ev.folds is not None and ref.folds is not None and len(ev.folds) == len(ref.folds) >= 2:
             row.p_cv = float(corrected_paired_t(ref.folds, ev.folds, n_fit, n_val))
@@ -835,10 +860,11 @@ def compare_with_best(rows: Sequence[SweepRow], evidence: Sequence[Evidence], be
                                                         n_resamples=config.resamples))  # fmt: skip
         elif ev.hits is not None and ref.hits is not None and len(ev.hits) == len(ref.hits):
             row.p_test = float(mcnemar_exact(ref.hits, ev.hits))
+    family = [r for r in rows if r.selectable]  # the rows that compete for the best; kNN rows are baselines
     for name in _P_VALUES:
-        values = np.array([np.nan if getattr(r, name) is None else getattr(r, name) for r in rows], dtype=float)
+        values = np.array([np.nan if getattr(r, name) is None else getattr(r, name) for r in family], dtype=float)
         if np.isfinite(values).any():
-            for row, p in zip(rows, holm(values)):
+            for row, p in zip(family, holm(values)):
                 if np.isfinite(p):
                     setattr(row, f"{name}_holm", float(p))
 
@@ -879,6 +905,11 @@ def probe_bytes(estimator: Any) -> int:
     return int(total)
 
 
+def _finite(values: dict[str, float]) -> dict[str, float | None]:
+    """NaN as None: results.json is strict JSON (no pair of draws ranked anything when every row scored the same)."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in values.items()}
+
+
 def stability(rows: Sequence[SweepRow], redrawn: Sequence[Sequence[SweepRow]]) -> dict[str, Any]:
     """Fill every row's stability over the redrawn splits (its test accuracy's mean and std, ``p_best``) and return
     the rank agreement of the draws: ``{"repeats", "rank_correlation": {kendall_tau, spearman, pairs}, "rows"}``."""
@@ -896,6 +927,6 @@ def stability(rows: Sequence[SweepRow], redrawn: Sequence[Sequence[SweepRow]]) -
     return {
         "repeats": len(draws),
         "seeds": "seed + r for r in range(repeats)",
-        "rank_correlation": rank_agreement(scores) if len(shared) >= 2 else None,
+        "rank_correlation": _finite(rank_agreement(scores)) if len(shared) >= 2 else None,
         "best_by_repeat": [" / ".join(str(p) for p in key if p not in ("", None)) for key in winners],
     }

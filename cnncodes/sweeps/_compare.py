@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ class Comparison:
     cheapest: SweepRow | None = None
 
     def _selection(self) -> dict[str, Any]:
-        return selection_record(self.best, self.cheapest, self.config.get("pick", "best"), self.config.get("tolerance"))
+        # a comparison saves no bundle: its best.json names the best row, with the cheapest equal one beside it
+        return selection_record(self.best, self.cheapest, "best", self.config.get("tolerance"))
 
     def best_record(self) -> dict[str, Any]:
         sweep_of = self.data.get("sweep_of", {})
@@ -105,8 +106,9 @@ def _check_row(row: Any, where: str) -> SweepRow:
         if value is not None and (not isinstance(value, list) or not all(type(v) in (int, float) and math.isfinite(v)
                                                                            for v in value)):  # fmt: skip
             raise ValueError(f"{where}: {key} is {str(value)[:40]}, not a list of finite numbers")
-    if row.get("test_hits") is not None and not (isinstance(row["test_hits"], str) and _is_hex(row["test_hits"])):
-        raise ValueError(f"{where}: test_hits is not hexadecimal text")
+    for key in ("test_hits", "cv_hits"):
+        if row.get(key) is not None and not (isinstance(row[key], str) and _is_hex(row[key])):
+            raise ValueError(f"{where}: {key} is not hexadecimal text")
     parsed = SweepRow.from_dict(row)
     if parsed.selectable and parsed.score is None:
         raise ValueError(f"{where}: a {parsed.protocol} row without its CV score")
@@ -206,14 +208,26 @@ def compare(directories: list[str | os.PathLike]) -> Comparison:
     except ValueError as exc:
         raise ParameterError(f"a row's test_hits do not fit the {n_test} test images ({exc}); rerun the sweeps with "
                              "this cnncodes.") from None  # fmt: skip
-    sizes = tuple(first["data"].get("fold_sizes") or (0.0, 0.0))
-    if not all(sizes):  # written before fold sizes were recorded: the paired t needs them
-        for r in rows:
-            r.cv_folds = None
-        evidence = [saved_evidence(r, n_test) for r in rows]
-    compare_with_best(rows, evidence, best, sizes, config)  # on the same folds and test images (same split digest)
-    cheapest = pick_cheapest(rows, best, config) if any(r.flops for r in rows) else None
+    sizes = _fold_sizes(first)
+    if sizes is None:  # no fold sizes: no corrected paired t (the out-of-fold and test McNemar tests need none)
+        evidence = [replace(e, folds=None) for e in evidence]
+    compare_with_best(rows, evidence, best, sizes or (1, 1), config)  # the same folds and test images (digest)
+    for r in rows:  # each sweep's own redraws: they ranked its rows only, so they say nothing of the joint table
+        r.p_best = r.test_accuracy_mean = r.test_accuracy_repeat_std = None
+    cheapest = pick_cheapest(rows, best, config) if best.flops is not None else None
     return Comparison(rows, best, first["classes"], data, first["config"], cheapest)
+
+
+def _fold_sizes(sweep: dict[str, Any]) -> tuple[int, int] | None:
+    """Images fitted and validated per fold: as recorded, or from the image count and the folds of a sweep written
+    before they were; None when neither says."""
+    sizes = sweep["data"].get("fold_sizes")
+    if isinstance(sizes, list) and len(sizes) == 2 and all(type(v) is int and v > 0 for v in sizes):
+        return sizes[0], sizes[1]
+    n, k = sweep["data"].get("n_train_images"), sweep["config"].get("folds")
+    if type(n) is int and type(k) is int and n >= k >= 2 and sweep["config"].get("val_size") is None:
+        return n - n // k, n // k
+    return None
 
 
 def _stats_config(saved: dict[str, Any]) -> SweepConfig:

@@ -166,11 +166,16 @@ def _p_cv(r: SweepRow) -> float | None:
 def _tied(r: SweepRow, alpha: float) -> bool:
     """Whether neither CV test tells the row from the best (what makes it a candidate for the cheapest pick)."""
     tests = [p for p in (r.p_cv, r.p_cv_images) if p is not None]
-    return bool(tests) and min(tests) >= alpha
+    return r.selectable and bool(tests) and min(tests) >= alpha
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
+
+
+def _tolerance(result: SweepResult | Comparison) -> float | None:
+    config = result.config
+    return config.get("tolerance") if isinstance(config, dict) else config.tolerance
 
 
 def _alpha(result: SweepResult | Comparison) -> float:
@@ -183,16 +188,15 @@ def _describe(r: SweepRow, several: bool, n_test: object, multilabel: bool) -> s
     where = f"{r.backbone} / " if several else ""
     head = f"{where}{r.tap} / {r.pooling or '-'} / {r.probe} (C={r.C:.3g})"
     if multilabel:
-        score = (f"CV mAP {100 * r.cv_map:.2f}% {_interval(r.cv_ci).strip()}, test mAP {100 * r.test_map:.2f}% "
-                 f"{_interval(r.test_map_ci).strip()}")  # fmt: skip
+        score = f"CV mAP {_with_ci(r.cv_map, r.cv_ci).strip()}, test mAP {_with_ci(r.test_map, r.test_map_ci).strip()}"
     else:
-        score = (f"CV {100 * r.cv_accuracy:.2f}% {_interval(r.cv_ci).strip()}, test {100 * r.test_accuracy:.2f}% "
-                 f"{_interval(r.test_accuracy_ci).strip()}")  # fmt: skip
+        score = f"CV {_with_ci(r.cv_accuracy, r.cv_ci).strip()}, test {_with_ci(r.test_accuracy, r.test_accuracy_ci).strip()}"
     cost = ""
     if r.flops is not None:
         cost = f"; {_flops(r.flops)} FLOPs"
-        if r.latency_ms_batch1 is not None:
-            cost += f", {r.latency_ms_batch1:.3g} ms/image at batch 1, {r.latency_ms_batch64:.3g} at 64"
+        times = [f"{t:.3g} ms/image at batch {b}" for b, t in ((1, r.latency_ms_batch1), (64, r.latency_ms_batch64))
+                 if t is not None]  # fmt: skip
+        cost += "".join(f", {t}" for t in times)
     return f"{head}: {score} on {n_test} held-out images{cost}"
 
 
@@ -211,18 +215,20 @@ def summary_lines(result: SweepResult | Comparison) -> list[str]:
             saving += f", {b.latency_ms_batch1 / cheapest.latency_ms_batch1:.1f}x faster at batch 1"
         test_name = "paired bootstrap" if multilabel else "McNemar"
         lines.append(f"cheapest equal: {_describe(cheapest, several, n_test, multilabel)}")
-        lines.append(f"  {saving}; vs the best: p = {_p(cheapest.p_cv).strip()} (corrected paired t on the folds), "
+        lines.append(f"  {saving + '; ' if saving else ''}vs the best: p = {_p(cheapest.p_cv).strip()} (corrected paired t on the folds), "
                      f"{_p(cheapest.p_cv_images).strip()} (McNemar, out-of-fold), {_p(cheapest.p_test).strip()} "
                      f"({test_name}, test images)")  # fmt: skip
     elif cheapest is not None:
-        lines.append("cheapest equal: the best row itself (no row with fewer FLOPs is statistically as good)")
+        rule = ("is within the tolerance" if _tolerance(result) is not None else
+                "is not shown worse on the CV folds")  # fmt: skip
+        lines.append(f"cheapest equal: the best row itself (no row with fewer FLOPs {rule})")
     else:
         lines.append("cheapest equal: unknown (no row's FLOPs were counted: codes in memory, or a store of a Python "
                      "module)")  # fmt: skip
     pick = result.config.get("pick", "best") if isinstance(result.config, dict) else result.config.pick
     if isinstance(result, SweepResult):
         lines.append(f"saved: the {pick} row (--pick {pick})")
-    tested = [r for r in rows if r.p_cv is not None or r.p_cv_images is not None]
+    tested = [r for r in rows if r.selectable and (r.p_cv is not None or r.p_cv_images is not None)]
     tied = [r for r in tested if _tied(r, alpha)]
     worse = [r for r in tested if min(p for p in (r.p_cv_holm, r.p_cv_images_holm, 1.0) if p is not None) < alpha]
     if tested:
@@ -234,8 +240,10 @@ def summary_lines(result: SweepResult | Comparison) -> list[str]:
         rank = stable.get("rank_correlation") or {}
         p_best = sorted((r for r in rows if r.p_best), key=lambda r: -r.p_best)
         shares = ", ".join(f"{_name(r, several)} {r.pooling} {r.probe} {r.p_best:.2f}" for r in p_best[:4])
-        lines.append(f"over {stable['repeats']} redrawn splits: Kendall tau {rank.get('kendall_tau', float('nan')):.2f}"
-                     f", Spearman {rank.get('spearman', float('nan')):.2f} between the rankings; P(best): {shares}")  # fmt: skip
+        tau, rho = (rank.get(k) for k in ("kendall_tau", "spearman"))
+        agreement = ("no pair of draws ranked the rows (every row scored the same)" if tau is None else
+                     f"Kendall tau {tau:.2f}, Spearman {rho:.2f} between the rankings")  # fmt: skip
+        lines.append(f"over {stable['repeats']} redrawn splits: {agreement}; P(best): {shares}")
     return lines
 
 

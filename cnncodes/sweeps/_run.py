@@ -15,6 +15,7 @@ arrays as lazy handles that workers (loky processes or Dask workers on shared st
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._labels import label_text
-from ..errors import ParameterError
+from ..errors import CnncodesError, ParameterError
 from ..probing import (
     CONCAT_SEP,
     ConcatenatedCodes,
@@ -210,7 +211,7 @@ def _measure_costs(stores: Sequence[CodeStore], names: Sequence[str], codes: dic
     """Every array's cost: forward FLOPs and running parameters up to its taps, the network's per-image latency at
     batch 1 and 64, and the bytes of one image's codes. A store whose model cannot be rebuilt (a Python module) gets
     its code bytes only."""
-    from ..network import architecture_of, measure_latency, resolve_device, tap_costs
+    from ..network import architecture_of
 
     out: dict[tuple[str, str, str], dict[str, Any]] = {}
     for name, st in zip(names, stores):
@@ -222,25 +223,41 @@ def _measure_costs(stores: Sequence[CodeStore], names: Sequence[str], codes: dic
         for k in keys:
             parts = [(t, k[2]) for t in k[1].split(CONCAT_SEP)]
             out[k] = {"code_bytes": sum(itemsize[p] * dims[p] for p in parts)}
-        backbone = architecture_of(str(model.get("spec", "")), size)
-        if backbone is None:
-            continue
-        pooled: dict[str, list[tuple[str, ...]]] = {}  # each group of taps once, at a pooling it is stored at
-        for group, pool in {tuple(k[1].split(CONCAT_SEP)): k[2] for k in reversed(keys)}.items():
-            pooled.setdefault(pool, []).append(group)
-        numerics = (st.manifest.get("config") or {}).get("numerics") or {}
-        device = "cuda" if numerics.get("device") == "cuda" and resolve_device("auto").type == "cuda" else "cpu"
-        counted, timed = {}, {}
-        for pool, groups in pooled.items():
-            counted.update(tap_costs(backbone, groups, pooling=pool))
-            if latency:
-                timed.update(measure_latency(backbone, groups, pooling=pool, batch_sizes=(1, 64), device=device))
-        for k in keys:
-            group = tuple(k[1].split(CONCAT_SEP))
-            out[k].update(flops=counted[group].flops, params=counted[group].params)
-            if group in timed:
-                out[k].update(latency_ms_batch1=timed[group].get(1), latency_ms_batch64=timed[group].get(64))
+        try:
+            backbone = architecture_of(str(model.get("spec", "")), size)
+            if backbone is None:
+                continue
+            _tap_costs(out, st, keys, backbone, latency=latency)
+        except CnncodesError as exc:  # codes need no model: the sweep goes on, knowing only their bytes
+            warnings.warn(f"{st.path}: the costs of its taps could not be measured on {model.get('spec')!r} "
+                          f"({_one_line(exc)}); its rows have no FLOPs or latency, and --pick cheapest refuses them.",
+                          UserWarning, stacklevel=3)  # fmt: skip
     return out
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _tap_costs(out: dict, st: CodeStore, keys: list, backbone: Any, *, latency: bool) -> None:
+    """FLOPs, parameters and (with ``latency``) per-image times of the taps of ``keys`` into ``out``."""
+    from ..network import measure_latency, resolve_device, tap_costs
+
+    pooled: dict[str, list[tuple[str, ...]]] = {}  # each group of taps once, at a pooling it is stored at
+    for group, pool in {tuple(k[1].split(CONCAT_SEP)): k[2] for k in reversed(keys)}.items():
+        pooled.setdefault(pool, []).append(group)
+    numerics = (st.manifest.get("config") or {}).get("numerics") or {}
+    device = "cuda" if numerics.get("device") == "cuda" and resolve_device("auto").type == "cuda" else "cpu"
+    counted, timed = {}, {}
+    for pool, groups in pooled.items():
+        counted.update(tap_costs(backbone, groups, pooling=pool))
+        if latency:
+            timed.update(measure_latency(backbone, groups, pooling=pool, batch_sizes=(1, 64), device=device))
+    for k in keys:
+        group = tuple(k[1].split(CONCAT_SEP))
+        out[k].update(flops=counted[group].flops, params=counted[group].params)
+        if group in timed:
+            out[k].update(latency_ms_batch1=timed[group].get(1), latency_ms_batch64=timed[group].get(64))
 
 
 def extractor_of(store: CodeStore, tap: str, pooling: str) -> dict:

@@ -159,7 +159,7 @@ def depth_of_stores(
         if progress:
             print(f"cut {name}: linear probe on {', '.join(pooled)}, then the layers above it")
         linear = sweep(store, SweepConfig(probes=("logreg",), test_size=test_size, seed=config.seed), taps=[name],
-                       poolings=pooled, progress=False)  # fmt: skip
+                       poolings=pooled, costs=False, progress=False)  # fmt: skip
         tuned = finetune(store, name, backbone=backbone, config=config, val_size=val_size, test_size=test_size,
                          device=device, progress=progress)  # fmt: skip
         row = DepthRow(name, catalogue[name].index, linear.best.cv_accuracy, linear.best.test_accuracy,

@@ -171,3 +171,24 @@ def test_features_of_no_or_tiny_scale_still_get_the_class_priors(loss, scale):
         np.testing.assert_allclose(b, 2 * np.bincount(y) / len(y) - 1, atol=1e-3)
     empty = fit_path(np.zeros((30, 0), np.float32), np.arange(30) % 3, 3, [1.0], loss)  # no features at all
     assert empty.coefs[0].shape == (0, 3)
+
+
+@pytest.mark.parametrize("data", ["breast_cancer", "wine"])
+@pytest.mark.parametrize("C", [0.05, 1.0])
+def test_a_c_copied_from_scikit_learn_means_the_same_objective(data, C):
+    """Binary and multiclass, logistic and squared hinge: the same C gives scikit-learn's optimum (a binary softmax
+    once matched sklearn at 2 C: its two logits halved the penalty). liblinear penalizes the intercept unless it is
+    scaled up; the torch solver never does."""
+    from sklearn import datasets
+
+    X, y = getattr(datasets, f"load_{data}")(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    ours = TorchLogisticRegression(C=C, tol=1e-9, max_iter=5000).fit(X.astype(np.float32), y)
+    ref = LogisticRegression(C=C, tol=1e-12, max_iter=100000).fit(X, y)
+    scale = np.abs(ref.coef_).max()
+    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=2e-3 * scale)
+    np.testing.assert_allclose(ours.intercept_ - ours.intercept_.mean() * (ours.coef_.shape[0] > 1),
+                               ref.intercept_ - ref.intercept_.mean() * (ref.coef_.shape[0] > 1), atol=2e-3 * scale)  # fmt: skip
+    svc = TorchLinearSVC(C=C, tol=1e-9, max_iter=5000).fit(X.astype(np.float32), y)
+    ref = LinearSVC(C=C, tol=1e-12, max_iter=1000000, intercept_scaling=1000).fit(X, y)
+    np.testing.assert_allclose(svc.coef_, ref.coef_, atol=5e-3 * np.abs(ref.coef_).max())

@@ -210,10 +210,33 @@ def test_two_real_backbones_in_one_sweep_match_their_single_sweeps(tmp_path):
               for name, model in (("lite", "efficientnet_lite0"), ("r18", "resnet18:none"))]  # fmt: skip
     both = sweep(stores, SweepConfig(probes=("logreg",), folds=3), progress=False)
     assert {r.backbone for r in both.rows} == {"efficientnet_lite0", "resnet18:none"}
-    alone = [sweep(s, SweepConfig(probes=("logreg",), folds=3), progress=False) for s in stores]
+    alone = [sweep(s, SweepConfig(probes=("logreg",), folds=3), latency=False, progress=False) for s in stores]
     better = max(alone, key=lambda r: (r.best.cv_accuracy, -r.best.dims))
     assert _plain([both.best]) == _plain([better.best]) and both.best.backbone == better.best.backbone
     assert _plain(both.rows) == _plain(alone[0].rows) + _plain(alone[1].rows)
+    # every row's cost, measured on the early-exit network of its tap: the same whichever sweep it is in
+    from cnncodes.network import architecture_of, tap_costs
+
+    for backbone, model in (("efficientnet_lite0", "efficientnet_lite0"), ("resnet18:none", "resnet18:none")):
+        mine = [r for r in both.rows if r.backbone == backbone]
+        counted = tap_costs(architecture_of(model, 32), [r.tap for r in mine])
+        assert [(r.flops, r.params) for r in mine] == [
+            (counted[(r.tap,)].flops, counted[(r.tap,)].params) for r in mine
+        ]
+        assert [r.flops for r in mine] == sorted(r.flops for r in mine)  # deeper taps cost more
+        assert all(r.latency_ms_batch1 > 0 and r.latency_ms_batch64 > 0 and r.code_bytes == 2 * r.dims for r in mine)
+    # paired tests across backbones on the same images, and the cheapest equal row over both
+    assert all(r.p_test is not None for r in both.rows if r is not both.best)
+    assert both.cheapest is not None and both.cheapest.flops <= both.best.flops
+    # a store whose model cannot be rebuilt still sweeps: its rows carry code bytes only, with a warning saying why
+    manifest = json.loads((stores[1].path / "manifest.json").read_text())
+    manifest["model"]["spec"] = "not_a_model_anywhere"
+    (stores[1].path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="could not be measured on 'not_a_model_anywhere'"):
+        unknown = sweep(stores[1].path, SweepConfig(probes=("logreg",), folds=3), progress=False)
+    assert all(r.flops is None and r.code_bytes == 2 * r.dims for r in unknown.rows) and unknown.cheapest is None
+    with pytest.raises(cnncodes.errors.ParameterError, match="forward FLOPs of every array"):
+        sweep(stores[1].path, SweepConfig(probes=("logreg",), folds=3, pick="cheapest"), costs=False, progress=False)
 
 
 @pytest.mark.parametrize("n_images", [18, 90, 100])

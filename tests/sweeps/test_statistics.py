@@ -175,3 +175,54 @@ def test_wilson_covers_the_true_accuracy_of_the_probe():
         low, high = r.best.test_accuracy_ci
         inside += low <= truth <= high
     assert 0.93 <= inside / 200 <= 0.97
+
+
+def test_baselines_stay_out_of_the_family_and_the_pick(codes):
+    """kNN rows are tested against the best but neither adjusted with the rows that compete for it nor marked equal."""
+    arrays, y, costs = codes
+    result = cnncodes.sweep_codes(arrays, y, SweepConfig(probes=("logreg", "knn"), folds=4), costs=costs)
+    knn = [r for r in result.rows if r.protocol == "knn"]
+    assert knn and all(r.p_test is not None and r.p_cv_holm is None and r.probe_bytes is None for r in knn)
+    linear = [r for r in result.rows if r.selectable and r is not result.best]
+    raw = np.array([r.p_cv for r in linear])
+    order = np.argsort(raw)
+    adjusted = np.maximum.accumulate(np.minimum(1, raw[order] * (len(raw) - np.arange(len(raw)))))
+    assert [r.p_cv_holm for r in np.array(linear)[order]] == pytest.approx(adjusted)  # Holm over linear rows only
+    assert result.cheapest.protocol == "linear"
+
+
+def test_one_validation_split_shows_no_row_equal_without_a_tolerance(codes):
+    arrays, y, costs = codes
+    result = cnncodes.sweep_codes(arrays, y, SweepConfig(probes=("logreg",), val_size=0.3), costs=costs)
+    assert result.cheapest is None and result.chosen is result.best
+    assert all(r.p_cv is None for r in result.rows)  # one fold: no paired t
+    tolerant = SweepConfig(probes=("logreg",), val_size=0.3, pick="cheapest", tolerance=100.0 - 1e-9)
+    assert cnncodes.sweep_codes(arrays, y, tolerant, costs=costs).chosen.tap == "noise"
+
+
+def test_degenerate_evidence_gives_no_false_certainty():
+    """Folds that all score 100 %: the CV interval is Wilson on the out-of-fold hits, not a point; every row scoring
+    the same leaves no ranking to correlate (None in strict JSON, not NaN)."""
+    y = np.arange(120) % 2
+    x = (4.0 * y[:, None] + np.random.default_rng(0).normal(size=(120, 2)) * 0.1).astype(np.float32)
+    result = cnncodes.sweep_codes({"a": x, "b": x + 1}, y, SweepConfig(probes=("logreg",), folds=3, repeats=2))
+    row = result.best
+    assert row.cv_accuracy == 1.0 and row.cv_ci[0] < 1.0 == row.cv_ci[1]
+    n = result.data["n_train_images"]
+    expected = stats.binomtest(n, n).proportion_ci(0.95, method="wilson")
+    assert row.cv_ci == pytest.approx([expected.low, expected.high])
+    assert result.data["stability"]["rank_correlation"]["kendall_tau"] is None
+    json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert "no pair of draws ranked the rows" in cnncodes.format_table(result)
+
+
+def test_costs_are_checked_and_reported_as_given(codes):
+    arrays, y, _ = codes
+    config = SweepConfig(probes=("logreg",), folds=4)
+    with pytest.raises(ParameterError, match="not a dict of costs"):
+        cnncodes.sweep_codes(arrays, y, config, costs={"deep": 3})
+    with pytest.raises(ParameterError, match="unknown fields"):
+        cnncodes.sweep_codes(arrays, y, config, costs={"deep": {"gflops": 3}})
+    partial = {k: {"flops": 10, "latency_ms_batch1": 1.5} for k in arrays}  # no batch-64 figure
+    table = cnncodes.format_table(cnncodes.sweep_codes(arrays, y, config, costs=partial))
+    assert "1.5 ms/image at batch 1" in table and "at batch 64" not in table
