@@ -40,6 +40,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from relu_modes import patches  # the texture-patch task, from the script beside this one
 
 warnings.filterwarnings("ignore")
 
@@ -54,26 +55,6 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
     source = open_source("demo:digits")
     return np.stack([np.asarray(source.load(i)) for i in range(len(source.ids))]), source.labels
-
-
-def patches(per_class: int = 60, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random crops of scikit-image's sample pictures; the label is the picture (benchmarks/relu_modes.py)."""
-    from skimage import data
-
-    names = ["brick", "grass", "gravel", "coffee", "chelsea", "astronaut", "rocket", "camera", "coins", "moon"]
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for k, name in enumerate(names):
-        picture = getattr(data, name)()
-        if picture.ndim == 2:
-            picture = np.stack([picture] * 3, -1)
-        picture = picture[..., :3]
-        h, w = picture.shape[:2]
-        for _ in range(per_class):
-            y, x = rng.integers(0, h - size), rng.integers(0, w - size)
-            images.append(picture[y : y + size, x : x + size])
-            labels.append(k)
-    return np.stack(images).astype(np.uint8), np.array(labels)
 
 
 def store_of(task: str, images: np.ndarray, labels: np.ndarray, root: Path, size: int):

@@ -204,6 +204,9 @@ class Split:
     test_views: int
 
 
+#: What a row costs when deployed (all measured: see ``cnncodes.network.tap_costs``).
+COSTS = ("flops", "params", "latency_ms_batch1", "latency_ms_batch64", "code_bytes", "probe_bytes")
+
 _OPTIONAL = (
     "test_tta_accuracy",
     "test_top5_accuracy",
@@ -237,12 +240,7 @@ _OPTIONAL = (
     "p_cv_images_holm",
     "p_test",
     "p_test_holm",
-    "flops",
-    "params",
-    "latency_ms_batch1",
-    "latency_ms_batch64",
-    "code_bytes",
-    "probe_bytes",
+    *COSTS,
     "test_accuracy_mean",
     "test_accuracy_repeat_std",
     "p_best",

@@ -55,7 +55,7 @@ from ._knn import evaluate_knn
 from ._linear import _SPAN_FACTOR, ProblemStack, fit_paths
 from ._multilabel import MultilabelStratifiedFolds, check_multilabel_split, evaluate_multilabel, stratified_subsets
 from ._probes import PATH_LOSS, make_classifier, make_probe
-from ._results import Split, SweepConfig, SweepResult, SweepRow, best_of
+from ._results import COSTS, Split, SweepConfig, SweepResult, SweepRow, best_of
 from ._scoring import Fitted, c_grid, load_rows, metrics_from_scores, normalized_folds, pack_hits
 from ._stats import annotate_rows, fold_sizes, pick_cheapest, probe_bytes, row_evidence, stability
 from ._streaming import evaluate_streaming
@@ -679,7 +679,7 @@ def _sweep_split(job: _Job, config: SweepConfig, *, extras: bool) -> tuple[Split
     return split, results
 
 
-_COST_FIELDS = ("flops", "params", "latency_ms_batch1", "latency_ms_batch64", "code_bytes")
+_COST_FIELDS = tuple(c for c in COSTS if c != "probe_bytes")  # what a caller measures; the probe's is counted here
 
 
 def _check_costs(costs: Mapping[Hashable, Mapping[str, Any]] | None, keys: list[Hashable],

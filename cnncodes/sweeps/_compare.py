@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..probing import PROTOCOLS, SweepConfig, SweepRow, best_of
-from ..probing._results import STATISTICS, selection_record
+from ..probing._results import COSTS, STATISTICS, selection_record
 from ..probing._stats import compare_with_best, pick_cheapest, saved_evidence
 
 __all__ = ["Comparison", "compare"]
@@ -75,12 +75,7 @@ _NUMBERS = (
     "test_top5_accuracy",
     "fit_seconds",
     "C",
-    "flops",
-    "params",
-    "latency_ms_batch1",
-    "latency_ms_batch64",
-    "code_bytes",
-    "probe_bytes",
+    *COSTS,
 )
 _TEXT = ("backbone", "tap", "pooling", "normalizer", "probe", "solver", "protocol")
 

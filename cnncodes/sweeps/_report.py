@@ -219,8 +219,8 @@ def summary_lines(result: SweepResult | Comparison) -> list[str]:
                      f"{_p(cheapest.p_cv_images).strip()} (McNemar, out-of-fold), {_p(cheapest.p_test).strip()} "
                      f"({test_name}, test images)")  # fmt: skip
     elif cheapest is not None:
-        rule = ("is within the tolerance" if _tolerance(result) is not None else
-                "is not shown worse on the CV folds")  # fmt: skip
+        rule = ("is within the tolerance of it" if _tolerance(result) is not None else
+                "is one the CV folds cannot tell from it")  # fmt: skip
         lines.append(f"cheapest equal: the best row itself (no row with fewer FLOPs {rule})")
     else:
         lines.append("cheapest equal: unknown (no row's FLOPs were counted: codes in memory, or a store of a Python "
