@@ -296,6 +296,10 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
                         marker="o", ms=4, capsize=2, label=label)  # fmt: skip
         ax.plot([x_of[b.tap]], [100 * b.score], marker="*", ms=18, color="gold", mec="black", zorder=5,
                 label=f"best: {b.tap} {b.pooling} {b.probe}")  # fmt: skip
+        cheap = getattr(result, "cheapest", None)
+        if cheap is not None and cheap.key != b.key:
+            ax.plot([x_of[cheap.tap]], [100 * cheap.score], marker="D", ms=10, color="limegreen", mec="black",
+                    zorder=5, ls="none", label=f"cheapest equal: {cheap.tap} {cheap.pooling} {cheap.probe}")  # fmt: skip
         ax.set_xticks(range(len(taps)))
         ax.set_xticklabels([f"{t}\n(depth {depth_of[t]})" for t in taps], rotation=30, ha="right", fontsize=8)
         ax.set_xlabel("tap (shallow → deep); bars: 95 % intervals of the CV score (corrected resampled t)")
