@@ -710,6 +710,13 @@ def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:
     rows: list[tuple[int, str, str | None]] = []  # (line number, path, label or None)
     reader = None
     try:
+        kind = os.stat(csv_path).st_mode
+    except OSError as exc:
+        raise SourceError(f"cannot read {csv_path} ({exc.strerror or exc}).") from exc
+    if not stat.S_ISREG(kind):  # opening a FIFO would wait for a writer forever
+        raise SourceError(f"{csv_path} is not a regular file (a FIFO, socket or device); give a CSV file of "
+                          "'path,label' rows.")  # fmt: skip
+    try:
         # utf-8-sig: spreadsheet programs often prepend a byte-order mark that would glue onto the first path.
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
@@ -730,6 +737,9 @@ def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:
                     )
                 if not cells[0]:
                     raise SourceError(f"{name} line {line}: empty path; every row needs an image path first.")
+                if any("\x00" in c for c in cells):  # no file name or class name can hold it
+                    raise SourceError(f"{name} line {line}: a NUL character in {row!r}; no path or class name may "
+                                      "contain one: fix that line.")  # fmt: skip
                 rows.append((line, cells[0], cells[1] if len(cells) == 2 and cells[1] else None))
     except csv.Error as exc:
         where = reader.line_num if reader is not None else "?"

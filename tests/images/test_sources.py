@@ -542,3 +542,16 @@ def test_a_class_folder_reached_twice_through_a_link_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match="'cats' and 'kittens' are the same folder"):
         source = open_source(str(tmp_path))
     assert len(source) == 2
+
+
+def test_a_csv_that_is_no_regular_file_or_holds_a_nul_is_refused_where_it_enters(tmp_path: Path) -> None:
+    """A FIFO named like a CSV would block the read forever; a NUL in a class name would only be refused by the
+    bundle, after the whole extraction and sweep. Both are refused when the source opens, naming the file or line."""
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(SourceError, match="pipe.csv is not a regular file"):
+        open_source(str(fifo))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "nul.csv").write_text("path,label\na.png,ca\x00t\n")
+    with pytest.raises(SourceError, match="nul.csv line 2: a NUL character"):
+        open_source(str(tmp_path / "nul.csv"))
