@@ -171,8 +171,28 @@ def _writable_target(p: Path, flag: str, what: str) -> None:
     if not ancestor.is_dir():
         raise ParameterError(f"{flag} {p}: {ancestor} is a file, not a directory; choose another path for the "
                              f"{what} (nothing was computed).")  # fmt: skip
-    if not os.access(ancestor, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ParameterError(f"{flag} {p} is not writable; choose another path for the {what} (nothing was computed).")
+    blocked = p if p.exists() and not os.access(p, os.W_OK) else None
+    if blocked is None and not os.access(ancestor, os.W_OK | os.X_OK):
+        blocked = ancestor
+    if blocked is not None:
+        raise ParameterError(f"{flag} {p} is not writable: {_why_not_writable(blocked)}; choose another path for the "
+                             f"{what} (nothing was computed).")  # fmt: skip
+
+
+def _why_not_writable(path: Path) -> str:
+    """Why ``path`` refuses writes: a read-only filesystem, a read-only file or directory, or no permission."""
+    import os
+    import stat
+
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return f"{path} is on a read-only filesystem"
+        mode = path.stat().st_mode
+    except OSError:
+        return f"{path} cannot be inspected"
+    if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is read-only (chmod u+w {path} to allow it)"
+    return f"no permission to write {path}"
 
 
 def _output_dir(path: str, flag: str = "--out") -> None:
@@ -766,9 +786,12 @@ def _os_hint(exc: OSError) -> str:
         errno.EISDIR: "; that path is a directory: give a file name",
         errno.EEXIST: "; choose another path",
         errno.EACCES: "; no permission: choose another path or fix its permissions",
+        errno.EPERM: "; the operation is not permitted (an immutable or read-only file?): choose another path",
         errno.EROFS: "; the filesystem is read-only: choose another path",
         errno.ELOOP: "; a symbolic link loops: fix or remove it",
     }
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename and Path(exc.filename).exists():
+        return f"; {_why_not_writable(Path(exc.filename))}: choose another path or fix its permissions"
     return hints.get(exc.errno, "")
 
 

@@ -128,3 +128,18 @@ def test_a_store_without_its_model_is_refused_before_the_sweep(tmp_path, capsys)
     assert main(["sweep", str(store.path), "--out", str(tmp_path / "sw"), "--quiet"]) == 2
     assert "does not say which model made its codes" in capsys.readouterr().err
     assert not (tmp_path / "sw" / "results.csv").exists()
+
+
+def test_an_unwritable_output_says_read_only_when_it_is(tmp_path, monkeypatch, capsys):
+    """A read-only file is named read-only, with the fix (as root every file is writable, so the check runs as a user
+    who may not write: os.access says no)."""
+    import os
+
+    target = tmp_path / "preds.csv"
+    target.write_text("")
+    target.chmod(0o444)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(target) else real_access(p, mode))
+    assert main(["predict", str(tmp_path / "missing.zip"), str(tmp_path), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "read-only (chmod u+w" in err and str(target) in err and len(err.strip().splitlines()) == 1
