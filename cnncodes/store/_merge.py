@@ -51,6 +51,9 @@ def _shard_stores(out: Path, shards: Sequence[str | os.PathLike] | None, count: 
     by_index: dict[int, CodeStore] = {}
     count = None
     for path in paths:
+        if not shards and not (path / MANIFEST).exists():  # a shard whose writer has made its folder, not its manifest
+            raise IncompleteStoreError(f"{path} is still being created (no {MANIFEST} yet): let its `cnncodes extract "
+                                       "... --shard I/N` run finish, or rerun it, then merge again.")  # fmt: skip
         store = CodeStore(path, allow_incomplete=True)
         layout = store.shard
         if layout is None or layout.shared:
