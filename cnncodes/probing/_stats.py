@@ -65,7 +65,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -733,15 +733,14 @@ class Evidence:
 def row_evidence(row: SweepRow, fitted: Any, y_plain: np.ndarray) -> Evidence:
     """The evidence a task handed back for ``row``: its fold scores and its fitted probe's test predictions (few-shot
     rows, averaged over draws, have neither)."""
-    folds = None if row.cv_folds is None else np.asarray(row.cv_folds, dtype=float)
-    cv_hits = None if row.cv_hits is None else unpack_hits(row.cv_hits, len(row.cv_hits) * 4)
+    saved = saved_evidence(row, len(y_plain))
     if fitted is None:
-        return Evidence(folds, cv_hits)
+        return saved
     y, predicted = np.asarray(y_plain), np.asarray(fitted.predicted)
     same = predicted == y
     hits = same.all(axis=1) if same.ndim == 2 else same
     scores = np.asarray(fitted.scores, dtype=float) if row.protocol == "multilabel" else None
-    return Evidence(folds, cv_hits, hits, y, predicted, scores)
+    return replace(saved, hits=hits, y=y, predicted=predicted, scores=scores)
 
 
 def saved_evidence(row: SweepRow, n_test: int) -> Evidence:

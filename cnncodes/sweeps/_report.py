@@ -52,20 +52,11 @@ def _csv_row(row: SweepRow) -> dict[str, object]:
     return out
 
 
-def _percent(value: float | None, width: int = 6) -> str:
-    return f"{'-':>{width}}" if value is None else f"{100 * value:{width}.2f}"
-
-
 def _with_ci(value: float | None, ci: list[float] | None) -> str:
     """``99.56 [98.4, 99.9]`` in percent, 20 characters wide."""
     if value is None:
         return f"{'-':<20}"
     return f"{100 * value:6.2f} " + (f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "").ljust(13)
-
-
-def _interval(ci: list[float] | None) -> str:
-    """``[98.7, 99.9]`` in percent, 14 characters wide."""
-    return f"{'':<14}" if ci is None else f"[{100 * ci[0]:5.1f},{100 * ci[1]:6.1f}]"
 
 
 def _p(value: float | None) -> str:
