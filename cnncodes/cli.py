@@ -317,6 +317,8 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
         pick=args.pick,
         tolerance=args.tolerance,
         repeats=args.repeats,
+        scores=() if args.scores.strip().lower() == "none" else tuple(t.strip() for t in args.scores.split(",")),
+        triage=args.triage,
     )
 
 
@@ -535,6 +537,12 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=_int_at_least(1), default=1, metavar="R",
                    help="redraw the test split and folds R times (seeded) and report how stable the ranking is: test "
                         "accuracy mean and std, P(best), rank correlation (default: 1, no redraws)")  # fmt: skip
+    p.add_argument("--scores", default="knn,logme,hscore", metavar="NAMES",
+                   help="transferability scores measured on every array, checked against its CV accuracy: knn, logme, "
+                        "hscore, or none (default: %(default)s)")  # fmt: skip
+    p.add_argument("--triage", default=None, metavar="K|FRACTION|auto",
+                   help="search C only on the top K arrays (or that fraction of them) of the score that ranks a probe "
+                        "subset best; auto: K from its measured Kendall tau (default: search every array)")  # fmt: skip
     p.add_argument(
         "--no-latency",
         dest="latency",

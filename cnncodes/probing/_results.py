@@ -11,6 +11,7 @@ from sklearn.pipeline import Pipeline
 
 from ..errors import ParameterError
 from ._probes import CLASSIFIERS, NORMALIZERS
+from ._transfer import SCORES
 
 __all__ = ["SweepConfig", "SweepRow", "SweepResult", "Split", "PROTOCOLS", "PICKS", "best_of"]
 
@@ -72,6 +73,16 @@ class SweepConfig:
         first draw (``seed``), whose test images the other draws' folds would otherwise touch. 1 costs nothing.
     resamples : int, default=2000
         Bootstrap resamples of the test images, for the intervals that are not proportions (seeded by ``seed``).
+    scores : tuple of str, default=("knn", "logme", "hscore")
+        Transferability scores measured on every array before its probes are searched (training images only; see
+        :mod:`cnncodes.probing._transfer`): every row carries them, and ``results.json`` says how well each ranked
+        the arrays against their measured CV accuracy. ``()`` measures none.
+    triage : int, float or "auto", optional
+        Search C only on the arrays the most trustworthy score ranks highest: an int K (the top K arrays), a float
+        in (0, 1) (that fraction of them), or ``"auto"`` (K from the score's Kendall tau on a probe subset, so that
+        missing the best is unlikely). Trust is measured first on a probe subset of arrays spread over the scores'
+        range, searched in full. The best row is always a fully searched one; the test images are read only for
+        the final numbers of the rows searched. Default: search every array.
     """
 
     probes: tuple[str, ...] = ("logreg", "linsvc")
@@ -95,6 +106,8 @@ class SweepConfig:
     alpha: float = 0.05
     repeats: int = 1
     resamples: int = 2000
+    scores: tuple[str, ...] = SCORES
+    triage: int | float | str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("probes", CLASSIFIERS), ("normalizers", NORMALIZERS)):
@@ -155,6 +168,13 @@ class SweepConfig:
             raise ParameterError(f"repeats must be 1 to 100 redrawn splits, got {self.repeats} (--repeats 3).")
         if not 100 <= _integer("resamples", self.resamples) <= 100_000:
             raise ParameterError(f"resamples must be 100 to 100000 bootstrap resamples, got {self.resamples}.")
+        scores = (self.scores,) if isinstance(self.scores, str) else tuple(self.scores)
+        bad = [s for s in scores if s not in SCORES]
+        if bad:
+            raise ParameterError(f"unknown score {bad[0]!r}; use any of {list(SCORES)} (--scores knn,logme), or none.")
+        object.__setattr__(self, "scores", tuple(dict.fromkeys(scores)))
+        object.__setattr__(self, "triage", _triage(self.triage, self.scores))
+
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +189,36 @@ def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not math.isfinite(out):
         raise ParameterError(f"{name} must be a finite number, got {value!r}.")
     return out
+
+
+def _triage(value: Any, scores: tuple[str, ...]) -> int | float | str | None:
+    """``triage`` checked: None, a whole number of arrays >= 1, a fraction in (0, 1), or "auto"."""
+    if value is None:
+        return None
+    how = "give a number of arrays (--triage 8), a fraction of them (--triage 0.25) or --triage auto"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            value = "auto"
+        else:
+            try:
+                value = float(text) if any(c in text for c in ".e") else int(text)
+            except ValueError:
+                raise ParameterError(f"triage={value!r}: {how}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, np.integer, np.floating)):
+        raise ParameterError(f"triage={value!r}: {how}.")
+    if isinstance(value, (float, np.floating)):
+        if not 0 < value < 1:
+            raise ParameterError(f"triage={value!r}: a fraction must be in (0, 1); {how}.")
+        value = float(value)
+    elif not isinstance(value, str):
+        if value < 1:
+            raise ParameterError(f"triage={value!r}: at least one array must be searched; {how}.")
+        value = int(value)
+    if not scores:
+        raise ParameterError("triage ranks arrays by their transferability scores, but scores=() measures none; "
+                             "keep at least one score (--scores knn).")  # fmt: skip
+    return value
 
 
 def _check_device(device: Any) -> None:
@@ -245,6 +295,7 @@ _OPTIONAL = (
     "test_accuracy_repeat_std",
     "p_best",
     "test_hits",
+    *(f"score_{name}" for name in SCORES),
 )
 #: Row fields keyed by class index, which results.json keys by class name.
 _BY_CLASS = ("test_class_recall", "test_class_ap", "class_C")
@@ -334,6 +385,10 @@ class SweepRow:
     test_accuracy_repeat_std: float | None = None
     p_best: float | None = None  # how often the row was the best over the repeats
     test_hits: str | None = None  # per-image test correctness, packed bits in hex (results.json: paired tests later)
+    # transferability scores of the row's array (cnncodes.probing._transfer), on the training images only
+    score_knn: float | None = None
+    score_logme: float | None = None
+    score_hscore: float | None = None
 
     @property
     def score(self) -> float | None:

@@ -14,7 +14,7 @@ from sklearn.pipeline import Pipeline
 from ..errors import ParameterError
 from ._probes import make_normalizer
 
-__all__ = ["c_grid", "metrics_from_scores", "Fitted", "normalized_folds", "load_rows", "pack_hits", "unpack_hits"]
+__all__ = ["c_grid", "metrics_from_scores", "Fitted", "PENDING_TEST", "normalized_folds", "load_rows", "pack_hits", "unpack_hits"]
 
 
 def c_grid(c_min: float = 1e-4, c_max: float = 1e4, steps_per_decade: int = 1) -> list[float]:
@@ -32,11 +32,16 @@ def c_grid(c_min: float = 1e-4, c_max: float = 1e4, steps_per_decade: int = 1) -
 
 @dataclass
 class Fitted:
-    """What a task hands back besides its rows: the refit probe and its plain-view test predictions."""
+    """What a task hands back besides its rows: the refit probe and its plain-view test predictions (None while the
+    test rows are not yet read: a triaged sweep reads them last)."""
 
     estimator: Pipeline
-    predicted: np.ndarray
-    scores: np.ndarray
+    predicted: np.ndarray | None
+    scores: np.ndarray | None
+
+
+#: The test numbers of a row whose test rows are not read yet (``evaluate_codes(..., test_now=False)``).
+PENDING_TEST = {"test_accuracy": float("nan"), "test_balanced_accuracy": None, "test_macro_f1": float("nan")}
 
 
 def metrics_from_scores(

@@ -56,9 +56,11 @@ from ._linear import _SPAN_FACTOR, ProblemStack, fit_paths
 from ._multilabel import MultilabelStratifiedFolds, check_multilabel_split, evaluate_multilabel, stratified_subsets
 from ._probes import PATH_LOSS, make_classifier, make_probe
 from ._results import COSTS, Split, SweepConfig, SweepResult, SweepRow, best_of
-from ._scoring import Fitted, c_grid, load_rows, metrics_from_scores, normalized_folds, pack_hits
+from ._scoring import PENDING_TEST, Fitted, c_grid, load_rows, metrics_from_scores, normalized_folds, pack_hits
 from ._stats import annotate_rows, fold_sizes, pick_cheapest, probe_bytes, row_evidence, stability
-from ._streaming import evaluate_streaming
+from ._streaming import chunk_rows_for, decision_in_chunks, evaluate_streaming
+from ._transfer import array_scores
+from ._triage import transfer_record, triaged_search
 
 __all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend", "config_from"]
 
@@ -245,15 +247,17 @@ def evaluate_codes(
     pooling: str,
     depth: int = -1,
     n_classes: int | None = None,
+    test_now: bool = True,
 ) -> list[tuple[SweepRow, Fitted]]:
     """Every probe x normalizer on one array of codes: C chosen by CV on the training rows, then refit and tested.
 
     ``codes``/``test_codes`` are (rows, dims) array-likes (the same object when the test images are held out of it).
-    Runs in a joblib worker; out of core when the fit would exceed ``config.max_memory``.
+    Runs in a joblib worker; out of core when the fit would exceed ``config.max_memory``. ``test_now=False`` leaves
+    the test rows unread: the rows' test numbers are NaN until :func:`score_on_test` fills them in.
     """
     with _torch_threads(config.threads):
         return _evaluate(codes, labels, test_codes, test_labels, split, config, tap=tap, pooling=pooling, depth=depth,
-                         n_classes=n_classes)  # fmt: skip
+                         n_classes=n_classes, test_now=test_now)  # fmt: skip
 
 
 _THREADS_LOCK = threading.Lock()
@@ -284,8 +288,8 @@ def _torch_threads(threads: int) -> Iterator[None]:
 
 
 def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.ndarray, split: Split,
-              config: SweepConfig, *, tap: str, pooling: str, depth: int,
-              n_classes: int | None) -> list[tuple[SweepRow, Fitted]]:  # fmt: skip
+              config: SweepConfig, *, tap: str, pooling: str, depth: int, n_classes: int | None,
+              test_now: bool = True) -> list[tuple[SweepRow, Fitted]]:  # fmt: skip
     labels = np.asarray(labels)
     test_labels = np.asarray(test_labels)
     n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
@@ -301,10 +305,11 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
             pooling=pooling,
             depth=depth,
             n_classes=n_classes,
+            test_now=test_now,
         )
     X_train = load_rows(codes, split.train_rows, f"{tap}/{pooling}")
     y_train = labels[split.train_rows]
-    X_test = load_rows(test_codes, split.test_rows, f"{tap}/{pooling} (test)")
+    X_test = load_rows(test_codes, split.test_rows, f"{tap}/{pooling} (test)") if test_now else None
     y_test = test_labels[split.test_rows]
     steps = config.c_steps_per_decade
     lattice = c_grid(config.c_min, config.c_max, steps)
@@ -343,9 +348,10 @@ def _evaluate(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: np.n
                 coef, intercept = _mean_solution(stack, states[best_c])
                 clf.coef_, clf.intercept_ = coef.T, intercept
             estimator.fit(X_train, y_train)
-            metrics, pred, plain_scores = metrics_from_scores(
-                estimator.decision_function(X_test), y_test, split.test_views, estimator.classes_
-            )
+            metrics, pred, plain_scores = (
+                metrics_from_scores(estimator.decision_function(X_test), y_test, split.test_views, estimator.classes_)
+                if test_now else (dict(PENDING_TEST), None, None)
+            )  # fmt: skip
             cv = scores[best_c]
             row = SweepRow(
                 tap=tap,
@@ -546,8 +552,9 @@ def sweep_codes(
                {k: int((depths or {}).get(k, -1)) for k in keys}, views, test_views,
                None if test is None else len(y_test), jobs, progress)  # fmt: skip
     with joblib_backend(backend, scheduler):
-        split, results = _sweep_split(job, config, extras=True)
-        redrawn = [_sweep_split(job, replace(config, seed=config.seed + r), extras=False)
+        split, results, scored, triage = _search_all(job, config)
+        searched = list(dict.fromkeys(job.key_of[(r.backbone, r.tap, r.pooling)] for r, _ in results))
+        redrawn = [_sweep_split(job, replace(config, seed=config.seed + r), extras=False, keys=searched)
                    for r in range(1, config.repeats)]  # fmt: skip
     rows = [r for r, _ in results]
     _attach_costs(results, job, costs)
@@ -566,6 +573,10 @@ def sweep_codes(
             "fold_sizes": list(sizes)}  # fmt: skip
     if redrawn:
         data["stability"] = stability(rows, [[r for r, _ in res] for _, res in redrawn])
+    if config.scores:
+        data["transferability"] = transfer_record(rows, best_row, scored, {k: job.names[k] for k in keys}, config)
+    if triage is not None:
+        data["triage"] = triage
     chosen = cheapest if config.pick == "cheapest" and cheapest is not None else best_row
     fit = next(f for r, f in results if r is chosen)
     ids = test_sources if test is not None else sources
@@ -618,65 +629,165 @@ class _Job:
         backbone, tap, pooling = self.names[k]
         return {"tap": tap, "pooling": pooling, "depth": self.depth_of[k], "backbone": backbone}
 
+    @property
+    def key_of(self) -> dict[tuple[str, str, str], Hashable]:
+        """The key of codes of a row's (backbone, tap, pooling)."""
+        return {name: k for k, name in self.names.items()}
 
-def _sweep_split(job: _Job, config: SweepConfig, *, extras: bool) -> tuple[Split, list[tuple[SweepRow, Any]]]:
-    """Split the images by ``config.seed`` and evaluate every candidate on that split: the rows in the order of the
-    codes, each with its fitted probe (``None`` for few-shot rows). ``extras=False`` leaves out the kNN and few-shot
-    rows (a redrawn split of ``repeats`` compares the rows that compete for the best)."""
-    keys, y, y_test, n_classes = list(job.arrays), job.y, job.y_test, len(job.class_names)
+
+def _sweep_split(job: _Job, config: SweepConfig, *, extras: bool,
+                 keys: Sequence[Hashable] | None = None) -> tuple[Split, list[tuple[SweepRow, Any]]]:  # fmt: skip
+    """Split the images by ``config.seed`` and evaluate every candidate of ``keys`` (default all) on that split: the
+    rows in the order of the codes, each with its fitted probe (``None`` for few-shot rows). ``extras=False`` leaves
+    out the kNN and few-shot rows (a redrawn split of ``repeats`` compares the rows that compete for the best)."""
+    keys = list(job.arrays) if keys is None else list(keys)
+    split = _split_checked(job, config, extras=extras)
+    results = _linear_results(job, config, split, keys)
+    if extras:
+        results += _extra_results(job, config, split, keys, results)
+    return split, _in_order(job, results)
+
+
+def _split_checked(job: _Job, config: SweepConfig, *, extras: bool) -> Split:
+    """The split of ``config.seed``, with what the protocols asked for checked on it before any work."""
+    keys, y, y_test = list(job.arrays), job.y, job.y_test
     split = split_images(y, job.views, config, test_rows=job.test_rows, test_views=job.test_views)
-    linear = replace(config, probes=tuple(p for p in config.probes if p != "knn"))
-    multilabel = y.ndim == 2
-    knn = extras and "knn" in config.probes
-    shots = config.shots if extras else ()
-    if multilabel:
+    if y.ndim == 2:
         if "knn" in config.probes or config.shots:
             raise ParameterError("the kNN and few-shot rows are single-label protocols; a multi-label sweep (a CSV "
                                  "with cat;dog labels) takes linear probes only: drop knn and --shots.")  # fmt: skip
         check_multilabel_split(y, split, job.class_names, y_test)
-    if shots:
-        check_shots(shots, y, split, job.class_names)
+    if extras and config.shots:
+        check_shots(config.shots, y, split, job.class_names)
     dims = {k: int(job.arrays[k].shape[1]) for k in keys}
-    if knn:  # a kNN classifier is its training rows
+    if extras and "knn" in config.probes:  # a kNN classifier is its training rows
         _check_in_memory("kNN baseline rows", "drop knn from --probes", keys, dims, split, config)
-    if multilabel:  # scikit-learn's one-vs-rest search fits in memory
+    if y.ndim == 2:  # scikit-learn's one-vs-rest search fits in memory
         _check_in_memory("multi-label probes", "sweep fewer or narrower arrays (--taps, --poolings)", keys, dims, split,
                          config)  # fmt: skip
+    return split
+
+
+def _linear_results(job: _Job, config: SweepConfig, split: Split, keys: Sequence[Hashable], *,
+                    test_now: bool = True, what: str | None = None) -> list[tuple[SweepRow, Any]]:  # fmt: skip
+    """The linear (or multi-label) rows of ``keys`` on ``split``, each with its fitted probe."""
+    y, y_test, n_classes = job.y, job.y_test, len(job.class_names)
+    linear = replace(config, probes=tuple(p for p in config.probes if p != "knn"))
     arrays, test_arrays, where = job.arrays, job.test_arrays, job.where
-    results: list[tuple[SweepRow, Fitted | None]] = []
-    if multilabel:
+    if y.ndim == 2:
         tasks = [delayed(evaluate_multilabel)(arrays[k], y, test_arrays[k], y_test, split, linear, **where(k))
                  for k in keys]  # fmt: skip
     else:
         tasks = []
+        dims = {k: int(arrays[k].shape[1]) for k in keys}
         for pack in _packs(keys, dims, _in_threads()):
             if len(pack) == 1:  # its arrays as arguments of their own, which joblib's Dask backend scatters
                 k = pack[0]
                 tasks.append(delayed(_linear_task)(arrays[k], y, test_arrays[k], y_test, split, linear,
-                                                   n_classes=n_classes, **where(k)))  # fmt: skip
+                                                   n_classes=n_classes, test_now=test_now, **where(k)))  # fmt: skip
             else:
                 candidates = [where(k) | {"codes": arrays[k], "test_codes": test_arrays[k]} for k in pack]
-                tasks.append(delayed(_linear_pack)(candidates, y, y_test, split, linear, n_classes=n_classes))
-    if knn:
-        tasks += [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k))
-                  for k in keys]  # fmt: skip
-    what = "sweep" if extras else f"sweep (redrawn split, seed {config.seed})"
-    results += _run_tasks(tasks, job.jobs, job.progress, what)
-    if shots:
-        full_C = {}
-        for row, _ in results:
+                tasks.append(delayed(_linear_pack)(candidates, y, y_test, split, linear, n_classes=n_classes,
+                                                   test_now=test_now))  # fmt: skip
+    return _run_tasks(tasks, job.jobs, job.progress, what or f"sweep (seed {config.seed})")
+
+
+def _extra_results(job: _Job, config: SweepConfig, split: Split, keys: Sequence[Hashable],
+                   linear: list[tuple[SweepRow, Any]]) -> list[tuple[SweepRow, Any]]:  # fmt: skip
+    """The kNN baseline and few-shot rows of ``keys`` (few-shot rows start from the linear rows' C)."""
+    y, y_test, n_classes = job.y, job.y_test, len(job.class_names)
+    arrays, test_arrays, where = job.arrays, job.test_arrays, job.where
+    linear_config = replace(config, probes=tuple(p for p in config.probes if p != "knn"))
+    out: list[tuple[SweepRow, Any]] = []
+    if "knn" in config.probes:
+        tasks = [delayed(evaluate_knn)(arrays[k], y, test_arrays[k], y_test, split, config, **where(k)) for k in keys]
+        out += _run_tasks(tasks, job.jobs, job.progress, "kNN baseline")
+    if config.shots:
+        full_C: dict[tuple[str, str, str], dict[tuple[str, str], float | None]] = {}
+        for row, _ in linear:
             if row.protocol == "linear":
                 full_C.setdefault((row.backbone, row.tap, row.pooling), {})[(row.normalizer, row.probe)] = row.C
-        shot_tasks = [delayed(evaluate_few_shot)(arrays[k], y, test_arrays[k], y_test, split, linear,
+        shot_tasks = [delayed(evaluate_few_shot)(arrays[k], y, test_arrays[k], y_test, split, linear_config,
                                                  full_C[job.names[k]], evaluate_codes, n_classes=n_classes,
                                                  **where(k))
                       for k in keys]  # fmt: skip
-        results += [(row, None) for row in _run_tasks(shot_tasks, job.jobs, job.progress, "few-shot")]
-    order = {job.names[k]: i for i, k in enumerate(keys)}
+        out += [(row, None) for row in _run_tasks(shot_tasks, job.jobs, job.progress, "few-shot")]
+    return out
+
+
+def _in_order(job: _Job, results: list[tuple[SweepRow, Any]]) -> list[tuple[SweepRow, Any]]:
+    """Rows in the order of the codes, then linear before kNN before few-shot, then normalizer and probe."""
+    order = {job.names[k]: i for i, k in enumerate(job.arrays)}
     protocol_order = {"linear": 0, "multilabel": 0, "knn": 1, "few-shot": 2}
-    results.sort(key=lambda rf: (order[(rf[0].backbone, rf[0].tap, rf[0].pooling)], protocol_order[rf[0].protocol],
-                                 rf[0].normalizer, rf[0].probe, rf[0].shots or 0))  # fmt: skip
-    return split, results
+    return sorted(results, key=lambda rf: (order[(rf[0].backbone, rf[0].tap, rf[0].pooling)],
+                                           protocol_order[rf[0].protocol], rf[0].normalizer, rf[0].probe,
+                                           rf[0].shots or 0))  # fmt: skip
+
+
+def _search_all(job: _Job, config: SweepConfig) -> tuple[Split, list[tuple[SweepRow, Any]], dict, dict | None]:
+    """The first draw of the sweep: every array's scores, then every array searched (or, with ``config.triage``,
+    those the scores rank highest), the test rows read last. Returns the split, the rows with their fitted probes,
+    every array's scores ``{key: {name: (value, seconds)}}`` and the triage record (None without triage)."""
+    keys = list(job.arrays)
+    split = _split_checked(job, config, extras=True)
+    scored = _score_arrays(job, config, split, keys)
+    if config.triage is None:
+        results = _linear_results(job, config, split, keys, what="sweep")
+        results += _extra_results(job, config, split, keys, results)
+        return split, _in_order(job, results), scored, None
+    if job.y.ndim == 2:
+        raise ParameterError("--triage ranks arrays by single-label scores (kNN, H-score); a multi-label sweep "
+                             "searches every array: leave --triage out.")  # fmt: skip
+    dims = {k: int(job.arrays[k].shape[1]) for k in keys}
+
+    def search(part: list[Hashable]) -> list[tuple[SweepRow, Any]]:
+        return _linear_results(job, config, split, part, test_now=False, what=f"triage: {len(part)} arrays")
+
+    results, triage = triaged_search(keys, job.names, dims, scored, search, config)
+    score_on_test(results, job, split, config)
+    searched = list(dict.fromkeys(job.key_of[(r.backbone, r.tap, r.pooling)] for r, _ in results))
+    results += _extra_results(job, config, split, searched, results)
+    return split, _in_order(job, results), scored, triage
+
+
+def _score_arrays(job: _Job, config: SweepConfig, split: Split, keys: Sequence[Hashable]) -> dict[Hashable, dict]:
+    """Every array's transferability scores on the plain views of the training images, the sweep's folds mapped
+    onto them: ``{key: {name: (value, seconds)}}`` (empty without ``config.scores``)."""
+    if not config.scores:
+        return {}
+    per = split.views + 1
+    plain = split.train_rows[split.train_rows % per == 0]
+    folds = [(np.searchsorted(plain, fit[fit % per == 0]), np.searchsorted(plain, val)) for fit, val in split.folds]
+    tasks = [delayed(_score_task)(job.arrays[k], job.y[plain], plain, folds, k, config) for k in keys]
+    return dict(_run_tasks(tasks, job.jobs, job.progress, "scores"))
+
+
+def _score_task(codes: Any, y: np.ndarray, rows: np.ndarray, folds: list, key: Hashable,
+                config: SweepConfig) -> list[tuple[Hashable, dict]]:  # fmt: skip
+    """One array's scores, in a joblib worker (a list of one item, as every task's)."""
+    with _torch_threads(config.threads):
+        X = load_rows(codes, rows, " / ".join(part for part in _candidate_name(key) if part))
+        return [(key, array_scores(X, y, folds, config.scores, device=config.device, seed=config.seed))]
+
+
+def score_on_test(results: list[tuple[SweepRow, Any]], job: _Job, split: Split, config: SweepConfig) -> None:
+    """The test numbers of rows searched with ``test_now=False``: each array's test rows read once (in chunks within
+    ``config.max_memory``), every row's refit probe scored on them."""
+    by_key: dict[Hashable, list[tuple[SweepRow, Any]]] = {}
+    for row, fitted in results:
+        if fitted is not None and fitted.predicted is None:
+            by_key.setdefault(job.key_of[(row.backbone, row.tap, row.pooling)], []).append((row, fitted))
+    y_test = job.y_test[split.test_rows]
+    for k, items in by_key.items():
+        codes = job.test_arrays[k]
+        what = " / ".join(part for part in _candidate_name(k) if part) + " (test)"
+        chunk = chunk_rows_for(int(codes.shape[1]), config.max_memory)
+        for row, fitted in items:
+            scores = decision_in_chunks(fitted.estimator, codes, split.test_rows, chunk, what)
+            metrics, fitted.predicted, fitted.scores = metrics_from_scores(scores, y_test, split.test_views,
+                                                                           fitted.estimator.classes_)  # fmt: skip
+            for name, value in metrics.items():
+                setattr(row, name, value)
 
 
 _COST_FIELDS = tuple(c for c in COSTS if c != "probe_bytes")  # what a caller measures; the probe's is counted here
@@ -746,13 +857,14 @@ def _linear_task(codes: Any, labels: np.ndarray, test_codes: Any, test_labels: n
 
 
 def _linear_pack(candidates: list[dict[str, Any]], labels: np.ndarray, test_labels: np.ndarray, split: Split,
-                 config: SweepConfig, *, n_classes: int) -> list[tuple[SweepRow, Fitted]]:  # fmt: skip
+                 config: SweepConfig, *, n_classes: int, test_now: bool = True) -> list[tuple[SweepRow, Fitted]]:  # fmt: skip
     """:func:`_linear_task` of each candidate in turn (``codes``, ``test_codes``, ``backbone``, ``tap``, ``pooling``,
     ``depth``)."""
     out = []
     for c in candidates:
         out += _linear_task(c["codes"], labels, c["test_codes"], test_labels, split, config, n_classes=n_classes,
-                            backbone=c["backbone"], tap=c["tap"], pooling=c["pooling"], depth=c["depth"])  # fmt: skip
+                            backbone=c["backbone"], tap=c["tap"], pooling=c["pooling"], depth=c["depth"],
+                            test_now=test_now)  # fmt: skip
     return out
 
 

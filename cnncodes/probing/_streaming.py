@@ -22,9 +22,9 @@ from sklearn.preprocessing import StandardScaler
 
 from ._probes import make_normalizer, make_probe
 from ._results import Split, SweepConfig, SweepRow
-from ._scoring import Fitted, c_grid, check_finite, metrics_from_scores, pack_hits
+from ._scoring import PENDING_TEST, Fitted, c_grid, check_finite, load_rows, metrics_from_scores, pack_hits
 
-__all__ = ["evaluate_streaming", "STREAM_PROBE"]
+__all__ = ["evaluate_streaming", "STREAM_PROBE", "decision_in_chunks", "chunk_rows_for"]
 
 #: Which streamable classifier stands in for each probe.
 STREAM_PROBE = {"logreg": "sgd-log", "sgd-log": "sgd-log", "linsvc": "sgd", "sgd": "sgd"}
@@ -47,6 +47,20 @@ def _chunks(
         pos = end
 
 
+def decision_in_chunks(estimator: Pipeline, codes: Any, rows: np.ndarray, chunk_rows: int | None,
+                       what: str = "the test rows") -> np.ndarray:  # fmt: skip
+    """``estimator.decision_function(codes[rows])`` for the sorted ``rows``, read in blocks of ``chunk_rows`` (all at
+    once when None); ``what`` names the array in errors."""
+    if chunk_rows is None:
+        return estimator.decision_function(load_rows(codes, rows, what))
+    return np.concatenate([estimator.decision_function(X) for X, _ in _chunks(codes, rows, chunk_rows, what)])
+
+
+def chunk_rows_for(dims: int, max_memory: int | None) -> int | None:
+    """Rows per chunk that keep a float32 chunk, its normalized copy and slack within ``max_memory``."""
+    return None if max_memory is None else max(64, int(max_memory) // (dims * 4 * 4))
+
+
 def evaluate_streaming(
     codes: Any,
     labels: np.ndarray,
@@ -59,10 +73,12 @@ def evaluate_streaming(
     pooling: str,
     depth: int = -1,
     n_classes: int | None = None,
+    test_now: bool = True,
 ) -> list[tuple[SweepRow, Any]]:
-    """Out-of-core counterpart of the in-memory evaluation: same result rows, ``solver="sgd-stream"``."""
+    """Out-of-core counterpart of the in-memory evaluation: same result rows, ``solver="sgd-stream"``
+    (``test_now=False``: the test rows left unread, as in :func:`~cnncodes.probing.evaluate_codes`)."""
     dims = int(codes.shape[1])
-    chunk_rows = max(64, int(config.max_memory) // (dims * 4 * 4))  # float32 chunk, its normalized copy, slack
+    chunk_rows = chunk_rows_for(dims, config.max_memory)
     classes = np.arange(int(labels.max()) + 1 if n_classes is None else n_classes)
     fit_rows, val_rows = split.folds[0]
     out = []
@@ -116,13 +132,14 @@ def evaluate_streaming(
                     order = rng.permutation(len(rows))
                     final.partial_fit(transform(X)[order], labels[rows][order], classes=classes)
             estimator = Pipeline([("normalize", step), ("classify", final)])
-            scores, y_test = [], []
-            for X, rows in _chunks(test_codes, split.test_rows, chunk_rows):
-                scores.append(estimator.decision_function(X))
-                y_test.append(test_labels[rows])
-            metrics, pred, plain = metrics_from_scores(
-                np.concatenate(scores), np.concatenate(y_test), split.test_views, final.classes_
-            )
+            if test_now:
+                metrics, pred, plain = metrics_from_scores(
+                    decision_in_chunks(estimator, test_codes, split.test_rows, chunk_rows, f"{tap}/{pooling} (test)"),
+                    test_labels[split.test_rows],
+                    split.test_views, final.classes_
+                )  # fmt: skip
+            else:
+                metrics, pred, plain = dict(PENDING_TEST), None, None
             row = SweepRow(
                 tap=tap,
                 pooling=pooling,

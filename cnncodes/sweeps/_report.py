@@ -25,6 +25,7 @@ __all__ = [
     "plot_pareto",
     "plot_confusion",
     "plot_few_shot",
+    "plot_scores",
     "pareto_front",
     "summary_lines",
 ]
@@ -35,7 +36,8 @@ _COLUMNS = ["backbone", "tap", "depth", "pooling", "dims", "normalizer", "probe"
             "test_balanced_accuracy", "test_balanced_accuracy_ci", "test_macro_f1", "test_macro_f1_ci",
             "test_tta_accuracy", "test_tta_accuracy_ci", "test_top5_accuracy", "test_top5_accuracy_ci", "flops",
             "params", "latency_ms_batch1", "latency_ms_batch64", "code_bytes", "probe_bytes", "test_accuracy_mean",
-            "test_accuracy_repeat_std", "p_best", "fit_seconds", "C_at_edge", "n_fits", "solver"]  # fmt: skip
+            "test_accuracy_repeat_std", "p_best", "score_knn", "score_logme", "score_hscore", "fit_seconds", "C_at_edge",
+            "n_fits", "solver"]  # fmt: skip
 
 
 def _csv_columns() -> list[str]:
@@ -226,6 +228,7 @@ def summary_lines(result: SweepResult | Comparison) -> list[str]:
         lines.append(f"{len(tied)} of {len(tested)} other rows (=) are not significantly worse than the best on the CV "
                      f"folds (neither p(CV), the corrected paired t on the folds, nor the McNemar test on the "
                      f"out-of-fold predictions is below {alpha:g}); {len(worse)} are worse after Holm's correction.")  # fmt: skip
+    lines += _score_lines(result)
     stable = result.data.get("stability")
     if stable:
         rank = stable.get("rank_correlation") or {}
@@ -236,6 +239,72 @@ def summary_lines(result: SweepResult | Comparison) -> list[str]:
                      f"Kendall tau {tau:.2f}, Spearman {rho:.2f} between the rankings")  # fmt: skip
         lines.append(f"over {stable['repeats']} redrawn splits: {agreement}; P(best): {shares}")
     return lines
+
+
+def _score_lines(result: SweepResult | Comparison) -> list[str]:
+    """How well each transferability score ranked the arrays, and what a triage searched, skipped and saved."""
+    record = result.data.get("transferability") or {}
+    lines = []
+    parts = []
+    for name in record.get("scores", {}):
+        t = record.get(name) or {}
+        if "kendall_tau" in t:
+            parts.append(f"{name} tau {t['kendall_tau']:.2f} (weighted {t['weighted_tau']:.2f}), best array at rank "
+                         f"{t.get('best_rank', '?')}, {t['seconds']:.1f} s")  # fmt: skip
+    if parts:
+        lines.append(f"scores against the measured CV over {record[next(iter(record['scores']))]['arrays']} arrays: "
+                     + "; ".join(parts))  # fmt: skip
+    triage = result.data.get("triage")
+    if triage:
+        searched, skipped = len(triage["searched"]), len(triage["skipped"])
+        tau = triage["probe_trust"][triage["score"]].get("kendall_tau")
+        lines.append(f"triage ({triage['requested']}): searched {searched} of {triage['arrays']} arrays, the top "
+                     f"{triage['window']} by {triage['score']} (tau {tau if tau is None else round(tau, 2)} on "
+                     f"{len(triage['probe_subset'])} probe arrays) and the probe arrays; scores took "
+                     f"{triage['score_seconds']:.1f} s, the searches {triage['searched_fit_seconds']:.1f} fit-seconds")  # fmt: skip
+        if skipped:
+            names = ", ".join(f"{a['tap']} {a['pooling']}" for a in triage["skipped"][:6])
+            more = f" and {skipped - 6} more" if skipped > 6 else ""
+            lines.append(f"  skipped {skipped}: {names}{more} (all in results.json, triage.skipped); they would have "
+                         f"taken about {triage['skipped_fit_seconds_estimate']:.0f} fit-seconds more")  # fmt: skip
+    return lines
+
+
+def plot_scores(result: SweepResult | Comparison, path: str | os.PathLike) -> Path:
+    """Each transferability score of every array searched against its measured CV score (the best of its linear
+    rows), one panel per score, Kendall's tau in the title, the best array starred."""
+    record = result.data.get("transferability") or {}
+    names = [n for n in record.get("scores", {}) if any(getattr(r, f"score_{n}") is not None for r in result.rows)]
+    measured: dict[tuple[str, str, str], SweepRow] = {}
+    for r in result.rows:
+        k = (r.backbone, r.tap, r.pooling)
+        if r.selectable and (k not in measured or r.score > measured[k].score):
+            measured[k] = r
+    fig, first = new_figure(4.2 * max(1, len(names)), 4.0)
+    fig.clear()
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(names)), sharey=True))
+    b = result.best
+    for ax, name in zip(axes, names):
+        points = [(getattr(r, f"score_{name}"), 100 * r.score, r) for r in measured.values()
+                  if getattr(r, f"score_{name}") is not None]  # fmt: skip
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o", ms=4, alpha=0.7)
+        for x, y, r in points:
+            if (r.backbone, r.tap, r.pooling) == (b.backbone, b.tap, b.pooling):
+                ax.plot([x], [y], marker="*", ms=16, color="gold", mec="black", zorder=5, ls="none",
+                        label=f"best: {r.tap} {r.pooling}")  # fmt: skip
+        t = record.get(name) or {}
+        tau = f"Kendall tau {t['kendall_tau']:.2f}" if "kendall_tau" in t else "tau undefined"
+        ax.set_title(f"{name}: {tau}", fontsize=9)
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    multilabel = any(r.protocol == "multilabel" for r in result.rows)
+    axes[0].set_ylabel(f"measured CV {'mAP' if multilabel else 'accuracy'} (%), best row of the array")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Transferability scores against the measured sweep (training images only)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
 
 
 def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Path:
@@ -384,6 +453,8 @@ def write_results(result: SweepResult | Comparison, out: str | os.PathLike, *, p
             paths["pareto.png"] = plot_pareto(result, out / "pareto.png")
         if any(r.protocol == "few-shot" for r in result.rows):
             paths["few_shot.png"] = plot_few_shot(result, out / "few_shot.png")
+        if any(getattr(r, f"score_{n}") is not None for r in result.rows for n in ("knn", "logme", "hscore")):
+            paths["scores.png"] = plot_scores(result, out / "scores.png")
     return paths
 
 

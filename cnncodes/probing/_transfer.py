@@ -1,0 +1,275 @@
+"""Transferability scores: cheap rankings of arrays of codes before their probes are searched, and how far each can be
+trusted, measured against the sweep's own cross-validated accuracies.
+
+Scores (each on the plain views of the training images only; the test images are never read)
+--------------------------------------------------------------------------------------------------
+* ``knn``: cosine k-nearest-neighbour accuracy on the sweep's CV folds (majority vote of the fold's fit images, k over
+  :data:`~cnncodes.probing.KNN_KS`, the best pooled accuracy). A plain kNN accuracy beat 23 transferability metrics
+  over 42,000 runs (Sorkhei et al. 2025, arXiv 2503.18528).
+* ``logme``: the log maximum evidence, per image, of a Bayesian linear regression of each one-hot class target on the
+  codes, averaged over classes (You et al. 2021, "LogME: Practical Assessment of Pre-trained Models for Transfer
+  Learning", Algorithm 1: the fixed point gamma = sum beta s_i / (alpha + beta s_i), alpha = gamma / m'm,
+  beta = (n - gamma) / ||Fm - y||^2, iterated here to a relative change of 1e-10).
+* ``hscore``: the shrinkage H-score tr(cov_a(f)^-1 (1 - a) cov(E[f | y])) (Bao et al. 2019, "An information-theoretic
+  approach to transferability in task transfer learning"; regularized by Ibrahim, Ponomareva and Mazumder 2022,
+  "Newer is not always better: rethinking transferability metrics"), cov_a = (1 - a) cov(f) + a tr(cov(f))/d I with a
+  the Ledoit-Wolf shrinkage, both covariances with 1/n. Chosen as the third score because it is closed form (no
+  iteration, no parameter to tune: TransRate needs a quantization eps, NCTI a PCA dimension, SFDA a regularized
+  projection and a self-challenging step), it comes out of the same eigendecomposition as LogME, its shrinkage keeps
+  it defined when codes are wider than there are images (the plain H-score inverts a singular covariance there), and
+  its authors report it correlates with transfer accuracy far better than the plain H-score.
+
+Cost: one Gram matrix per array, the d x d matrix X'X when codes are narrower than the images and the n x n matrix
+XX' when they are wider, so O(n d min(n, d)), and two eigendecompositions of size min(n, d) (raw codes for LogME,
+centered for the H-score). The kNN score compares at most ``max_queries`` validation images with their fold's fit
+images: O(q n d). Everything runs in torch, in float64, on the sweep's device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ParameterError
+
+__all__ = ["SCORES", "logme", "hscore", "knn_accuracy", "array_scores", "agreement", "probe_subset", "triage_window"]
+
+#: The transferability scores a sweep measures, in the order they are reported.
+SCORES = ("knn", "logme", "hscore")
+
+#: What each score is, for results.json.
+SCORE_TEXT = {
+    "knn": "cosine kNN accuracy on the sweep's CV folds (plain views of the training images; k over 10, 20, 50, 100, "
+           "the best pooled accuracy; at most max_queries validation images, spread over the folds)",
+    "logme": "LogME (You et al. 2021): log maximum evidence per image of a Bayesian linear regression of each one-hot "
+             "class on the raw codes, averaged over classes",
+    "hscore": "shrinkage H-score (Bao et al. 2019; Ibrahim et al. 2022): tr(cov_a(f)^-1 (1 - a) cov(E[f|y])), a the "
+              "Ledoit-Wolf shrinkage of the centered codes",
+}  # fmt: skip
+
+_KS = (10, 20, 50, 100)
+
+
+def _tensor(X: Any, device: Any):
+    import torch
+
+    return torch.as_tensor(np.asarray(X), dtype=torch.float64, device=device)
+
+
+def _eig(X):
+    """Eigenvalues (clamped at 0) and eigenvectors of X'X (codes no wider than the rows) or of XX' (wider)."""
+    import torch
+
+    wide = X.shape[1] > X.shape[0]
+    lam, Q = torch.linalg.eigh(X @ X.T if wide else X.T @ X)
+    return lam.clamp_min(0), Q, wide
+
+
+def _targets(y: np.ndarray, device: Any):
+    """One 0/1 column per class: one-hot of integer labels, or a multi-label matrix as given."""
+    import torch
+
+    y = np.asarray(y)
+    Y = y if y.ndim == 2 else (y[:, None] == np.arange(int(y.max()) + 1)[None]).astype(np.float64)
+    return torch.as_tensor(Y, dtype=torch.float64, device=device)
+
+
+def _projected(X, Y, lam, Q, wide):
+    """Per eigen-direction i and target c, h_ic = ((F V)_i' y_c)^2, the squared projection of the target on the i-th
+    principal direction scaled by its singular value, whichever side the eigendecomposition was taken on."""
+    if wide:  # Q = U, the left singular vectors: (U'y)^2 s^2
+        return lam[:, None] * (Q.T @ Y) ** 2
+    return (Q.T @ (X.T @ Y)) ** 2  # Q = V: (V'F'y)^2
+
+
+def logme(X: Any, y: Any, *, device: Any = "cpu", tol: float = 1e-10, max_iter: int = 1000) -> float:
+    """LogME of codes ``X`` (n, d) for labels ``y`` (n,) of int, or a (n, classes) 0/1 matrix (multi-label).
+
+    The evidence of y = F w + e, w ~ N(0, I / alpha), e ~ N(0, I / beta), at the alpha and beta that maximize it,
+    divided by n and averaged over the one-hot class targets. Raw codes, as published (no centering, no intercept).
+    """
+    X = _tensor(X, device)
+    lam, Q, wide = _eig(X)
+    Y = _targets(y, device)
+    return float(_logme(lam, _projected(X, Y, lam, Q, wide), (Y**2).sum(0), *X.shape, tol, max_iter).mean())
+
+
+def _logme(lam, h, yy, n: int, d: int, tol: float, max_iter: int):
+    """The evidence per image of every target column (see :func:`logme`), from the spectrum ``lam`` of F'F (or FF')
+    and the projections ``h``; the eigenvalues not in ``lam`` (d - len(lam) of them) are zero."""
+    import torch
+
+    alpha = torch.ones(h.shape[1], dtype=lam.dtype, device=lam.device)
+    beta = torch.ones_like(alpha)
+    L = lam[:, None]
+
+    def terms(alpha, beta):
+        t = alpha + beta * L
+        gamma = (beta * L / t).sum(0)
+        mm = (beta**2 * h / t**2).sum(0)  # m'm
+        res = (yy - (h * beta * (2 * alpha + beta * L) / t**2).sum(0)).clamp_min(1e-300)  # ||Fm - y||^2
+        return t, gamma, mm, res
+
+    for _ in range(max_iter):
+        _, gamma, mm, res = terms(alpha, beta)
+        new_alpha = (gamma / mm.clamp_min(1e-300)).clamp(1e-12, 1e12)
+        new_beta = ((n - gamma) / res).clamp(1e-12, 1e12)
+        change = torch.maximum((new_alpha / alpha - 1).abs().max(), (new_beta / beta - 1).abs().max())
+        alpha, beta = new_alpha, new_beta
+        if change < tol:
+            break
+    t, _, mm, res = terms(alpha, beta)
+    log_det = torch.log(t).sum(0) + (d - len(lam)) * torch.log(alpha)
+    evidence = (n * torch.log(beta) + d * torch.log(alpha) - n * math.log(2 * math.pi) - beta * res - alpha * mm
+                - log_det) / 2  # fmt: skip
+    return evidence / n
+
+
+def ledoit_wolf_shrinkage(sq_norms, lam, n: int, d: int) -> float:
+    """The Ledoit-Wolf shrinkage of centered codes from their rows' squared norms and the spectrum of X'X (or XX'):
+    the formula of scikit-learn's ``ledoit_wolf_shrinkage``, whose sums are both available from either Gram matrix."""
+    mu = float(sq_norms.sum()) / (n * d)
+    delta_ = float((lam**2).sum()) / n**2  # ||X'X||_F^2 / n^2 = sum of squared eigenvalues / n^2
+    beta = (float((sq_norms**2).sum()) / n - delta_) / (d * n)
+    delta = (delta_ - 2 * mu * float(sq_norms.sum()) / n + d * mu**2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta <= 0 else beta / delta
+
+
+def hscore(X: Any, y: Any, *, device: Any = "cpu") -> float:
+    """The shrinkage H-score of codes ``X`` (n, d) for integer labels ``y`` (n,); see the module docstring."""
+    X = _tensor(X, device)
+    return _hscore(X - X.mean(0), np.asarray(y), device)
+
+
+def _hscore(Xc, y: np.ndarray, device: Any) -> float:
+    import torch
+
+    n, d = Xc.shape
+    lam, Q, wide = _eig(Xc)
+    E = _targets(y, device)
+    counts = E.sum(0)
+    E = E[:, counts > 0] / counts[counts > 0].sqrt()  # E D^-1/2: X'PX = (X'E D^-1/2)(...)', P the class-mean projection
+    W2 = (lam[:, None] * (Q.T @ E) ** 2) if wide else (Q.T @ (Xc.T @ E)) ** 2
+    shrink = ledoit_wolf_shrinkage((Xc**2).sum(1), lam, n, d)
+    mu = float((Xc**2).sum()) / (n * d)
+    denom = (1 - shrink) * lam / n + shrink * mu  # eigenvalues of cov_a along the directions the class means span
+    keep = denom > 1e-12 * float(denom.max().clamp_min(1e-300))  # pseudo-inverse of a singular covariance (a = 0)
+    value = (W2.sum(1)[keep] / (n * denom[keep])).sum()
+    return float((1 - shrink) * value) if torch.isfinite(value) else float("nan")
+
+
+def knn_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]], *, ks: Sequence[int] = _KS,
+                 max_queries: int = 4096, seed: int = 0, device: Any = "cpu") -> float:  # fmt: skip
+    """Cosine kNN accuracy of codes ``X`` (n, d) on ``folds`` (fit and validation positions into X): every validation
+    image is classified by the majority of its k most similar fit images of its fold (ties: the smaller class, as
+    scikit-learn's ``KNeighborsClassifier``), pooled over the folds, the best of ``ks`` (those the smallest fold can
+    hold). At most ``max_queries`` validation images, drawn evenly from the folds with ``seed``."""
+    import torch
+
+    X = _tensor(X, device)
+    X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    y = np.asarray(y)
+    labels = torch.as_tensor(y, device=device)
+    n_classes = int(y.max()) + 1
+    total = sum(len(v) for _, v in folds)
+    rng = np.random.default_rng(seed)
+    smallest = min(len(f) for f, _ in folds)
+    usable = [k for k in ks if k <= smallest] or [max(1, smallest)]
+    hits = torch.zeros(len(usable), dtype=torch.float64, device=device)
+    asked = 0
+    for fit, val in folds:
+        take = len(val) if total <= max_queries else max(1, round(max_queries * len(val) / total))
+        val = np.sort(rng.choice(val, size=min(take, len(val)), replace=False)) if take < len(val) else val
+        fit_t = torch.as_tensor(np.asarray(fit), device=device)
+        for start in range(0, len(val), 1024):
+            q = torch.as_tensor(np.asarray(val[start : start + 1024]), device=device)
+            near = (X[q] @ X[fit_t].T).topk(max(usable), dim=1).indices
+            votes = labels[fit_t][near]  # (queries, k_max), nearest first
+            for j, k in enumerate(usable):
+                counts = torch.nn.functional.one_hot(votes[:, :k], n_classes).sum(1)
+                hits[j] += (counts.argmax(1) == labels[q]).sum()
+        asked += len(val)
+    return float((hits / asked).max())
+
+
+def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                 names: Sequence[str] = SCORES, *, device: Any = "cpu", max_queries: int = 4096,
+                 seed: int = 0) -> dict[str, tuple[float | None, float]]:  # fmt: skip
+    """Every score of ``names`` of one array (plain training images ``X``, labels ``y``, fold positions ``folds``):
+    ``{name: (value, seconds)}``. A multi-label ``y`` gets LogME only (the others are single-label): ``None``."""
+    out: dict[str, tuple[float | None, float]] = {}
+    multilabel = np.asarray(y).ndim == 2
+    for name in names:
+        start = time.perf_counter()
+        if multilabel and name != "logme":
+            out[name] = (None, 0.0)
+            continue
+        if name == "knn":
+            value = knn_accuracy(X, y, folds, max_queries=max_queries, seed=seed, device=device)
+        elif name == "logme":
+            value = logme(X, y, device=device)
+        elif name == "hscore":
+            value = hscore(X, y, device=device)
+        else:
+            raise ParameterError(f"unknown score {name!r}; use any of {list(SCORES)}.")
+        out[name] = (value if math.isfinite(value) else None, time.perf_counter() - start)
+    return out
+
+
+def agreement(scores: Mapping[Hashable, float | None], measured: Mapping[Hashable, float],
+              best: Hashable) -> dict[str, Any]:  # fmt: skip
+    """How well one score ranked the arrays: Kendall's tau-b and the weighted tau (hyperbolic weights, which count
+    swaps near the top most; scipy.stats.weightedtau) of the score against the measured CV accuracy, over the arrays
+    both have, and the score's rank of the best array (1 = its top; ties counted against it)."""
+    from scipy.stats import kendalltau, weightedtau
+
+    keys = [k for k in measured if scores.get(k) is not None and math.isfinite(measured[k])]
+    out: dict[str, Any] = {"arrays": len(keys)}
+    if len(keys) >= 2:
+        s, m = np.array([scores[k] for k in keys]), np.array([measured[k] for k in keys])
+        if np.ptp(s) > 0 and np.ptp(m) > 0:
+            tau = kendalltau(s, m)
+            out.update(kendall_tau=float(tau.statistic), kendall_p=float(tau.pvalue),
+                       weighted_tau=float(weightedtau(s, m).statistic))  # fmt: skip
+    if best in keys:
+        rank = 1 + sum(1 for k in keys if k != best and scores[k] >= scores[best])
+        out["best_rank"] = rank
+        out["best_in_top"] = {str(t): rank <= t for t in (1, 3, 5)}
+    return out
+
+
+def consensus_order(scores: Mapping[str, Mapping[Hashable, float | None]], keys: Sequence[Hashable]) -> list[Hashable]:
+    """``keys`` from the best to the worst by their mean rank over the scores (a missing score ranks last)."""
+    ranks = np.zeros(len(keys))
+    for values in scores.values():
+        v = np.array([values.get(k) if values.get(k) is not None else -np.inf for k in keys], dtype=float)
+        ranks += np.argsort(np.argsort(-v, kind="stable"), kind="stable")
+    return [keys[i] for i in np.argsort(ranks, kind="stable")]
+
+
+def probe_subset(order: Sequence[Hashable], size: int) -> list[Hashable]:
+    """``size`` keys spread evenly over ``order`` (a ranking, best first): its first and last and the quantiles
+    between, so the score's trust is measured over its whole range, the top included."""
+    size = max(1, min(size, len(order)))
+    at = np.unique(np.round(np.linspace(0, len(order) - 1, size)).astype(int))
+    return [order[i] for i in at]
+
+
+def triage_window(tau: float, n: int, *, miss: float = 0.05, draws: int = 20000, seed: int = 0) -> int:
+    """The smallest K such that, if score and accuracy over ``n`` arrays were jointly Gaussian with the rank
+    correlation ``tau`` (Pearson rho = sin(pi tau / 2), Greiner's relation), the array with the best accuracy would
+    be among the score's top K with probability at least 1 - ``miss``: ``draws`` seeded simulations of ``n`` arrays."""
+    if n <= 1:
+        return n
+    rho = math.sin(math.pi * max(min(tau, 1.0), -1.0) / 2)
+    rng = np.random.default_rng(seed)
+    acc = rng.standard_normal((draws, n))
+    score = rho * acc + math.sqrt(max(0.0, 1 - rho**2)) * rng.standard_normal((draws, n))
+    best = acc.argmax(1)
+    rank = (score > score[np.arange(draws), best][:, None]).sum(1) + 1
+    return int(min(n, np.quantile(rank, 1 - miss, method="higher")))

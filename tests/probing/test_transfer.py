@@ -1,0 +1,131 @@
+"""Transferability scores against independent references: LogME against the Gaussian marginal likelihood (scipy) at
+its maximum (scipy.optimize), the H-score against scikit-learn's Ledoit-Wolf covariance, the kNN score against
+scikit-learn's KNeighborsClassifier; narrow and wide codes (the two Gram routes); the triage window by simulation."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+from scipy.stats import kendalltau, multivariate_normal, weightedtau
+from sklearn.covariance import LedoitWolf
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+
+from cnncodes.probing._transfer import (
+    agreement,
+    array_scores,
+    hscore,
+    knn_accuracy,
+    ledoit_wolf_shrinkage,
+    logme,
+    probe_subset,
+    triage_window,
+)
+
+
+def _data(n, d, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    X = rng.normal(size=(n, d)) + 0.8 * np.eye(classes, d)[y] * 3
+    return X, y
+
+
+def _evidence(F, t, alpha, beta):
+    """log p(t | F, alpha, beta), t ~ N(0, FF'/alpha + I/beta): the closed form LogME maximizes, computed directly."""
+    n = len(t)
+    return multivariate_normal(np.zeros(n), F @ F.T / alpha + np.eye(n) / beta).logpdf(t)
+
+
+@pytest.mark.parametrize("n,d", [(12, 3), (8, 20)], ids=["narrow", "wide"])
+def test_logme_is_the_maximum_evidence_of_the_closed_form(n, d):
+    """A tiny worked case: per class, the maximum over (alpha, beta) of the Gaussian marginal likelihood, found by
+    scipy's optimizer on the closed form, divided by n and averaged over the one-hot targets, equals LogME to 1e-6."""
+    F, y = _data(n, d)
+    per_class = []
+    for c in range(3):
+        t = (y == c).astype(float)
+        fit = minimize(lambda p: -_evidence(F, t, math.exp(p[0]), math.exp(p[1])), x0=[0.0, 0.0],  # noqa: B023
+                       method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000})  # fmt: skip
+        per_class.append(-fit.fun / n)
+    assert logme(F, y) == pytest.approx(np.mean(per_class), abs=1e-6)
+
+
+def test_logme_of_a_multilabel_matrix_averages_its_columns():
+    F, y = _data(15, 4)
+    Y = np.stack([y == 0, y != 2], 1).astype(int)
+    cols = [logme(F, Y[:, [j]]) for j in range(2)]
+    assert logme(F, Y) == pytest.approx(np.mean(cols), rel=1e-9)
+
+
+def _hscore_direct(X, y):
+    """tr(cov_a^-1 (1 - a) cov(E[f|y])) with scikit-learn's Ledoit-Wolf estimate and the class means."""
+    lw = LedoitWolf().fit(X)
+    Xc = X - X.mean(0)
+    between = sum((y == c).mean() * np.outer(Xc[y == c].mean(0), Xc[y == c].mean(0)) for c in np.unique(y))
+    return (1 - lw.shrinkage_) * np.trace(np.linalg.solve(lw.covariance_, between)), lw.shrinkage_
+
+
+@pytest.mark.parametrize("n,d", [(40, 6), (15, 50)], ids=["narrow", "wide"])
+def test_hscore_equals_the_formula_with_sklearns_ledoit_wolf(n, d):
+    X, y = _data(n, d, seed=1)
+    expected, shrink = _hscore_direct(X, y)
+    Xc = X - X.mean(0)
+    lam = np.linalg.eigvalsh(Xc.T @ Xc if d <= n else Xc @ Xc.T)
+    import torch
+
+    assert ledoit_wolf_shrinkage(torch.tensor((Xc**2).sum(1)), torch.tensor(lam), n, d) == pytest.approx(shrink, rel=1e-9)
+    assert hscore(X, y) == pytest.approx(expected, rel=1e-8)
+
+
+def test_knn_accuracy_equals_sklearns_cosine_neighbours_pooled_over_the_folds():
+    X, y = _data(90, 7, seed=2)
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
+    best = 0.0
+    for k in (10, 20, 50):  # 100 exceeds the 60 fit images of a fold
+        right = sum(int((KNeighborsClassifier(k, metric="cosine", algorithm="brute").fit(X[f], y[f]).predict(X[v])
+                         == y[v]).sum()) for f, v in folds)  # fmt: skip
+        best = max(best, right / len(y))
+    assert knn_accuracy(X, y, folds) == pytest.approx(best, abs=1e-12)
+    # a cap on queries draws evenly from the folds, seeded
+    capped = knn_accuracy(X, y, folds, max_queries=30, seed=3)
+    assert capped == knn_accuracy(X, y, folds, max_queries=30, seed=3) and 0 <= capped <= 1
+
+
+def test_array_scores_rank_informative_codes_above_noise_and_time_themselves():
+    X, y = _data(60, 5, seed=4)
+    noise = np.random.default_rng(5).normal(size=X.shape)
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
+    good, bad = array_scores(X, y, folds), array_scores(noise, y, folds)
+    for name in ("knn", "logme", "hscore"):
+        assert good[name][0] > bad[name][0] and good[name][1] >= 0
+    multi = array_scores(X, np.stack([y == 0, y == 1], 1).astype(int), folds)
+    assert multi["knn"][0] is None and multi["hscore"][0] is None and multi["logme"][0] is not None
+
+
+def test_agreement_is_scipys_taus_and_counts_ties_against_the_best():
+    measured = {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6, "e": 0.5}
+    score = {"a": 3.0, "b": 5.0, "c": 3.0, "d": 1.0, "e": None}
+    out = agreement(score, measured, "a")
+    s, m = [5.0, 3.0, 3.0, 1.0], [0.8, 0.9, 0.7, 0.6]
+    assert out["kendall_tau"] == pytest.approx(kendalltau(s, m).statistic)
+    assert out["weighted_tau"] == pytest.approx(weightedtau(s, m).statistic)
+    assert out["arrays"] == 4 and out["best_rank"] == 3  # b ahead, c tied: counted against it
+    assert out["best_in_top"] == {"1": False, "3": True, "5": True}
+
+
+def test_probe_subset_spans_the_ranking_and_the_window_follows_tau():
+    order = list(range(30))
+    sub = probe_subset(order, 6)
+    assert sub[0] == 0 and sub[-1] == 29 and len(sub) == 6
+    assert triage_window(1.0, 30) == 1  # a perfect score: its top is the best
+    assert triage_window(0.0, 30) >= 27  # no information: nearly everything
+    windows = [triage_window(t, 30) for t in (0.3, 0.6, 0.9)]
+    assert windows == sorted(windows, reverse=True)
+    # the window's promise, checked by a simulation of its own model with another seed
+    rng, K, rho, hit = np.random.default_rng(9), triage_window(0.7, 30), math.sin(math.pi * 0.7 / 2), 0
+    for _ in range(4000):
+        a = rng.standard_normal(30)
+        s = rho * a + math.sqrt(1 - rho**2) * rng.standard_normal(30)
+        hit += (s > s[a.argmax()]).sum() + 1 <= K
+    assert hit / 4000 >= 0.94

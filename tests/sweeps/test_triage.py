@@ -1,0 +1,189 @@
+"""Transferability scores in every sweep, checked against the measured CV accuracy; triage that searches only the
+arrays the most trustworthy score ranks highest, never reading the test rows before its final numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import kendalltau
+
+import cnncodes
+from cnncodes import SweepConfig
+from cnncodes.cli import main
+from cnncodes.errors import ParameterError
+from cnncodes.probing import split_images
+from cnncodes.probing._transfer import array_scores
+from cnncodes.sweeps import write_report
+from cnncodes.sweeps._report import summary_lines
+from helpers import make_code_store, row_facts
+
+N, K, ARRAYS = 240, 3, 10
+
+
+def _graded(seed: int = 0, prefix: str = "a") -> dict[str, np.ndarray]:
+    """Ten arrays of one task, their signal growing with the index, of varied widths."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(N) % K
+    centre = np.eye(K)[y]
+    return {f"{prefix}{i}": np.hstack([(0.15 + 0.25 * i) * centre + rng.normal(size=(N, K)),
+                                       rng.normal(size=(N, 2 + 3 * (i % 4)))]) for i in range(ARRAYS)}  # fmt: skip
+
+
+Y = np.arange(N) % K
+CONFIG = SweepConfig(probes=("logreg",), folds=3)
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    return _graded()
+
+
+@pytest.fixture(scope="module")
+def full(arrays):
+    return cnncodes.sweep_codes(arrays, Y, CONFIG)
+
+
+def test_every_row_carries_its_arrays_scores_and_the_sweep_says_how_well_each_ranked(arrays, full):
+    split = split_images(Y, 0, CONFIG)
+    plain = split.train_rows
+    folds = [(np.searchsorted(plain, f), np.searchsorted(plain, v)) for f, v in split.folds]
+    for row in full.rows:  # the sweep's scores are the scores of the array's training images, on the sweep's folds
+        direct = array_scores(arrays[row.tap][plain].astype(np.float32), Y[plain], folds, seed=CONFIG.seed)
+        for name, (value, _) in direct.items():
+            assert getattr(row, f"score_{name}") == pytest.approx(value, rel=1e-9)
+    record = full.data["transferability"]
+    measured = {t: max(r.cv_accuracy for r in full.rows if r.tap == t) for t in arrays}
+    for name in ("knn", "logme", "hscore"):
+        score = {t: next(getattr(r, f"score_{name}") for r in full.rows if r.tap == t) for t in arrays}
+        keys = list(arrays)
+        tau = kendalltau([score[t] for t in keys], [measured[t] for t in keys]).statistic
+        assert record[name]["kendall_tau"] == pytest.approx(tau) and record[name]["arrays"] == ARRAYS
+        rank = 1 + sum(score[t] >= score[full.best.tap] for t in keys if t != full.best.tap)
+        assert record[name]["best_rank"] == rank
+        assert record[name]["best_in_top"] == {"1": rank <= 1, "3": rank <= 3, "5": rank <= 5}
+        assert record[name]["seconds"] > 0 and record[name]["kendall_tau"] > 0.5  # graded arrays: an easy ranking
+    assert any("scores against the measured CV" in line for line in summary_lines(full))
+
+
+@pytest.mark.parametrize("triage", [3, 0.3, "auto"])
+def test_triage_searches_the_top_of_the_trusted_score_and_reports_the_rest(arrays, full, triage):
+    result = cnncodes.sweep_codes(arrays, Y, SweepConfig(probes=("logreg",), folds=3, triage=triage))
+    record = result.data["triage"]
+    searched = [a["tap"] for a in record["searched"]]
+    skipped = [a["tap"] for a in record["skipped"]]
+    assert sorted(searched + skipped) == sorted(arrays) and not set(searched) & set(skipped)
+    assert {r.tap for r in result.rows} == set(searched) and skipped, "only searched arrays have rows"
+    probe = [a["tap"] for a in record["probe_subset"]]
+    assert set(probe) <= set(searched) and len(probe) == max(4, math.ceil(0.2 * ARRAYS))
+    chosen = record["score"]
+    tau = {n: t.get("kendall_tau", -1) for n, t in record["probe_trust"].items()}
+    assert tau[chosen] == max(tau.values())
+    ranked = sorted(arrays, key=lambda t: -next(getattr(r, f"score_{chosen}") for r in full.rows if r.tap == t))
+    assert set(ranked[: record["window"]]) <= set(searched)
+    if triage != "auto":
+        assert record["window"] == (3 if triage == 3 else math.ceil(0.3 * ARRAYS))
+        assert set(searched) == set(probe) | set(ranked[: record["window"]])
+    # the rows searched are the full sweep's rows, their test numbers read afterwards equal to those read at once
+    by_key = {r.key: r for r in full.rows}
+    for row in result.rows:
+        assert row_facts(row, "fit_seconds", "p_cv", "p_cv_holm", "p_cv_images", "p_cv_images_holm", "p_test",
+                         "p_test_holm") == row_facts(by_key[row.key], "fit_seconds", "p_cv", "p_cv_holm",
+                                                     "p_cv_images", "p_cv_images_holm", "p_test", "p_test_holm")  # fmt: skip
+    assert result.best.key == full.best.key  # graded arrays: the score's top holds the best
+    assert record["skipped_fit_seconds_estimate"] > 0 and record["score_seconds"] > 0
+    np.testing.assert_array_equal(result.test_predictions["predicted"], full.test_predictions["predicted"])
+    text = "\n".join(summary_lines(result))
+    assert f"searched {len(searched)} of {ARRAYS} arrays" in text and f"skipped {len(skipped)}" in text
+
+
+class _Guarded:
+    """Codes whose test rows raise until unlocked: what a triaged sweep may read before its final numbers."""
+
+    def __init__(self, array: np.ndarray, test_rows: np.ndarray, lock: dict) -> None:
+        self.array, self.test, self.lock = array, set(test_rows.tolist()), lock
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __getitem__(self, index):
+        rows = np.arange(len(self.array))[index]
+        if self.lock["locked"] and self.test & set(np.atleast_1d(rows).tolist()):
+            raise RuntimeError("a test row was read before the final numbers")
+        return self.array[index]
+
+
+def test_a_triaged_sweep_reads_the_test_rows_only_for_its_final_numbers(arrays, full, monkeypatch):
+    from cnncodes.probing import _search
+
+    test_rows = split_images(Y, 0, CONFIG).test_rows
+    lock = {"locked": True}
+    guarded = {k: _Guarded(v, test_rows, lock) for k, v in arrays.items()}
+    config = SweepConfig(probes=("logreg",), folds=3, triage="auto")
+    with pytest.raises(RuntimeError, match="before the final numbers"):  # the lock holds: somebody must open it
+        cnncodes.sweep_codes(guarded, Y, config)
+    final = _search.score_on_test
+
+    def unlock_then_score(*args, **kwargs):
+        lock["locked"] = False
+        return final(*args, **kwargs)
+
+    monkeypatch.setattr(_search, "score_on_test", unlock_then_score)
+    lock["locked"] = True
+    result = cnncodes.sweep_codes(guarded, Y, config)
+    assert result.best.key == full.best.key and not lock["locked"]
+
+
+def test_several_backbones_are_triaged_in_one_ranking(arrays):
+    weak = {("weak", t, "avg"): v[:, :3] * 0.2 + np.random.default_rng(1).normal(size=(N, 3)) for t, v in arrays.items()}
+    strong = {("strong", t, "avg"): v for t, v in arrays.items()}
+    result = cnncodes.sweep_codes(weak | strong, Y, SweepConfig(probes=("logreg",), folds=3, triage=4))
+    record = result.data["triage"]
+    assert record["arrays"] == 2 * ARRAYS
+    probe = {(a["backbone"], a["tap"]) for a in record["probe_subset"]}
+    top = {a["backbone"] for a in record["searched"] if (a["backbone"], a["tap"]) not in probe}
+    assert top == {"strong"}, "the window runs over one ranking of every (backbone, tap, pooling)"
+    assert {a["backbone"] for a in record["skipped"]} == {"weak", "strong"}
+    assert result.best.backbone == "strong"
+
+
+def test_triage_and_scores_are_checked(arrays):
+    for bad, match in ((0, "at least one array"), (1.5, "in \\(0, 1\\)"), ("many", "--triage auto"),
+                       (True, "--triage 8")):  # fmt: skip
+        with pytest.raises(ParameterError, match=match):
+            SweepConfig(triage=bad)
+    with pytest.raises(ParameterError, match="scores=\\(\\) measures none"):
+        SweepConfig(triage="auto", scores=())
+    with pytest.raises(ParameterError, match="unknown score 'leep'"):
+        SweepConfig(scores=("knn", "leep"))
+    assert SweepConfig(triage="8").triage == 8 and SweepConfig(triage="0.25").triage == 0.25
+    none = cnncodes.sweep_codes(arrays, Y, SweepConfig(probes=("logreg",), folds=3, scores=()))
+    assert "transferability" not in none.data and all(r.score_knn is None for r in none.rows)
+    multi = np.stack([Y == 0, Y != 1], 1).astype(int)
+    with pytest.raises(ParameterError, match="multi-label sweep searches every array"):
+        cnncodes.sweep_codes(arrays, multi, SweepConfig(probes=("logreg",), folds=3, triage=2), classes=["a", "b"])
+
+
+def test_store_sweep_writes_the_scores_plot_and_the_triage_through_the_cli(tmp_path, capsys):
+    store = make_code_store(tmp_path / "s")
+    assert main([
+        "sweep", str(store.path), "--out", str(tmp_path / "out"), "--probes", "logreg", "--folds", "3", "--triage",
+        "2", "--quiet", "--no-latency",
+    ]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "triage (2): searched" in out and (tmp_path / "out" / "scores.png").stat().st_size > 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["data"]["triage"]["rule"].startswith("Scores first") and "knn" in data["data"]["transferability"]
+    header = (tmp_path / "out" / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"score_knn", "score_logme", "score_hscore"} <= set(header)
+    assert main(["sweep", str(store.path), "--out", str(tmp_path / "o2"), "--triage", "lots"]) == 2
+    assert "--triage" in capsys.readouterr().err
+
+
+def test_report_of_a_triaged_sweep_round_trips(arrays, tmp_path):
+    result = cnncodes.sweep_codes(arrays, Y, SweepConfig(probes=("logreg",), folds=3, triage=2))
+    paths = write_report(result, tmp_path)
+    assert "scores.png" in paths
+    saved = json.loads(paths["results.json"].read_text())
+    assert len(saved["rows"]) == len(result.rows) and saved["data"]["triage"]["window"] == 2
+    assert all(r["score_logme"] is not None for r in saved["rows"])
