@@ -34,7 +34,7 @@ BASE = {"errors", "_compat", "_versions", "_fsutil", "_labels", "_figures"}  # m
 #: compute works on arrays and tensors only
 COMPUTE = {"network._graph", "network._layout", "network._pooling", "network._taps", "network._extractor",
            "images._preprocess", "probing._linear", "probing._probes", "probing._results", "probing._search",
-           "probing._streaming", "probing._scoring", "probing._knn", "probing._fewshot", "probing._multilabel", "probing._concat", "probing._stats", "network._top"}  # fmt: skip
+           "probing._streaming", "probing._scoring", "probing._knn", "probing._fewshot", "probing._multilabel", "probing._concat", "probing._stats", "probing._transfer", "probing._triage", "network._top"}  # fmt: skip
 #: modules that read or write files of images, codes, bundles or reports
 #: neither: they load models or run compute over images (checked by the room rules only)
 RUNNERS = {"network._backbones", "network._encode", "network._cost", "deploy._predict", "adapter", "training._feeds",

@@ -629,6 +629,13 @@ class _Job:
         backbone, tap, pooling = self.names[k]
         return {"tap": tap, "pooling": pooling, "depth": self.depth_of[k], "backbone": backbone}
 
+    def what(self, k: Hashable) -> str:
+        """How errors name array ``k``: ``tap/pooling``, as the probes' own loaders do, the backbone first when the
+        sweep has several."""
+        backbone, tap, pooling = self.names[k]
+        several = len({name[0] for name in self.names.values()}) > 1
+        return f"{backbone} {tap}/{pooling}" if several and backbone else f"{tap}/{pooling}"
+
     @property
     def key_of(self) -> dict[tuple[str, str, str], Hashable]:
         """The key of codes of a row's (backbone, tap, pooling)."""
@@ -758,15 +765,15 @@ def _score_arrays(job: _Job, config: SweepConfig, split: Split, keys: Sequence[H
     per = split.views + 1
     plain = split.train_rows[split.train_rows % per == 0]
     folds = [(np.searchsorted(plain, fit[fit % per == 0]), np.searchsorted(plain, val)) for fit, val in split.folds]
-    tasks = [delayed(_score_task)(job.arrays[k], job.y[plain], plain, folds, k, config) for k in keys]
+    tasks = [delayed(_score_task)(job.arrays[k], job.y[plain], plain, folds, k, job.what(k), config) for k in keys]
     return dict(_run_tasks(tasks, job.jobs, job.progress, "scores"))
 
 
-def _score_task(codes: Any, y: np.ndarray, rows: np.ndarray, folds: list, key: Hashable,
+def _score_task(codes: Any, y: np.ndarray, rows: np.ndarray, folds: list, key: Hashable, what: str,
                 config: SweepConfig) -> list[tuple[Hashable, dict]]:  # fmt: skip
     """One array's scores, in a joblib worker (a list of one item, as every task's)."""
     with _torch_threads(config.threads):
-        X = load_rows(codes, rows, " / ".join(part for part in _candidate_name(key) if part))
+        X = load_rows(codes, rows, what)
         return [(key, array_scores(X, y, folds, config.scores, device=config.device, seed=config.seed))]
 
 
@@ -780,7 +787,7 @@ def score_on_test(results: list[tuple[SweepRow, Any]], job: _Job, split: Split, 
     y_test = job.y_test[split.test_rows]
     for k, items in by_key.items():
         codes = job.test_arrays[k]
-        what = " / ".join(part for part in _candidate_name(k) if part) + " (test)"
+        what = f"{job.what(k)} (test)"
         chunk = chunk_rows_for(int(codes.shape[1]), config.max_memory)
         for row, fitted in items:
             scores = decision_in_chunks(fitted.estimator, codes, split.test_rows, chunk, what)

@@ -252,24 +252,36 @@ def consensus_order(scores: Mapping[str, Mapping[Hashable, float | None]], keys:
     return [keys[i] for i in np.argsort(ranks, kind="stable")]
 
 
-def probe_subset(order: Sequence[Hashable], size: int) -> list[Hashable]:
-    """``size`` keys spread evenly over ``order`` (a ranking, best first): its first and last and the quantiles
-    between, so the score's trust is measured over its whole range, the top included."""
+def probe_subset(order: Sequence[Hashable], size: int, cost: Mapping[Hashable, float] | None = None) -> list[Hashable]:
+    """``size`` keys spread over ``order`` (a ranking, best first): one from each of ``size`` equal strata of the
+    ranking, so the score's trust is measured over its whole range, the top included; the cheapest of its stratum by
+    ``cost`` (default: the stratum's first)."""
     size = max(1, min(size, len(order)))
-    at = np.unique(np.round(np.linspace(0, len(order) - 1, size)).astype(int))
-    return [order[i] for i in at]
+    edges = np.round(np.linspace(0, len(order), size + 1)).astype(int)
+    strata = [list(order[a:b]) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return [min(s, key=lambda k: cost[k]) if cost is not None else s[0] for s in strata]
 
 
-def triage_window(tau: float, n: int, *, miss: float = 0.05, draws: int = 20000, seed: int = 0) -> int:
-    """The smallest K such that, if score and accuracy over ``n`` arrays were jointly Gaussian with the rank
-    correlation ``tau`` (Pearson rho = sin(pi tau / 2), Greiner's relation), the array with the best accuracy would
-    be among the score's top K with probability at least 1 - ``miss``: ``draws`` seeded simulations of ``n`` arrays."""
+def triage_window(tau: float, n: int, *, accuracies: Sequence[float] | None = None, tolerance: float = 0.0,
+                  miss: float = 0.05, draws: int = 20000, seed: int = 0) -> int:  # fmt: skip
+    """The smallest K such that the score's top K of ``n`` arrays hold one within ``tolerance`` of the best accuracy
+    with probability at least 1 - ``miss``, were score and accuracy linked by a Gaussian copula with the rank
+    correlation ``tau`` (Pearson rho = sin(pi tau / 2), Greiner's relation): ``draws`` seeded simulations of ``n``
+    arrays. Accuracies are drawn from the distribution of the measured ``accuracies`` (their quantiles, interpolated),
+    or standard normal without them (then only the best itself counts)."""
     if n <= 1:
         return n
+    from scipy.stats import norm
+
     rho = math.sin(math.pi * max(min(tau, 1.0), -1.0) / 2)
     rng = np.random.default_rng(seed)
-    acc = rng.standard_normal((draws, n))
-    score = rho * acc + math.sqrt(max(0.0, 1 - rho**2)) * rng.standard_normal((draws, n))
-    best = acc.argmax(1)
-    rank = (score > score[np.arange(draws), best][:, None]).sum(1) + 1
-    return int(min(n, np.quantile(rank, 1 - miss, method="higher")))
+    latent = rng.standard_normal((draws, n))
+    score = rho * latent + math.sqrt(max(0.0, 1 - rho**2)) * rng.standard_normal((draws, n))
+    if accuracies is not None and len(accuracies) >= 2:
+        q = np.sort(np.asarray(accuracies, dtype=float))
+        acc = np.interp(norm.cdf(latent), (np.arange(len(q)) + 0.5) / len(q), q)
+    else:
+        acc, tolerance = latent, 0.0
+    by_score = np.take_along_axis(acc, np.argsort(-score, axis=1), axis=1)
+    found = np.maximum.accumulate(by_score, axis=1) >= acc.max(1, keepdims=True) - tolerance - 1e-12
+    return int(np.argmax(found.mean(0) >= 1 - miss) + 1)

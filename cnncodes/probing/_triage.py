@@ -4,20 +4,21 @@ data, how far that score can be trusted; and the record of how well every score 
 Rule (``SweepConfig.triage``)
 -----------------------------
 1. Every array gets its scores (:mod:`cnncodes.probing._transfer`), on the training images only.
-2. A probe subset of m = max(4, ceil(20 % of the arrays)) arrays, spread evenly over the arrays' consensus ranking (their
-   mean rank over the scores: its top, its bottom and the quantiles between), is searched in full, as any sweep does.
+2. A probe subset of m = max(4, ceil(20 % of the N arrays)) is searched in full, as any sweep searches: the N arrays
+   ranked by their consensus (mean rank over the scores) are cut into m equal strata, top to bottom, and each
+   stratum gives its narrowest array. Trust is so measured over the scores' whole range, where measuring is cheapest
+   (a search costs about dims + 256, see ``_NARROW_DIMS`` in :mod:`cnncodes.probing._search`).
 3. On it, each score's Kendall tau against the measured CV accuracy (the best row of each array) says how well it
    ranks; the score with the highest tau (ties: the higher weighted tau, then the order of ``scores``) is trusted.
 4. The window: the top K arrays by that score are searched in full too. K is given (an int, or a fraction of the
-   arrays), or with ``"auto"`` it is the smallest K for which, were score and accuracy jointly Gaussian with that
-   tau (Pearson rho = sin(pi tau / 2)), the best array would be among the score's top K with probability >= 95 %,
-   by seeded simulation (:func:`~cnncodes.probing._transfer.triage_window`); tau is taken one standard error
-   below its estimate on the m probe arrays (sqrt(2 (2m + 5) / (9 m (m - 1))), the null variance of Kendall's tau),
-   so a tau measured on few arrays buys a wider window.
-5. With ``"auto"``, the window grows by K while the best row found so far comes from the bottom third of the
-   window by score rank: a best that lies near the window's edge says the score's top is less reliable than tau
-   said, and what lies just past the edge is what the next K search.
-6. The best row is picked among the arrays searched, never from a score alone; the test images are read only after
+   arrays), or with ``"auto"`` it is the smallest K whose top K hold an array within ``TRIAGE_TOLERANCE`` points
+   (0.3; the sweep's ``tolerance`` when set) of the best CV accuracy with probability >= 95 %, were score and accuracy
+   linked by a Gaussian copula with the measured tau and the accuracies distributed as those measured
+   (:func:`~cnncodes.probing._transfer.triage_window`, a seeded simulation). With ``"auto"`` the window is then
+   recomputed from every array searched so far (tau and the accuracies, the window's top now among them) and
+   searched again until it holds no array left unsearched: a top that turns out less well ranked, or further apart,
+   than the probe subset said widens the window.
+5. The best row is picked among the arrays searched, never from a score alone; the test images are read only after
    all of that, for the final numbers of the rows searched.
 """
 
@@ -36,16 +37,21 @@ __all__ = ["triaged_search", "transfer_record", "TRIAGE_RULE"]
 
 #: How the window is chosen, for results.json and the README.
 TRIAGE_RULE = (
-    "Scores first, on the training images only. A probe subset of max(4, ceil(0.2 N)) of the N arrays, spread evenly "
-    "over their consensus ranking (mean rank over the scores), is searched in full; the score with the highest "
-    "Kendall tau against the measured CV accuracy on it is trusted, and its top K arrays are searched in full too. "
-    "auto: K is the smallest window that would hold the best array with probability >= 0.95 if score and accuracy "
-    "were jointly Gaussian with that tau (rho = sin(pi tau / 2), seeded simulation), tau taken one standard error "
-    "below its estimate; the window then grows by K while the best row found lies in its bottom third by score "
-    "rank. The best row is one searched in full; the test images are read only for the final numbers."
+    "Scores first, on the training images only. A probe subset of max(4, ceil(0.2 N)) of the N arrays, the narrowest "
+    "of each of that many equal strata of their consensus ranking (mean rank over the scores), is searched in full; "
+    "the score with the highest Kendall tau against the measured CV accuracy on it is trusted, and its top K arrays "
+    "are searched in full too. auto: K is the smallest window whose top K would hold an array within the tolerance "
+    "(0.3 points, or the sweep's tolerance) of the best with probability >= 0.95, were score and accuracy linked by "
+    "a Gaussian copula with that tau (rho = sin(pi tau / 2)) and the accuracies distributed as those measured "
+    "(seeded simulation); it is recomputed from every array searched so far until the window holds none left to "
+    "search. The best row is one searched in full; the test images are read only for the final numbers."
 )
 
-_MISS = 0.05  # the chance of the best array lying outside the auto window that the rule accepts
+_MISS = 0.05  # the chance of the auto window holding no array within the tolerance of the best, that the rule accepts
+
+#: Points of CV accuracy within which an array found counts as the best, for ``triage="auto"`` (``tolerance`` when
+#: the sweep sets one).
+TRIAGE_TOLERANCE = 0.3
 
 
 def _array(row: SweepRow) -> tuple[str, str, str]:
@@ -76,48 +82,49 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
     by_score = {name: _values(scored, name) for name in config.scores}
     order = consensus_order(by_score, keys)
     m = min(n, max(4, math.ceil(0.2 * n)))
-    probe = probe_subset(order, m)
+    probe = probe_subset(order, m, cost={k: dims[k] + 256 for k in keys})
     results = list(search(probe))
-    measured = {k: array_accuracy([r for r, _ in results]).get(names[k]) for k in probe}
-    measured = {k: v for k, v in measured.items() if v is not None}
-    trust = {name: agreement(values, measured, None) for name, values in by_score.items()}
+    done = set(probe)
+
+    def measured() -> dict[Hashable, float]:
+        accuracy = array_accuracy([r for r, _ in results])
+        return {k: accuracy[names[k]] for k in keys if k in done and names[k] in accuracy}
+
+    trust = {name: agreement(values, measured(), None) for name, values in by_score.items()}
 
     def strength(name: str) -> tuple[float, float, int]:
         t = trust[name]
         return (t.get("kendall_tau", -1.0), t.get("weighted_tau", -1.0), -config.scores.index(name))
 
     chosen = max(config.scores, key=strength)
-    tau = trust[chosen].get("kendall_tau", 0.0)
     ranked = sorted(keys, key=lambda k: -(by_score[chosen][k] if by_score[chosen][k] is not None else -math.inf))
-    se = math.sqrt(2 * (2 * m + 5) / (9 * m * (m - 1))) if m > 1 else 1.0
-    if config.triage == "auto":
-        window = triage_window(tau - se, n, miss=_MISS, seed=config.seed)
-    elif isinstance(config.triage, float):
-        window = math.ceil(config.triage * n)
-    else:
-        window = int(config.triage)
-    window = min(n, max(1, window))
-    step, grown = window, 0
-    done = set(probe)
+    tolerance = (config.tolerance if config.tolerance is not None else TRIAGE_TOLERANCE) / 100
+    rounds = []
     while True:
+        if config.triage == "auto":
+            seen = measured()
+            tau = agreement(by_score[chosen], seen, None).get("kendall_tau", 0.0)
+            window = triage_window(tau, n, accuracies=list(seen.values()), tolerance=tolerance, miss=_MISS,
+                                   seed=config.seed)  # fmt: skip
+            rounds.append({"arrays_measured": len(seen), "kendall_tau": tau, "window": window})
+        elif isinstance(config.triage, float):
+            window = math.ceil(config.triage * n)
+        else:
+            window = int(config.triage)
+        window = min(n, max(1, window))
         todo = [k for k in ranked[:window] if k not in done]
-        if todo:
-            results += search(todo)
-            done.update(todo)
-        if config.triage != "auto" or window >= n:
+        if not todo:
             break
-        best = max((r for r, _ in results if r.selectable), key=lambda r: (r.score, -r.dims))
-        rank = ranked.index(next(k for k in keys if names[k] == _array(best))) + 1
-        if rank <= window - math.ceil(window / 3):
+        results += search(todo)
+        done.update(todo)
+        if config.triage != "auto":
             break
-        window, grown = min(n, window + step), grown + 1
     searched = [k for k in keys if k in done]
     seconds = dict.fromkeys(searched, 0.0)
+    key_of = {names[k]: k for k in searched}
     for r, _ in results:
-        k = next(k for k in searched if names[k] == _array(r))
-        seconds[k] += r.fit_seconds
+        seconds[key_of[_array(r)]] += r.fit_seconds
     skipped = [k for k in keys if k not in done]
-    estimate = _estimated_seconds(seconds, dims, skipped)
     record = {
         "rule": TRIAGE_RULE,
         "requested": config.triage,
@@ -125,15 +132,15 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
         "probe_subset": [_named(names[k]) for k in probe],
         "probe_trust": {name: {k: v for k, v in t.items() if k in ("kendall_tau", "weighted_tau", "arrays")}
                         for name, t in trust.items()},  # fmt: skip
-        "tau_lower": tau - se if config.triage == "auto" else None,
+        "tolerance_points": 100 * tolerance if config.triage == "auto" else None,
+        "rounds": rounds or None,
         "window": window,
-        "window_grown": grown,
         "arrays": n,
         "searched": [_named(names[k]) | {chosen: by_score[chosen][k]} for k in searched],
         "skipped": [_named(names[k]) | {name: by_score[name][k] for name in config.scores} for k in skipped],
         "score_seconds": float(sum(t for v in scored.values() for _, t in v.values())),
         "searched_fit_seconds": float(sum(seconds.values())),
-        "skipped_fit_seconds_estimate": estimate,
+        "skipped_fit_seconds_estimate": _estimated_seconds(seconds, dims, skipped),
     }
     return results, record
 

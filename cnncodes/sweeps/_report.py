@@ -299,7 +299,8 @@ def plot_scores(result: SweepResult | Comparison, path: str | os.PathLike) -> Pa
         ax.grid(alpha=0.3)
     multilabel = any(r.protocol == "multilabel" for r in result.rows)
     axes[0].set_ylabel(f"measured CV {'mAP' if multilabel else 'accuracy'} (%), best row of the array")
-    axes[0].legend(fontsize=7, loc="lower right")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle("Transferability scores against the measured sweep (training images only)")
     fig.tight_layout()
     path = Path(path)

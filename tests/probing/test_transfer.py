@@ -116,8 +116,10 @@ def test_agreement_is_scipys_taus_and_counts_ties_against_the_best():
 
 def test_probe_subset_spans_the_ranking_and_the_window_follows_tau():
     order = list(range(30))
-    sub = probe_subset(order, 6)
-    assert sub[0] == 0 and sub[-1] == 29 and len(sub) == 6
+    assert probe_subset(order, 6) == [0, 5, 10, 15, 20, 25]  # one per stratum of the ranking, its top included
+    cost = {k: (k * 7) % 5 for k in order}
+    cheap = probe_subset(order, 6, cost)
+    assert [c // 5 for c in cheap] == list(range(6)) and all(cost[c] == 0 for c in cheap)
     assert triage_window(1.0, 30) == 1  # a perfect score: its top is the best
     assert triage_window(0.0, 30) >= 27  # no information: nearly everything
     windows = [triage_window(t, 30) for t in (0.3, 0.6, 0.9)]
@@ -128,4 +130,21 @@ def test_probe_subset_spans_the_ranking_and_the_window_follows_tau():
         a = rng.standard_normal(30)
         s = rho * a + math.sqrt(1 - rho**2) * rng.standard_normal(30)
         hit += (s > s[a.argmax()]).sum() + 1 <= K
+    assert hit / 4000 >= 0.94
+
+
+def test_a_tolerance_narrows_the_window_as_the_measured_accuracies_allow():
+    from scipy.stats import norm
+
+    measured = [0.70, 0.80, 0.90, 0.95, 0.97, 0.98]
+    widths = [triage_window(0.6, 30, accuracies=measured, tolerance=t) for t in (0.0, 0.01, 0.05, 0.5)]
+    assert widths == sorted(widths, reverse=True) and widths[-1] == 1 and widths[0] > widths[-1]
+    # the promise within the tolerance, by an independent simulation of the same model
+    rho, K, tol = math.sin(math.pi * 0.6 / 2), widths[1], 0.01
+    rng, q, hit = np.random.default_rng(11), np.sort(measured), 0
+    for _ in range(4000):
+        a = rng.standard_normal(30)
+        s = rho * a + math.sqrt(1 - rho**2) * rng.standard_normal(30)
+        acc = np.interp(norm.cdf(a), (np.arange(6) + 0.5) / 6, q)
+        hit += acc[np.argsort(-s)[:K]].max() >= acc.max() - tol - 1e-12
     assert hit / 4000 >= 0.94
