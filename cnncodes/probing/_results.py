@@ -175,7 +175,6 @@ class SweepConfig:
         object.__setattr__(self, "scores", tuple(dict.fromkeys(scores)))
         object.__setattr__(self, "triage", _triage(self.triage, self.scores))
 
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

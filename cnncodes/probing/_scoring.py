@@ -14,7 +14,16 @@ from sklearn.pipeline import Pipeline
 from ..errors import ParameterError
 from ._probes import make_normalizer
 
-__all__ = ["c_grid", "metrics_from_scores", "Fitted", "PENDING_TEST", "normalized_folds", "load_rows", "pack_hits", "unpack_hits"]
+__all__ = [
+    "c_grid",
+    "metrics_from_scores",
+    "Fitted",
+    "PENDING_TEST",
+    "normalized_folds",
+    "load_rows",
+    "pack_hits",
+    "unpack_hits",
+]
 
 
 def c_grid(c_min: float = 1e-4, c_max: float = 1e4, steps_per_decade: int = 1) -> list[float]:

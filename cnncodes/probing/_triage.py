@@ -130,8 +130,10 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
         "requested": config.triage,
         "score": chosen,
         "probe_subset": [_named(names[k]) for k in probe],
-        "probe_trust": {name: {k: v for k, v in t.items() if k in ("kendall_tau", "weighted_tau", "arrays")}
-                        for name, t in trust.items()},  # fmt: skip
+        "probe_trust": {
+            name: {k: v for k, v in t.items() if k in ("kendall_tau", "weighted_tau", "arrays")}
+            for name, t in trust.items()
+        },  # fmt: skip
         "tolerance_points": 100 * tolerance if config.triage == "auto" else None,
         "rounds": rounds or None,
         "window": window,

@@ -74,7 +74,9 @@ def test_hscore_equals_the_formula_with_sklearns_ledoit_wolf(n, d):
     lam = np.linalg.eigvalsh(Xc.T @ Xc if d <= n else Xc @ Xc.T)
     import torch
 
-    assert ledoit_wolf_shrinkage(torch.tensor((Xc**2).sum(1)), torch.tensor(lam), n, d) == pytest.approx(shrink, rel=1e-9)
+    assert ledoit_wolf_shrinkage(torch.tensor((Xc**2).sum(1)), torch.tensor(lam), n, d) == pytest.approx(
+        shrink, rel=1e-9
+    )
     assert hscore(X, y) == pytest.approx(expected, rel=1e-8)
 
 

@@ -135,7 +135,9 @@ def test_a_triaged_sweep_reads_the_test_rows_only_for_its_final_numbers(arrays, 
 
 
 def test_several_backbones_are_triaged_in_one_ranking(arrays):
-    weak = {("weak", t, "avg"): v[:, :3] * 0.2 + np.random.default_rng(1).normal(size=(N, 3)) for t, v in arrays.items()}
+    weak = {
+        ("weak", t, "avg"): v[:, :3] * 0.2 + np.random.default_rng(1).normal(size=(N, 3)) for t, v in arrays.items()
+    }
     strong = {("strong", t, "avg"): v for t, v in arrays.items()}
     result = cnncodes.sweep_codes(weak | strong, Y, SweepConfig(probes=("logreg",), folds=3, triage=4))
     record = result.data["triage"]
