@@ -197,12 +197,14 @@ def _why_not_writable(path: Path) -> str:
 
 def _output_dir(path: str, flag: str = "--out") -> None:
     """Refuse an output directory that cannot be one, before any work is done."""
+    from ._fsutil import recover
     from .errors import ParameterError
 
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ParameterError(f"{flag} {p} is a file; give a directory (nothing was computed).")
     _writable_target(p, flag, "directory")
+    recover(p)  # what a crash while publishing a report there left half moved
 
 
 def _output_file(path: str | None, flag: str = "--out") -> None:
@@ -289,8 +291,7 @@ def _run_sweep(stores: list[str], out: str, args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
     )
     print(format_table(result))
-    paths = write_report(result, out)
-    paths["probe"] = save_probe(result, out)
+    paths = write_report(result, out, bundle=lambda folder: save_probe(result, folder))
     print(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
     print(f"{paths['probe']} digest {bundle_digest(paths['probe'])} (pin it: cnncodes predict --digest ...)")
     return 0

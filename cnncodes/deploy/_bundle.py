@@ -31,6 +31,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
+from .._fsutil import naming, zip_entry
 from .._fsutil import replace as durable_replace
 from .._versions import versions
 from ..errors import BundleError, CnncodesError
@@ -308,10 +309,10 @@ def save_bundle(bundle: ProbeBundle, path: str | os.PathLike) -> Path:
         "checksums": {name: hashlib.sha256(data).hexdigest() for name, data in members.items()},
     }
     tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(_JSON, json.dumps(meta, indent=1, default=_json_default))
+    with naming(path), zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(zip_entry(_JSON, zipfile.ZIP_DEFLATED), json.dumps(meta, indent=1, default=_json_default))
         for name, data in members.items():
-            zf.writestr(name, data)
+            zf.writestr(zip_entry(name, zipfile.ZIP_DEFLATED), data)
     durable_replace(tmp, path)
     return path
 

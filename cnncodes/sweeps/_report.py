@@ -8,11 +8,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .._figures import new_figure
+from .._fsutil import naming, publish, write_text
 from .._labels import label_text
 from ..probing import CONCAT_SEP, SweepResult, SweepRow
 from ._compare import Comparison
@@ -21,6 +23,7 @@ __all__ = [
     "format_table",
     "write_report",
     "write_results",
+    "REPORT_FILES",
     "plot_sweep",
     "plot_pareto",
     "plot_confusion",
@@ -304,7 +307,8 @@ def plot_scores(result: SweepResult | Comparison, path: str | os.PathLike) -> Pa
     fig.suptitle("Transferability scores against the measured sweep (training images only)")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with naming(path):
+        fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -371,7 +375,8 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with naming(path):
+        fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
 
@@ -429,25 +434,34 @@ def plot_pareto(result: SweepResult | Comparison, path: str | os.PathLike) -> Pa
     fig.suptitle("What each row costs: accuracy against compute")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with naming(path):
+        fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
+
+
+#: Every file a sweep's or a comparison's report may hold (a report written without one drops an old one).
+REPORT_FILES = ("results.csv", "results.json", "best.json", "sweep.png", "pareto.png", "few_shot.png", "scores.png",
+                "test_predictions.csv", "confusion.png", "best_probe.zip")  # fmt: skip
 
 
 def write_results(result: SweepResult | Comparison, out: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
     """Write results.csv, results.json, best.json, sweep.png and (with few-shot rows) few_shot.png to ``out``: what a
-    sweep and a comparison share."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    sweep and a comparison share. The files are published together (:func:`cnncodes._fsutil.publish`): a crash while
+    writing leaves the old report whole, never a mix of two."""
+    return publish(out, lambda stage: _results_files(result, stage, plot), owned=REPORT_FILES)
+
+
+def _results_files(result: SweepResult | Comparison, out: Path, plot: bool) -> dict[str, Path]:
     paths = {name: out / name for name in ("results.csv", "results.json", "best.json")}
-    with open(paths["results.csv"], "w", newline="") as f:
+    with naming(paths["results.csv"]), open(paths["results.csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=_csv_columns(), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(_csv_row(r) for r in result.rows)
-    paths["results.json"].write_text(json.dumps(result.to_dict(), indent=1))
+    write_text(paths["results.json"], json.dumps(result.to_dict(), indent=1))
     # best.json describes the choice, without timings, so equal sweeps of one store (local or on a cluster) write
     # equal files; timings are in results.csv/json.
     best = {k: v for k, v in result.best_record().items() if k != "fit_seconds"}
-    paths["best.json"].write_text(json.dumps(best, indent=1))
+    write_text(paths["best.json"], json.dumps(best, indent=1))
     if plot:
         paths["sweep.png"] = plot_sweep(result, out / "sweep.png")
         if any(r.flops for r in result.rows if r.selectable):
@@ -484,19 +498,35 @@ def plot_few_shot(result: SweepResult | Comparison, path: str | os.PathLike) -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with naming(path):
+        fig.savefig(path, dpi=120)
     return Path(path)
 
 
-def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
-    """Write results.csv, results.json, best.json, test_predictions.csv, sweep.png and confusion.png to ``out``."""
-    paths = write_results(result, out, plot=plot)
-    out = Path(out)
+def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = True,
+                 bundle: Callable[[Path], Path] | None = None) -> dict[str, Path]:  # fmt: skip
+    """Write results.csv, results.json, best.json, test_predictions.csv, sweep.png and confusion.png to ``out``, and
+    with ``bundle`` (a function of the folder, such as ``lambda d: save_probe(result, d)``) the best probe's bundle
+    beside them, as ``paths["probe"]``. Everything is published together (:func:`cnncodes._fsutil.publish`): a
+    crash at any point leaves either the old report whole or the new one, never ``best.json`` of one sweep beside
+    another's bundle."""
+
+    def write(stage: Path) -> dict[str, Path]:
+        paths = _report_files(result, stage, plot)
+        if bundle is not None:
+            paths["probe"] = bundle(stage)
+        return paths
+
+    return publish(out, write, owned=REPORT_FILES)
+
+
+def _report_files(result: SweepResult, out: Path, plot: bool) -> dict[str, Path]:
+    paths = _results_files(result, out, plot)
     paths["test_predictions.csv"] = out / "test_predictions.csv"
     pred = result.test_predictions
     scores = np.atleast_2d(pred["scores"].T).T
 
-    with open(paths["test_predictions.csv"], "w", newline="") as f:
+    with naming(paths["test_predictions.csv"]), open(paths["test_predictions.csv"], "w", newline="") as f:
         w = csv.writer(f)
         names = result.classes if scores.shape[1] == len(result.classes) else ["decision"]
         w.writerow(["path", "label", "predicted"] + [f"score_{c}" for c in names])
@@ -528,5 +558,6 @@ def plot_confusion(result: SweepResult, path: str | os.PathLike) -> Path:
         f"{best.probe}: test accuracy {best.test_accuracy:.3f}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with naming(path):
+        fig.savefig(path, dpi=110)
     return Path(path)

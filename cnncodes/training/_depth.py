@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .._figures import new_figure
+from .._fsutil import naming, publish, recover, write_text
 from ..errors import ParameterError
 from ..extraction import extract
 from ..images import open_source
@@ -27,7 +28,7 @@ from ..sweeps import sweep
 from ._finetune import FinetuneConfig
 from ._run import backbone_of, finetune
 
-__all__ = ["DepthRow", "depth", "depth_of_stores", "format_depth_table", "write_depth_report"]
+__all__ = ["DepthRow", "depth", "depth_of_stores", "format_depth_table", "write_depth_report", "DEPTH_FILES"]
 
 
 @dataclass
@@ -101,6 +102,7 @@ def depth(
     if not_cuts:
         raise ParameterError(f"{', '.join(not_cuts)} cannot be cut at (the layers above read around them); choose "
                              f"among: {', '.join(sorted(possible, key=catalogue.names.index))}.")  # fmt: skip
+    recover(out)  # cuts/ left in a report's staging folder by a crash are moved back, not extracted again
     stores, seconds = [], []
     for name in names:
         if progress:
@@ -210,16 +212,23 @@ def compare_cuts(rows: list[DepthRow], hits: list[tuple[Any, Any]]) -> None:
                     setattr(row, f"{which}_holm", float(p))
 
 
+#: The files of a depth report, published together (the cached cuts/ beside them stay).
+DEPTH_FILES = ("depth.csv", "depth.json", "depth.png")
+
+
 def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str, Path]:
-    """``depth.csv``, ``depth.json`` and ``depth.png`` (accuracy against cut depth, both methods, best cut marked)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """``depth.csv``, ``depth.json`` and ``depth.png`` (accuracy against cut depth, both methods, best cut marked),
+    published together (:func:`cnncodes._fsutil.publish`): a crash leaves the old three or the new three."""
+    return publish(out, lambda folder: _depth_files(rows, folder), owned=DEPTH_FILES)
+
+
+def _depth_files(rows: list[DepthRow], out: Path) -> dict[str, Path]:
     paths = {"csv": out / "depth.csv", "json": out / "depth.json", "plot": out / "depth.png"}
-    with open(paths["csv"], "w", newline="") as f:
+    with naming(paths["csv"]), open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    paths["json"].write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    write_text(paths["json"], json.dumps([asdict(r) for r in rows], indent=1))
     fig, ax = new_figure(8, 4.5)
     x = range(len(rows))
 
@@ -239,7 +248,8 @@ def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str
     ax.set_ylabel("test accuracy (bars: 95 % Wilson intervals)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(paths["plot"], dpi=120)
+    with naming(paths["plot"]):
+        fig.savefig(paths["plot"], dpi=120)
     return paths
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._fsutil import publish, write_text
 from ..errors import FingerprintMismatchError, ParameterError, StoreError
 from ..images import Preprocessing
 from ..network import Backbone, list_taps, load_backbone
@@ -21,7 +22,10 @@ from ._feeds import CachedActivations
 from ._finetune import FinetuneConfig, TrainResult, build_model, init_from_probe, train
 from ._saved import save_finetuned
 
-__all__ = ["FinetuneResult", "finetune", "backbone_of"]
+__all__ = ["FinetuneResult", "finetune", "backbone_of", "FINETUNE_FILES"]
+
+#: The files ``finetune(out=...)`` writes, published together.
+FINETUNE_FILES = ("finetune.json", "finetuned.zip")
 
 
 @dataclass
@@ -141,8 +145,17 @@ def finetune(
                           {**config.to_dict(), "val_size": val_size, "test_size": test_size, "store": str(store.path)},
                           val_hits=result.val_hits, test_hits=result.test_hits)  # fmt: skip
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "finetune.json").write_text(json.dumps(done.to_dict(), indent=1))
-        done.path = save_finetuned(done, backbone, Path(out) / "finetuned.zip",
-                                   numerics=(store.manifest.get("config") or {}).get("numerics"))  # fmt: skip
+        done.path = publish_finetuned(done, backbone, out, (store.manifest.get("config") or {}).get("numerics"))
     return done
+
+
+def publish_finetuned(done: FinetuneResult, backbone: Backbone, out: str | os.PathLike,
+                      numerics: dict | None) -> Path:  # fmt: skip
+    """``finetune.json`` and ``finetuned.zip`` written to ``out`` together (:func:`cnncodes._fsutil.publish`): a
+    crash leaves both of the old run or both of the new one, never the record of one run beside another's model."""
+
+    def write(folder: Path) -> Path:
+        write_text(folder / "finetune.json", json.dumps(done.to_dict(), indent=1))
+        return save_finetuned(done, backbone, folder / "finetuned.zip", numerics=numerics)
+
+    return publish(out, write, owned=FINETUNE_FILES)

@@ -21,6 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .._fsutil import naming, zip_entry
 from .._fsutil import replace as durable_replace
 from ..deploy import check_digest, export_module
 from ..errors import BundleError, FingerprintMismatchError
@@ -59,9 +60,9 @@ def save_finetuned(result: Any, backbone: Backbone, path: str | os.PathLike, num
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            zf.writestr(_JSON, json.dumps(meta, indent=1))
-            zf.writestr(_WEIGHTS, weights)
+        with naming(path), zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr(zip_entry(_JSON, zipfile.ZIP_STORED), json.dumps(meta, indent=1))
+            zf.writestr(zip_entry(_WEIGHTS, zipfile.ZIP_STORED), weights)
         durable_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

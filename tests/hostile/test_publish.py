@@ -1,0 +1,263 @@
+"""Outputs written all at once: a process killed at any write point of a report (sweep, compare, depth, finetune)
+leaves the folder holding the complete old report or the complete new one, and the rerun gives the same bytes as an
+uninterrupted run; a full disk names the file and leaves the old report whole.
+
+The kill is simulated faithfully: the command runs in a forked child whose file operations (opening a file for
+writing, renaming, linking, removing, the folder exchange) are counted, and at the k-th the child ends with
+``os._exit`` -- no ``finally``, no buffered write flushed, as under ``kill -9``. k runs over every write point an
+uninterrupted run has.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from cnncodes import _fsutil
+
+_MODES = ("w", "a", "x", "+")
+
+
+class _Killed(Exception):
+    pass
+
+
+def _armed(at: int | None, counter: list[int]):
+    """Patches counting every write point; at the ``at``-th the process ends on the spot."""
+    real = {"open": builtins.open, "os.open": os.open, "rename": os.rename, "replace": os.replace, "link": os.link,
+            "unlink": os.unlink, "rmtree": shutil.rmtree, "exchange": _fsutil._exchange, "mkdir": os.mkdir}  # fmt: skip
+
+    def point() -> None:
+        counter[0] += 1
+        if at is not None and counter[0] == at:
+            os._exit(137)
+
+    def wrap(fn, writes=lambda *a, **k: True):
+        def inner(*args, **kwargs):
+            if writes(*args, **kwargs):
+                point()
+            return fn(*args, **kwargs)
+
+        return inner
+
+    def opens_for_writing(file, mode="r", *args, **kwargs):
+        return any(m in mode for m in _MODES)
+
+    def os_opens_for_writing(path, flags, *args, **kwargs):
+        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    builtins.open = io.open = wrap(real["open"], opens_for_writing)  # pathlib opens through io.open
+    os.open = wrap(real["os.open"], os_opens_for_writing)
+    os.rename, os.replace, os.link = wrap(real["rename"]), wrap(real["replace"]), wrap(real["link"])
+    os.unlink, os.mkdir, shutil.rmtree = wrap(real["unlink"]), wrap(real["mkdir"]), wrap(real["rmtree"])
+    _fsutil._exchange = wrap(real["exchange"])
+    return real
+
+
+def _in_child(fn, at: int | None) -> tuple[int, int]:
+    """Run ``fn()`` in a forked child armed to die at write point ``at``; (exit status, write points passed)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read)
+        counter = [0]
+        try:
+            _armed(at, counter)
+            fn()
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported as a status
+            code = 3
+        os.write(write, str(counter[0]).encode())
+        os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the child armed at write point {at} hung")
+        time.sleep(0.01)
+    with os.fdopen(read) as f:
+        passed = f.read()
+    return os.waitstatus_to_exitcode(status), int(passed or 0)
+
+
+def _snapshot(folder: Path, owned) -> dict[str, bytes]:
+    return {n: (folder / n).read_bytes() for n in owned if (folder / n).is_file()}
+
+
+def _check_every_write_point(tmp_path: Path, owned, old_fn, new_fn, extra=None) -> int:
+    """``old_fn(out)`` and ``new_fn(out)`` publish two different reports to ``out``. For every write point k of
+    ``new_fn`` over ``old_fn``'s report: the child killed at k leaves exactly the old or the new report (and the
+    folders and foreign files of ``out`` unharmed), and the rerun gives the new report's bytes."""
+    ref = tmp_path / "ref"
+    old_fn(ref / "old")
+    new_fn(ref / "new")
+    old, new = _snapshot(ref / "old", owned), _snapshot(ref / "new", owned)
+    assert old != new, "the two reports must differ for the test to tell them apart"
+    base = tmp_path / "base"
+    old_fn(base)
+    (base / "notes.txt").write_text("the user's own file")
+    (base / "cuts").mkdir(exist_ok=True)
+    (base / "cuts" / "kept.bin").write_bytes(b"cached work")
+    status, points = _in_child(lambda: new_fn(base.with_name("probe")), None)
+    assert status == 0 and points > 0
+    for k in range(1, points + 1):
+        out = tmp_path / f"k{k}"
+        shutil.copytree(base, out, symlinks=True)
+        status, _ = _in_child(lambda out=out: new_fn(out), k)
+        assert status == 137, f"write point {k} of {points} was not reached"
+        state = _snapshot(out, owned)
+        assert state in (old, new), (f"killed at write point {k} of {points}: the folder mixes reports "
+                                     f"({sorted(n for n in state if state[n] != old.get(n))} new)")  # fmt: skip
+        new_fn(out)  # the rerun
+        assert _snapshot(out, owned) == new, f"the rerun after a kill at write point {k} differs"
+        assert (out / "notes.txt").read_text() == "the user's own file"
+        assert (out / "cuts" / "kept.bin").read_bytes() == b"cached work", f"cuts/ lost after a kill at {k}"
+        assert not [p for p in tmp_path.iterdir() if ".publish-" in p.name], f"staging left after a kill at {k}"
+        if extra:
+            extra(out)
+        shutil.rmtree(out)
+    return points
+
+
+@pytest.fixture(scope="module")
+def two_sweeps(tmp_path_factory):
+    import cnncodes
+    from helpers import make_code_store
+
+    store = make_code_store(tmp_path_factory.mktemp("pub") / "codes", n_images=60)
+    config = cnncodes.SweepConfig(probes=("logreg",), folds=2)
+    first = cnncodes.sweep(store, config, progress=False, latency=False)
+    second = cnncodes.sweep(store, cnncodes.SweepConfig(probes=("logreg",), folds=2, seed=1), progress=False,
+                            latency=False)  # fmt: skip
+    return first, second
+
+
+def test_a_sweep_report_killed_at_any_write_point_is_old_or_new_and_the_rerun_is_identical(tmp_path, two_sweeps):
+    from cnncodes import save_probe
+    from cnncodes.sweeps import write_report
+    from cnncodes.sweeps._report import REPORT_FILES
+
+    def report(result):
+        return lambda out: write_report(result, out, bundle=lambda d: save_probe(result, d))
+
+    def consistent(out: Path) -> None:  # best.json and the bundle are of one sweep
+        import json
+        import zipfile
+
+        best = json.loads((out / "best.json").read_text())
+        with zipfile.ZipFile(out / "best_probe.zip") as zf:
+            metrics = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith(".json"))))["metrics"]
+        assert {k: metrics.get(k) for k in best} == best
+
+    points = _check_every_write_point(tmp_path, REPORT_FILES, report(two_sweeps[0]), report(two_sweeps[1]), consistent)
+    assert points >= 8  # every file, the staging folder, the exchange, the clean-up
+
+
+def test_a_comparison_report_killed_at_any_write_point_is_old_or_new(tmp_path, two_sweeps):
+    from cnncodes.sweeps import write_results
+    from cnncodes.sweeps._report import REPORT_FILES
+
+    first, second = two_sweeps
+    _check_every_write_point(tmp_path / "a", REPORT_FILES, lambda out: write_results(first, out, plot=False),
+                             lambda out: write_results(second, out, plot=False))  # fmt: skip
+
+
+def test_a_full_disk_while_a_report_is_written_names_the_file_and_keeps_the_old_report(tmp_path, two_sweeps,
+                                                                                       monkeypatch):  # fmt: skip
+    from cnncodes import save_probe
+    from cnncodes.sweeps import write_report
+    from cnncodes.sweeps._report import REPORT_FILES
+
+    first, second = two_sweeps
+    out = tmp_path / "sweep"
+    write_report(first, out, bundle=lambda d: save_probe(first, d))
+    old = _snapshot(out, REPORT_FILES)
+    real = builtins.open
+    opened = []
+
+    def full(file, mode="r", *args, **kwargs):
+        handle = real(file, mode, *args, **kwargs)
+        if "w" in mode and Path(str(file)).name == "results.json":
+            opened.append(file)
+            handle.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return handle
+
+    monkeypatch.setattr(builtins, "open", full)
+    monkeypatch.setattr(io, "open", full)  # pathlib's write_text opens through io.open
+    with pytest.raises(OSError, match="No space left") as info:
+        write_report(second, out, bundle=lambda d: save_probe(second, d))
+    monkeypatch.undo()
+    assert opened and info.value.filename == str(out / "results.json")
+    assert _snapshot(out, REPORT_FILES) == old
+    assert not [p for p in tmp_path.iterdir() if ".publish-" in p.name]
+
+
+def test_a_report_in_a_folder_that_cannot_be_exchanged_is_still_written_file_by_file(tmp_path, two_sweeps,
+                                                                                     monkeypatch):  # fmt: skip
+    from cnncodes.sweeps import write_results
+
+    first, second = two_sweeps
+    out = tmp_path / "sweep"
+    write_results(first, out)
+    assert (out / "sweep.png").is_file()
+    monkeypatch.setattr(_fsutil, "_exchange", lambda a, b: False)  # a filesystem without renameat2
+    paths = write_results(second, out, plot=False)
+    assert paths["best.json"] == out / "best.json"
+    assert (out / "best.json").read_bytes() == json.dumps(
+        {k: v for k, v in second.best_record().items() if k != "fit_seconds"}, indent=1
+    ).encode()
+    assert not (out / "sweep.png").exists()  # an old run's plot does not stay beside the new report
+    monkeypatch.undo()
+    monkeypatch.chdir(out)  # the working directory is never swapped away: written in place
+    write_results(first, out, plot=False)
+    assert Path.cwd().samefile(out) and (out / "results.json").is_file()
+    assert not [p for p in [*tmp_path.iterdir(), *out.iterdir()] if ".publish-" in p.name]
+
+
+def test_finetune_outputs_killed_at_any_write_point_are_both_old_or_both_new(tmp_path):
+    import cnncodes
+    from cnncodes.network import cut_points
+    from cnncodes.training import FinetuneConfig
+    from cnncodes.training._run import FINETUNE_FILES, publish_finetuned
+    from helpers import make_images, make_tiny_backbone
+
+    backbone = make_tiny_backbone()
+    cut = cut_points(backbone)[2]
+    images, labels = make_images(24)
+    store = cnncodes.extract(images, labels=labels, out=tmp_path / "cache", model=backbone, taps=cut,
+                             poolings="none", relu="never", views=1, dtype="float32", batch_size=6, workers=0,
+                             progress=False)  # fmt: skip
+    runs = [cnncodes.finetune(store, cut, backbone=backbone, config=FinetuneConfig(head=True, epochs=2, seed=seed),
+                              progress=False) for seed in (0, 1)]  # fmt: skip
+
+    def publish(done):
+        return lambda out: publish_finetuned(done, backbone, out, None)
+
+    _check_every_write_point(tmp_path / "k", FINETUNE_FILES, publish(runs[0]), publish(runs[1]))
+
+
+def test_a_depth_report_killed_at_any_write_point_keeps_its_cuts_and_is_old_or_new(tmp_path):
+    from cnncodes.training import DepthRow, write_depth_report
+    from cnncodes.training._depth import DEPTH_FILES
+
+    def rows(shift: float) -> list:
+        return [DepthRow(f"layer{i}", i, 0.5 + shift, 0.5, 0.6, 0.6 + shift, 1000 * i, 1.0, 2.0, best=i == 1)
+                for i in (1, 2)]  # fmt: skip
+
+    _check_every_write_point(tmp_path / "k", DEPTH_FILES, lambda out: write_depth_report(rows(0.0), out),
+                             lambda out: write_depth_report(rows(0.1), out))  # fmt: skip
