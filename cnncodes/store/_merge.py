@@ -135,7 +135,7 @@ def check_merge_target(out: str | os.PathLike, config: dict[str, Any], overwrite
             f"({config_diff(old.get('config', {}), config)}); its shards could not be merged there, so nothing was "
             "started. Pass --overwrite to replace it at the merge, resume the one-process run, or choose another --out."
         )
-    if any(p.name not in (LOCK, PARTIAL, SHARDS) for p in out.iterdir()):
+    if any(p.name not in (LOCK, PARTIAL, SHARDS, MANIFEST + ".tmp") for p in out.iterdir()):
         raise StoreError(f"{out} holds files but no {MANIFEST}; choose a new or empty --out directory for the shards.")
 
 
@@ -224,7 +224,7 @@ def merge_shards(
                     f"{out / SHARDS}/*"
                 )
             clear_store(out, old)  # the store being replaced, or what an interrupted merge left
-        elif any(p.name not in (LOCK, PARTIAL, SHARDS) for p in out.iterdir()):
+        elif any(p.name not in (LOCK, PARTIAL, SHARDS, MANIFEST + ".tmp") for p in out.iterdir()):
             raise StoreError(
                 f"{out} holds files but no {MANIFEST}, so it is not a store; move them away, or merge into another "
                 f"directory: cnncodes merge NEW_OUT {out / SHARDS}/*"
@@ -250,7 +250,8 @@ def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> 
         "errors": [e for s in parts for e in s.errors],
         "config": config,
     }
-    # An unfinished manifest first: an interrupted merge then leaves a store that merging again replaces.
+    # An unfinished manifest first: an interrupted merge then leaves a store that merging again replaces. (A kill while
+    # it is written leaves only its .tmp, which the rerun ignores and replaces.)
     atomic_json(out / MANIFEST, {**manifest, "complete": False, "rows_done": 0, "merging": True})
     partial = out / PARTIAL
     shutil.rmtree(partial, ignore_errors=True)

@@ -261,3 +261,37 @@ def test_a_depth_report_killed_at_any_write_point_keeps_its_cuts_and_is_old_or_n
 
     _check_every_write_point(tmp_path / "k", DEPTH_FILES, lambda out: write_depth_report(rows(0.0), out),
                              lambda out: write_depth_report(rows(0.1), out))  # fmt: skip
+
+
+def test_a_merge_killed_at_any_write_point_is_rerun_to_the_same_store(tmp_path):
+    from cnncodes import extract
+    from cnncodes.store import CodeStore, merge_shards
+    from helpers import make_images, make_tiny_backbone
+
+    images, labels = make_images(16)
+    kw = dict(labels=labels, model=make_tiny_backbone(), poolings="avg,avg2", batch_size=4, workers=0, progress=False)
+    one = extract(images, out=tmp_path / "one", **kw)
+    base = tmp_path / "base"
+    for i in range(2):
+        extract(images, out=base, shard=(i, 2), **kw)
+
+    def files(path: Path) -> dict[str, bytes]:
+        out = {p.name: p.read_bytes() for p in sorted(path.glob("*.npy"))}
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest.pop("written")
+        return out | {"manifest": json.dumps(manifest).encode()}
+
+    reference = files(one.path)
+    probe = shutil.copytree(base, tmp_path / "probe")
+    status, points = _in_child(lambda: merge_shards(probe), None)
+    assert status == 0 and points >= 5
+    for k in range(1, points + 1):
+        out = tmp_path / f"k{k}"
+        shutil.copytree(base, out)
+        status, _ = _in_child(lambda out=out: merge_shards(out), k)
+        assert status == 137, f"write point {k} of {points} was not reached"
+        if CodeStore.is_complete(out):  # killed after publishing: already the merged store
+            assert files(out) == reference
+        assert merge_shards(out).rows == one.rows, f"the rerun after a kill at write point {k} failed"
+        assert files(out) == reference, f"the rerun after a kill at write point {k} differs"
+        shutil.rmtree(out)
