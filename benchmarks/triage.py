@@ -8,7 +8,7 @@ Tasks (nothing downloaded):
 * ``digits``: ``demo:digits`` with ``--views 4`` (1,797 images, 8,985 rows), the embedded efficientnet_lite0 at 96 px,
   stage and expanded taps x avg, avg2, avg4: 30 arrays of 16 to 20,480 dims;
 * ``patches``: 64x64 crops of ten scikit-image sample pictures (class = the picture; the task of
-  benchmarks/relu_modes.py), 80 per class, the same model, taps and poolings, no views.
+  benchmarks/relu_modes.py), 300 per class (3,000 images), the same model, taps and poolings, no views.
 
 For each task the store is extracted once under ``--work`` (reused when there; default a temporary directory), then
 swept twice in this process with ``SweepConfig()`` (probes logreg, linsvc, 5 folds; costs and latency measured as
@@ -35,13 +35,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore")
 
 MODEL, SIZE, TAPS, POOLINGS = "efficientnet_lite0", 96, "stages,expanded", "avg,avg2,avg4"
+PER_CLASS = 300  # patches per picture
 
 
 def store_of(task: str, root: Path):
     """The task's store under ``root``, extracted once and reused."""
     from cnncodes import CodeStore, extract
 
-    path = root / f"{task}-{MODEL}-{SIZE}"
+    path = root / f"{task}{PER_CLASS if task == 'patches' else ''}-{MODEL}-{SIZE}"
     try:
         return CodeStore(path)
     except Exception:  # absent or incomplete: extract (resumes an interrupted run)
@@ -50,7 +51,7 @@ def store_of(task: str, root: Path):
                            views=4, progress=False)  # fmt: skip
         from relu_modes import patches
 
-        images, labels = patches(per_class=80)
+        images, labels = patches(per_class=PER_CLASS)
         return extract(images, labels=labels, out=path, model=MODEL, input_size=SIZE, taps=TAPS, poolings=POOLINGS,
                        progress=False)  # fmt: skip
 

@@ -15,7 +15,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["replace", "fsync_dir", "publish", "recover", "zip_entry", "naming", "write_text"]
+__all__ = [
+    "replace",
+    "fsync_dir",
+    "publish",
+    "recover",
+    "zip_entry",
+    "naming",
+    "write_text",
+    "read_member",
+    "MemberTooLarge",
+]
 
 T = TypeVar("T")
 
@@ -56,6 +66,29 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """``Path.write_text`` (UTF-8) whose errors name ``path``."""
     with naming(path):
         Path(path).write_text(text, encoding="utf-8")
+
+
+class MemberTooLarge(ValueError):
+    """A zip member that inflates past the bound its reader allows."""
+
+
+def read_member(zf: zipfile.ZipFile, name: str, limit: int, chunk: int = 2**16) -> bytes:
+    """A zip member's bytes, inflated in chunks of ``chunk`` and never past ``limit``: a member whose header lies
+    about its size (a 2 KiB entry that inflates to gigabytes) raises :class:`MemberTooLarge` with memory held below
+    twice ``limit``. ``zf.read`` would inflate it in one call."""
+    if zf.getinfo(name).file_size > limit:
+        raise MemberTooLarge(f"member {name} declares {zf.getinfo(name).file_size} bytes (over {limit})")
+    parts, size = [], 0
+    with zf.open(name) as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            size += len(block)
+            if size > limit:
+                raise MemberTooLarge(f"member {name} inflates past {limit} bytes, whatever its header declares")
+            parts.append(block)
+    return b"".join(parts)
 
 
 def zip_entry(name: str, compression: int = zipfile.ZIP_DEFLATED) -> zipfile.ZipInfo:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from .._fsutil import naming, zip_entry
+from .._fsutil import MemberTooLarge, naming, read_member, zip_entry
 from .._fsutil import replace as durable_replace
 from .._versions import versions
 from ..errors import BundleError, CnncodesError
@@ -351,6 +352,31 @@ def check_digest(path: Path, digest: str | None) -> None:
                           "(modified, replaced or another version). Refusing to use it.")  # fmt: skip
 
 
+def npy_array(data: bytes, where: str, max_ndim: int = 2) -> np.ndarray:
+    """The array of an ``.npy`` file's bytes, its header (format version, dtype, order, shape) checked before anything
+    is allocated: a floating-point dtype of at most 8 bytes, C order, at most ``max_ndim`` dimensions, and a shape
+    whose bytes are exactly those that follow the header. A header declaring terabytes is refused, not allocated."""
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"format version {version}")
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(buf, max_header_size=4096)
+    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
+        raise BundleError(f"{where} is not a valid .npy array ({exc}); the bundle is damaged.") from None
+    if dtype.kind != "f" or dtype.itemsize > 8 or dtype.hasobject:
+        raise BundleError(f"{where} holds dtype {dtype}, not float16/32/64; the bundle is damaged.")
+    if fortran or len(shape) > max_ndim:
+        raise BundleError(f"{where} declares {'Fortran order' if fortran else f'{len(shape)} dimensions'}; cnncodes "
+                          "writes C-order vectors and matrices only. The bundle is damaged.")  # fmt: skip
+    need = math.prod(shape) * dtype.itemsize
+    if need != len(data) - buf.tell():
+        raise BundleError(f"{where} declares shape {shape} ({need} bytes) but holds {len(data) - buf.tell()}; the "
+                          "bundle is damaged.")  # fmt: skip
+    return np.frombuffer(data, dtype=dtype, offset=buf.tell()).reshape(shape).copy()
+
+
 def _member_limit(name: str, spec: ExtractorSpec, n_classes: int) -> int:
     """Largest size a member can have for this bundle's dims and classes (float64, plus the .npy header)."""
     dims = spec.dims if 0 < spec.dims <= _MAX_CODE_DIMS else _MAX_CODE_DIMS
@@ -391,7 +417,7 @@ def read_bundle(path: str | os.PathLike, *, digest: str | None = None) -> ProbeB
             if zf.getinfo(_JSON).file_size > _MAX_JSON_BYTES:
                 raise BundleError(f"{path}: {_JSON} is {zf.getinfo(_JSON).file_size} bytes, over the "
                                   f"{_MAX_JSON_BYTES} a bundle can need; refusing it.")  # fmt: skip
-            meta = json.loads(zf.read(_JSON))
+            meta = json.loads(read_member(zf, _JSON, _MAX_JSON_BYTES))
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise BundleError(f"{path} is not a cnncodes probe bundle ({_JSON} is not a {FORMAT} object).")
             if type(meta.get("format_version")) is not int or meta["format_version"] < 1:
@@ -410,13 +436,14 @@ def read_bundle(path: str | os.PathLike, *, digest: str | None = None) -> ProbeB
             for name, checksum in expected.items():
                 if not (name.startswith("arrays/") and name.endswith(".npy") and name[7:-4] in _ARRAYS):
                     raise BundleError(f"{path} lists an unknown member {name!r}; refusing a tampered bundle.")
-                if zf.getinfo(name).file_size > _member_limit(name[7:-4], spec, n_classes):
-                    raise BundleError(f"{path}: member {name} is {zf.getinfo(name).file_size} bytes, more than "
-                                      f"{spec.dims} dims x {n_classes} classes can need; refusing it.")  # fmt: skip
-                data = zf.read(name)
+                try:
+                    data = read_member(zf, name, _member_limit(name[7:-4], spec, n_classes))
+                except MemberTooLarge as exc:
+                    raise BundleError(f"{path}: {exc}, more than {spec.dims} dims x {n_classes} classes can need; "
+                                      "refusing it.") from None  # fmt: skip
                 if hashlib.sha256(data).hexdigest() != checksum:
                     raise BundleError(f"{path}: member {name} does not match its checksum; the file was modified.")
-                arrays[name[7:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
+                arrays[name[7:-4]] = npy_array(data, f"{path}: member {name}")
     except (
         zipfile.BadZipFile,
         EOFError,

@@ -38,7 +38,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Container, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -457,6 +457,7 @@ def sweep_codes(
     sources: Sequence[str] | None = None,
     test_sources: Sequence[str] | None = None,
     costs: Mapping[Hashable, Mapping[str, Any]] | None = None,
+    late_costs: Callable[[list[Hashable]], Mapping[Hashable, Mapping[str, Any]]] | None = None,
     jobs: int = 1,
     progress: bool = False,
     backend: str | None = None,
@@ -493,6 +494,9 @@ def sweep_codes(
         What each array costs when deployed: ``flops`` (forward FLOPs per image up to its tap), and optionally
         ``params``, ``latency_ms_batch1``, ``latency_ms_batch64``, ``code_bytes``. ``config.pick="cheapest"`` needs
         ``flops`` for every array; :func:`cnncodes.sweep` measures them for a store.
+    late_costs : callable, optional
+        ``late_costs(keys)`` -> costs of those keys, called once with the arrays actually searched (a triaged sweep
+        skips the rest) and merged over ``costs``: for what is slow to measure, such as latency.
     jobs : int, default=1
         joblib workers (``-1``: all cores); runs under the active joblib backend.
     progress : bool, default=False
@@ -557,6 +561,9 @@ def sweep_codes(
         redrawn = [_sweep_split(job, replace(config, seed=config.seed + r), extras=False, keys=searched)
                    for r in range(1, config.repeats)]  # fmt: skip
     rows = [r for r, _ in results]
+    if late_costs is not None:
+        late = _check_costs(late_costs(searched), keys, replace(config, pick="best"))
+        costs = {k: {**costs.get(k, {}), **late.get(k, {})} for k in set(costs) | set(late)}
     _attach_costs(results, job, costs)
     best_row = best_of(rows)
     per = split.test_views + 1

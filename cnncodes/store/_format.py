@@ -95,9 +95,16 @@ def member_path(root: Path, entry: Any, where: str | os.PathLike) -> Path:
         raise StoreError(f"{where}: an array entry names the file {name!r}, which is not a plain .npy file name inside "
                          "the store. The manifest is damaged or was edited; re-extract with --overwrite into a new "
                          "--out directory.")  # fmt: skip
+    return contained(root, name)
+
+
+def contained(root: Path, name: str) -> Path:
+    """``root / name``, checked by the one containment rule every member of a store follows (arrays, labels.npy,
+    manifest.json): a link must stay inside the store, and what is there must be a regular file."""
     path = root / name
     if path.is_symlink() and path.resolve().parent != root.resolve():
-        raise StoreError(f"{path} is a link to {path.resolve()}, outside the store; refusing to use it.")
+        raise StoreError(f"{path} is a link to {path.resolve()}, outside the store; refusing to use it. Copy the file "
+                         "into the store, or re-extract it with --overwrite.")  # fmt: skip
     if path.exists() and not path.is_file():  # a FIFO or device would block or never end a read
         raise StoreError(f"{path} is not a regular file; the store is damaged: re-extract it with --overwrite.")
     return path

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArrayNotFoundError, IncompleteStoreError, StoreError
-from ._format import LABELS, MANIFEST, PARTIAL, PROGRESS, ShardLayout, check_manifest, member_path, read_json
+from ._format import LABELS, MANIFEST, PARTIAL, PROGRESS, ShardLayout, check_manifest, contained, member_path, read_json
 
 
 class CodeStore:
@@ -38,6 +38,8 @@ class CodeStore:
     def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False) -> None:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
+        if manifest_path.exists() or manifest_path.is_symlink():
+            contained(self.path, MANIFEST)
         if not manifest_path.is_file():
             raise StoreError(
                 f"{self.path} is not a code store (no {MANIFEST}). Create one with `cnncodes extract SOURCE --out "
@@ -135,16 +137,16 @@ class CodeStore:
         try:
             codes = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot read {path} ({type(exc).__name__}: {exc}); the store is damaged: re-extract it "
-                             "with --overwrite.") from None  # fmt: skip
+            raise StoreError(f"cannot read {path} (tap {tap!r}, pooling {entry['pooling']!r}: {type(exc).__name__}: "
+                             f"{exc}); the store is damaged: re-extract it with --overwrite.") from None  # fmt: skip
         if codes.offset + codes.nbytes != path.stat().st_size:
-            raise StoreError(f"{path} is {path.stat().st_size} bytes but its header describes "
+            raise StoreError(f"{path} (tap {tap!r}, pooling {entry['pooling']!r}) is {path.stat().st_size} bytes but its header describes "
                              f"{codes.offset + codes.nbytes}; the store is damaged: re-extract it with --overwrite.")  # fmt: skip
         if codes.ndim == 2 and codes.shape[0] > 1 and codes.shape[1] > 1 and not codes.flags.c_contiguous:
-            raise StoreError(f"{path} is stored in Fortran order, not row-major as cnncodes writes it; the store is "
+            raise StoreError(f"{path} (tap {tap!r}) is stored in Fortran order, not row-major as cnncodes writes it; the store is "
                              "damaged: re-extract it with --overwrite.")  # fmt: skip
         if list(codes.shape) != [self.rows, entry["shape"][1]] or codes.dtype != np.dtype(entry["dtype"]):
-            raise StoreError(f"{path} holds {codes.dtype} {tuple(codes.shape)} but the manifest says {entry['dtype']} "
+            raise StoreError(f"{path} (tap {tap!r}, pooling {entry['pooling']!r}) holds {codes.dtype} {tuple(codes.shape)} but the manifest says {entry['dtype']} "
                              f"({self.rows}, {entry['shape'][1]}); the store is damaged: re-extract it with --overwrite.")  # fmt: skip
         return codes
 
@@ -178,9 +180,7 @@ class CodeStore:
     @property
     def labels(self) -> np.ndarray:
         """int64 (rows,), -1 where unlabeled; or, for multi-label images, a 0/1 (rows, classes) indicator matrix."""
-        path = self.path / LABELS
-        if path.exists() and not path.is_file():
-            raise StoreError(f"{path} is not a regular file; the store is damaged: re-extract it with --overwrite.")
+        path = contained(self.path, LABELS)
         try:
             labels = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -176,7 +176,12 @@ def sweep(
             raise ParameterError(f"--concat {spec}: no store swept has all of those taps; check the names against "
                                  "cnncodes layers or the stores' manifests.")  # fmt: skip
     first, first_test = stores[0], None if test_stores is None else test_stores[0]
-    measured = _measure_costs(stores, names, codes, latency=latency) if costs else {}
+    # FLOPs (fast) of every array now, so a cheapest pick is refused before any work when they cannot be counted;
+    # latency (a timed forward pass per tap) only of the arrays searched, which triage makes a few
+    measured = _measure_costs(stores, names, codes, latency=False) if costs else {}
+    timed = costs and latency and any("flops" in c for c in measured.values())  # the model could be rebuilt
+    late = (lambda keys: _measure_costs(stores, names, {k: codes[k] for k in keys}, latency=True)) if timed else None
+
     result = sweep_codes(
         codes,
         np.asarray(first.labels),
@@ -190,6 +195,7 @@ def sweep(
         sources=first.sources,
         test_sources=None if first_test is None else first_test.sources,
         costs=measured,
+        late_costs=late,
         jobs=jobs,
         progress=progress,
         backend=backend,

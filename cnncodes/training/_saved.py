@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .._fsutil import naming, zip_entry
+from .._fsutil import MemberTooLarge, naming, read_member, zip_entry
 from .._fsutil import replace as durable_replace
 from ..deploy import check_digest, export_module
 from ..errors import BundleError, FingerprintMismatchError
@@ -131,7 +131,7 @@ def read_finetuned(path: str | os.PathLike, *, digest: str | None = None) -> tup
                 raise _refuse(path, f"its members are {names[:5]}, not {_JSON} and {_WEIGHTS}")
             if zf.getinfo(_JSON).file_size > _MAX_JSON_BYTES:
                 raise _refuse(path, f"{_JSON} is over {_MAX_JSON_BYTES} bytes")
-            meta = _check_meta(json.loads(zf.read(_JSON)), path)
+            meta = _check_meta(json.loads(read_member(zf, _JSON, _MAX_JSON_BYTES)), path)
             return meta, zf.getinfo(_WEIGHTS)
     except (
         zipfile.BadZipFile,
@@ -189,8 +189,13 @@ class DeployedFinetune:
         need = sum(t.numel() * t.element_size() for t in expected.values()) + 2**20
         if info.file_size > need:
             raise _refuse(path, f"{_WEIGHTS} is {info.file_size} bytes, more than the model can hold ({need})")
-        with zipfile.ZipFile(path) as zf:
-            data = zf.read(_WEIGHTS)
+        try:
+            with zipfile.ZipFile(path) as zf:
+                data = read_member(zf, _WEIGHTS, need)
+        except MemberTooLarge as exc:
+            raise _refuse(path, f"{exc} (the model holds {need - 2**20} bytes of weights)") from None
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+            raise _refuse(path, f"{_WEIGHTS} cannot be read ({type(exc).__name__}: {exc})") from None
         if hashlib.sha256(data).hexdigest() != meta["checksums"][_WEIGHTS]:
             raise _refuse(path, f"{_WEIGHTS} does not match its checksum (the file was modified)")
         try:

@@ -281,6 +281,53 @@ def _central_offset(data: bytearray, name: str) -> int:
     raise ValueError(name)
 
 
+def _with_member(valid: Path, out: Path, name: str, data: bytes, declared: int | None = None) -> None:
+    """``valid`` with member ``name`` replaced by ``data`` (its checksum recomputed, so only the content is hostile);
+    ``declared`` overwrites the uncompressed size its zip headers state (a member that lies about its size)."""
+    with zipfile.ZipFile(valid) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    meta = json.loads(members["bundle.json"])
+    members[name] = data
+    meta["checksums"][name] = hashlib.sha256(data).hexdigest()
+    members["bundle.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for n, d in members.items():
+            zf.writestr(n, d)
+    if declared is not None:
+        raw = bytearray(out.read_bytes())
+        with zipfile.ZipFile(out) as zf:
+            local = zf.getinfo(name).header_offset
+        for size_at in (local + 22, _central_offset(raw, name) + 24):
+            raw[size_at : size_at + 4] = declared.to_bytes(4, "little")
+        out.write_bytes(bytes(raw))
+
+
+def _npy_header(shape: tuple, descr: str = "<f8", fortran: bool = False) -> bytes:
+    header = repr({"descr": descr, "fortran_order": fortran, "shape": shape}).encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+@_raw_case("a member declaring a terabyte shape", r"declares shape \(500000000, 1000\)")
+def _huge_shape(valid: Path, out: Path) -> None:
+    _with_member(valid, out, "arrays/coef.npy", _npy_header((500_000_000, 1000)) + bytes(64))
+
+
+@_raw_case("a Fortran-order member", "Fortran order")
+def _fortran_member(valid: Path, out: Path) -> None:
+    _with_member(valid, out, "arrays/intercept.npy", _npy_header((2, 2), fortran=True) + bytes(32))
+
+
+@_raw_case("an integer member", "not float16/32/64")
+def _int_member(valid: Path, out: Path) -> None:
+    _with_member(valid, out, "arrays/intercept.npy", _npy_header((1,), "<i8") + bytes(8))
+
+
+@_raw_case("a member whose compressed data inflates far past its declared size", "not a readable probe bundle|inflates")
+def _zip_bomb(valid: Path, out: Path) -> None:
+    _with_member(valid, out, "arrays/intercept.npy", _npy_header((1,)) + bytes(64 * 2**20), declared=2048)
+
+
 @_raw_case("a FIFO", "not a regular file")
 def _fifo(valid: Path, out: Path) -> None:
     os.mkfifo(out)

@@ -70,3 +70,23 @@ def test_a_bundle_whose_pooling_does_not_fit_its_coefficients_is_refused_before_
     path = write_bundle(tmp_path / "other_pooling.zip", meta, arrays)
     with pytest.raises(BundleError, match="does not fit its model"):
         load_bundle(path, backbone=_tiny())
+
+
+def test_a_member_that_lies_about_its_size_is_inflated_in_bounded_chunks(valid, tmp_path):
+    """A 256 KiB bundle whose intercept declares 2 KiB but inflates to 256 MiB: refused, and the peak of memory
+    allocated while reading it stays far below what inflating it whole would take (zipfile.read did that)."""
+    import tracemalloc
+
+    from helpers.hostile import _npy_header, _with_member
+
+    bomb = tmp_path / "bomb.zip"
+    _with_member(valid[0], bomb, "arrays/intercept.npy", _npy_header((1,)) + bytes(256 * 2**20), declared=2048)
+    assert bomb.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match=str(bomb)):
+            read_bundle(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"reading the bomb allocated {peak / 2**20:.0f} MiB at its peak"
