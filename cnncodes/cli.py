@@ -121,6 +121,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .store import CodeStore
+
+    store = CodeStore(args.store)
+    checked = store.verify()
+    print(f"{store.path}: {len(checked) - 1} arrays and the labels ({store.rows} rows) match the digests recorded "
+          "when they were written")  # fmt: skip
+    return 0
+
+
 def _parse_bytes(text: str) -> int:
     units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
     t = text.strip().lower().rstrip("b")
@@ -385,7 +395,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         names = score_names(probe)
     rows = probe.predict_source(args.source, progress=not args.quiet)
     tmp = Path(args.out).with_name(f".{Path(args.out).name}.partial") if args.out else None
-    out = open(tmp, "w", newline="") if tmp else sys.stdout  # noqa: SIM115 - closed below unless stdout
+    out = open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") if tmp else sys.stdout  # noqa: SIM115 - closed below unless stdout
     try:
         writer = csv.writer(out)
         writer.writerow(["path", "predicted", *names, "error"])
@@ -639,6 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove-shards", action="store_true", help="delete the shard stores after a successful merge")
     p.set_defaults(func=_cmd_merge)
 
+    p = sub.add_parser("check", help="verify a code store: every array and the labels against their recorded digests")
+    p.add_argument("store", metavar="STORE", help="a code store directory (from cnncodes extract or merge)")
+    p.set_defaults(func=_cmd_check)
+
     p = sub.add_parser(
         "sweep", help="probe every (tap, pooling) of one or more stores and pick the best extraction point"
     )
@@ -772,6 +786,9 @@ def run() -> NoReturn:
     0.9 s of a 5 s sweep. Exit handlers still run, and every file the command wrote is already closed. Only for the
     script: a caller in Python uses :func:`main`.
     """
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed as its own bytes, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     status = main()
     gc.freeze()
     sys.exit(status)

@@ -672,19 +672,7 @@ def _open_folder(folder: str, max_pixels: int | None) -> ImageSource:
         entries = sorted((e for e in listing if _visible(e.name)), key=lambda e: e.name)
     class_dirs = [e.name for e in entries if e.is_dir()]
     if class_dirs:
-        paths: list[str] = []
-        labels: list[int] = []
-        reached: dict[str, str] = {}
-        for k, name in enumerate(class_dirs):
-            real = os.path.realpath(os.path.join(folder, name))
-            if real in reached:
-                warnings.warn(f"{folder}: class folders {reached[real]!r} and {name!r} are the same folder ({real}), "
-                              "reached twice through a link; its images are counted in both classes. Remove the link "
-                              "if that is not meant.", UserWarning, stacklevel=4)  # fmt: skip
-            reached.setdefault(real, name)
-            files = _list_files(os.path.join(folder, name))
-            paths.extend(files)
-            labels.extend([k] * len(files))
+        paths, labels = _class_files(folder, class_dirs)
         if not paths:
             raise SourceError(
                 f"no image files found under {folder}: its class sub-folders ({', '.join(class_dirs[:5])}"
@@ -703,6 +691,48 @@ def _open_folder(folder: str, max_pixels: int | None) -> ImageSource:
             f"no image files found under {folder}; expected class sub-folders (ImageFolder layout) or image files."
         )
     return FileSource(files, description=f"folder:{folder}", max_pixels=max_pixels)
+
+
+def _class_files(folder: str, class_dirs: list[str]) -> tuple[list[str], list[int]]:
+    """Every image file of every class folder, each real file once: links are resolved, and a file reached twice
+    (a link inside one class folder into another, or a file linked to another) is kept once, under the folder that
+    really holds it, with a warning naming the duplicates. Two class folders that are one folder are refused."""
+    paths: list[str] = []
+    labels: list[int] = []
+    direct: list[bool] = []
+    owner: dict[str, int] = {}  # real path -> its index in paths
+    reached: dict[str, str] = {}
+    dropped: list[tuple[str, str]] = []
+    for k, name in enumerate(class_dirs):
+        root = os.path.join(folder, name)
+        real_root = os.path.realpath(root)
+        if real_root in reached:
+            raise SourceError(f"{folder}: class folders {reached[real_root]!r} and {name!r} are the same folder "
+                              f"({real_root}), reached through a link, so every image would be in both classes. Remove "
+                              "the link, or copy the images into a folder of their own.")  # fmt: skip
+        reached[real_root] = name
+        for path in _list_files(root):
+            real = os.path.realpath(path)
+            inside = os.path.normpath(os.path.join(real_root, os.path.relpath(os.path.dirname(path), root)))
+            here = not os.path.islink(path) and os.path.realpath(os.path.dirname(path)) == inside  # no link followed
+            if real in owner:
+                i = owner[real]
+                if here and not direct[i]:  # the real place wins over the link reached first
+                    dropped.append((paths[i], path))
+                    paths[i], labels[i], direct[i] = path, k, True
+                else:
+                    dropped.append((path, paths[i]))
+                continue
+            owner[real] = len(paths)
+            paths.append(path)
+            labels.append(k)
+            direct.append(here)
+    if dropped:
+        link, kept = dropped[0]
+        warnings.warn(f"{folder}: {len(dropped)} file(s) are reached twice through links (e.g. {link} is {kept}); each "
+                      "is kept once, under the folder that really holds it. Remove the links to silence this.",
+                      UserWarning, stacklevel=5)  # fmt: skip
+    return paths, labels
 
 
 def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:

@@ -26,12 +26,15 @@ would misread a new store; readers refuse newer versions and keep reading every 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .._fsutil import replace as durable_replace
 from ..errors import ParameterError, StoreError
@@ -108,6 +111,19 @@ def contained(root: Path, name: str) -> Path:
     if path.exists() and not path.is_file():  # a FIFO or device would block or never end a read
         raise StoreError(f"{path} is not a regular file; the store is damaged: re-extract it with --overwrite.")
     return path
+
+
+def array_digest(array: np.ndarray) -> str:
+    """The sha256 hex digest of an array's values: its C-order bytes, without the ``.npy`` header (the manifest's
+    ``sha256`` of each array and ``labels_sha256``), read in 8 MiB blocks so a memory map is never held whole."""
+    digest = hashlib.sha256()
+    if array.size == 0:
+        return digest.hexdigest()
+    rows = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
+    step = max(1, (8 << 20) // max(rows[:1].nbytes, 1))
+    for lo in range(0, len(rows), step):
+        digest.update(np.ascontiguousarray(rows[lo : lo + step]).tobytes())
+    return digest.hexdigest()
 
 
 def check_manifest(manifest: Any, where: str | os.PathLike) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from ._format import (
     PARTIAL,
     SHARDS,
     ShardLayout,
+    array_digest,
     atomic_json,
     member_path,
     read_json,
@@ -256,25 +258,43 @@ def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> 
     partial = out / PARTIAL
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
+    digests = {}
     for entry in first["arrays"]:
         target = member_path(partial, entry, first_path)
         preallocate(target, entry["dtype"], (rows, entry["shape"][1]))
         writer = RowFile(target)
         try:
             pos = 0
-            for store in parts:
+            for store in parts:  # each shard's rows checked against its digest as they are copied
+                shard_hash = hashlib.sha256()
                 for lo in range(0, store.rows, COPY_CHUNK_ROWS):
                     block = store.read_rows(entry["tap"], entry["pooling"], lo, lo + COPY_CHUNK_ROWS)
+                    shard_hash.update(np.ascontiguousarray(block).tobytes())
                     writer.write_rows(pos, block)
                     pos += len(block)
+                _check_digest(store, entry, shard_hash.hexdigest())
+            digests[entry["file"]] = writer.digest()
         finally:
             writer.close()
-    np.save(partial / LABELS, np.concatenate([np.asarray(s.labels) for s in parts]), allow_pickle=False)
+    labels = np.concatenate([np.asarray(s.labels) for s in parts])
+    np.save(partial / LABELS, labels, allow_pickle=False)
+    manifest["arrays"] = [{**entry, "sha256": digests[entry["file"]]} for entry in manifest["arrays"]]
+    manifest["labels_sha256"] = array_digest(np.ascontiguousarray(labels))
     for entry in first["arrays"]:
         durable_replace(member_path(partial, entry, first_path), member_path(out, entry, first_path))
     durable_replace(partial / LABELS, out / LABELS)
     atomic_json(out / MANIFEST, {**manifest, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     shutil.rmtree(partial, ignore_errors=True)
+
+
+def _check_digest(store: CodeStore, entry: dict[str, Any], digest: str) -> None:
+    """Refuse a shard whose rows of ``entry`` do not hash to what its manifest recorded when they were written."""
+    own = next((a for a in store.arrays if (a["tap"], a["pooling"]) == (entry["tap"], entry["pooling"])), {})
+    if own.get("sha256") not in (None, digest):
+        raise StoreError(f"{store.path / own['file']} (tap {entry['tap']!r}, pooling {entry['pooling']!r}) does not "
+                         "match the digest its shard recorded when it was written: the file was changed or swapped "
+                         "with another. Nothing was merged; re-extract that shard (its --shard command with "
+                         "--overwrite).")  # fmt: skip
 
 
 def _remove(parts: list[CodeStore], out: Path, shards: Sequence[str | os.PathLike] | None) -> None:

@@ -10,7 +10,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArrayNotFoundError, IncompleteStoreError, StoreError
-from ._format import LABELS, MANIFEST, PARTIAL, PROGRESS, ShardLayout, check_manifest, contained, member_path, read_json
+from ._format import (
+    LABELS,
+    MANIFEST,
+    PARTIAL,
+    PROGRESS,
+    ShardLayout,
+    array_digest,
+    check_manifest,
+    contained,
+    member_path,
+    read_json,
+)
 
 
 class CodeStore:
@@ -22,6 +33,9 @@ class CodeStore:
         The store directory.
     allow_incomplete : bool, default=False
         Open a store whose extraction has not finished (arrays are then not available).
+    verify : bool, default=False
+        Read every array and the labels once and check them against the content digests recorded as they were
+        written (:meth:`verify`): slow on a large store, so opening is cheap by default.
 
     Attributes
     ----------
@@ -35,7 +49,7 @@ class CodeStore:
     >>> y = store.labels  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False, verify: bool = False) -> None:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if manifest_path.exists() or manifest_path.is_symlink():
@@ -49,12 +63,39 @@ class CodeStore:
         if self.complete:
             for entry in self.manifest["arrays"]:  # every member named safely, before any work trusts the store
                 member_path(self.path, entry, manifest_path)
+        if verify and self.complete:
+            self.verify()
         if not self.complete and not allow_incomplete:
             raise IncompleteStoreError(
                 f"{self.path} is incomplete ({self._rows_committed()}/{self.manifest.get('rows_total')} rows): "
                 "its extraction was interrupted or is still running. Rerun the same `cnncodes extract` command to "
                 "resume it."
             )
+
+    def verify(self) -> list[str]:
+        """Read every array and the labels once and check them against the sha256 digests the writer recorded as
+        it wrote them; raises :class:`~cnncodes.errors.StoreError` naming the first file (and tap) that differs,
+        e.g. two arrays of equal shape swapped. Returns what was checked. Opening a store does not read its arrays;
+        ``CodeStore(path, verify=True)`` and ``cnncodes check STORE`` do."""
+        if not self.complete:
+            raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it, then verify it.")
+        unrecorded = [f"{a['tap']}/{a['pooling']}" for a in self.arrays if "sha256" not in a]
+        if unrecorded or "labels_sha256" not in self.manifest:
+            raise StoreError(f"{self.path} records no content digests for {unrecorded[:3] or ['labels.npy']} (written "
+                             "by a cnncodes before they were added), so it cannot be verified; re-extract it with "
+                             "--overwrite to get them.")  # fmt: skip
+        checked = []
+        for entry in self.arrays:
+            path = member_path(self.path, entry, self.path / MANIFEST)
+            if array_digest(self.codes(entry["tap"], entry["pooling"])) != entry["sha256"]:
+                raise StoreError(f"{path} (tap {entry['tap']!r}, pooling {entry['pooling']!r}) does not match the "
+                                 "digest recorded when it was written: the file was changed, damaged or swapped with "
+                                 "another. Re-extract the store with --overwrite.")  # fmt: skip
+            checked.append(f"{entry['tap']}/{entry['pooling']}")
+        if array_digest(np.ascontiguousarray(self.labels)) != self.manifest["labels_sha256"]:
+            raise StoreError(f"{self.path / LABELS} does not match the digest recorded when it was written; "
+                             "re-extract the store with --overwrite.")  # fmt: skip
+        return [*checked, LABELS]
 
     def _rows_committed(self) -> Any:
         """Rows committed so far: the writer's progress file knows, the manifest only says where it started."""

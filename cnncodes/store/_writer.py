@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from ._format import (
     PROGRESS,
     SHARDS,
     ArraySpec,
+    array_digest,
     atomic_json,
     member_path,
     read_json,
@@ -92,6 +94,8 @@ class StoreWriter:
         self.info = info
         self._partial = self.path / PARTIAL
         self._files: dict[str, RowFile] = {}
+        self.digests: dict[str, str] = {}  # array file -> sha256 of its rows, known once published
+        self.labels_digest = ""
         self.errors: list[dict[str, Any]] = []
         self.rows_done = 0
         self.already_complete = False
@@ -205,11 +209,14 @@ class StoreWriter:
         if progress is not None:
             self.rows_done = int(progress["rows_done"])
             self.errors = list(progress["errors"])
+        offset = self.part_first_image * (self.views + 1)
         for spec in self.arrays:
             file = self._partial / spec.file
             if self.rows_done >= self.part_rows and not file.exists():
                 continue  # finalize already moved it
             self._files[spec.file] = RowFile(file)
+            if offset == 0 and self.rows_done:  # the rows a crashed run committed, hashed once so the next are in order
+                self._files[spec.file].hash_written(self.rows_done)
 
     def _save_progress(self) -> None:
         atomic_json(self._progress, {"rows_done": self.rows_done, "rows_part": self.part_rows, "errors": self.errors})
@@ -243,12 +250,15 @@ class StoreWriter:
         for spec in self.arrays:
             partial, final = self._partial / spec.file, self.path / spec.file
             rows = self._files.pop(spec.file, None)
-            if rows is None:  # published by an earlier, interrupted finalize
+            if rows is None:  # published by an earlier, interrupted finalize: hashed once from its final file
+                self.digests[spec.file] = array_digest(np.load(final, mmap_mode="r", allow_pickle=False))
                 continue
-            rows.close()
             if keep_rows.all():
+                self.digests[spec.file] = rows.digest()
+                rows.close()
                 durable_replace(partial, final)
                 continue
+            rows.close()
             tmp = final.with_name(final.name + ".tmp")
             src = np.load(partial, mmap_mode="r", allow_pickle=False)
             try:  # positioned writes into a preallocated file: a full disk is an error here, never a SIGBUS
@@ -259,6 +269,7 @@ class StoreWriter:
                     block = src[lo : lo + COPY_CHUNK_ROWS][keep_rows[lo : lo + COPY_CHUNK_ROWS]]
                     out.write_rows(pos, block)
                     pos += len(block)
+                self.digests[spec.file] = out.digest()
                 out.close()
             except BaseException:
                 tmp.unlink(missing_ok=True)  # the partial array is untouched: rerunning finishes the store
@@ -269,6 +280,7 @@ class StoreWriter:
             partial.unlink()
         labels = np.repeat(self.image_labels[keep_images], self.views + 1, axis=0)
         np.save(self.path / LABELS, labels, allow_pickle=False)
+        self.labels_digest = array_digest(np.ascontiguousarray(labels))
         self.sources = [s for s, k in zip(self.sources, keep_images) if k]
         self.rows_total = int(keep_rows.sum())
         self.rows_done = self.rows_total
@@ -299,8 +311,12 @@ class StoreWriter:
             "complete": complete,
             "rows_total": self.rows_total,
             "rows_done": self.rows_total if complete else self.rows_done,
-            "arrays": [spec.to_dict(self.rows_total) for spec in self.arrays],
+            "arrays": [
+                spec.to_dict(self.rows_total) | ({"sha256": self.digests[spec.file]} if complete else {})
+                for spec in self.arrays
+            ],  # fmt: skip
             "labels_file": LABELS,
+            **({"labels_sha256": self.labels_digest} if complete else {}),
             "classes": self.classes,
             "views": self.views,
             "sources": self.sources,
@@ -456,17 +472,48 @@ def preallocate(path: Path, dtype: str | np.dtype, shape: tuple[int, int]) -> No
 
 
 class RowFile:
-    """Positioned row writes into a preallocated ``.npy`` file."""
+    """Positioned row writes into a preallocated ``.npy`` file, hashed as they are written.
+
+    The sha256 of the array's bytes (:func:`~cnncodes.store._format.array_digest`'s definition) is updated with every
+    block written right after the rows hashed so far; :meth:`digest` reads once only the rows that were not written
+    in that order (another shard's rows of a shared store, or a resumed run's earlier rows, see :meth:`hash_written`).
+    """
 
     def __init__(self, path: Path) -> None:
         header = np.load(path, mmap_mode="r", allow_pickle=False)
         self.offset, self.row_bytes, self.dtype = header.offset, header.shape[1] * header.itemsize, header.dtype
+        self.rows = int(header.shape[0])
         del header
         self.fd = os.open(path, os.O_RDWR)
+        self._hash, self._hashed = hashlib.sha256(), 0  # rows [0, _hashed) are in the hash
 
     def write_rows(self, start: int, block: np.ndarray) -> None:
-        data = np.ascontiguousarray(block, dtype=self.dtype)
-        os.pwrite(self.fd, data.tobytes(), self.offset + start * self.row_bytes)
+        data = np.ascontiguousarray(block, dtype=self.dtype).tobytes()
+        os.pwrite(self.fd, data, self.offset + start * self.row_bytes)
+        if start == self._hashed and self.row_bytes:
+            self._hash.update(data)
+            self._hashed += len(data) // self.row_bytes
+
+    def hash_written(self, rows: int) -> None:
+        """Hash rows ``[0, rows)`` written by an earlier process (a resumed run), so the rows this one writes next are
+        hashed as they come."""
+        self._catch_up(min(rows, self.rows))
+
+    def digest(self) -> str:
+        """The sha256 hex digest of every row of the file, in order."""
+        self._catch_up(self.rows)
+        return self._hash.hexdigest()
+
+    def _catch_up(self, rows: int) -> None:
+        chunk = max(1, (8 << 20) // max(self.row_bytes, 1))
+        while self._hashed < rows:
+            n = min(chunk, rows - self._hashed)
+            want = n * self.row_bytes
+            data = os.pread(self.fd, want, self.offset + self._hashed * self.row_bytes)
+            if len(data) != want:
+                raise StoreError(f"{self.fd}: short read while hashing rows; the array is damaged.")
+            self._hash.update(data)
+            self._hashed += n
 
     def sync(self) -> None:
         os.fsync(self.fd)

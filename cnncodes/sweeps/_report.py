@@ -453,7 +453,10 @@ def write_results(result: SweepResult | Comparison, out: str | os.PathLike, *, p
 
 def _results_files(result: SweepResult | Comparison, out: Path, plot: bool) -> dict[str, Path]:
     paths = {name: out / name for name in ("results.csv", "results.json", "best.json")}
-    with naming(paths["results.csv"]), open(paths["results.csv"], "w", newline="") as f:
+    with (
+        naming(paths["results.csv"]),
+        open(paths["results.csv"], "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
+    ):
         writer = csv.DictWriter(f, fieldnames=_csv_columns(), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(_csv_row(r) for r in result.rows)
@@ -526,7 +529,10 @@ def _report_files(result: SweepResult, out: Path, plot: bool) -> dict[str, Path]
     pred = result.test_predictions
     scores = np.atleast_2d(pred["scores"].T).T
 
-    with naming(paths["test_predictions.csv"]), open(paths["test_predictions.csv"], "w", newline="") as f:
+    with (
+        naming(paths["test_predictions.csv"]),
+        open(paths["test_predictions.csv"], "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
+    ):
         w = csv.writer(f)
         names = result.classes if scores.shape[1] == len(result.classes) else ["decision"]
         w.writerow(["path", "label", "predicted"] + [f"score_{c}" for c in names])

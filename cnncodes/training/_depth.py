@@ -224,7 +224,7 @@ def write_depth_report(rows: list[DepthRow], out: str | os.PathLike) -> dict[str
 
 def _depth_files(rows: list[DepthRow], out: Path) -> dict[str, Path]:
     paths = {"csv": out / "depth.csv", "json": out / "depth.json", "plot": out / "depth.png"}
-    with naming(paths["csv"]), open(paths["csv"], "w", newline="") as f:
+    with naming(paths["csv"]), open(paths["csv"], "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)

@@ -399,3 +399,20 @@ def test_overwrite_waits_for_running_shards_of_a_shared_store(tmp_path):
         assert "--batch-size" not in str(info.value)
     finally:
         shard.close()
+
+
+def test_merge_checks_every_shard_against_its_digests(tmp_path):
+    images, labels = make_images(16)
+    kw = dict(labels=labels, model=make_tiny_backbone(), poolings="avg,avg2", batch_size=4, workers=0, progress=False)
+    for i in range(2):
+        extract(images, out=tmp_path / "s", shard=(i, 2), **kw)
+    shard = CodeStore(tmp_path / "s" / "shards" / "1-of-2")
+    victim = shard.path / shard.arrays[0]["file"]
+    codes = np.load(victim)
+    np.save(victim, codes[::-1].copy())  # same shape and dtype, other rows: only the digest can tell
+    with pytest.raises(StoreError, match=r"1-of-2/.*\(tap .*\) does not match the digest its shard recorded"):
+        merge_shards(tmp_path / "s")
+    assert not CodeStore.is_complete(tmp_path / "s")
+    np.save(victim, codes)
+    merged = merge_shards(tmp_path / "s")
+    assert merged.verify()[-1] == "labels.npy"

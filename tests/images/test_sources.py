@@ -533,15 +533,25 @@ def test_labels_that_mix_names_and_numbers_are_refused():
         open_source(images, labels=[1, "cat", 2.0])
 
 
-def test_a_class_folder_reached_twice_through_a_link_is_warned_about(tmp_path):
+def test_links_never_put_one_file_in_two_classes(tmp_path):
+    """A class folder linked to another is refused; a link inside one class folder into another (here a loop back
+    to the top) reaches files twice: each is kept once, under the folder that really holds it, with a warning."""
     from PIL import Image
 
     (tmp_path / "cats").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.png")
     (tmp_path / "kittens").symlink_to(tmp_path / "cats")
-    with pytest.warns(UserWarning, match="'cats' and 'kittens' are the same folder"):
+    with pytest.raises(SourceError, match="'cats' and 'kittens' are the same folder .* Remove the link"):
+        open_source(str(tmp_path))
+    (tmp_path / "kittens").unlink()
+    (tmp_path / "dogs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "dogs" / "b.png")
+    (tmp_path / "cats" / "loop").symlink_to(tmp_path)  # cats/loop/dogs/b.png is dogs/b.png, cats/loop/cats/a.png ...
+    (tmp_path / "dogs" / "same.png").symlink_to(tmp_path / "dogs" / "b.png")
+    with pytest.warns(UserWarning, match=r"file\(s\) are reached twice through links"):
         source = open_source(str(tmp_path))
-    assert len(source) == 2
+    found = sorted(zip(source.ids, source.labels.tolist()))
+    assert found == [(str(tmp_path / "cats" / "a.png"), 0), (str(tmp_path / "dogs" / "b.png"), 1)]
 
 
 def test_a_csv_that_is_no_regular_file_or_holds_a_nul_is_refused_where_it_enters(tmp_path: Path) -> None:

@@ -280,3 +280,63 @@ def test_the_manifest_check_knows_every_layout_the_network_can_record():
     from cnncodes.store._format import _LAYOUT_KINDS
 
     assert _LAYOUT_KINDS == LAYOUT_KINDS
+
+
+# -- content digests --------------------------------------------------------------------------------------------------
+def test_digests_are_recorded_as_rows_are_written_and_catch_two_swapped_arrays(tmp_path, capsys):
+    import hashlib
+    import json
+
+    from cnncodes.cli import main
+
+    store = make_code_store(tmp_path / "s", n_images=40, dims={"early": 6, "mid": 6, "late": 6})
+    for entry in store.arrays:  # the writer's digest is the sha256 of the rows' bytes, computed independently here
+        codes = np.load(store.path / entry["file"])
+        assert entry["sha256"] == hashlib.sha256(codes.tobytes()).hexdigest()
+    assert store.manifest["labels_sha256"] == hashlib.sha256(np.load(store.path / "labels.npy").tobytes()).hexdigest()
+    assert CodeStore(store.path, verify=True).verify() == ["early/avg", "mid/avg", "late/avg", "labels.npy"]
+    assert main(["check", str(store.path)]) == 0
+    assert "3 arrays and the labels (40 rows) match" in capsys.readouterr().out
+    early, mid = (store.path / e["file"] for e in store.arrays[:2])  # equal shapes: only the digests tell them apart
+    early.rename(tmp_path / "x")
+    mid.rename(early)
+    (tmp_path / "x").rename(mid)
+    CodeStore(store.path).codes("early", "avg")  # opening and reading stay cheap: nothing is hashed
+    with pytest.raises(StoreError, match=r"early__avg.npy \(tap 'early', pooling 'avg'\) does not match the digest"):
+        CodeStore(store.path, verify=True)
+    assert main(["check", str(store.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "swapped" in err
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    for entry in manifest["arrays"]:
+        entry.pop("sha256")
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="records no content digests .* re-extract it with --overwrite"):
+        CodeStore(store.path).verify()
+
+
+def test_a_resumed_or_compacted_write_records_the_digest_of_the_final_rows(tmp_path):
+    import hashlib
+
+    spec = ArraySpec("a", "avg", 3, "float32", True, False)
+    rows = np.arange(36, dtype=np.float32).reshape(12, 3)
+
+    def writer():
+        return StoreWriter(tmp_path / "s", arrays=[spec], sources=[f"{i}.png" for i in range(12)],
+                           labels=np.zeros(12), classes=["c"], views=0, config={"k": 1}, info={})  # fmt: skip
+
+    first = writer()
+    first.write(0, {spec.file: rows[:5]})
+    first.commit(5)
+    first.write(5, {spec.file: rows[5:8]})  # written but not committed: the crash loses it
+    first.close()
+    again = writer()  # resumes at row 5, hashing rows 0-4 once, then 5-11 as they are written
+    assert again.rows_done == 5
+    again.write(5, {spec.file: rows[5:]})
+    again.commit(12, [{"path": "3.png", "reason": "truncated", "image": 3}])  # compaction drops row 3
+    store = again.finalize()
+    again.close()
+    kept = np.delete(rows, 3, axis=0)
+    np.testing.assert_array_equal(store.codes("a", "avg"), kept)
+    assert store.arrays[0]["sha256"] == hashlib.sha256(kept.tobytes()).hexdigest()
+    assert CodeStore(store.path, verify=True).rows == 11
