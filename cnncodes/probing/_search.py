@@ -666,6 +666,13 @@ def _split_checked(job: _Job, config: SweepConfig, *, extras: bool) -> Split:
     """The split of ``config.seed``, with what the protocols asked for checked on it before any work."""
     keys, y, y_test = list(job.arrays), job.y, job.y_test
     split = split_images(y, job.views, config, test_rows=job.test_rows, test_views=job.test_views)
+    if y.ndim == 1:
+        present = np.unique(y[split.train_rows])
+        if len(present) < 2:
+            named = job.class_names[int(present[0])] if len(present) and 0 <= present[0] < len(job.class_names) else None
+            raise ParameterError(f"the training images hold {len(present)} class ({named or 'none'}); a probe needs at "
+                                 "least 2. Add images of another class (one sub-folder per class, or a label column "
+                                 "in the CSV); nothing was computed.")  # fmt: skip
     if y.ndim == 2:
         if "knn" in config.probes or config.shots:
             raise ParameterError("the kNN and few-shot rows are single-label protocols; a multi-label sweep (a CSV "
@@ -922,11 +929,54 @@ def _run_tasks(tasks: list[Any], jobs: int, progress: bool, what: str) -> list[A
     """
     out: list[Any] = []
     tasks = sorted(tasks, key=_task_size, reverse=True)
+    failed: _Failed | None = None
     with tqdm(total=len(tasks), desc=what, unit="task", disable=not progress, dynamic_ncols=True) as bar:
-        for part in Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")(tasks):
-            out.extend(part)
+        # An error inside a task comes back as a value: raised from the generator, it would leave the other workers
+        # running in their threads while the interpreter exits around them (an abort, exit 134). Every task ends
+        # first; those still to start after an error return at once. Then the first error is raised, here.
+        stop = threading.Event()
+        guarded = [(_Guarded(fn, stop), args, kwargs) for fn, args, kwargs in tasks]
+        for part in Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")(guarded):
+            if isinstance(part, _Failed):
+                failed = part if failed is None or failed.error is _SKIPPED else failed
+            elif failed is None:
+                out.extend(part)
             bar.update(1)
+    if failed is not None:
+        raise failed.error
     return out
+
+
+class _Failed:
+    """What a task raised, carried back as its result."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Guarded:
+    """A task that returns its error as a :class:`_Failed` instead of raising it, and returns at once (``_Failed`` of
+    nothing new) once ``stop`` is set by another task of its thread pool. ``stop`` is not pickled: a task in another
+    process (Dask, loky) runs to its end."""
+
+    def __init__(self, fn: Any, stop: threading.Event) -> None:
+        self.fn, self.stop = fn, stop
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.stop is not None and self.stop.is_set():
+            return _Failed(_SKIPPED)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller, after every worker is done
+            if self.stop is not None:
+                self.stop.set()
+            return _Failed(exc)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"fn": self.fn, "stop": None}
+
+
+_SKIPPED = RuntimeError("a task skipped after another task failed")
 
 
 def _task_size(task: Any) -> int:

@@ -60,13 +60,30 @@ def _tensor(X: Any, device: Any):
     return torch.as_tensor(np.asarray(X), dtype=torch.float64, device=device)
 
 
-def _eig(X):
-    """Eigenvalues (clamped at 0) and eigenvectors of X'X (codes no wider than the rows) or of XX' (wider)."""
+def _eig(X, gram=None):
+    """Eigenvalues (clamped at 0) and eigenvectors of X'X (codes no wider than the rows) or of XX' (wider); ``gram``
+    is that matrix when it is already computed."""
     import torch
 
     wide = X.shape[1] > X.shape[0]
-    lam, Q = torch.linalg.eigh(X @ X.T if wide else X.T @ X)
+    lam, Q = torch.linalg.eigh(gram if gram is not None else (X @ X.T if wide else X.T @ X))
     return lam.clamp_min(0), Q, wide
+
+
+def _gram(X):
+    """X'X (codes no wider than the rows) or XX' (wider): the one O(n d min(n, d)) product every score shares."""
+    return X @ X.T if X.shape[1] > X.shape[0] else X.T @ X
+
+
+def _centered_gram(X, G):
+    """The Gram matrix of the centered codes X - mean, from X's own in O(min(n, d)^2): H G H for XX' (H the
+    centering projection), X'X - n m m' for X'X."""
+    n = X.shape[0]
+    if X.shape[1] > n:
+        r = G.mean(1)
+        return G - r[:, None] - r[None, :] + G.mean()
+    m = X.mean(0)
+    return G - n * (m[:, None] * m[None, :])
 
 
 def _targets(y: np.ndarray, device: Any):
@@ -93,8 +110,11 @@ def logme(X: Any, y: Any, *, device: Any = "cpu", tol: float = 1e-10, max_iter: 
     divided by n and averaged over the one-hot class targets. Raw codes, as published (no centering, no intercept).
     """
     X = _tensor(X, device)
-    lam, Q, wide = _eig(X)
-    Y = _targets(y, device)
+    return _logme_of(X, _targets(y, device), None, tol, max_iter)
+
+
+def _logme_of(X, Y, gram, tol: float = 1e-10, max_iter: int = 1000) -> float:
+    lam, Q, wide = _eig(X, gram)
     return float(_logme(lam, _projected(X, Y, lam, Q, wide), (Y**2).sum(0), *X.shape, tol, max_iter).mean())
 
 
@@ -146,11 +166,12 @@ def hscore(X: Any, y: Any, *, device: Any = "cpu") -> float:
     return _hscore(X - X.mean(0), np.asarray(y), device)
 
 
-def _hscore(Xc, y: np.ndarray, device: Any) -> float:
+def _hscore(Xc, y: np.ndarray, device: Any, gram=None) -> float:
+    """``gram``: the centered codes' Gram matrix (:func:`_gram` of ``Xc``), when it is already known."""
     import torch
 
     n, d = Xc.shape
-    lam, Q, wide = _eig(Xc)
+    lam, Q, wide = _eig(Xc, gram)
     E = _targets(y, device)
     counts = E.sum(0)
     E = E[:, counts > 0] / counts[counts > 0].sqrt()  # E D^-1/2: X'PX = (X'E D^-1/2)(...)', P the class-mean projection
@@ -169,11 +190,20 @@ def knn_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]],
     image is classified by the majority of its k most similar fit images of its fold (ties: the smaller class, as
     scikit-learn's ``KNeighborsClassifier``), pooled over the folds, the best of ``ks`` (those the smallest fold can
     hold). At most ``max_queries`` validation images, drawn evenly from the folds with ``seed``."""
-    import torch
 
     X = _tensor(X, device)
-    X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    y = np.asarray(y)
+    return _knn_of(X, np.asarray(y), folds, None, ks, max_queries, seed, device)
+
+
+def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries: int = 4096, seed: int = 0,
+            device: Any = "cpu") -> float:  # fmt: skip
+    """:func:`knn_accuracy` of the tensor ``X``; ``gram`` (XX', when known) gives the similarities without another
+    product: cos(i, j) = G_ij / (|x_i| |x_j|)."""
+    import torch
+
+    norms = X.norm(dim=1).clamp_min(1e-300)
+    X = X / norms[:, None]
+    cosine = None if gram is None else gram / (norms[:, None] * norms[None, :])
     labels = torch.as_tensor(y, device=device)
     n_classes = int(y.max()) + 1
     total = sum(len(v) for _, v in folds)
@@ -188,7 +218,8 @@ def knn_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]],
         fit_t = torch.as_tensor(np.asarray(fit), device=device)
         for start in range(0, len(val), 1024):
             q = torch.as_tensor(np.asarray(val[start : start + 1024]), device=device)
-            near = (X[q] @ X[fit_t].T).topk(max(usable), dim=1).indices
+            sims = cosine[q][:, fit_t] if cosine is not None else X[q] @ X[fit_t].T
+            near = sims.topk(max(usable), dim=1).indices
             votes = labels[fit_t][near]  # (queries, k_max), nearest first
             for j, k in enumerate(usable):
                 counts = torch.nn.functional.one_hot(votes[:, :k], n_classes).sum(1)
@@ -203,21 +234,30 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
     """Every score of ``names`` of one array (plain training images ``X``, labels ``y``, fold positions ``folds``):
     ``{name: (value, seconds)}``. A multi-label ``y`` gets LogME only (the others are single-label): ``None``."""
     out: dict[str, tuple[float | None, float]] = {}
-    multilabel = np.asarray(y).ndim == 2
+    y = np.asarray(y)
+    multilabel = y.ndim == 2
+    unknown = [name for name in names if name not in SCORES]
+    if unknown:
+        raise ParameterError(f"unknown score {unknown[0]!r}; use any of {list(SCORES)}.")
+    start = time.perf_counter()
+    T = _tensor(X, device)
+    G = _gram(T) if {"logme", "hscore"} & set(names) else None  # one Gram matrix for every score of the array
+    shared = time.perf_counter() - start  # its time is split over the scores that use it
+    users = [n for n in names if n != "knn" or (G is not None and T.shape[1] > T.shape[0])]
     for name in names:
         start = time.perf_counter()
         if multilabel and name != "logme":
             out[name] = (None, 0.0)
             continue
-        if name == "knn":
-            value = knn_accuracy(X, y, folds, max_queries=max_queries, seed=seed, device=device)
+        if name == "knn":  # XX' (the wide arrays' Gram) holds every similarity the folds need
+            wide_gram = G if G is not None and T.shape[1] > T.shape[0] else None
+            value = _knn_of(T, y, folds, wide_gram, max_queries=max_queries, seed=seed, device=device)
         elif name == "logme":
-            value = logme(X, y, device=device)
-        elif name == "hscore":
-            value = hscore(X, y, device=device)
+            value = _logme_of(T, _targets(y, device), G)
         else:
-            raise ParameterError(f"unknown score {name!r}; use any of {list(SCORES)}.")
-        out[name] = (value if math.isfinite(value) else None, time.perf_counter() - start)
+            value = _hscore(T - T.mean(0), y, device, None if G is None else _centered_gram(T, G))
+        spent = time.perf_counter() - start + (shared / len(users) if name in users else 0.0)
+        out[name] = (value if math.isfinite(value) else None, spent)
     return out
 
 
