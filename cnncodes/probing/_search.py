@@ -669,7 +669,9 @@ def _split_checked(job: _Job, config: SweepConfig, *, extras: bool) -> Split:
     if y.ndim == 1:
         present = np.unique(y[split.train_rows])
         if len(present) < 2:
-            named = job.class_names[int(present[0])] if len(present) and 0 <= present[0] < len(job.class_names) else None
+            named = (
+                job.class_names[int(present[0])] if len(present) and 0 <= present[0] < len(job.class_names) else None
+            )
             raise ParameterError(f"the training images hold {len(present)} class ({named or 'none'}); a probe needs at "
                                  "least 2. Add images of another class (one sub-folder per class, or a label column "
                                  "in the CSV); nothing was computed.")  # fmt: skip

@@ -114,6 +114,7 @@ def logme(X: Any, y: Any, *, device: Any = "cpu", tol: float = 1e-10, max_iter: 
 
 
 def _logme_of(X, Y, gram, tol: float = 1e-10, max_iter: int = 1000) -> float:
+    Y = Y[:, Y.sum(0) > 0]  # a class with no image here has no target to explain (an all-zero column is degenerate)
     lam, Q, wide = _eig(X, gram)
     return float(_logme(lam, _projected(X, Y, lam, Q, wide), (Y**2).sum(0), *X.shape, tol, max_iter).mean())
 
@@ -303,23 +304,29 @@ def probe_subset(order: Sequence[Hashable], size: int, cost: Mapping[Hashable, f
 
 
 def triage_window(tau: float, n: int, *, accuracies: Sequence[float] | None = None, tolerance: float = 0.0,
-                  miss: float = 0.05, draws: int = 20000, seed: int = 0) -> int:  # fmt: skip
+                  miss: float = 0.05, draws: int = 20000, seed: int = 0, measured: int | None = None) -> int:  # fmt: skip
     """The smallest K such that the score's top K of ``n`` arrays hold one within ``tolerance`` of the best accuracy
     with probability at least 1 - ``miss``, were score and accuracy linked by a Gaussian copula with the rank
     correlation ``tau`` (Pearson rho = sin(pi tau / 2), Greiner's relation): ``draws`` seeded simulations of ``n``
-    arrays. Accuracies are drawn from the distribution of the measured ``accuracies`` (their quantiles, interpolated),
-    or standard normal without them (then only the best itself counts)."""
+    arrays.
+
+    ``tau`` measured on few arrays is uncertain (on 5 arrays far apart a noisy score easily ranks all right): with
+    ``measured`` (how many arrays it was measured on), the simulation uses its one-sided 95 % lower bound,
+    tau - 1.645 sqrt(2 (2m + 5) / (9 m (m - 1))) (Kendall's variance of tau for m pairs without ties, the largest
+    it has). Accuracies are drawn from a normal with the mean and standard deviation of the measured
+    ``accuracies`` (a distribution with a top, unlike their empirical quantiles, which tie every array drawn above
+    the highest one with it and so make the best too easy to find), or standard normal without them (then only the
+    best itself counts)."""
     if n <= 1:
         return n
-    from scipy.stats import norm
-
+    if measured is not None and measured >= 2:
+        tau -= 1.645 * math.sqrt(2 * (2 * measured + 5) / (9 * measured * (measured - 1)))
     rho = math.sin(math.pi * max(min(tau, 1.0), -1.0) / 2)
     rng = np.random.default_rng(seed)
     latent = rng.standard_normal((draws, n))
     score = rho * latent + math.sqrt(max(0.0, 1 - rho**2)) * rng.standard_normal((draws, n))
-    if accuracies is not None and len(accuracies) >= 2:
-        q = np.sort(np.asarray(accuracies, dtype=float))
-        acc = np.interp(norm.cdf(latent), (np.arange(len(q)) + 0.5) / len(q), q)
+    if accuracies is not None and len(accuracies) >= 2 and np.std(accuracies) > 0:
+        acc = float(np.mean(accuracies)) + float(np.std(accuracies, ddof=1)) * latent
     else:
         acc, tolerance = latent, 0.0
     by_score = np.take_along_axis(acc, np.argsort(-score, axis=1), axis=1)

@@ -97,7 +97,9 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
         return (t.get("kendall_tau", -1.0), t.get("weighted_tau", -1.0), -config.scores.index(name))
 
     chosen = max(config.scores, key=strength)
-    ranked = sorted(keys, key=lambda k: -(by_score[chosen][k] if by_score[chosen][k] is not None else -math.inf))
+    position = {k: i for i, k in enumerate(order)}  # ties of the trusted score go to the scores' consensus
+    ranked = sorted(keys, key=lambda k: (-(by_score[chosen][k] if by_score[chosen][k] is not None else -math.inf),
+                                         position[k]))  # fmt: skip
     tolerance = (config.tolerance if config.tolerance is not None else TRIAGE_TOLERANCE) / 100
     rounds = []
     while True:
@@ -105,7 +107,7 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
             seen = measured()
             tau = agreement(by_score[chosen], seen, None).get("kendall_tau", 0.0)
             window = triage_window(tau, n, accuracies=list(seen.values()), tolerance=tolerance, miss=_MISS,
-                                   seed=config.seed)  # fmt: skip
+                                   seed=config.seed, measured=len(seen))  # fmt: skip
             rounds.append({"arrays_measured": len(seen), "kendall_tau": tau, "window": window})
         elif isinstance(config.triage, float):
             window = math.ceil(config.triage * n)

@@ -266,7 +266,8 @@ def _score_lines(result: SweepResult | Comparison) -> list[str]:
                      f"{len(triage['probe_subset'])} probe arrays) and the probe arrays; scores took "
                      f"{triage['score_seconds']:.1f} s, the searches {triage['searched_fit_seconds']:.1f} fit-seconds")  # fmt: skip
         if skipped:
-            names = ", ".join(f"{a['tap']} {a['pooling']}" for a in triage["skipped"][:6])
+            names = ", ".join(f"{a['backbone'] + ' ' if a.get('backbone') else ''}{a['tap']} {a['pooling']}"
+                              for a in triage["skipped"][:6])  # fmt: skip
             more = f" and {skipped - 6} more" if skipped > 6 else ""
             lines.append(f"  skipped {skipped}: {names}{more} (all in results.json, triage.skipped); they would have "
                          f"taken about {triage['skipped_fit_seconds_estimate']:.0f} fit-seconds more")  # fmt: skip

@@ -75,7 +75,9 @@ def test_triage_searches_the_top_of_the_trusted_score_and_reports_the_rest(array
     searched = [a["tap"] for a in record["searched"]]
     skipped = [a["tap"] for a in record["skipped"]]
     assert sorted(searched + skipped) == sorted(arrays) and not set(searched) & set(skipped)
-    assert {r.tap for r in result.rows} == set(searched) and skipped, "only searched arrays have rows"
+    assert {r.tap for r in result.rows} == set(searched), "only searched arrays have rows"
+    # auto, on 10 arrays: tau measured on 4 probe arrays has a 95 % lower bound near 0.2, too weak to skip much
+    assert skipped or triage == "auto"
     probe = [a["tap"] for a in record["probe_subset"]]
     assert set(probe) <= set(searched) and len(probe) == max(4, math.ceil(0.2 * ARRAYS))
     chosen = record["score"]
