@@ -65,7 +65,8 @@ def readme_steps() -> list[tuple[str, str]]:
 
 def test_the_in_order_run_covers_every_command_kind():
     kinds = {line.split()[1] for kind, line in readme_steps() if kind == "shell" and line.startswith("cnncodes ")}
-    assert kinds >= {"layers", "extract", "sweep", "compare", "depth", "finetune", "predict", "export", "merge", "check"}
+    commands = ("layers", "extract", "sweep", "compare", "depth", "finetune", "predict", "export", "merge", "check")
+    assert kinds >= set(commands)
     assert not any("resnet50 " in line for kind, line in readme_steps() if kind == "shell")
 
 
