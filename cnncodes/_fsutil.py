@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import os
 import shutil
 import sys
@@ -167,12 +168,13 @@ def recover(out: str | os.PathLike) -> None:
     out = Path(out)
     for home in (out.parent, out):
         try:
-            stages = list(home.glob(f".{out.name}.publish-*-*"))
+            stages = list(home.glob(f"{glob.escape('.' + out.name)}.publish-*-*"))
         except OSError:
             continue
         for stage in stages:
-            pid = stage.name[len(f".{out.name}.publish-") :].split("-")[0]
-            if not stage.is_dir() or (pid.isdigit() and _alive(int(pid))):
+            prefix = f".{out.name}.publish-"
+            pid = stage.name[len(prefix) :].split("-")[0]
+            if not stage.name.startswith(prefix) or not stage.is_dir() or not pid.isdigit() or _alive(int(pid)):
                 continue
             if out.is_dir():
                 _move_back(stage, out)
