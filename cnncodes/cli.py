@@ -207,14 +207,12 @@ def _why_not_writable(path: Path) -> str:
 
 def _output_dir(path: str, flag: str = "--out") -> None:
     """Refuse an output directory that cannot be one, before any work is done."""
-    from ._fsutil import recover
     from .errors import ParameterError
 
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ParameterError(f"{flag} {p} is a file; give a directory (nothing was computed).")
     _writable_target(p, flag, "directory")
-    recover(p)  # what a crash while publishing a report there left half moved
 
 
 def _output_file(path: str | None, flag: str = "--out") -> None:

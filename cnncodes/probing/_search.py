@@ -667,12 +667,9 @@ def _split_checked(job: _Job, config: SweepConfig, *, extras: bool) -> Split:
     keys, y, y_test = list(job.arrays), job.y, job.y_test
     split = split_images(y, job.views, config, test_rows=job.test_rows, test_views=job.test_views)
     if y.ndim == 1:
-        present = np.unique(y[split.train_rows])
+        present = [job.class_names[int(c)] for c in np.unique(y[split.train_rows]) if 0 <= c < len(job.class_names)]
         if len(present) < 2:
-            named = (
-                job.class_names[int(present[0])] if len(present) and 0 <= present[0] < len(job.class_names) else None
-            )
-            raise ParameterError(f"the training images hold {len(present)} class ({named or 'none'}); a probe needs at "
+            raise ParameterError(f"the training images hold {len(present)} class ({', '.join(present) or 'none'}); a probe needs at "
                                  "least 2. Add images of another class (one sub-folder per class, or a label column "
                                  "in the CSV); nothing was computed.")  # fmt: skip
     if y.ndim == 2:

@@ -66,7 +66,7 @@ def _eig(X, gram=None):
     import torch
 
     wide = X.shape[1] > X.shape[0]
-    lam, Q = torch.linalg.eigh(gram if gram is not None else (X @ X.T if wide else X.T @ X))
+    lam, Q = torch.linalg.eigh(gram if gram is not None else _gram(X))
     return lam.clamp_min(0), Q, wide
 
 

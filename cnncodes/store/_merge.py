@@ -276,6 +276,11 @@ def _write_merged(out: Path, parts: list[CodeStore], config: dict[str, Any]) -> 
             digests[entry["file"]] = writer.digest()
         finally:
             writer.close()
+    for store in parts:  # the labels too: the merged digest must not vouch for a shard's damaged labels
+        recorded = store.manifest.get("labels_sha256")
+        if recorded is not None and array_digest(np.ascontiguousarray(store.labels)) != recorded:
+            raise StoreError(f"{store.path / LABELS} does not match the digest its shard recorded when it was written. "
+                             "Nothing was merged; re-extract that shard (its --shard command with --overwrite).")  # fmt: skip
     labels = np.concatenate([np.asarray(s.labels) for s in parts])
     np.save(partial / LABELS, labels, allow_pickle=False)
     manifest["arrays"] = [{**entry, "sha256": digests[entry["file"]]} for entry in manifest["arrays"]]

@@ -414,5 +414,10 @@ def test_merge_checks_every_shard_against_its_digests(tmp_path):
         merge_shards(tmp_path / "s")
     assert not CodeStore.is_complete(tmp_path / "s")
     np.save(victim, codes)
+    labels = np.load(shard.path / "labels.npy")
+    np.save(shard.path / "labels.npy", labels[::-1].copy())  # the labels are checked too
+    with pytest.raises(StoreError, match=r"1-of-2/labels.npy does not match the digest its shard recorded"):
+        merge_shards(tmp_path / "s")
+    np.save(shard.path / "labels.npy", labels)
     merged = merge_shards(tmp_path / "s")
     assert merged.verify()[-1] == "labels.npy"
