@@ -12,7 +12,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,12 +129,16 @@ def publish(out: str | os.PathLike, write: Callable[[Path], T], *, owned: Collec
     target = out.resolve() if out.is_symlink() else out
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
+    _refuse_in_the_way(target, owned)
     swap = _can_swap(target)
     home = target.parent if swap else target
     home.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=_STAGE.format(name=target.name, pid=os.getpid()), dir=home))
     try:
-        os.chmod(stage, target.stat().st_mode & 0o7777 if target.is_dir() else 0o777 & ~_umask())
+        if target.is_dir():
+            _take_over(stage, target.stat())
+        else:
+            os.chmod(stage, 0o777 & ~_umask())
         result = write(stage)
         _sync_tree(stage)
     except BaseException as exc:
@@ -181,6 +185,28 @@ def recover(out: str | os.PathLike) -> None:
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def _refuse_in_the_way(target: Path, owned: Collection[str]) -> None:
+    """A folder, link or device where an output file goes is the user's: never replaced, refused before any work."""
+    if not target.is_dir():
+        return
+    for name in sorted(owned):
+        path = target / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            kind = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
+            raise FileExistsError(errno.EEXIST, f"{kind} where this command writes its {name}: move it away or "
+                                  "choose another output folder", str(path))  # fmt: skip
+
+
+def _take_over(stage: Path, old: os.stat_result) -> None:
+    """Give the staging folder the old folder's mode, and its owner and group where this process may (a folder
+    shared through its group stays in that group)."""
+    os.chmod(stage, old.st_mode & 0o7777)
+    if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+        with suppress(OSError):  # _can_swap only swaps folders whose owner and group the stage could take
+            os.chown(stage, old.st_uid, old.st_gid)
+        os.chmod(stage, old.st_mode & 0o7777)  # chown drops set-id bits
+
+
 def _umask() -> int:
     mask = os.umask(0o22)
     os.umask(mask)
@@ -208,7 +234,16 @@ def _can_swap(target: Path) -> bool:
         here = Path.cwd().resolve()
         if here == target.resolve() or target.resolve() in here.parents:
             return False
+        if not _may_own_like(target.stat()):
+            return False  # a swapped folder would change hands: written file by file instead
     return True
+
+
+def _may_own_like(old: os.stat_result) -> bool:
+    """Whether a folder this process creates can take ``old``'s owner and group."""
+    if os.geteuid() == 0:
+        return True
+    return old.st_uid == os.geteuid() and (old.st_gid == os.getegid() or old.st_gid in os.getgroups())
 
 
 def _carry_files(target: Path, stage: Path, owned: Collection[str]) -> bool:
@@ -250,8 +285,8 @@ def _exchange(a: Path, b: Path) -> bool:
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.EXDEV, errno.EBUSY):
+        return False  # no renameat2 here, or a folder this process may not swap (a sticky parent): file by file
     raise OSError(code, os.strerror(code), str(b))
 
 

@@ -747,8 +747,13 @@ def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:
         raise SourceError(f"{csv_path} is not a regular file (a FIFO, socket or device); give a CSV file of "
                           "'path,label' rows.")  # fmt: skip
     try:
+        with open(csv_path, "rb") as handle:
+            if handle.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+                raise SourceError(f"{csv_path} is UTF-16 text; save the CSV as UTF-8.")
         # utf-8-sig: spreadsheet programs often prepend a byte-order mark that would glue onto the first path.
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        # surrogateescape: a path that is not UTF-8 (as a Linux disk may hold, and as cnncodes writes them to its
+        # own CSVs) keeps its bytes and opens its file.
+        with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
             reader = csv.reader(handle)
             first = True
             for row in reader:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._figures import new_figure
+from .._figures import new_figure, save_figure
 from .._fsutil import naming, publish, write_text
 from .._labels import label_text
 from ..probing import CONCAT_SEP, SweepResult, SweepRow
@@ -306,11 +306,7 @@ def plot_scores(result: SweepResult | Comparison, path: str | os.PathLike) -> Pa
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle("Transferability scores against the measured sweep (training images only)")
-    fig.tight_layout()
-    path = Path(path)
-    with naming(path):
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi=110, tight=True)
 
 
 def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Path:
@@ -374,11 +370,7 @@ def plot_sweep(result: SweepResult | Comparison, path: str | os.PathLike) -> Pat
     ax.set_ylabel(f"cross-validated {'mean average precision' if multilabel else 'accuracy'} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    with naming(path):
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi=120, tight=True)
 
 
 def _yerr(rows: list[SweepRow]) -> np.ndarray:
@@ -433,11 +425,7 @@ def plot_pareto(result: SweepResult | Comparison, path: str | os.PathLike) -> Pa
     axes[0].set_ylabel(f"cross-validated {'mAP' if multilabel else 'accuracy'} (%), 95 % interval")
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     fig.suptitle("What each row costs: accuracy against compute")
-    fig.tight_layout()
-    path = Path(path)
-    with naming(path):
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi=120, tight=True)
 
 
 #: Every file a sweep's or a comparison's report may hold (a report written without one drops an old one).
@@ -501,10 +489,7 @@ def plot_few_shot(result: SweepResult | Comparison, path: str | os.PathLike) -> 
     ax.set_title("How many labels: few-shot linear probes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with naming(path):
-        fig.savefig(path, dpi=120)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
 
 
 def write_report(result: SweepResult, out: str | os.PathLike, *, plot: bool = True,
@@ -564,7 +549,4 @@ def plot_confusion(result: SweepResult, path: str | os.PathLike) -> Path:
         f"{best.backbone + ' / ' if best.backbone else ''}{best.tap} / {best.pooling} / {best.normalizer} / "
         f"{best.probe}: test accuracy {best.test_accuracy:.3f}"
     )
-    fig.tight_layout()
-    with naming(path):
-        fig.savefig(path, dpi=110)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .._figures import new_figure
+from .._figures import new_figure, save_figure
 from .._fsutil import naming, publish, recover, write_text
 from ..errors import ParameterError
 from ..extraction import extract
@@ -247,9 +247,7 @@ def _depth_files(rows: list[DepthRow], out: Path) -> dict[str, Path]:
     ax.set_xlabel("cut (deeper to the right: more layers frozen)")
     ax.set_ylabel("test accuracy (bars: 95 % Wilson intervals)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    with naming(paths["plot"]):
-        fig.savefig(paths["plot"], dpi=120)
+    save_figure(fig, paths["plot"], dpi=120)
     return paths
 
 

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = str(Path(sys.executable).with_name("cnncodes"))
 MODEL = ["--model", "resnet18:none", "--input-size", "32", "--taps", "last:2", "--poolings", "avg", "--workers", "0"]
 ODD = os.fsdecode(b"caf\xe9-\xff.png")  # Latin-1 bytes: not UTF-8, as older tools wrote them
+ODD_CLASS = os.fsdecode(b"cl\xe9")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -33,9 +34,10 @@ def odd_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("names") / "images"
     images, labels = make_images(30)
     for i, (image, label) in enumerate(zip(images, labels)):
-        (root / f"c{label}").mkdir(parents=True, exist_ok=True)
+        folder = root / (ODD_CLASS if label == 0 else f"c{label}")  # a class name that is not UTF-8 either
+        folder.mkdir(parents=True, exist_ok=True)
         name = ODD if i == 0 else f"{i:03d}.png"
-        Image.fromarray(image).save(os.fsencode(root / f"c{label}" / name))
+        Image.fromarray(image).save(os.fsencode(folder / name))
     return root
 
 
@@ -47,6 +49,8 @@ def test_a_file_name_that_is_not_utf8_is_extracted_swept_and_predicted_losslessl
     done = _run("sweep", str(store), "--out", str(sweep), "--probes", "logreg", "--folds", "2", "--test-size", "0.5",
                 "--no-latency", "--scores", "none")  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert (sweep / "confusion.png").stat().st_size > 0  # the class name drawn as \\xe9, not a crash
+    assert ODD_CLASS in json.loads((sweep / "results.json").read_text())["classes"]
     raw = (sweep / "test_predictions.csv").read_bytes()
     with open(sweep / "test_predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = list(csv.DictReader(f))

@@ -295,3 +295,71 @@ def test_a_merge_killed_at_any_write_point_is_rerun_to_the_same_store(tmp_path):
         assert merge_shards(out).rows == one.rows, f"the rerun after a kill at write point {k} failed"
         assert files(out) == reference, f"the rerun after a kill at write point {k} differs"
         shutil.rmtree(out)
+
+
+def test_a_folder_or_link_where_an_output_file_goes_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "sweep"
+    (out / "best.json").mkdir(parents=True)
+    (out / "best.json" / "mine.txt").write_text("the user's")
+    (out / "results.csv").symlink_to(tmp_path / "elsewhere.csv")
+    called = []
+    for name, kind in (("best.json", "a folder"), ("results.csv", "a link")):
+        with pytest.raises(FileExistsError, match=f"{kind} where this command writes its {name}") as info:
+            _fsutil.publish(out, called.append, owned=(name, "other.txt"))
+        assert info.value.filename == str(out / name)
+    assert not called and (out / "best.json" / "mine.txt").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no staging folder, nothing written beside
+
+
+def _write(stage: Path) -> None:
+    (stage / "a.txt").write_text("new")
+
+
+def test_a_folder_that_may_not_be_exchanged_is_written_file_by_file_without_leaving_its_stage(tmp_path, monkeypatch):
+    class Libc:  # renameat2 refused as in a sticky folder owned by someone else
+        @staticmethod
+        def renameat2(*args):
+            return -1
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    (out / "b.txt").write_text("old, owned, not rewritten")
+    (out / "keep.txt").write_text("the user's")
+    monkeypatch.setattr(_fsutil.ctypes, "CDLL", lambda *a, **k: Libc())
+    monkeypatch.setattr(_fsutil.ctypes, "get_errno", lambda: errno.EPERM)
+    _fsutil.publish(out, _write, owned=("a.txt", "b.txt"))
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "keep.txt"]
+    assert (out / "a.txt").read_text() == "new" and (out / "keep.txt").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setattr(_fsutil.ctypes, "get_errno", lambda: errno.EIO)  # a real failure is not hidden
+    with pytest.raises(OSError, match="Input/output error"):
+        _fsutil.publish(out, _write, owned=("a.txt",))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder another owner needs root")
+def test_a_swapped_folder_keeps_its_owner_group_and_mode(tmp_path):
+    out = tmp_path / "shared"
+    out.mkdir()
+    os.chown(out, 4321, 8765)
+    os.chmod(out, 0o2770)
+    _fsutil.publish(out, _write, owned=("a.txt",))
+    st = out.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (4321, 8765, 0o2770)
+    assert (out / "a.txt").read_text() == "new"
+
+
+def test_a_folder_this_process_could_not_give_its_owner_is_not_swapped(tmp_path, monkeypatch):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    me, group = 1000, 1000
+    monkeypatch.setattr(os, "geteuid", lambda: me)
+    monkeypatch.setattr(os, "getegid", lambda: group)
+    monkeypatch.setattr(os, "getgroups", lambda: [group, 27])
+
+    def stat(uid, gid):
+        return os.stat_result((0o40755, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+    assert _fsutil._may_own_like(stat(me, group)) and _fsutil._may_own_like(stat(me, 27))
+    assert not _fsutil._may_own_like(stat(me + 1, group)) and not _fsutil._may_own_like(stat(me, 999))
+    assert not _fsutil._can_swap(out)  # owned by root, seen from uid 1000: written file by file

@@ -321,6 +321,19 @@ def test_csv_without_header_absolute_and_unlabeled(tmp_path: Path) -> None:
     assert src.labels.tolist() == [-1, -1] and src.classes == []
 
 
+def test_csv_paths_and_labels_that_are_not_utf8_keep_their_bytes(tmp_path: Path) -> None:
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")
+    _rgb(3).save(os.fsencode(odd), format="PNG")
+    listing = tmp_path / "list.csv"
+    listing.write_bytes(b"path,label\n" + os.fsencode(odd) + b",cl\xe9\n")  # as a Latin-1 tool writes it
+    src = open_source(listing)
+    assert src.ids == [str(odd)] and os.fsencode(src.classes[0]) == b"cl\xe9"
+    np.testing.assert_array_equal(_pixels(src.load(0)), np.asarray(_rgb(3)))
+    listing.write_text("path,label\na.png,cat\n", encoding="utf-16")
+    with pytest.raises(SourceError, match=r"list\.csv is UTF-16 text; save the CSV as UTF-8"):
+        open_source(listing)
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

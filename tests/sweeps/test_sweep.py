@@ -1,6 +1,7 @@
 """Sweeps: honest protocol, output files, views without leakage, joblib backends, out-of-core under a memory cap."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -238,3 +239,18 @@ def test_the_deprecated_config_keywords_still_work_and_warn():
     assert old.config == new.config
     assert old.best.key == new.best.key
     assert [(r.key, r.cv_accuracy) for r in old.rows] == [(r.key, r.cv_accuracy) for r in new.rows]
+
+
+def test_a_figure_draws_names_that_are_not_utf8_as_escapes(tmp_path):
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    from cnncodes._figures import new_figure, save_figure
+
+    odd = os.fsdecode(b"cl\xe9")  # a class folder written by a Latin-1 tool
+    fig, ax = new_figure(3, 3)
+    ConfusionMatrixDisplay.from_predictions([0, 1], [0, 1], display_labels=[odd, "b"], ax=ax, colorbar=False)
+    ax.set_title(f"{odd} / avg")
+    ax.set_yticks([0, 1], labels=[odd, "b"])
+    assert save_figure(fig, tmp_path / "c.png", dpi=40).stat().st_size > 0
+    drawn = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()] + [ax.get_title()]
+    assert drawn == ["cl\\xe9", "b", "cl\\xe9", "b", "cl\\xe9 / avg"]
