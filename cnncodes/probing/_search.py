@@ -40,7 +40,7 @@ import time
 import warnings
 from collections.abc import Callable, Container, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ from ._results import COSTS, Split, SweepConfig, SweepResult, SweepRow, best_of
 from ._scoring import PENDING_TEST, Fitted, c_grid, load_rows, metrics_from_scores, normalized_folds, pack_hits
 from ._stats import annotate_rows, fold_sizes, pick_cheapest, probe_bytes, row_evidence, stability
 from ._streaming import chunk_rows_for, decision_in_chunks, evaluate_streaming
-from ._transfer import array_scores
+from ._transfer import array_scores, rows_within, subsample
 from ._triage import transfer_record, triaged_search
 
 __all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend", "config_from"]
@@ -582,6 +582,9 @@ def sweep_codes(
         data["stability"] = stability(rows, [[r for r, _ in res] for _, res in redrawn])
     if config.scores:
         data["transferability"] = transfer_record(rows, best_row, scored, {k: job.names[k] for k in keys}, config)
+        sampled = {job.what(k): n for k, n in job.scored_rows.items() if n < data["n_train_images"]}
+        if sampled:  # --max-memory: the scores read a sample of the training images
+            data["transferability"]["sampled_rows"] = sampled
     if triage is not None:
         data["triage"] = triage
     chosen = cheapest if config.pick == "cheapest" and cheapest is not None else best_row
@@ -631,6 +634,7 @@ class _Job:
     test_rows: int | None  # rows of a separate test set, or None when the test images are held out
     jobs: int
     progress: bool
+    scored_rows: dict[Hashable, int] = field(default_factory=dict)  # training images each array's scores read
 
     def where(self, k: Hashable) -> dict[str, Any]:
         backbone, tap, pooling = self.names[k]
@@ -779,15 +783,26 @@ def _score_arrays(job: _Job, config: SweepConfig, split: Split, keys: Sequence[H
     plain = split.train_rows[split.train_rows % per == 0]
     folds = [(np.searchsorted(plain, fit[fit % per == 0]), np.searchsorted(plain, val)) for fit, val in split.folds]
     tasks = [delayed(_score_task)(job.arrays[k], job.y[plain], plain, folds, k, job.what(k), config) for k in keys]
-    return dict(_run_tasks(tasks, job.jobs, job.progress, "scores"))
+    done = dict(_run_tasks(tasks, job.jobs, job.progress, "scores"))
+    job.scored_rows = {k: used for k, (_, used) in done.items()}
+    return {k: scores for k, (scores, _) in done.items()}
 
 
 def _score_task(codes: Any, y: np.ndarray, rows: np.ndarray, folds: list, key: Hashable, what: str,
-                config: SweepConfig) -> list[tuple[Hashable, dict]]:  # fmt: skip
-    """One array's scores, in a joblib worker (a list of one item, as every task's)."""
+                config: SweepConfig) -> list[tuple[Hashable, tuple[dict, int]]]:  # fmt: skip
+    """One array's scores and the number of training images they were measured on, in a joblib worker (a list of
+    one item, as every task's). Under ``config.max_memory`` the scores read a sample of the training images that
+    fits (each class in proportion): the ranking they give is checked against the measured sweep all the same."""
+    size = rows_within(len(rows), int(codes.shape[1]), config.max_memory)
+    if size < len(rows):
+        keep, folds = subsample(y, folds, size, config.seed)
+        rows, y = rows[keep], y[keep]
+    if len(rows) < 2 * len(np.unique(y if y.ndim == 1 else [0])) or min(len(f) for f, _ in folds) == 0:
+        return [(key, (dict.fromkeys(config.scores, (None, 0.0)), int(len(rows))))]  # too few within the cap
     with _torch_threads(config.threads):
         X = load_rows(codes, rows, what)
-        return [(key, array_scores(X, y, folds, config.scores, device=config.device, seed=config.seed))]
+        return [(key, (array_scores(X, y, folds, config.scores, device=config.device, seed=config.seed),
+                       int(len(rows))))]  # fmt: skip
 
 
 def score_on_test(results: list[tuple[SweepRow, Any]], job: _Job, split: Split, config: SweepConfig) -> None:

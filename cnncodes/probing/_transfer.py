@@ -229,6 +229,40 @@ def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries:
     return float((hits / asked).max())
 
 
+def rows_within(n: int, d: int, max_memory: int | None, queries: int = 1024) -> int:
+    """How many of ``n`` training images of width ``d`` the scores can hold within ``max_memory`` bytes: the rows
+    read (float32) and their float64 copies (the codes, their centered and normalized copies, a fit side), the Gram
+    matrix with its centered copy and eigenvectors, and a block of ``queries`` kNN similarities. All ``n`` without
+    a bound."""
+    if max_memory is None:
+        return n
+
+    def need(m: int) -> int:
+        return 4 * m * d + 8 * (4 * m * d + 3 * min(m, d) ** 2 + queries * m)
+
+    lo, hi = 0, n  # the largest m in [0, n] with need(m) <= max_memory (need grows with m)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= max_memory else (lo, mid - 1)
+    return lo
+
+
+def subsample(y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], size: int,
+              seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:  # fmt: skip
+    """``size`` of the positions of ``y`` drawn with ``seed``, each class in proportion (every class kept at least
+    once), and ``folds`` restricted to them, as positions into the sample: ``(positions, folds)``."""
+    rng = np.random.default_rng(seed)
+    key = y if y.ndim == 1 else np.zeros(len(y), dtype=np.int64)  # multi-label: drawn evenly
+    classes, counts = np.unique(key, return_counts=True)
+    share = np.maximum(1, np.floor(counts * size / len(key)).astype(np.int64))
+    picked = [rng.choice(np.flatnonzero(key == c), size=min(int(k), int(m)), replace=False)
+              for c, k, m in zip(classes, share, counts)]  # fmt: skip
+    keep = np.sort(np.concatenate(picked))
+    inside = np.zeros(len(key), dtype=bool)
+    inside[keep] = True
+    return keep, [(np.searchsorted(keep, f[inside[f]]), np.searchsorted(keep, v[inside[v]])) for f, v in folds]
+
+
 def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
                  names: Sequence[str] = SCORES, *, device: Any = "cpu", max_queries: int = 4096,
                  seed: int = 0) -> dict[str, tuple[float | None, float]]:  # fmt: skip

@@ -20,6 +20,8 @@ from cnncodes.probing._transfer import (
     ledoit_wolf_shrinkage,
     logme,
     probe_subset,
+    rows_within,
+    subsample,
     triage_window,
 )
 
@@ -103,6 +105,39 @@ def test_array_scores_rank_informative_codes_above_noise_and_time_themselves():
         assert good[name][0] > bad[name][0] and good[name][1] >= 0
     multi = array_scores(X, np.stack([y == 0, y == 1], 1).astype(int), folds)
     assert multi["knn"][0] is None and multi["hscore"][0] is None and multi["logme"][0] is not None
+
+
+def test_scores_under_a_memory_cap_read_a_stratified_sample_of_the_rows_that_fits(tmp_path):
+    import tracemalloc
+
+    import torch
+
+    from cnncodes import SweepConfig, sweep
+    from helpers import make_code_store
+
+    n, d, cap = 3000, 512, 8 * 2**20
+    m = rows_within(n, d, cap)
+    assert 0 < m < n and rows_within(n, d, None) == n and rows_within(n, 4, 2**40) == n
+    assert rows_within(m + 1, d, cap) == m  # the largest that fits
+    y = np.repeat([0, 1, 2], [2000, 990, 10])
+    folds = [(np.flatnonzero(np.arange(n) % 3 != f), np.flatnonzero(np.arange(n) % 3 == f)) for f in range(3)]
+    keep, sub = subsample(y, folds, 300, seed=0)
+    assert np.array_equal(np.unique(y[keep], return_counts=True)[1], [200, 99, 1])  # in proportion, none lost
+    for (fit, val), (f, v) in zip(folds, sub):  # the same images on the same side of each fold
+        assert np.array_equal(keep[f], np.intersect1d(fit, keep)) and np.array_equal(keep[v], np.intersect1d(val, keep))
+    X = np.random.default_rng(0).normal(size=(m, d))
+    torch.set_num_threads(1)
+    tracemalloc.start()  # numpy's buffers; torch's are not traced, so the float64 copies are counted by hand below
+    array_scores(X.astype(np.float32), np.arange(m) % 3, [(np.arange(m)[m // 2 :], np.arange(m)[: m // 2])])
+    numpy_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert numpy_peak + 8 * (2 * m * d + 3 * min(m, d) ** 2) <= cap
+    store = make_code_store(tmp_path / "codes", n_images=400, dims={"early": 4, "mid": 256, "late": 4})
+    result = sweep(store, SweepConfig(probes=("logreg",), folds=2, max_memory=4 * 2**20), taps=["mid", "late"],
+                   progress=False)  # fmt: skip
+    sampled = result.data["transferability"]["sampled_rows"]
+    assert list(sampled) == ["mid/avg"] and 0 < sampled["mid/avg"] < result.data["n_train_images"]
+    assert all(r.score_logme is not None for r in result.rows)
 
 
 def test_agreement_is_scipys_taus_and_counts_ties_against_the_best():
