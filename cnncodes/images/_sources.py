@@ -703,9 +703,18 @@ def _class_files(folder: str, class_dirs: list[str]) -> tuple[list[str], list[in
     owner: dict[str, int] = {}  # real path -> its index in paths
     reached: dict[str, str] = {}
     dropped: list[tuple[str, str]] = []
+    real_top = os.path.realpath(folder)
+    real_roots = {name: os.path.realpath(os.path.join(folder, name)) for name in class_dirs}
+    for name, real_root in real_roots.items():
+        holds = [other for other, r in real_roots.items() if r != real_root and _inside(r, real_root)]
+        if _inside(real_top, real_root) or holds:
+            what = "the image folder itself" if _inside(real_top, real_root) else f"class folder {holds[0]!r}"
+            raise SourceError(f"{folder}: class folder {name!r} is a link to {real_root}, which holds {what}, so its "
+                              "class would take the images of other classes. Remove the link, or copy that class's "
+                              "images into a folder of their own.")  # fmt: skip
     for k, name in enumerate(class_dirs):
         root = os.path.join(folder, name)
-        real_root = os.path.realpath(root)
+        real_root = real_roots[name]
         if real_root in reached:
             raise SourceError(f"{folder}: class folders {reached[real_root]!r} and {name!r} are the same folder "
                               f"({real_root}), reached through a link, so every image would be in both classes. Remove "
@@ -733,6 +742,11 @@ def _class_files(folder: str, class_dirs: list[str]) -> tuple[list[str], list[in
                       "is kept once, under the folder that really holds it. Remove the links to silence this.",
                       UserWarning, stacklevel=5)  # fmt: skip
     return paths, labels
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:

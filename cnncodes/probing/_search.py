@@ -950,12 +950,16 @@ def _run_tasks(tasks: list[Any], jobs: int, progress: bool, what: str) -> list[A
         # first; those still to start after an error return at once. Then the first error is raised, here.
         stop = threading.Event()
         guarded = [(_Guarded(fn, stop), args, kwargs) for fn, args, kwargs in tasks]
-        for part in Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")(guarded):
-            if isinstance(part, _Failed):
-                failed = part if failed is None or failed.error is _SKIPPED else failed
-            elif failed is None:
-                out.extend(part)
-            bar.update(1)
+        try:
+            for part in Parallel(n_jobs=jobs, prefer="threads", return_as="generator_unordered")(guarded):
+                if isinstance(part, _Failed):
+                    failed = part if failed is None or failed.error is _SKIPPED else failed
+                elif failed is None:
+                    out.extend(part)
+                bar.update(1)
+        except BaseException:  # Ctrl-C: the tasks not yet started return at once instead of running on unseen
+            stop.set()
+            raise
     if failed is not None:
         raise failed.error
     return out

@@ -78,3 +78,27 @@ def test_a_sweep_failing_inside_its_worker_threads_exits_2_in_one_line(tmp_path)
     err = done.stderr.decode()
     assert err.count("\n") == 1 and err.startswith("cnncodes sweep: error: ") and "class" in err
     assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").iterdir())
+
+
+def test_ctrl_c_while_a_sweep_runs_in_its_worker_threads_exits_130_in_one_message(tmp_path):
+    """Before: 2 of 6 interrupts ended in "terminate called without an active exception" (status 134), the worker
+    threads' torch kernels aborting the interpreter's shutdown."""
+    import signal
+    import time
+
+    from helpers import make_code_store
+
+    store = make_code_store(tmp_path / "codes", n_images=2000, dims={"early": 256, "mid": 1024, "late": 512})
+    for k, wait in enumerate((0.0, 0.4, 0.8, 1.2)):
+        child = subprocess.Popen([SCRIPT, "sweep", str(store.path), "--out", str(tmp_path / f"s{k}"), "--jobs", "2",
+                                  "--probes", "logreg,linsvc", "--scores", "none"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)  # fmt: skip
+        seen = b""
+        while b"sweep:" not in seen and child.poll() is None:  # the progress bar: the worker threads are running
+            seen += os.read(child.stderr.fileno(), 4096)
+        time.sleep(wait)
+        child.send_signal(signal.SIGINT)
+        err = (seen + child.stderr.read()).decode()
+        assert child.wait(timeout=120) == 130, err[-500:]
+        assert "terminate called" not in err and "Traceback" not in err and "interrupted" in err
+        assert not (tmp_path / f"s{k}").exists() or not any((tmp_path / f"s{k}").iterdir())

@@ -565,6 +565,17 @@ def test_links_never_put_one_file_in_two_classes(tmp_path):
         source = open_source(str(tmp_path))
     found = sorted(zip(source.ids, source.labels.tolist()))
     assert found == [(str(tmp_path / "cats" / "a.png"), 0), (str(tmp_path / "dogs" / "b.png"), 1)]
+    (tmp_path / "all").symlink_to(".")  # a class folder that is the image folder: every image would be in it
+    with pytest.raises(SourceError, match=r"class folder 'all' is a link to .*, which holds the image folder itself"):
+        open_source(str(tmp_path))
+    (tmp_path / "all").unlink()
+    zoo = tmp_path.parent / f"{tmp_path.name}-zoo"
+    (zoo / "birds").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(zoo / "birds" / "c.png")
+    (tmp_path / "birds").symlink_to(zoo / "birds")
+    (tmp_path / "zoo").symlink_to(zoo)  # holds the real birds/ folder: its class would take the birds
+    with pytest.raises(SourceError, match=r"class folder 'zoo' is a link to .*, which holds class folder 'birds'"):
+        open_source(str(tmp_path))
 
 
 def test_a_csv_that_is_no_regular_file_or_holds_a_nul_is_refused_where_it_enters(tmp_path: Path) -> None:
