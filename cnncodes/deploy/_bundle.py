@@ -367,6 +367,8 @@ def npy_array(data: bytes, where: str, max_ndim: int = 2) -> np.ndarray:
         raise BundleError(f"{where} is not a valid .npy array ({exc}); the bundle is damaged.") from None
     if dtype.kind != "f" or dtype.itemsize > 8 or dtype.hasobject:
         raise BundleError(f"{where} holds dtype {dtype}, not float16/32/64; the bundle is damaged.")
+    if not all(type(n) is int and n >= 0 for n in shape):  # the reader lets True and -1 through
+        raise BundleError(f"{where} declares shape {shape}, not sizes; the bundle is damaged.")
     if fortran or len(shape) > max_ndim:
         raise BundleError(f"{where} declares {'Fortran order' if fortran else f'{len(shape)} dimensions'}; cnncodes "
                           "writes C-order vectors and matrices only. The bundle is damaged.")  # fmt: skip

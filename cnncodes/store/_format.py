@@ -26,6 +26,7 @@ would misread a new store; readers refuse newer versions and keep reading every 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -105,6 +106,13 @@ def contained(root: Path, name: str) -> Path:
     """``root / name``, checked by the one containment rule every member of a store follows (arrays, labels.npy,
     manifest.json): a link must stay inside the store, and what is there must be a regular file."""
     path = root / name
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as exc:  # a dangling link, or a loop (ELOOP)
+            if exc.errno == errno.ELOOP:
+                raise StoreError(f"{path} is a link that loops back on itself; the store is damaged: re-extract it "
+                                 "with --overwrite.") from None  # fmt: skip
     if path.is_symlink() and path.resolve().parent != root.resolve():
         raise StoreError(f"{path} is a link to {path.resolve()}, outside the store; refusing to use it. Copy the file "
                          "into the store, or re-extract it with --overwrite.")  # fmt: skip

@@ -177,7 +177,7 @@ class CodeStore:
         path = member_path(self.path, entry, self.path / MANIFEST)
         try:
             codes = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError, OverflowError) as exc:  # a header's shape of True or -1 included
             raise StoreError(f"cannot read {path} (tap {tap!r}, pooling {entry['pooling']!r}: {type(exc).__name__}: "
                              f"{exc}); the store is damaged: re-extract it with --overwrite.") from None  # fmt: skip
         if codes.offset + codes.nbytes != path.stat().st_size:
@@ -224,7 +224,7 @@ class CodeStore:
         path = contained(self.path, LABELS)
         try:
             labels = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError, OverflowError) as exc:
             raise StoreError(
                 f"cannot read {path} ({type(exc).__name__}: {exc}); the store is damaged: re-extract it with --overwrite."
             ) from None

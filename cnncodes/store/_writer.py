@@ -484,12 +484,15 @@ class RowFile:
         self.offset, self.row_bytes, self.dtype = header.offset, header.shape[1] * header.itemsize, header.dtype
         self.rows = int(header.shape[0])
         del header
+        self.path = path
         self.fd = os.open(path, os.O_RDWR)
         self._hash, self._hashed = hashlib.sha256(), 0  # rows [0, _hashed) are in the hash
 
     def write_rows(self, start: int, block: np.ndarray) -> None:
         data = np.ascontiguousarray(block, dtype=self.dtype).tobytes()
         os.pwrite(self.fd, data, self.offset + start * self.row_bytes)
+        if start < self._hashed:  # rows hashed already, written again (with other bytes, maybe): hashed afresh
+            self._hash, self._hashed = hashlib.sha256(), 0
         if start == self._hashed and self.row_bytes:
             self._hash.update(data)
             self._hashed += len(data) // self.row_bytes
@@ -511,7 +514,8 @@ class RowFile:
             want = n * self.row_bytes
             data = os.pread(self.fd, want, self.offset + self._hashed * self.row_bytes)
             if len(data) != want:
-                raise StoreError(f"{self.fd}: short read while hashing rows; the array is damaged.")
+                raise StoreError(f"{self.path}: short read while hashing its rows; the array is damaged: rerun with "
+                                 "--overwrite.")  # fmt: skip
             self._hash.update(data)
             self._hashed += n
 

@@ -91,6 +91,27 @@ def _fortran_first_array(store: Path, victim: Path) -> None:
     np.save(path, np.asfortranarray(np.load(path)))
 
 
+def _header_first_array(shape: tuple, name: str | None = None) -> StoreDamage:
+    def damage(store: Path, victim: Path) -> None:  # the same bytes under a header declaring ``shape``
+        path = store / name if name else _first_array(store)
+        data = path.read_bytes()
+        body = data[data.index(b"\n") + 1 :]
+        descr = "<i8" if name else "<f4"
+        path.write_bytes(_npy_header(shape, descr) + body)
+
+    return damage
+
+
+def _loop(name: str | None) -> StoreDamage:
+    def damage(store: Path, victim: Path) -> None:  # a link to a link back to it
+        path = store / name if name else _first_array(store)
+        path.unlink()
+        path.symlink_to(path.with_name("loop"))
+        path.with_name("loop").symlink_to(path)
+
+    return damage
+
+
 def _append_first_array(extra: bytes) -> StoreDamage:
     def damage(store: Path, victim: Path) -> None:
         with open(_first_array(store), "ab") as f:
@@ -154,10 +175,16 @@ STORE_CASES: dict[str, tuple[StoreDamage, str]] = {
     "array is a FIFO": (_fifo_first_array, "not a regular file"),
     "array in Fortran order": (_fortran_first_array, "Fortran order"),
     "array with trailing bytes": (_append_first_array(b"\0" * 64), "header describes"),
+    "array shape holds a boolean": (_header_first_array((True, 30)), DAMAGED),
+    "array shape negative": (_header_first_array((-30, 4)), DAMAGED),
+    "labels shape holds a boolean": (_header_first_array((True, 30), "labels.npy"), DAMAGED),
     "manifest not UTF-8": (_raw_manifest(lambda raw: raw.replace(b'"c0"', b'"c\xe90"')), "cannot read"),
     "rows_done past rows_total": (_manifest(lambda m: {**m, "rows_done": m["rows_total"] + 999}), "rows_done"),
     "labels truncated": (_truncate("labels.npy", -8), DAMAGED),
     "labels are floats": (_float_labels, "integer labels"),
+    "labels link loop": (_loop("labels.npy"), "loops back on itself"),
+    "array link loop": (_loop(None), "loops back on itself"),
+    "manifest link loop": (_loop("manifest.json"), "manifest.json is a link that loops back on itself"),
 }
 
 
@@ -311,6 +338,16 @@ def _npy_header(shape: tuple, descr: str = "<f8", fortran: bool = False) -> byte
 @_raw_case("a member declaring a terabyte shape", r"declares shape \(500000000, 1000\)")
 def _huge_shape(valid: Path, out: Path) -> None:
     _with_member(valid, out, "arrays/coef.npy", _npy_header((500_000_000, 1000)) + bytes(64))
+
+
+@_raw_case("a member whose shape holds a boolean", r"declares shape \(True, 3\), not sizes")
+def _bool_shape(valid: Path, out: Path) -> None:
+    _with_member(valid, out, "arrays/coef.npy", _npy_header((True, 3)) + bytes(24))
+
+
+@_raw_case("a member whose shape is negative", r"declares shape \(-1, -3\), not sizes")
+def _negative_shape(valid: Path, out: Path) -> None:
+    _with_member(valid, out, "arrays/coef.npy", _npy_header((-1, -3)) + bytes(24))
 
 
 @_raw_case("a Fortran-order member", "Fortran order")

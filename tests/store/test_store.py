@@ -340,3 +340,19 @@ def test_a_resumed_or_compacted_write_records_the_digest_of_the_final_rows(tmp_p
     np.testing.assert_array_equal(store.codes("a", "avg"), kept)
     assert store.arrays[0]["sha256"] == hashlib.sha256(kept.tobytes()).hexdigest()
     assert CodeStore(store.path, verify=True).rows == 11
+
+
+def test_rows_written_again_with_other_bytes_are_hashed_as_they_end_up(tmp_path):
+    import hashlib
+
+    from cnncodes.store._writer import RowFile
+
+    path = tmp_path / "a.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(6, 2)).flush()
+    rows = RowFile(path)
+    rows.write_rows(0, np.ones((4, 2)))
+    rows.write_rows(2, np.full((4, 2), 7.0))  # rows 2-3 rewritten (a retried batch), rows 4-5 new
+    final = np.concatenate([np.ones((2, 2)), np.full((4, 2), 7.0)]).astype(np.float32)
+    assert rows.digest() == hashlib.sha256(final.tobytes()).hexdigest()
+    rows.close()
+    np.testing.assert_array_equal(np.load(path), final)
