@@ -168,8 +168,10 @@ def publish(out: str | os.PathLike, write: Callable[[Path], T], *, owned: Collec
 
 def recover(out: str | os.PathLike) -> None:
     """Finish what a publish to ``out`` killed after its exchange left undone: move the folders its staging folder
-    still holds back into ``out``, and remove staging folders of processes no longer running."""
+    still holds back into ``out``, and remove staging folders of processes no longer running. A link ``out`` is
+    followed, as :func:`publish` follows it."""
     out = Path(out)
+    out = out.resolve() if out.is_symlink() else out
     for home in (out.parent, out):
         try:
             stages = list(home.glob(f"{glob.escape('.' + out.name)}.publish-*-*"))

@@ -35,7 +35,8 @@ class CodeStore:
         Open a store whose extraction has not finished (arrays are then not available).
     verify : bool, default=False
         Read every array and the labels once and check them against the content digests recorded as they were
-        written (:meth:`verify`): slow on a large store, so opening is cheap by default.
+        written (:meth:`verify`): slow on a large store, so opening is cheap by default. An incomplete store has no
+        digests yet and raises :class:`~cnncodes.errors.IncompleteStoreError`, even with ``allow_incomplete``.
 
     Attributes
     ----------
@@ -63,7 +64,7 @@ class CodeStore:
         if self.complete:
             for entry in self.manifest["arrays"]:  # every member named safely, before any work trusts the store
                 member_path(self.path, entry, manifest_path)
-        if verify and self.complete:
+        if verify:  # an incomplete store refused, not passed unverified: its digests are recorded when it completes
             self.verify()
         if not self.complete and not allow_incomplete:
             raise IncompleteStoreError(
@@ -78,7 +79,8 @@ class CodeStore:
         e.g. two arrays of equal shape swapped. Returns what was checked. Opening a store does not read its arrays;
         ``CodeStore(path, verify=True)`` and ``cnncodes check STORE`` do."""
         if not self.complete:
-            raise IncompleteStoreError(f"{self.path} is incomplete; rerun the extraction to finish it, then verify it.")
+            raise IncompleteStoreError(f"{self.path} is incomplete, and its digests are recorded when it completes; "
+                                       "rerun the extraction to finish it, then verify it.")  # fmt: skip
         unrecorded = [f"{a['tap']}/{a['pooling']}" for a in self.arrays if "sha256" not in a]
         if unrecorded or "labels_sha256" not in self.manifest:
             raise StoreError(f"{self.path} records no content digests for {unrecorded[:3] or ['labels.npy']} (written "

@@ -363,3 +363,14 @@ def test_a_folder_this_process_could_not_give_its_owner_is_not_swapped(tmp_path,
     assert _fsutil._may_own_like(stat(me, group)) and _fsutil._may_own_like(stat(me, 27))
     assert not _fsutil._may_own_like(stat(me + 1, group)) and not _fsutil._may_own_like(stat(me, 999))
     assert not _fsutil._can_swap(out)  # owned by root, seen from uid 1000: written file by file
+
+
+def test_recover_follows_a_linked_output_folder_as_publish_does(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    left = tmp_path / ".real.publish-999999999-x"  # a dead publish to the link, killed after its exchange
+    (left / "cuts").mkdir(parents=True)
+    (left / "cuts" / "kept.bin").write_bytes(b"cached")
+    _fsutil.recover(tmp_path / "link")
+    assert (real / "cuts" / "kept.bin").read_bytes() == b"cached" and not left.exists()

@@ -226,6 +226,9 @@ def test_an_incomplete_store_reports_the_rows_really_committed(tmp_path):
     writer.close()
     with pytest.raises(IncompleteStoreError, match=r"is incomplete \(4/6 rows\)"):
         CodeStore(tmp_path / "s")
+    assert not CodeStore(tmp_path / "s", allow_incomplete=True).complete
+    with pytest.raises(IncompleteStoreError, match="its digests are recorded when it completes"):
+        CodeStore(tmp_path / "s", allow_incomplete=True, verify=True)  # never passed unverified
 
 
 def test_a_stale_partial_folder_of_a_complete_store_is_cleaned_on_the_rerun(tmp_path):
