@@ -18,6 +18,7 @@ from cnncodes.cli import main
 from helpers import make_images, make_tiny_backbone
 
 
+@pytest.mark.slow
 def test_every_public_name_resolves_after_import_cnncodes_alone():
     out = subprocess.run([sys.executable, "-c", "import cnncodes; cnncodes.load_bundle; cnncodes.sweep; cnncodes.CNNCodes; "
                           "print(sorted(n for n in cnncodes.__all__ if getattr(cnncodes, n) is None))"],

@@ -13,6 +13,7 @@ from cnncodes import CodeStore, list_taps, load_backbone
 from cnncodes.cli import main
 
 
+@pytest.mark.slow
 def test_layers_json_matches_the_catalogue(capsys):
     assert main(["layers", "resnet18:none", "--input-size", "64", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -48,6 +49,7 @@ def _folder(root, n=6):
 
 
 @pytest.mark.skipif(shutil.which("cnncodes") is None, reason="the package is not installed as a script")
+@pytest.mark.slow
 def test_installed_script_extracts_a_folder(tmp_path):
     _folder(tmp_path / "imgs")
     cmd = ["cnncodes", "extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32", "--taps",
@@ -66,6 +68,7 @@ def test_installed_script_extracts_a_folder(tmp_path):
     assert "cnncodes extract: error:" in refused.stderr and "max" in refused.stderr
 
 
+@pytest.mark.slow
 def test_in_process_extract_then_mismatch_is_refused(tmp_path, capsys):
     _folder(tmp_path / "imgs", n=3)
     base = [
@@ -84,6 +87,7 @@ def test_in_process_extract_then_mismatch_is_refused(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_relu_choice_is_recorded_per_array_and_matches_the_python_route(tmp_path):
     _folder(tmp_path / "imgs", n=3)
     base = ["extract", str(tmp_path / "imgs"), "--model", "resnet18:none", "--input-size", "32", "--pool", "avg",

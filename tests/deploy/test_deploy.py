@@ -74,6 +74,7 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_predict_cli_reproduces_the_sweeps_test_predictions(trained, tmp_path):
     expected = _csv(trained / "sweep" / "test_predictions.csv")
     listing = tmp_path / "test.csv"
@@ -102,6 +103,7 @@ def test_predict_cli_reproduces_the_sweeps_test_predictions(trained, tmp_path):
     assert list(probe.predict([r["path"] for r in expected])) == [r["predicted"] for r in expected]
 
 
+@pytest.mark.slow
 def test_bad_image_gets_an_error_row(trained, tmp_path):
     folder = tmp_path / "new"
     folder.mkdir()
@@ -183,6 +185,7 @@ def test_tampered_and_truncated_bundles_are_rejected(trained, tmp_path):
         read_bundle(tmp_path / "cut.zip")
 
 
+@pytest.mark.slow
 def test_fingerprint_mismatch_is_refused_unless_overridden(trained, tmp_path, capsys):
     bundle = read_bundle(trained / "sweep" / "best_probe.zip")
     bundle.extractor.model["fingerprint"] = "sha256:" + "0" * 64
@@ -199,6 +202,7 @@ def _preprocessed(probe, paths):
     return normalize(torch.stack([tf(Image.open(p).convert("RGB")) for p in paths]), probe.preprocessing)
 
 
+@pytest.mark.slow
 def test_pt2_export_is_the_default_and_matches_the_bundle_at_any_batch_size(trained, tmp_path, capsys):
     probe = load_bundle(trained / "sweep" / "best_probe.zip", device="cpu")
     assert main(["export", str(trained / "sweep" / "best_probe.zip"), "--out", str(tmp_path / "m.pt2")]) == 0
@@ -211,6 +215,7 @@ def test_pt2_export_is_the_default_and_matches_the_bundle_at_any_batch_size(trai
         np.testing.assert_allclose(got, probe.decision_function([str(p) for p in paths]), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_torchscript_export_is_kept_and_matches_the_bundle(trained, tmp_path):
     probe = load_bundle(trained / "sweep" / "best_probe.zip", device="cpu")
     paths = sorted((trained / "imgs").rglob("*.png"))[:6]

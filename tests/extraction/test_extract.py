@@ -214,6 +214,7 @@ def test_on_error_raise_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("batch_size,workers", [(3, 0), (16, 1)])
+@pytest.mark.slow
 def test_views_are_reproducible_and_independent_of_batching(tmp_path, tiny_images, batch_size, workers):
     images, labels = tiny_images
     images, labels = images[:10], labels[:10]
@@ -239,6 +240,7 @@ def test_arguments_are_checked_before_anything_is_written(tmp_path, tiny_images)
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_a_source_whose_every_image_is_bad_fails_clearly(tmp_path, capsys):
     from cnncodes.cli import main
 

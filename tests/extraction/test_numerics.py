@@ -125,6 +125,7 @@ def test_a_store_from_before_numerics_were_recorded_still_resumes_and_is_reused(
     assert _extract(tmp_path / "s").manifest["written"] == store.manifest["written"]  # reused as it is
 
 
+@pytest.mark.slow
 def test_a_failed_commit_loses_no_image_error_and_the_rerun_equals_a_clean_run(tmp_path, monkeypatch):
     import errno
 

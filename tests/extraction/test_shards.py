@@ -212,6 +212,7 @@ def test_more_shards_than_batches_gives_empty_shards_that_merge(tmp_path):
 
 
 # -- merge refuses what it cannot join ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_merge_names_what_is_wrong(tmp_path):
     with pytest.raises(StoreError, match="does not exist; give the --out directory of a sharded extraction"):
         merge_shards(tmp_path / "nothing")
@@ -308,6 +309,7 @@ def test_a_killed_shard_of_a_shared_store_resumes_and_the_last_one_publishes(tmp
     assert store_files(out) == store_files(tmp_path / "one")
 
 
+@pytest.mark.slow
 def test_shared_store_refusals(tmp_path):
     with pytest.raises(ValueError, match="needs a shard"):
         run_tiny(tmp_path / "a", shared=True)
@@ -341,6 +343,7 @@ def test_a_sharded_run_into_another_store_is_refused_before_any_work(tmp_path):
     assert store_files(replaced.path) == store_files(tmp_path / "one")
 
 
+@pytest.mark.slow
 def test_stale_shards_of_another_split_do_not_break_a_merge(tmp_path):
     run_tiny(tmp_path / "one")
     out = tmp_path / "out"
@@ -352,6 +355,7 @@ def test_stale_shards_of_another_split_do_not_break_a_merge(tmp_path):
     assert merged.path == out and store_files(out) == store_files(tmp_path / "one")
 
 
+@pytest.mark.slow
 def test_an_interrupted_merge_is_redone(tmp_path, monkeypatch):
     run_tiny(tmp_path / "one")
     out = tmp_path / "out"
@@ -401,6 +405,7 @@ def test_overwrite_waits_for_running_shards_of_a_shared_store(tmp_path):
         shard.close()
 
 
+@pytest.mark.slow
 def test_merge_checks_every_shard_against_its_digests(tmp_path):
     images, labels = make_images(16)
     kw = dict(labels=labels, model=make_tiny_backbone(), poolings="avg,avg2", batch_size=4, workers=0, progress=False)

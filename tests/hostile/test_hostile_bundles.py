@@ -72,6 +72,7 @@ def test_a_bundle_whose_pooling_does_not_fit_its_coefficients_is_refused_before_
         load_bundle(path, backbone=_tiny())
 
 
+@pytest.mark.slow
 def test_a_member_that_lies_about_its_size_is_inflated_in_bounded_chunks(valid, tmp_path):
     """A 256 KiB bundle whose intercept declares 2 KiB but inflates to 256 MiB: refused, and the peak of memory
     allocated while reading it stays far below what inflating it whole would take (zipfile.read did that)."""

@@ -33,6 +33,7 @@ def test_a_hostile_store_is_refused_naming_the_damage(tmp_path, case, capsys):
     assert victim.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_every_case_is_a_distinct_damage(tmp_path):
     """The corpus itself: every case really changes the valid store (a no-op case would pass without testing)."""
     from helpers import make_code_store

@@ -146,6 +146,7 @@ def two_sweeps(tmp_path_factory):
     return first, second
 
 
+@pytest.mark.slow
 def test_a_sweep_report_killed_at_any_write_point_is_old_or_new_and_the_rerun_is_identical(tmp_path, two_sweeps):
     from cnncodes import save_probe
     from cnncodes.sweeps import write_report
@@ -167,6 +168,7 @@ def test_a_sweep_report_killed_at_any_write_point_is_old_or_new_and_the_rerun_is
     assert points >= 8  # every file, the staging folder, the exchange, the clean-up
 
 
+@pytest.mark.slow
 def test_a_comparison_report_killed_at_any_write_point_is_old_or_new(tmp_path, two_sweeps):
     from cnncodes.sweeps import write_results
     from cnncodes.sweeps._report import REPORT_FILES
@@ -176,6 +178,7 @@ def test_a_comparison_report_killed_at_any_write_point_is_old_or_new(tmp_path, t
                              lambda out: write_results(second, out, plot=False))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_a_report_is_written_names_the_file_and_keeps_the_old_report(tmp_path, two_sweeps,
                                                                                        monkeypatch):  # fmt: skip
     from cnncodes import save_probe
@@ -207,6 +210,7 @@ def test_a_full_disk_while_a_report_is_written_names_the_file_and_keeps_the_old_
     assert not [p for p in tmp_path.iterdir() if ".publish-" in p.name]
 
 
+@pytest.mark.slow
 def test_a_report_in_a_folder_that_cannot_be_exchanged_is_still_written_file_by_file(tmp_path, two_sweeps,
                                                                                      monkeypatch):  # fmt: skip
     from cnncodes.sweeps import write_results
@@ -229,6 +233,7 @@ def test_a_report_in_a_folder_that_cannot_be_exchanged_is_still_written_file_by_
     assert not [p for p in [*tmp_path.iterdir(), *out.iterdir()] if ".publish-" in p.name]
 
 
+@pytest.mark.slow
 def test_finetune_outputs_killed_at_any_write_point_are_both_old_or_both_new(tmp_path):
     import cnncodes
     from cnncodes.network import cut_points
@@ -251,6 +256,7 @@ def test_finetune_outputs_killed_at_any_write_point_are_both_old_or_both_new(tmp
     _check_every_write_point(tmp_path / "k", FINETUNE_FILES, publish(runs[0]), publish(runs[1]))
 
 
+@pytest.mark.slow
 def test_a_depth_report_killed_at_any_write_point_keeps_its_cuts_and_is_old_or_new(tmp_path):
     from cnncodes.training import DepthRow, write_depth_report
     from cnncodes.training._depth import DEPTH_FILES
@@ -263,6 +269,7 @@ def test_a_depth_report_killed_at_any_write_point_keeps_its_cuts_and_is_old_or_n
                              lambda out: write_depth_report(rows(0.1), out))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_merge_killed_at_any_write_point_is_rerun_to_the_same_store(tmp_path):
     from cnncodes import extract
     from cnncodes.store import CodeStore, merge_shards

@@ -256,6 +256,7 @@ def test_decoding_on_threads_refuses_bombs_and_leaves_the_warning_filters_alone(
     assert warnings.filters == filters_before
 
 
+@pytest.mark.slow
 def test_no_file_handles_leak(odd_folder: dict[str, Path]) -> None:
     src = open_source(odd_folder["cmyk"].parent.parent, max_pixels=1000)
     fd_dir = "/proc/self/fd"

@@ -60,6 +60,7 @@ def test_nn_module_needs_preprocessing():
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.slow
 def test_local_checkpoint_round_trip(tmp_path, suffix):
     torch.manual_seed(1)
     source = torchvision.models.resnet18(num_classes=7)  # a fine-tuned head of another size
@@ -75,6 +76,7 @@ def test_local_checkpoint_round_trip(tmp_path, suffix):
     assert bb.weights == str(path)
 
 
+@pytest.mark.slow
 def test_unreadable_or_mismatched_weights_name_the_file(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")

@@ -64,6 +64,7 @@ def resnet():
     return load_backbone("resnet18:none", input_size=64)
 
 
+@pytest.mark.slow
 def test_output_tap_costs_the_whole_model(tiny, resnet):
     for backbone, last in ((tiny, "head"), (resnet, "fc")):
         assert list_taps(backbone).names[-1] == last
@@ -163,6 +164,7 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+@pytest.mark.slow
 def test_architecture_of_builds_random_weights_offline(offline):
     for spec in ("resnet18", "resnet18:IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1"):
         backbone = architecture_of(spec)
@@ -177,6 +179,7 @@ def test_architecture_of_builds_random_weights_offline(offline):
     assert architecture_of("timm:hf-hub:someone/custom-net") is None
 
 
+@pytest.mark.slow
 def test_architecture_of_lite0_has_the_real_specs_taps(offline):
     built = list_taps(architecture_of("efficientnet_lite0", 96))
     real = list_taps(load_backbone("efficientnet_lite0", input_size=96))

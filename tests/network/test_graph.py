@@ -94,6 +94,7 @@ print(json.dumps({"timm": "timm" in sys.modules, "taps": [[t.name, list(t.shape)
 """
 
 
+@pytest.mark.slow
 def test_a_torchvision_model_is_traced_without_importing_timm_and_gets_the_same_taps():
     import timm  # noqa: F401 - in this process the taps come from timm's tracing wrappers
 

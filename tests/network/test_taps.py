@@ -92,6 +92,7 @@ def test_thresholded_means_the_network_passes_it_through_a_relu(resnet):
     assert {t.name for t in cat.select("rectified")} >= {"layer1.0.bn1", "layer1.0.relu", "layer1.0.add"}
 
 
+@pytest.mark.slow
 def test_lite0_stages_follow_its_feature_info_and_expanded_keeps_the_inner_activations():
     cat = list_taps(load_backbone(input_size=64))
     assert cat.stage_source == "feature_info"
@@ -109,6 +110,7 @@ def test_lite0_stages_follow_its_feature_info_and_expanded_keeps_the_inner_activ
     assert block_out.code_dims("avg2") == 4 * 192
 
 
+@pytest.mark.slow
 def test_relu_modes_auto_always_never(resnet):
     x = torch.randn(2, 3, 64, 64)
     taps = "layer1.0.bn1,layer1.0.bn2,layer1.0.relu"

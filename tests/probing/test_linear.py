@@ -83,6 +83,7 @@ def test_repeated_rows_leave_the_span_solve_exact():
 
 
 @pytest.mark.parametrize("loss", ["multinomial", "squared_hinge"])
+@pytest.mark.slow
 def test_preconditioned_solves_reach_the_unpreconditioned_optimum(monkeypatch, loss):
     """Wide correlated codes are solved with a preconditioner along their leading directions; it changes the path to
     the optimum, never the optimum (checked against the plain solver and scikit-learn; liblinear penalizes the

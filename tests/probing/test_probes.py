@@ -14,6 +14,7 @@ def _without_timings(rows):
     return [{k: v for k, v in r.to_dict().items() if k != "fit_seconds"} for r in rows]
 
 
+@pytest.mark.slow
 def test_the_in_memory_sweep_equals_the_store_sweep_on_the_same_codes(tmp_path):
     store = make_code_store(tmp_path / "s", n_images=90)
     from_store = cnncodes.sweep(store, SweepConfig(probes=("logreg", "sgd"), folds=3), progress=False)

@@ -117,6 +117,7 @@ def test_c_steps_per_decade_is_validated_and_numpy_integers_are_accepted():
             SweepConfig(c_steps_per_decade=bad)
 
 
+@pytest.mark.slow
 def test_the_cli_runs_clips_c_search_and_records_it(tmp_path):
     store = make_code_store(tmp_path / "s", n_images=90)
     out = tmp_path / "sw"
@@ -167,6 +168,7 @@ def test_narrow_arrays_are_packed_into_tasks_no_wider_than_the_widest_array():
         assert not _in_threads()
 
 
+@pytest.mark.slow
 def test_packing_narrow_arrays_changes_the_schedule_not_the_rows(monkeypatch):
     from cnncodes.probing import _search
 
@@ -183,6 +185,7 @@ def test_packing_narrow_arrays_changes_the_schedule_not_the_rows(monkeypatch):
     ]
 
 
+@pytest.mark.slow
 def test_knn_and_multilabel_rows_are_refused_up_front_beyond_max_memory():
     """Linear probes stream past --max-memory; a kNN classifier is its training rows and the multi-label search is
     scikit-learn's in memory, so those are refused before any work, naming the array, the option and the fixes."""

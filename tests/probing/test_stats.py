@@ -46,6 +46,7 @@ def _labels(rng: np.random.Generator, n: int, k: int, absent: bool) -> tuple[np.
 
 
 @pytest.mark.parametrize("absent", [False, True])
+@pytest.mark.slow
 def test_class_metrics_equal_sklearn_with_absent_classes(absent):
     rng = np.random.default_rng(0)
     with warnings.catch_warnings():
@@ -69,6 +70,7 @@ def test_class_metrics_vectorize_over_leading_axes(k):
     assert macro_f1(y.astype(np.int8), pred.astype(np.int8), k) == pytest.approx(f1)  # narrow dtypes do not overflow
 
 
+@pytest.mark.slow
 def test_map_equals_sklearn_with_ties_and_classes_without_positives():
     rng = np.random.default_rng(2)
     for trial in range(200):
@@ -142,6 +144,7 @@ def _joint(k: int = 10) -> np.ndarray:
     return prior[:, None] * conditional
 
 
+@pytest.mark.slow
 def test_bootstrap_coverage_of_macro_f1_and_balanced_accuracy():
     """Percentile bootstrap over 450 test images drawn from a known joint distribution of (label, prediction); the
     population metrics come from the joint probabilities (F1_c = 2 P_cc / (P_c. + P_.c), recall_c = P_cc / P_c.).
@@ -268,6 +271,7 @@ def _ncm_truth(rng: np.random.Generator, d: int, n_fit_per_class: int, draws: in
         (1, (0.94, 1.0)),  # one 5-fold CV: conservative (0.975 here, 0.97 over 2,000 draws)
     ],
 )
+@pytest.mark.slow
 def test_corrected_t_coverage_of_the_procedures_expected_accuracy(repeats, band):
     """Coverage of the expected accuracy of nearest-class-mean trained on n_fit = 80 images (40 per class) in 50
     dimensions (truth from 100,000 exact training draws: 0.782), by 5-fold CV of 100 images.
@@ -325,6 +329,7 @@ def test_mcnemar_equals_binomtest_on_the_discordant_pairs():
         mcnemar_exact(hits.astype(int), hits.astype(int))
 
 
+@pytest.mark.slow
 def test_paired_bootstrap_map_against_a_loop_over_sklearn():
     rng = np.random.default_rng(6)
     Y = (rng.random((60, 3)) < 0.4).astype(int)

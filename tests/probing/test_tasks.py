@@ -11,6 +11,7 @@ from joblib import delayed
 from cnncodes.probing._search import _run_tasks
 
 
+@pytest.mark.slow
 def test_an_error_in_one_task_is_raised_after_the_others_end_and_later_tasks_are_skipped():
     finished, started = [], []
 

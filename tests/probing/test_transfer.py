@@ -170,6 +170,7 @@ def test_probe_subset_spans_the_ranking_and_the_window_follows_tau():
     assert hit / 4000 >= 0.94
 
 
+@pytest.mark.slow
 def test_a_tolerance_narrows_the_window_as_the_measured_accuracies_allow():
     from scipy.stats import norm
 

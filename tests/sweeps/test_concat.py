@@ -42,6 +42,7 @@ def test_concat_specs_are_checked_before_any_work(store):
             sweep(store, SweepConfig(probes=("logreg",), folds=3), concat=spec, progress=False)
 
 
+@pytest.mark.slow
 def test_a_concatenated_bundle_predicts_and_exports_like_its_probe(tmp_path):
     images = write_image_folder(tmp_path / "images", n=30)
     # --relu never: `add` stays raw although --relu auto would rectify it (the network feeds it to a ReLU)

@@ -57,6 +57,7 @@ def test_a_csv_of_label_sets_becomes_an_indicator_matrix_in_the_store(tagged):
         open_source(str(root / "bad.csv"))
 
 
+@pytest.mark.slow
 def test_multilabel_sweep_scores_map_as_scikit_learn_computes_it(tagged):
     _, store, _ = tagged
     result = cnncodes.sweep(store, SweepConfig(probes=("logreg",), folds=3), progress=False)
@@ -83,6 +84,7 @@ def test_multilabel_sweep_scores_map_as_scikit_learn_computes_it(tagged):
         cnncodes.sweep(store, SweepConfig(probes=("logreg", "knn"), folds=3), progress=False)
 
 
+@pytest.mark.slow
 def test_the_multilabel_bundle_predicts_label_sets_like_the_sweep(tagged, tmp_path, capsys):
     root, store, _ = tagged
     out = tmp_path / "sweep"
@@ -146,6 +148,7 @@ def test_stores_swept_together_must_label_their_images_alike(tagged, tmp_path):
         cnncodes.sweep([store, two], SweepConfig(probes=("logreg",), folds=3), progress=False)
 
 
+@pytest.mark.slow
 def test_a_multilabel_probe_exports_with_its_large_scores(tagged, tmp_path):
     _, store, _ = tagged
     result = cnncodes.sweep(store, SweepConfig(probes=("linsvc",), folds=3, c_max=1e4), progress=False)

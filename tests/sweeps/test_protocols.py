@@ -37,6 +37,7 @@ def _plain(rows):
     return [row_facts(r, "backbone") for r in rows]
 
 
+@pytest.mark.slow
 def test_a_sweep_of_two_stores_is_both_single_sweeps_and_picks_the_better_best(stores, tmp_path):
     a, b = stores
     both = sweep([a, b], SweepConfig(probes=("logreg",), folds=3), progress=False)
@@ -51,6 +52,7 @@ def test_a_sweep_of_two_stores_is_both_single_sweeps_and_picks_the_better_best(s
     assert both.extractor["model"]["spec"] == f"module:{both.best.backbone.split(':')[1]}"
 
 
+@pytest.mark.slow
 def test_cli_sweeps_several_stores_into_one_table_plot_and_bundle(stores, tmp_path, capsys):
     a, b = stores
     out = tmp_path / "both"
@@ -65,6 +67,7 @@ def test_cli_sweeps_several_stores_into_one_table_plot_and_bundle(stores, tmp_pa
     assert bundle.extractor.model["spec"] == best["backbone"] and bundle.extractor.tap == best["tap"]
 
 
+@pytest.mark.slow
 def test_compare_joins_sweeps_written_before_into_the_same_best(stores, tmp_path, capsys):
     a, b = stores
     dirs = []
@@ -88,6 +91,7 @@ def test_compare_joins_sweeps_written_before_into_the_same_best(stores, tmp_path
     assert [*dict.fromkeys(r.backbone for r in twice.rows)] == ["module:net_a", "module:net_a (again)", "module:net_b"]
 
 
+@pytest.mark.slow
 def test_sweeps_of_other_images_or_splits_are_refused(stores, tmp_path):
     a, _ = stores
     renamed = make_code_store(tmp_path / "renamed", n_images=120, model=_model("net_c"),
@@ -175,6 +179,7 @@ def test_few_shot_draws_stay_on_the_training_side_and_average_real_fits(stores):
     assert few[1].test_accuracy <= full.test_accuracy + 0.05
 
 
+@pytest.mark.slow
 def test_cli_records_every_protocol_and_refuses_impossible_shot_counts(stores, tmp_path, capsys):
     a, _ = stores
     out = tmp_path / "out"
@@ -199,6 +204,7 @@ def test_cli_records_every_protocol_and_refuses_impossible_shot_counts(stores, t
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_two_real_backbones_in_one_sweep_match_their_single_sweeps(tmp_path):
     """The issue's check on real networks: the embedded Lite0 and a random resnet18 on the same 150 digits."""
     from sklearn.datasets import load_digits

@@ -114,6 +114,7 @@ def test_cheapest_equal_row_and_the_pick(codes, result):
     assert picked.to_dict()["selection"]["cheapest"]["flops"] == 200
 
 
+@pytest.mark.slow
 def test_tolerance_decides_instead_of_the_test(codes):
     arrays, y, costs = codes
     config = SweepConfig(probes=("logreg",), folds=4, pick="cheapest", tolerance=99.0)
@@ -138,6 +139,7 @@ def test_cheapest_needs_costs_and_folds(codes):
     assert "cheapest equal: unknown" in cnncodes.format_table(no_costs)
 
 
+@pytest.mark.slow
 def test_repeats_report_stability(codes):
     arrays, y, costs = codes
     result = cnncodes.sweep_codes(arrays, y, SweepConfig(probes=("logreg",), folds=4, repeats=3), costs=costs)
@@ -177,6 +179,7 @@ def test_wilson_covers_the_true_accuracy_of_the_probe():
     assert 0.93 <= inside / 200 <= 0.97
 
 
+@pytest.mark.slow
 def test_baselines_stay_out_of_the_family_and_the_pick(codes):
     """kNN rows are tested against the best but neither adjusted with the rows that compete for it nor marked equal."""
     arrays, y, costs = codes
@@ -191,6 +194,7 @@ def test_baselines_stay_out_of_the_family_and_the_pick(codes):
     assert result.cheapest.protocol == "linear"
 
 
+@pytest.mark.slow
 def test_one_validation_split_shows_no_row_equal_without_a_tolerance(codes):
     arrays, y, costs = codes
     result = cnncodes.sweep_codes(arrays, y, SweepConfig(probes=("logreg",), val_size=0.3), costs=costs)

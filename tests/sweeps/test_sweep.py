@@ -21,6 +21,7 @@ def store(tmp_path_factory):
     return make_code_store(tmp_path_factory.mktemp("codes") / "s")
 
 
+@pytest.mark.slow
 def test_sweep_picks_the_informative_tap_by_cv_only(store):
     result = sweep(store, SweepConfig(probes=("logreg", "linsvc"), folds=3), progress=False)
     assert len(result.rows) == 3 * 2
@@ -56,6 +57,7 @@ def test_views_never_straddle_folds_and_tta_is_reported(tmp_path):
     assert len(result.test_predictions["sources"]) == len(split.test_rows) // 3
 
 
+@pytest.mark.slow
 def test_report_files_and_bundle_round_trip(store, tmp_path):
     import matplotlib
     import matplotlib.pyplot as plt
@@ -86,6 +88,7 @@ def test_report_files_and_bundle_round_trip(store, tmp_path):
     assert paths["sweep.png"].read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_any_joblib_backend_gives_the_same_result(store):
     local = sweep(store, SweepConfig(probes=("logreg",), folds=3), progress=False)
     with joblib.parallel_config(backend="threading", n_jobs=2):
@@ -94,6 +97,7 @@ def test_any_joblib_backend_gives_the_same_result(store):
     assert local.best.tap == threaded.best.tap
 
 
+@pytest.mark.slow
 def test_cli_sweep_writes_everything(store, tmp_path, capsys):
     assert (
         main(
@@ -207,6 +211,7 @@ def test_dask_backend_errors_say_what_to_do(store, tmp_path, capsys):
     assert "cannot reach the Dask scheduler at 'tcp://127.0.0.1:9'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_top5_accuracy_per_class_recall_and_the_confusion_matrix(tmp_path):
     import cnncodes
     from helpers import make_code_store

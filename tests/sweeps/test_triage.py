@@ -46,6 +46,7 @@ def full(arrays):
     return cnncodes.sweep_codes(arrays, Y, CONFIG)
 
 
+@pytest.mark.slow
 def test_every_row_carries_its_arrays_scores_and_the_sweep_says_how_well_each_ranked(arrays, full):
     split = split_images(Y, 0, CONFIG)
     plain = split.train_rows
@@ -116,6 +117,7 @@ class _Guarded:
         return self.array[index]
 
 
+@pytest.mark.slow
 def test_a_triaged_sweep_reads_the_test_rows_only_for_its_final_numbers(arrays, full, monkeypatch):
     from cnncodes.probing import _search
 
@@ -152,6 +154,7 @@ def test_several_backbones_are_triaged_in_one_ranking(arrays):
     assert result.best.backbone == "strong"
 
 
+@pytest.mark.slow
 def test_triage_and_scores_are_checked(arrays):
     for bad, match in ((0, "at least one array"), (1.5, "in \\(0, 1\\)"), ("many", "--triage auto"),
                        (True, "--triage 8")):  # fmt: skip
@@ -169,6 +172,7 @@ def test_triage_and_scores_are_checked(arrays):
         cnncodes.sweep_codes(arrays, multi, SweepConfig(probes=("logreg",), folds=3, triage=2), classes=["a", "b"])
 
 
+@pytest.mark.slow
 def test_store_sweep_writes_the_scores_plot_and_the_triage_through_the_cli(tmp_path, capsys):
     store = make_code_store(tmp_path / "s")
     assert main([
@@ -185,6 +189,7 @@ def test_store_sweep_writes_the_scores_plot_and_the_triage_through_the_cli(tmp_p
     assert "--triage" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_of_a_triaged_sweep_round_trips(arrays, tmp_path):
     result = cnncodes.sweep_codes(arrays, Y, SweepConfig(probes=("logreg",), folds=3, triage=2))
     paths = write_report(result, tmp_path)

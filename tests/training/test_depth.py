@@ -15,6 +15,7 @@ from cnncodes.training import FinetuneConfig, depth
 from helpers import make_images, make_tiny_backbone
 
 
+@pytest.mark.slow
 def test_depth_probes_and_fine_tunes_every_stage_and_marks_the_best_on_validation(tmp_path):
     backbone = make_tiny_backbone()
     images, labels = make_images(36)

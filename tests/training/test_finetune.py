@@ -57,6 +57,7 @@ def test_a_tap_inside_a_residual_branch_is_not_a_cut():
 
 
 @pytest.mark.parametrize("head", [False, True], ids=["top", "head"])
+@pytest.mark.slow
 def test_training_on_the_cache_equals_training_with_the_frozen_layers_live(cache, head):
     backbone, cut, images, labels, store = cache
     config = FinetuneConfig(head=head, epochs=3, batch_size=6, hidden=8, patience=5, seed=1)
@@ -110,6 +111,7 @@ def test_a_store_without_raw_activations_at_the_cut_is_refused(tmp_path):
         finetune(rectified, pre_activation, backbone=backbone, progress=False)
 
 
+@pytest.mark.slow
 def test_the_cli_trains_on_a_store_and_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     images = tmp_path / "imgs"
     from helpers import write_image_folder

@@ -85,6 +85,7 @@ def test_tampered_or_mismatched_files_are_refused(trained, tmp_path):
         load_finetuned(result.path, backbone=backbone, digest="sha256:" + "0" * 64)
 
 
+@pytest.mark.slow
 def test_predict_and_export_from_the_cli(tmp_path, capsys):
     from helpers import write_image_folder
 
