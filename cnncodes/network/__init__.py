@@ -20,7 +20,7 @@ from ._extractor import CodeExtractor
 from ._layout import Layout
 from ._pooling import Pooling, parse_poolings
 from ._taps import RELU_MODES, TapCatalogue, TapInfo, check_relu_mode, list_taps
-from ._top import Top, cut_points, top_above
+from ._top import Top, cut_points, first_block, top_above
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -40,6 +40,7 @@ __all__ = [
     "TapInfo",
     "Top",
     "cut_points",
+    "first_block",
     "top_above",
     "iter_batches",
     "autocast_dtype",

@@ -19,7 +19,7 @@ from ._backbones import Backbone
 from ._graph import _fetch
 from ._taps import TapCatalogue, list_taps
 
-__all__ = ["Top", "top_above", "cut_points"]
+__all__ = ["Top", "top_above", "cut_points", "first_block"]
 
 
 @dataclass
@@ -39,6 +39,9 @@ class Top:
         Qualified name of the model's final ``nn.Linear`` (the layer a new task replaces).
     modules : list of str
         Qualified names of the backbone modules ``body`` holds: their weights are what fine-tuning changes.
+    block : tuple of str
+        Qualified names of the modules that make the first block above the cut (see :func:`first_block`): what
+        surgical fine-tuning of one block trains. Empty when nothing with weights lies above the cut.
     """
 
     tap: str
@@ -46,6 +49,7 @@ class Top:
     features: int
     classifier: str
     modules: list[str]
+    block: tuple[str, ...] = ()
 
 
 def _trace_of(backbone: Backbone, catalogue: TapCatalogue) -> tuple[fx.GraphModule, dict[str, fx.Node]]:
@@ -145,7 +149,56 @@ def top_above(backbone: Backbone, tap: str, catalogue: TapCatalogue | None = Non
         p.requires_grad_(True)
     linear = gm.get_submodule(classifier.target)
     modules = sorted({n.target for n in body if n.op == "call_module"})
-    return Top(tap, module, int(linear.in_features), str(classifier.target), modules)
+    order = [str(n.target) for n in body if n.op == "call_module"]
+    return Top(
+        tap, module, int(linear.in_features), str(classifier.target), modules, first_block(backbone.model, order)
+    )
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def first_block(model: nn.Module, order: list[str]) -> tuple[str, ...]:
+    """The first block above a cut, as the module names it consists of, from ``order`` (the names of the modules
+    above the cut, in execution order).
+
+    A block is a module that is itself no container but an element of one (a ResNet ``layer3.0``, a timm EfficientNet
+    ``blocks.2.0``, a torchvision ``features.2.0``, a ViT ``blocks.3``). The first block is the outermost such module
+    holding the first layer with weights above the cut (a block, not a gate inside it). Where that module holds a sequence of blocks of its own (a
+    ConvNeXt stage: its downsampling layers, then ``blocks.0``, ``blocks.1``...), the first block is what it holds up
+    to and including its first inner block (``stages.1.downsample``, ``stages.1.blocks.0``), less what lies below
+    the cut. Without any enclosing
+    block (a network of plain layers), the first layer with weights alone. When the cut lies inside a block, its
+    first block is that block's layers above the cut. Empty without a layer with weights.
+    """
+    first = next((t for t in order if next(model.get_submodule(t).parameters(), None) is not None), None)
+    if first is None:
+        return ()
+    parts = first.split(".")
+    owner = next((".".join(parts[:k]) for k in range(1, len(parts)) if _is_block(model, ".".join(parts[:k]))), None)
+    if owner is None:
+        return (first,)
+    inner = next((name for name, _ in model.get_submodule(owner).named_modules(prefix=owner)
+                  if name != owner and _is_block(model, name, repeated=True)), None)  # fmt: skip
+    if inner is None:
+        return (owner,)
+    before, path = [], owner  # the modules the owner holds before its first inner block, level by level
+    for part in inner[len(owner) + 1 :].split("."):
+        for name, _ in model.get_submodule(path).named_children():
+            if name == part:
+                break
+            before.append(f"{path}.{name}")
+        path = f"{path}.{part}"
+    return (*(b for b in before if any(t == b or t.startswith(b + ".") for t in order)), inner)
+
+
+def _is_block(model: nn.Module, name: str, repeated: bool = False) -> bool:
+    """A module made of layers (not a layer), that is no container but an element of one; ``repeated``: one of
+    several of its kind there (a stage's blocks, not a squeeze-excitation gate among a block's layers)."""
+    module, parent = model.get_submodule(name), model.get_submodule(name.rpartition(".")[0])
+    if next(module.children(), None) is None or isinstance(module, _CONTAINERS) or not isinstance(parent, _CONTAINERS):
+        return False
+    return not repeated or sum(type(m) is type(module) for m in parent.children()) > 1
 
 
 def cut_points(backbone: Backbone, catalogue: TapCatalogue | None = None) -> list[str]:

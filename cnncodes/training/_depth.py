@@ -60,6 +60,8 @@ class DepthRow:
     trainable_params: int | None = None  # parameters the fine-tuning trained
     val_hits: str | None = None  # the fine-tuned top right or not on each validation image (packed bits, hex)
     test_hits: str | None = None  # on each test image
+    epochs: int | None = None  # epochs the fine-tuning ran (early stopping: at most FinetuneConfig.epochs)
+    best_epoch: int | None = None  # the epoch whose weights were kept (-1: the starting weights)
 
 
 def depth(
@@ -193,6 +195,7 @@ def _measure(row: DepthRow, tuned: Any, backbone: Backbone, shape: tuple[int, ..
     row.linear_flops = int(prefix)
     row.finetune_flops = int(prefix + forward_flops(model, torch.zeros((1, *shape))))
     row.trainable_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    row.epochs, row.best_epoch = len(tuned.history), int(tuned.best_epoch)
 
 
 def compare_cuts(rows: list[DepthRow], hits: list[tuple[Any, Any]]) -> None:

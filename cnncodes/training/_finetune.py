@@ -23,6 +23,8 @@ from ..errors import ParameterError
 from ..network import Backbone, Layout, list_taps, parse_poolings, resolve_device, top_above
 
 __all__ = [
+    "RECIPES",
+    "NORMS_LR_SCALE",
     "Activations",
     "FinetuneConfig",
     "HeadModel",
@@ -35,15 +37,33 @@ __all__ = [
 ]
 
 
+#: What can be trained above a cut (:class:`FinetuneConfig` ``train``), from the most to the fewest parameters.
+RECIPES = ("top", "block", "norms", "head")
+#: Learning rate of the ``norms`` recipe's parameters relative to ``lr_pretrained``: BitFit trains biases and norm
+#: scales at a rate about ten times that of full fine-tuning, since so few parameters move.
+NORMS_LR_SCALE = 10.0
+#: Modules whose affine parameters the ``norms`` recipe trains.
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How the top is trained.
 
     Parameters
     ----------
+    train : {"top", "block", "norms", "head"}, default="top"
+        What is trained above the cut (:data:`RECIPES`). Always a new classifier; besides it, ``top``: every
+        pretrained layer above the cut; ``block``: only the first block above it (surgical fine-tuning, Lee et al.,
+        ICLR 2023), the layers above that block frozen but run; ``norms``: the normalization layers' affine
+        parameters and every bias above the cut (BitFit, Ben Zaken et al. 2022), at ``NORMS_LR_SCALE`` times
+        ``lr_pretrained``; ``head``: a small head on the cut's activation (global average pooling, a dense layer
+        with ReLU and dropout, and a classifier: the classic recipe) instead of the pretrained layers. Frozen layers
+        run in eval mode (batch norm on its running statistics, no dropout); trained ones in train mode.
     head : bool, default=False
-        Train only a small head on the cut's activation (global average pooling, a dense layer with ReLU and dropout,
-        and a classifier: the classic recipe) instead of the pretrained layers above the cut plus a new classifier.
+        The same as ``train="head"`` (kept for earlier callers).
     epochs : int, default=10
     batch_size : int, default=64
     lr : float, default=3e-3
@@ -67,6 +87,7 @@ class FinetuneConfig:
         starts from a seeded random classifier. The head (``head=True``) always starts random.
     """
 
+    train: str = "top"
     head: bool = False
     epochs: int = 10
     batch_size: int = 64
@@ -81,6 +102,12 @@ class FinetuneConfig:
     init: str = "probe"
 
     def __post_init__(self) -> None:
+        if self.train not in RECIPES:
+            raise ParameterError(f"train={self.train!r}; use one of {', '.join(RECIPES)}.")
+        if self.head and self.train not in ("top", "head"):
+            raise ParameterError(f"head=True and train={self.train!r} disagree; give train='head' alone.")
+        object.__setattr__(self, "train", "head" if self.head else self.train)  # one spelling of each recipe
+        object.__setattr__(self, "head", self.train == "head")
         if self.init not in ("probe", "random"):
             raise ParameterError(f"init={self.init!r}; use 'probe' (start from a linear probe) or 'random'.")
         limits = {"epochs": (1, 100_000), "batch_size": (2, 65_536), "patience": (1, 100_000), "hidden": (1, 65_536)}
@@ -107,19 +134,60 @@ class FinetuneConfig:
 
 
 class TopModel(nn.Module):
-    """The pretrained layers above the cut (``body``) and a new linear classifier."""
+    """The pretrained layers above the cut (``body``) and a new linear classifier; ``recipe`` (see
+    :class:`FinetuneConfig` ``train``) says which of the body's parameters train, ``block`` names the modules of
+    the first block above the cut (for ``recipe="block"``). Frozen parameters do not require gradients, and :meth:`train` leaves the
+    frozen modules in eval mode."""
 
-    def __init__(self, body: nn.Module, features: int, n_classes: int) -> None:
+    def __init__(self, body: nn.Module, features: int, n_classes: int, recipe: str = "top",
+                 block: tuple[str, ...] = ()) -> None:  # fmt: skip
         super().__init__()
         self.body = body
         self.classifier = nn.Linear(features, n_classes)
+        self.recipe, self.block = recipe, block
+        for name, param in self.body.named_parameters():
+            param.requires_grad_(self._trains(name))
+
+    def _in_block(self, name: str) -> bool:
+        return any(name == b or name.startswith(b + ".") for b in self.block)
+
+    def _trains(self, name: str) -> bool:
+        """Whether body parameter ``name`` trains under the recipe."""
+        if self.recipe == "top":
+            return True
+        if self.recipe == "block":
+            return self._in_block(name)
+        owner = name.rpartition(".")[0]
+        return name.rpartition(".")[2] == "bias" or isinstance(self.body.get_submodule(owner), _NORMS)
+
+    def _trained_modules(self) -> list[nn.Module]:
+        """The body's modules that run in train mode: all for ``top``, the block's, or the normalization layers."""
+        if self.recipe == "top":
+            return [self.body]
+        if self.recipe == "block":
+            return [m for name, m in self.body.named_modules() if self._in_block(name)]
+        return [m for m in self.body.modules() if isinstance(m, _NORMS)]
+
+    def train(self, mode: bool = True) -> TopModel:
+        super().train(mode)
+        if mode and self.recipe != "top":
+            self.body.eval()
+            for module in self._trained_modules():
+                module.train()
+        return self
+
+    def trained_parameters(self) -> list[str]:
+        """Names of the parameters the recipe trains (the classifier's included)."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body(x))
 
     def param_groups(self, config: FinetuneConfig) -> list[dict[str, Any]]:
-        return [{"params": list(self.body.parameters()), "lr": config.lr_pretrained},
-                {"params": list(self.classifier.parameters()), "lr": config.lr}]  # fmt: skip
+        scale = NORMS_LR_SCALE if self.recipe == "norms" else 1.0
+        body = [p for p in self.body.parameters() if p.requires_grad]
+        return [g for g in ({"params": body, "lr": config.lr_pretrained * scale},
+                            {"params": list(self.classifier.parameters()), "lr": config.lr}) if g["params"]]  # fmt: skip
 
 
 class HeadModel(nn.Module):
@@ -139,6 +207,9 @@ class HeadModel(nn.Module):
     def param_groups(self, config: FinetuneConfig) -> list[dict[str, Any]]:
         return [{"params": list(self.parameters()), "lr": config.lr}]
 
+    def trained_parameters(self) -> list[str]:
+        return [n for n, _ in self.named_parameters()]
+
 
 def build_model(backbone: Backbone, cut: str, n_classes: int, config: FinetuneConfig, catalogue=None) -> nn.Module:
     """The trainable model for a cut, its new layers initialised from ``config.seed``."""
@@ -148,7 +219,7 @@ def build_model(backbone: Backbone, cut: str, n_classes: int, config: FinetuneCo
             tap = (catalogue or list_taps(backbone))[cut]
             return HeadModel(tap.layout, tap.layout.channels(tap.shape), n_classes, config.hidden, config.dropout)
         top = top_above(backbone, cut, catalogue)
-        return TopModel(top.body, top.features, n_classes)
+        return TopModel(top.body, top.features, n_classes, config.train, top.block)
 
 
 class Activations(Protocol):

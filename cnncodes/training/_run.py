@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,15 @@ class FinetuneResult:
     path: Path | None = None  # the saved finetuned.zip, when ``out`` was given
     val_hits: np.ndarray | None = None  # per validation image: classified right (paired tests across cuts)
     test_hits: np.ndarray | None = None  # per test image
+    recipe: str = "top"  # what was trained above the cut (FinetuneConfig.train)
+    trained: list[str] = field(default_factory=list)  # the names of the parameters it trained
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cut": self.cut, "head": self.head, "classes": self.classes, "val_accuracy": self.val_accuracy,
-                "test_accuracy": self.test_accuracy, "best_epoch": self.best_epoch, "history": self.history,
-                "seconds": self.seconds, "config": self.config}  # fmt: skip
+        return {"cut": self.cut, "train": self.recipe, "head": self.head, "classes": self.classes,
+                "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy, "best_epoch": self.best_epoch,
+                "history": self.history, "seconds": self.seconds, "config": self.config,
+                "trainable_params": int(sum(p.numel() for n, p in self.model.named_parameters() if n in self.trained)),
+                "trained_parameters": self.trained}  # fmt: skip
 
 
 def backbone_of(store: CodeStore, weights: str | os.PathLike | None = None) -> Backbone:
@@ -82,7 +86,8 @@ def finetune(
     device: str = "auto",
     progress: bool = True,
 ) -> FinetuneResult:
-    """Train the layers above ``cut`` (or a small head, ``config.head``) on the store's cached activations at it.
+    """Train above ``cut`` on the store's cached activations at it: every layer, the first block, the norms and
+    biases, or a small head (``config.train``, see :class:`FinetuneConfig`), with a new classifier.
 
     Parameters
     ----------
@@ -143,7 +148,8 @@ def finetune(
     done = FinetuneResult(cut, config.head, result.model, store.classes, result.val_accuracy, result.test_accuracy,
                           result.best_epoch, result.history, result.seconds,
                           {**config.to_dict(), "val_size": val_size, "test_size": test_size, "store": str(store.path)},
-                          val_hits=result.val_hits, test_hits=result.test_hits)  # fmt: skip
+                          val_hits=result.val_hits, test_hits=result.test_hits, recipe=config.train,
+                          trained=model.trained_parameters())  # fmt: skip
     if out is not None:
         done.path = publish_finetuned(done, backbone, out, (store.manifest.get("config") or {}).get("numerics"))
     return done

@@ -48,7 +48,8 @@ def save_finetuned(result: Any, backbone: Backbone, path: str | os.PathLike, num
         "cut": result.cut,
         "head": result.head,
         "classes": list(result.classes),
-        "config": {k: result.config[k] for k in ("hidden", "dropout", "seed")},
+        "config": {k: result.config[k] for k in ("hidden", "dropout", "seed", "train")},
+        "trained_parameters": list(result.trained),
         "numerics": numerics,
         "metrics": {
             "val_accuracy": result.val_accuracy,
@@ -109,7 +110,8 @@ def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise _refuse(path, "config must be an object")
     try:
-        FinetuneConfig(head=meta["head"], hidden=config.get("hidden", 512), dropout=config.get("dropout", 0.5))
+        FinetuneConfig(head=meta["head"], train=config.get("train", "top"), hidden=config.get("hidden", 512),
+                       dropout=config.get("dropout", 0.5))  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the config's own checks name the field
         raise _refuse(path, f"config is malformed ({exc})") from None
     if not isinstance(meta.get("checksums"), dict) or not isinstance(meta["checksums"].get(_WEIGHTS), str):
@@ -182,8 +184,8 @@ class DeployedFinetune:
                                            f"from the model's {meta['model']['fingerprint'][:19]}...; load the same "
                                            "weights (--weights PATH).")  # fmt: skip
         catalogue = list_taps(backbone)
-        config = FinetuneConfig(head=meta["head"], hidden=meta["config"].get("hidden", 512),
-                                dropout=meta["config"].get("dropout", 0.5))  # fmt: skip
+        config = FinetuneConfig(head=meta["head"], train=meta["config"].get("train", "top"),
+                                hidden=meta["config"].get("hidden", 512), dropout=meta["config"].get("dropout", 0.5))  # fmt: skip
         self.top = build_model(backbone, self.cut, len(self.classes), config, catalogue)
         expected = self.top.state_dict()
         need = sum(t.numel() * t.element_size() for t in expected.values()) + 2**20

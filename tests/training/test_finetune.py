@@ -56,11 +56,98 @@ def test_a_tap_inside_a_residual_branch_is_not_a_cut():
         top_above(backbone, inside)
 
 
-@pytest.mark.parametrize("head", [False, True], ids=["top", "head"])
+class _Block(torch.nn.Module):
+    """conv, batch norm, ReLU, dropout and a residual: what the block and norms recipes must train or freeze."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(width)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(torch.relu(self.bn(self.conv(x))))
+
+
+class _BlockNet(torch.nn.Module):
+    """A stem, then stages of blocks (nn.Sequential of nn.Sequential, as ResNets and EfficientNets nest them)."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, stride=2, padding=1), torch.nn.BatchNorm2d(width),
+                                        torch.nn.ReLU())  # fmt: skip
+        self.blocks = torch.nn.Sequential(*(torch.nn.Sequential(_Block(width), _Block(width)) for _ in range(2)))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, 3)
+        with torch.no_grad():  # batch statistics far from the running ones: train and eval mode differ
+            for m in self.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-1, 1)
+                    m.running_var.uniform_(0.3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.stem(x)).mean((2, 3))))
+
+
+@pytest.fixture(scope="module")
+def blocks_cache(tmp_path_factory):
+    """The cache of a network of blocks, cut at the end of its first block."""
+    from cnncodes.network import load_backbone
+    from helpers import TINY_PRE
+
+    torch.manual_seed(0)
+    backbone = load_backbone(_BlockNet(), preprocessing=TINY_PRE)
+    cut = next(c for c in cut_points(backbone) if c.startswith("blocks.0.0"))
+    images, labels = make_images(36)
+    store = cnncodes.extract(images, labels=labels, out=tmp_path_factory.mktemp("blocks") / "s", model=backbone,
+                             taps=cut, poolings="none", relu="never", views=VIEWS, seed=3, dtype="float32",
+                             batch_size=6, workers=0, progress=False)  # fmt: skip
+    return backbone, cut, images, labels, store
+
+
+def test_each_recipe_trains_its_parameters_and_freezes_the_rest_in_eval_mode(blocks_cache):
+    backbone, cut, *_ = blocks_cache
+    assert top_above(backbone, cut).block == ("blocks.0.1",)  # the next block of the stage, not the stage
+    trained = {}
+    for recipe in ("top", "block", "norms", "head"):
+        model = build_model(backbone, cut, 3, FinetuneConfig(train=recipe, hidden=4)).train()
+        trained[recipe] = set(model.trained_parameters())
+        modes = {name: m.training for name, m in model.named_modules() if not list(m.children())}
+        if recipe == "block":
+            assert {n.rsplit(".", 1)[0] for n in trained[recipe]} == {"body.blocks.0.1.conv", "body.blocks.0.1.bn",
+                                                                     "classifier"}  # fmt: skip
+            assert modes["body.blocks.0.1.bn"] and modes["body.blocks.0.1.drop"]
+            assert not modes["body.blocks.1.0.bn"] and not modes["body.blocks.1.0.drop"]  # frozen but run
+        if recipe == "norms":  # BatchNorm and LayerNorm affine parameters, biases, the classifier; no conv weight
+            assert trained[recipe] == {n for n in trained["top"] if ".bn." in n or ".norm." in n or
+                                       n.startswith("classifier")}  # fmt: skip
+            assert modes["body.blocks.1.0.bn"] and not modes["body.blocks.1.0.drop"]
+        x = torch.randn(8, *list_taps(backbone)[cut].shape)
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        optimizer = torch.optim.AdamW(model.param_groups(FinetuneConfig(train=recipe)))
+        torch.nn.functional.cross_entropy(model(x), torch.arange(8) % 3).backward()
+        optimizer.step()  # one step: what the recipe trains moves, nothing else does (running statistics aside)
+        for name, value in model.named_parameters():
+            moved = not torch.equal(value, before[name])
+            assert moved == (name in trained[recipe]), f"{recipe}: {name} {'moved' if moved else 'did not move'}"
+        for name, value in model.named_buffers():  # batch norm statistics move only in train-mode modules
+            if "running_mean" in name:
+                assert (not torch.equal(value, before[name])) == modes[name.rsplit(".", 1)[0]], name
+        model.eval()
+        assert not any(m.training for m in model.modules())
+    assert trained["block"] < trained["top"] and trained["norms"] < trained["top"]
+    assert FinetuneConfig(head=True).train == "head" and FinetuneConfig(train="head").head
+    with pytest.raises(ParameterError, match="train='layers'; use one of top, block, norms, head"):
+        FinetuneConfig(train="layers")
+    with pytest.raises(ParameterError, match="head=True and train='norms' disagree"):
+        FinetuneConfig(head=True, train="norms")
+
+
+@pytest.mark.parametrize("recipe", ["top", "block", "norms", "head"])
 @pytest.mark.slow
-def test_training_on_the_cache_equals_training_with_the_frozen_layers_live(cache, head):
-    backbone, cut, images, labels, store = cache
-    config = FinetuneConfig(head=head, epochs=3, batch_size=6, hidden=8, patience=5, seed=1)
+def test_training_on_the_cache_equals_training_with_the_frozen_layers_live(cache, blocks_cache, recipe):
+    backbone, cut, images, labels, store = cache if recipe in ("top", "head") else blocks_cache
+    config = FinetuneConfig(train=recipe, epochs=3, batch_size=6, hidden=8, patience=5, seed=1)
     fit, val = np.arange(0, 24), np.arange(24, 36)
     runs = {}
     for route in ("cache", "live"):
@@ -132,3 +219,55 @@ def test_the_cli_trains_on_a_store_and_refuses_bad_arguments_in_one_line(tmp_pat
         main(["finetune", str(store), "--cut", "layer3.1.relu_1", "--out", str(tmp_path / "x"), "--epochs", "0"]) == 2
     )
     assert "--epochs" in capsys.readouterr().err
+
+
+def test_the_first_block_is_the_networks_own_unit_whatever_its_nesting():
+    """Synthetic module trees of the kinds real networks use: blocks in stages, a stage module holding its
+    downsampling and then repeated blocks (ConvNeXt), a gate inside a block (MobileNet), plain layers."""
+    from torch import nn
+
+    from cnncodes.network import first_block
+
+    class Gate(nn.Module):  # a squeeze-excitation: a module of layers inside a block, not a block
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Conv2d(2, 2, 1), Gate(), nn.Conv2d(2, 2, 1))
+
+    class Stage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.downsample = nn.Sequential(nn.GroupNorm(1, 2), nn.Conv2d(2, 2, 2))
+            self.blocks = nn.Sequential(Block(), Block())
+
+    nested = nn.Module()
+    nested.stem, nested.stages = nn.Conv2d(3, 2, 1), nn.Sequential(Stage(), Stage())
+    order = ["stages.1.downsample.0", "stages.1.downsample.1", "stages.1.blocks.0.layers.0",
+             "stages.1.blocks.0.layers.1.fc", "stages.1.blocks.1.layers.0"]  # fmt: skip
+    assert first_block(nested, order) == ("stages.1.downsample", "stages.1.blocks.0")
+    assert first_block(nested, order[2:]) == ("stages.1.blocks.0",)  # a cut after the downsampling
+    assert first_block(nested, order[3:]) == ("stages.1.blocks.0",)  # inside a block: its layers above the cut
+    flat = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1))
+    assert first_block(flat, ["1", "2"]) == ("2",)  # plain layers: the first layer with weights
+    assert first_block(flat, ["1"]) == ()
+
+
+@pytest.mark.slow
+def test_the_first_block_of_real_networks():
+    from cnncodes.network import load_backbone
+
+    expected = {  # spec: {cut: first block above it}
+        "resnet18:none": {"layer1.1.relu_1": ("layer2.0",), "layer4.1.relu_1": ()},
+        "efficientnet_lite0": {"blocks.1.1.add": ("blocks.2.0",)},
+        "mobilenet_v3_small:none": {"features.3.add": ("features.4",)},
+        "timm:convnext_atto:none": {"stages.0.blocks.1.add": ("stages.1.downsample", "stages.1.blocks.0")},
+        "timm:vit_tiny_patch16_224:none": {"blocks.0.add_1": ("blocks.1",)},
+    }
+    for spec, cuts in expected.items():
+        backbone = load_backbone(spec, input_size=64)
+        for cut, block in cuts.items():
+            assert top_above(backbone, cut).block == block, (spec, cut)
