@@ -12,12 +12,12 @@ from pathlib import Path
 __all__ = ["new_figure", "save_figure", "shown"]
 
 
-def new_figure(width: float, height: float):
-    """A figure of ``width`` x ``height`` inches and its single axes."""
+def new_figure(width: float, height: float, ncols: int = 1):
+    """A figure of ``width`` x ``height`` inches and its axes (one, or ``ncols`` side by side)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height))
-    return fig, fig.subplots()
+    return fig, fig.subplots(1, ncols)
 
 
 def shown(text: str) -> str:

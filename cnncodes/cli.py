@@ -460,11 +460,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if Path(args.out).resolve().is_relative_to(Path(args.store).resolve()):
         raise ParameterError(f"--out {args.out} is inside the code store {args.store}; write the model elsewhere "
                              "(nothing was computed).")  # fmt: skip
-    config = FinetuneConfig(head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            lr_pretrained=args.lr_pretrained, patience=args.patience, seed=args.seed)  # fmt: skip
+    if args.head and args.train not in ("top", "head"):
+        raise ParameterError(
+            f"--head and --train {args.train} disagree; give --train head alone (nothing was computed)."
+        )
+    config = FinetuneConfig(train="head" if args.head else args.train, epochs=args.epochs, batch_size=args.batch_size,
+                            lr=args.lr, lr_pretrained=args.lr_pretrained, patience=args.patience, seed=args.seed)  # fmt: skip
     result = finetune(args.store, args.cut, out=args.out, weights=args.weights, config=config, val_size=args.val_size,
                       test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
-    what = "a head" if result.head else "the layers above it"
+    what = {"head": "a head", "top": "the layers above it", "block": "the first block above it",
+            "norms": "the norms and biases above it"}[result.recipe]  # fmt: skip
     test = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
     print(f"cut {result.cut}: trained {what} for {len(result.history)} epochs in {result.seconds:.1f} s; best epoch "
           f"{result.best_epoch}: validation accuracy {result.val_accuracy:.4f}, test accuracy {test}")  # fmt: skip
@@ -478,21 +483,25 @@ def _cmd_depth(args: argparse.Namespace) -> int:
     from .training import FinetuneConfig, depth, depth_of_stores, format_depth_table
 
     _output_dir(args.out)
-    config = FinetuneConfig(head=args.head, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    if args.head and args.train != "top":
+        raise ParameterError(f"--head and --train {args.train} disagree; give --train {args.train},head (nothing was "
+                             "computed).")  # fmt: skip
+    recipes = "head" if args.head else args.train
+    config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     stores = [s for s in args.source if (Path(s) / "manifest.json").is_file()]
     if stores and len(stores) != len(args.source):
         raise ParameterError("give either one image source or code stores (one cut each), not both.")
     if stores:
-        rows = depth_of_stores(stores, out=args.out, weights=args.weights, config=config, test_size=args.test_size,
-                               device=args.device, progress=not args.quiet)  # fmt: skip
+        rows = depth_of_stores(stores, out=args.out, weights=args.weights, config=config, recipes=recipes,
+                               test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
     elif len(args.source) > 1:
         raise ParameterError(f"{args.source[1]} is not a code store; give one image source, or code stores only.")
     else:
         rows = depth(args.source[0], out=args.out, model=args.model, cuts=args.cuts, weights=args.weights,
                      input_size=args.input_size, views=args.views, seed=args.seed, augment=args.augment, config=config,
-                     test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
+                     recipes=recipes, test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
     print(format_depth_table(rows))
-    print(f"wrote depth.csv, depth.json, depth.png to {args.out} (* = best cut by validation accuracy)")
+    print(f"wrote depth.csv, depth.json, depth.png to {args.out} (* = best cell by validation accuracy)")
     return 0
 
 
@@ -680,7 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cut", required=True, help="the tap to cut at (cnncodes layers MODEL lists taps)")
     p.add_argument("--out", required=True, help="directory for finetune.json")
-    p.add_argument("--head", action="store_true", help="train a small head (pool, dense, dropout) instead of the top")
+    p.add_argument("--train", choices=("top", "block", "norms", "head"), default="top",
+                   help="what to train above the cut with a new classifier: every layer (top), the first block, the "
+                   "norms and biases, or a small head (default: %(default)s)")  # fmt: skip
+    p.add_argument("--head", action="store_true", help="the same as --train head")
     p.add_argument("--epochs", type=_int_at_least(1), default=10)
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of new layers (default: %(default)s)")
@@ -703,7 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the per-cut stores and depth.csv/json/png")
     p.add_argument("--views", type=_int_at_least(0), default=2, help="augmented views cached per image (default: 2)")
     p.add_argument("--augment", default="crop,flip", help="view augmentations: crop,flip,color (default: %(default)s)")
-    p.add_argument("--head", action="store_true", help="fine-tune a small head instead of the layers above each cut")
+    p.add_argument("--train", default="top",
+                   help="what to train above each cut, comma-separated: top (every layer), block (the first block), "
+                   "norms (norms and biases), head (a small head); several give a cuts x recipes matrix "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--head", action="store_true", help="the same as --train head")
     p.add_argument("--epochs", type=_int_at_least(1), default=10)
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)
     p.add_argument("--test-size", type=float, default=0.25)

@@ -3,11 +3,12 @@ a store, with seeded augmented views, instead of re-running the frozen layers ev
 
 from ._depth import DepthRow, depth, depth_of_stores, format_depth_table, write_depth_report
 from ._feeds import CachedActivations, LiveActivations
-from ._finetune import Activations, FinetuneConfig, HeadModel, TopModel, TrainResult, build_model, train
+from ._finetune import RECIPES, Activations, FinetuneConfig, HeadModel, TopModel, TrainResult, build_model, train
 from ._run import FinetuneResult, backbone_of, finetune
 from ._saved import DeployedFinetune, FinetunedModule, is_finetuned, load_finetuned, save_finetuned
 
 __all__ = [
+    "RECIPES",
     "Activations",
     "CachedActivations",
     "DepthRow",

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from ..probing._scoring import pack_hits
 from ..probing._stats import holm, mcnemar_exact, wilson_interval
 from ..store import CodeStore
 from ..sweeps import sweep
-from ._finetune import FinetuneConfig
+from ._finetune import RECIPES, FinetuneConfig
 from ._run import backbone_of, finetune
 
 __all__ = ["DepthRow", "depth", "depth_of_stores", "format_depth_table", "write_depth_report", "DEPTH_FILES"]
@@ -33,7 +34,8 @@ __all__ = ["DepthRow", "depth", "depth_of_stores", "format_depth_table", "write_
 
 @dataclass
 class DepthRow:
-    """One cut: its position, the linear probe's and the fine-tuned top's scores, and the cost."""
+    """One cell of the matrix: a cut and what was trained above it (``recipe``), the linear probe at that cut (the
+    same for every recipe of the cut), the trained model's scores, and the costs."""
 
     cut: str
     depth: int  # position in forward order
@@ -62,6 +64,8 @@ class DepthRow:
     test_hits: str | None = None  # on each test image
     epochs: int | None = None  # epochs the fine-tuning ran (early stopping: at most FinetuneConfig.epochs)
     best_epoch: int | None = None  # the epoch whose weights were kept (-1: the starting weights)
+    recipe: str = "top"  # what was trained above the cut (FinetuneConfig.train)
+    cheapest: bool = False  # the cheapest cell the validation images cannot tell from the best (Holm p >= 0.05)
 
 
 def depth(
@@ -76,6 +80,7 @@ def depth(
     seed: int = 0,
     augment: str | Sequence[str] = ("crop", "flip"),
     config: FinetuneConfig | None = None,
+    recipes: Sequence[str] | None = None,
     test_size: float = 0.25,
     val_size: float = 0.2,
     batch_size: int = 64,
@@ -84,11 +89,14 @@ def depth(
 ) -> list[DepthRow]:
     """For each cut: extract its raw activations (cache, ``none``) and pooled codes (``avg``) once, with ``views``
     seeded augmented views (``augment``: crop, flip, color; drop flip for images whose mirror means something else,
-    such as digits); sweep linear probes on the pooled codes; fine-tune the layers above the cut on the cache.
+    such as digits); sweep linear probes on the pooled codes; train above the cut on the cache, once per recipe of
+    ``recipes`` (default: ``config.train``; see :data:`~cnncodes.training.RECIPES`), with the same optimizer,
+    schedule and early stopping.
 
-    Every cut is scored on the same held-out test images (the sweep's stratified split for ``test_size`` and
-    ``seed``); the fine-tuned top is chosen on validation images only. The best cut is the one with the highest
-    fine-tuned validation accuracy. Stores go to ``out/cuts/<cut>/``: a rerun reuses them (and
+    Every cell (cut x recipe) is scored on the same held-out test images (the sweep's stratified split for
+    ``test_size`` and ``seed``); each trained model is chosen on validation images only. The best cell is the one
+    with the highest validation accuracy; the cheapest cell whose validation hits the best's cannot be told from
+    (exact McNemar, Holm-adjusted, p >= 0.05) is marked too. Stores go to ``out/cuts/<cut>/``: a rerun reuses them (and
     :func:`depth_of_stores` runs the same comparison over stores extracted by hand).
     """
     config = config or FinetuneConfig(seed=seed)
@@ -104,6 +112,7 @@ def depth(
     if not_cuts:
         raise ParameterError(f"{', '.join(not_cuts)} cannot be cut at (the layers above read around them); choose "
                              f"among: {', '.join(sorted(possible, key=catalogue.names.index))}.")  # fmt: skip
+    recipes = _recipes(recipes, config)  # refused before any extraction
     recover(out)  # cuts/ left in a report's staging folder by a crash are moved back, not extracted again
     stores, seconds = [], []
     for name in names:
@@ -114,8 +123,20 @@ def depth(
                               poolings="none,avg", relu="never", views=views, seed=seed, augment=augment, batch_size=batch_size,
                               device=device, progress=progress))  # fmt: skip
         seconds.append(time.perf_counter() - start)
-    return depth_of_stores(stores, out=out, backbone=backbone, config=config, test_size=test_size, val_size=val_size,
-                           device=device, progress=progress, extract_seconds=seconds)  # fmt: skip
+    return depth_of_stores(stores, out=out, backbone=backbone, config=config, recipes=recipes, test_size=test_size,
+                           val_size=val_size, device=device, progress=progress, extract_seconds=seconds)  # fmt: skip
+
+
+def _recipes(recipes: Sequence[str] | str | None, config: FinetuneConfig) -> tuple[str, ...]:
+    """``recipes`` checked (a comma-separated string or a list of :data:`RECIPES`), ``(config.train,)`` by default."""
+    if recipes is None:
+        return (config.train,)
+    names = [r.strip() for r in recipes.split(",")] if isinstance(recipes, str) else [str(r) for r in recipes]
+    unknown = [r for r in names if r not in RECIPES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ParameterError(f"recipes {','.join(names)!r}: give distinct names among {', '.join(RECIPES)} "
+                             "(e.g. --train top,block,norms,head).")  # fmt: skip
+    return tuple(names)
 
 
 def depth_of_stores(
@@ -125,6 +146,7 @@ def depth_of_stores(
     backbone: Backbone | None = None,
     weights: str | os.PathLike | None = None,
     config: FinetuneConfig | None = None,
+    recipes: Sequence[str] | None = None,
     test_size: float = 0.25,
     val_size: float = 0.2,
     device: str = "auto",
@@ -136,6 +158,7 @@ def depth_of_stores(
     the same images (their sources are compared) from one backbone."""
     opened = [s if isinstance(s, CodeStore) else CodeStore(s) for s in stores]
     config = config or FinetuneConfig()
+    recipes = _recipes(recipes, config)
     if any(store.multilabel for store in opened):
         raise ParameterError("the depth sweep fine-tunes single-label classifiers, but these stores are multi-label "
                              "(a CSV of cat;dog labels); probe them with cnncodes sweep instead.")  # fmt: skip
@@ -161,22 +184,25 @@ def depth_of_stores(
             raise ParameterError(f"{store.path} has no pooled codes of {name!r} for the linear probe; extract it with "
                                  "--poolings none,avg.")  # fmt: skip
         if progress:
-            print(f"cut {name}: linear probe on {', '.join(pooled)}, then the layers above it")
+            print(f"cut {name}: linear probe on {', '.join(pooled)}, then {', '.join(recipes)} above it")
         linear = sweep(store, SweepConfig(probes=("logreg",), test_size=test_size, seed=config.seed), taps=[name],
                        poolings=pooled, costs=False, progress=False)  # fmt: skip
-        tuned = finetune(store, name, backbone=backbone, config=config, val_size=val_size, test_size=test_size,
-                         device=device, progress=progress)  # fmt: skip
-        row = DepthRow(name, catalogue[name].index, linear.best.cv_accuracy, linear.best.test_accuracy,
-                       tuned.val_accuracy, tuned.test_accuracy, (store.path / caches[0]["file"]).stat().st_size,
-                       float("nan") if extract_seconds is None else extract_seconds[i], tuned.seconds,
-                       linear_cv_ci=linear.best.cv_ci, linear_test_ci=linear.best.test_accuracy_ci)  # fmt: skip
-        _measure(row, tuned, backbone, catalogue[name].shape)
-        rows.append(row)
-        hits.append((tuned.val_hits, tuned.test_hits))
-    order = sorted(range(len(rows)), key=lambda i: rows[i].depth)
+        for recipe in recipes:
+            tuned = finetune(store, name, backbone=backbone, config=replace(config, train=recipe, head=False),
+                             val_size=val_size, test_size=test_size, device=device, progress=progress)  # fmt: skip
+            row = DepthRow(name, catalogue[name].index, linear.best.cv_accuracy, linear.best.test_accuracy,
+                           tuned.val_accuracy, tuned.test_accuracy, (store.path / caches[0]["file"]).stat().st_size,
+                           float("nan") if extract_seconds is None else extract_seconds[i], tuned.seconds,
+                           linear_cv_ci=linear.best.cv_ci, linear_test_ci=linear.best.test_accuracy_ci,
+                           recipe=recipe)  # fmt: skip
+            _measure(row, tuned, backbone, catalogue[name].shape)
+            rows.append(row)
+            hits.append((tuned.val_hits, tuned.test_hits))
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].depth, recipes.index(rows[i].recipe)))
     rows, hits = [rows[i] for i in order], [hits[i] for i in order]
     max(rows, key=lambda r: r.finetune_val_accuracy).best = True
     compare_cuts(rows, hits)
+    mark_cheapest(rows)
     write_depth_report(rows, out)
     return rows
 
@@ -198,9 +224,20 @@ def _measure(row: DepthRow, tuned: Any, backbone: Backbone, shape: tuple[int, ..
     row.epochs, row.best_epoch = len(tuned.history), int(tuned.best_epoch)
 
 
+def mark_cheapest(rows: list[DepthRow], alpha: float = 0.05) -> None:
+    """Mark the cheapest cell the validation images cannot tell from the best (Holm-adjusted McNemar p >= ``alpha``,
+    or the best itself): the fewest deployed FLOPs, then the fewest trained parameters, then the shortest training."""
+
+    def cost(r: DepthRow) -> tuple[float, float, float]:
+        return (r.finetune_flops or math.inf, r.trainable_params or math.inf, r.train_seconds)
+
+    equal = [r for r in rows if r.best or (r.p_val_holm is not None and r.p_val_holm >= alpha)]
+    min(equal, key=cost).cheapest = True
+
+
 def compare_cuts(rows: list[DepthRow], hits: list[tuple[Any, Any]]) -> None:
-    """Every cut's fine-tuned top against the best cut's, on the same validation and test images (exact McNemar),
-    Holm-adjusted over the cuts, in place."""
+    """Every cell's trained model against the best cell's, on the same validation and test images (exact McNemar),
+    Holm-adjusted over the cells, in place."""
     at = next(i for i, r in enumerate(rows) if r.best)
     for which, k in (("p_val", 0), ("p_test", 1)):
         ref = hits[at][k]
@@ -232,31 +269,79 @@ def _depth_files(rows: list[DepthRow], out: Path) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     write_text(paths["json"], json.dumps([asdict(r) for r in rows], indent=1))
-    fig, ax = new_figure(8, 4.5)
-    x = range(len(rows))
-
-    def bars(values: list[float], cis: list[list[float] | None]) -> np.ndarray:
-        return np.array([[v - c[0], c[1] - v] if c else [0.0, 0.0] for v, c in zip(values, cis)]).T.reshape(2, -1)
-
-    linear = [r.linear_test_accuracy for r in rows]
-    tuned = [r.finetune_test_accuracy or 0.0 for r in rows]
-    ax.errorbar(x, linear, yerr=bars(linear, [r.linear_test_ci for r in rows]), fmt="o-", capsize=3,
-                label="linear probe (frozen up to the cut)")  # fmt: skip
-    ax.errorbar(x, tuned, yerr=bars(tuned, [r.finetune_test_ci for r in rows]), fmt="s-", capsize=3,
-                label="layers above the cut fine-tuned")  # fmt: skip
-    best = next(i for i, r in enumerate(rows) if r.best)
-    ax.axvline(best, color="grey", linestyle=":", label=f"best cut (validation): {rows[best].cut}")
-    ax.set_xticks(list(x), [r.cut for r in rows], rotation=30, ha="right")
-    ax.set_xlabel("cut (deeper to the right: more layers frozen)")
-    ax.set_ylabel("test accuracy (bars: 95 % Wilson intervals)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    cuts = list(dict.fromkeys(r.cut for r in rows))
+    recipes = list(dict.fromkeys(r.recipe for r in rows))
+    fig, (heat, lines) = new_figure(7.5 + 1.1 * len(recipes), 0.6 * len(cuts) + 3.0, ncols=2)
+    _heat_map(heat, rows, cuts, recipes)
+    _by_cut(lines, rows, cuts, recipes)
     save_figure(fig, paths["plot"], dpi=120)
     return paths
 
 
+def _cell(rows: list[DepthRow], cut: str, recipe: str) -> DepthRow | None:
+    return next((r for r in rows if r.cut == cut and r.recipe == recipe), None)
+
+
+def _heat_map(ax: Any, rows: list[DepthRow], cuts: list[str], recipes: list[str]) -> None:
+    """Test accuracy of every cell (cuts down, the linear probe then each recipe across), validation beside it;
+    the best cell (by validation) boxed in black, the cheapest cell not significantly worse in a dashed box."""
+    columns = ["linear", *recipes]
+    grid = np.full((len(cuts), len(columns)), np.nan)
+    for i, cut in enumerate(cuts):
+        first = next(r for r in rows if r.cut == cut)
+        grid[i, 0] = first.linear_test_accuracy
+        ax.text(0, i, f"{first.linear_test_accuracy:.3f}\ncv {first.linear_cv_accuracy:.3f}", ha="center",
+                va="center", fontsize=7)  # fmt: skip
+        for j, recipe in enumerate(recipes, start=1):
+            cell = _cell(rows, cut, recipe)
+            if cell is None:
+                continue
+            grid[i, j] = cell.finetune_test_accuracy if cell.finetune_test_accuracy is not None else np.nan
+            test = "-" if cell.finetune_test_accuracy is None else f"{cell.finetune_test_accuracy:.3f}"
+            ax.text(j, i, f"{test}\nval {cell.finetune_val_accuracy:.3f}", ha="center", va="center", fontsize=7)
+            for flag, style in ((cell.best, "-"), (cell.cheapest, "--")):
+                if flag:
+                    ax.add_patch(_box(i, j, style))
+    shown = ax.imshow(grid, cmap="Blues", aspect="auto", vmin=np.nanmin(grid) - 0.02, vmax=1.0)
+    ax.figure.colorbar(shown, ax=ax, label="test accuracy", shrink=0.8)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(cuts)), cuts, fontsize=8)
+    ax.set_xlabel("what is trained above the cut")
+    ax.set_title("best (validation): solid box; cheapest not worse: dashed", fontsize=8)
+
+
+def _box(i: int, j: int, style: str) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False, lw=2, ls=style, ec="black")
+
+
+def _by_cut(ax: Any, rows: list[DepthRow], cuts: list[str], recipes: list[str]) -> None:
+    """Test accuracy against the cut, the linear probe and each recipe, with 95 % Wilson intervals."""
+    x = np.arange(len(cuts))
+
+    def plot(values: list[float | None], cis: list[list[float] | None], label: str, fmt: str) -> None:
+        y = np.array([np.nan if v is None else v for v in values])
+        err = np.array([[v - c[0], c[1] - v] if c and v is not None else [0.0, 0.0] for v, c in zip(values, cis)]).T
+        ax.errorbar(x, y, yerr=err, fmt=fmt, capsize=3, label=label)
+
+    first = [next(r for r in rows if r.cut == cut) for cut in cuts]
+    plot([r.linear_test_accuracy for r in first], [r.linear_test_ci for r in first], "linear probe", "o-")
+    for recipe in recipes:
+        cells = [_cell(rows, cut, recipe) for cut in cuts]
+        plot([c.finetune_test_accuracy if c else None for c in cells], [c.finetune_test_ci if c else None
+             for c in cells], f"trained: {recipe}", "s-")  # fmt: skip
+    best = next(r for r in rows if r.best)
+    ax.axvline(cuts.index(best.cut), color="grey", linestyle=":", label=f"best: {best.cut} / {best.recipe}")
+    ax.set_xticks(list(x), cuts, rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("cut (deeper to the right: more layers frozen)")
+    ax.set_ylabel("test accuracy (bars: 95 % Wilson intervals)")
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def format_depth_table(rows: list[DepthRow]) -> str:
-    """Every cut: the linear probe's CV and test accuracy, the fine-tuned top's validation and test accuracy with 95 %
-    intervals, its paired tests against the best cut, and what the cut costs."""
+    """Every cell (cut x what was trained): the linear probe's CV and test accuracy at the cut, the trained model's
+    validation and test accuracy with 95 % intervals, its paired tests against the best cell, and the costs."""
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
@@ -267,18 +352,20 @@ def format_depth_table(rows: list[DepthRow]) -> str:
     def p(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    head = (f"  {'cut':<24} {'linear cv':>9} {'linear test':>11} {'tuned val':>9} {'95% CI':<13} {'p(val)':>6} "
+    head = (f"   {'cut':<24} {'trained':<7} {'linear cv':>9} {'linear test':>11} {'tuned val':>9} {'95% CI':<13} {'p(val)':>6} "
             f"{'tuned test':>10} {'95% CI':<13} {'p(test)':>7} {'probe FLOPs':>11} {'tuned FLOPs':>11} "
             f"{'cache MiB':>9} {'train s':>8}")  # fmt: skip
     lines = [head]
     for r in rows:
-        lines.append(f"{'*' if r.best else ' '} {r.cut[:24]:<24} {pct(r.linear_cv_accuracy):>9} "
+        mark = ("*" if r.best else " ") + ("=" if r.cheapest else " ")
+        lines.append(f"{mark} {r.cut[:24]:<24} {r.recipe:<7} {pct(r.linear_cv_accuracy):>9} "
                      f"{pct(r.linear_test_accuracy):>11} {pct(r.finetune_val_accuracy):>9} {ci(r.finetune_val_ci):<13} "
                      f"{p(r.p_val):>6} {pct(r.finetune_test_accuracy):>10} {ci(r.finetune_test_ci):<13} "
                      f"{p(r.p_test):>7} {_giga(r.linear_flops):>11} {_giga(r.finetune_flops):>11} "
                      f"{r.cache_bytes / 2**20:>9.2f} {r.train_seconds:>8.1f}")  # fmt: skip
-    lines.append("* = best cut by the fine-tuned top's validation accuracy; p(val), p(test): exact McNemar test of each "
-                 "cut's fine-tuned top against the best cut's on the same images (Holm-adjusted in depth.json).")  # fmt: skip
+    lines.append("* = best cell by validation accuracy; = the cheapest cell (deployed FLOPs, then trained parameters) "
+                 "not significantly worse on validation; p(val), p(test): exact McNemar test of each cell against the "
+                 "best on the same images (Holm-adjusted in depth.json).")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -90,3 +90,45 @@ def test_depth_refuses_a_tap_that_is_not_a_cut(tmp_path):
 
     with pytest.raises(Exception, match=f"{inside} cannot be cut at"):
         depth(ArraySource(images, labels), out=tmp_path, model=backbone, cuts=[inside], progress=False)
+
+
+@pytest.mark.slow
+def test_the_matrix_trains_every_recipe_above_every_cut_and_marks_the_best_and_the_cheapest_equal_cell(tmp_path):
+    import math
+
+    from cnncodes.images import ArraySource
+    from cnncodes.training import RECIPES, format_depth_table
+
+    backbone = make_tiny_backbone()
+    images, labels = make_images(36)
+    config = FinetuneConfig(epochs=2, batch_size=6, hidden=8)
+    rows = depth(ArraySource(images, labels), out=tmp_path, model=backbone, views=1, config=config,
+                 recipes="top,block,norms,head", batch_size=6, progress=False)  # fmt: skip
+    stages = [t.name for t in list_taps(backbone).select("stages")]
+    assert [(r.cut, r.recipe) for r in rows] == [(c, recipe) for c in stages for recipe in RECIPES]
+    best = [r for r in rows if r.best]
+    assert len(best) == 1 and best[0].finetune_val_accuracy == max(r.finetune_val_accuracy for r in rows)
+    cheapest = [r for r in rows if r.cheapest]
+    assert len(cheapest) == 1
+    equal = [r for r in rows if r.best or (r.p_val_holm is not None and r.p_val_holm >= 0.05)]
+    assert cheapest[0] in equal and all(cheapest[0].finetune_flops <= r.finetune_flops for r in equal)
+    for cut in stages:  # one linear probe per cut, shown beside every recipe; fewer trained parameters than the top
+        cells = {r.recipe: r for r in rows if r.cut == cut}
+        assert len({c.linear_test_accuracy for c in cells.values()}) == 1
+        assert cells["block"].trainable_params <= cells["top"].trainable_params
+        assert cells["norms"].trainable_params <= cells["top"].trainable_params
+        assert (
+            len({c.linear_flops for c in cells.values()}) == 1
+            and cells["head"].finetune_flops > cells["head"].linear_flops
+        )
+    assert all(r.p_val is not None for r in rows if not r.best and not math.isnan(r.finetune_val_accuracy))
+    saved = json.loads((tmp_path / "depth.json").read_text())
+    assert [(r["cut"], r["recipe"]) for r in saved] == [(r.cut, r.recipe) for r in rows]
+    assert sum(r["cheapest"] for r in saved) == 1 and (tmp_path / "depth.png").stat().st_size > 0
+    table = format_depth_table(rows).splitlines()
+    assert len(table) == len(rows) + 2 and table[1 + rows.index(best[0])].startswith("*")
+    from cnncodes.cli import main
+
+    assert main(["depth", "demo:digits", "--out", str(tmp_path / "x"), "--train", "top,layers"]) == 2
+    assert main(["depth", "demo:digits", "--out", str(tmp_path / "x"), "--train", "block", "--head"]) == 2
+    assert not (tmp_path / "x" / "cuts").exists()  # refused before any extraction
