@@ -2,9 +2,11 @@
 allows.
 
     python benchmarks/finetune_cache.py [--model efficientnet_lite0] [--size 96] [--n 256] [--views 2] [--epochs 2]
+                                        [--recipes top,block,norms]
 
-On a folder of PNG files (sklearn's digits, upscaled), for an early, a middle and the last stage cut, and for a
-``--head`` at the last cut, it trains the same model for the same epochs two ways:
+On a folder of PNG files (sklearn's digits, upscaled), for an early, a middle and the last stage cut, each recipe of
+``--recipes`` (what is trained above the cut: every layer, the first block, the norms and biases), and a ``head`` at
+the last cut, it trains the same model for the same epochs two ways:
   * live  -- every epoch decodes the files, renders the seeded augmented view, runs the frozen layers (eval mode);
   * cache -- one extraction of the cut's activations (float16, ``views`` views), then every epoch reads them.
 and prints seconds per epoch, the per-epoch speed-up, the overall speed-up including the one-off extraction, and
@@ -77,11 +79,13 @@ def _parts(backbone, extractor, cut, source, fit, model, config, cache_feed, sha
             x = live.to_input(batch).contiguous(memory_format=torch.channels_last)
             acts.append(live.net(x)[cut]["none"].reshape(len(batch), *shape))
     frozen = time.perf_counter() - start
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = model.to(memory_format=torch.channels_last)  # as the training loop runs it
+    optimizer = torch.optim.AdamW(model.param_groups(config))  # only what the recipe trains
     labels = torch.zeros(config.batch_size, dtype=torch.long)
     model.train()
     start = time.perf_counter()
     for a in acts:
+        a = a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a
         loss = torch.nn.functional.cross_entropy(model(a), labels[: len(a)])
         optimizer.zero_grad()
         loss.backward()
@@ -117,23 +121,25 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--recipes", default="top,block,norms", help="recipes timed at each cut (head: at the last)")
     args = parser.parse_args()
     backbone = load_backbone(args.model, input_size=args.size)
     catalogue = list_taps(backbone)
     stages = [t for t in catalogue.select("stages") if t.name in set(cut_points(backbone, catalogue))]
-    picks = [("early", stages[0], False), ("middle", stages[len(stages) // 2], False), ("last", stages[-1], False),
-             ("last --head", stages[-1], True)]  # fmt: skip
+    cuts = [("early", stages[0]), ("middle", stages[len(stages) // 2]), ("last", stages[-1])]
+    picks = [(f"{label} {recipe}", tap, recipe) for label, tap in cuts for recipe in args.recipes.split(",")]
+    picks.append(("last head", stages[-1], "head"))
     print(f"{args.model} at {args.size} px, {args.n} PNG files, {args.views} views, {args.epochs} epochs, batch "
           f"{args.batch_size}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")  # fmt: skip
-    header = f"{'cut':<26} {'frozen GF':>9} {'top GF':>7} {'live s/ep':>9} {'cache s/ep':>10} {'speed-up':>8} {'bound':>7} {'of bound':>8} {'overall':>8}"
+    header = f"{'cut':<32} {'frozen GF':>9} {'top GF':>7} {'live s/ep':>9} {'cache s/ep':>10} {'speed-up':>8} {'bound':>7} {'of bound':>8} {'overall':>8}"
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         source = open_source(write_digits(Path(tmp) / "imgs", args.n, args.size))
         labels = np.asarray(source.labels)
         fit = np.arange(len(source))
         extraction: dict[str, float] = {}
-        for label, tap, head in picks:
-            config = FinetuneConfig(head=head, epochs=args.epochs, batch_size=args.batch_size, patience=args.epochs)
+        for label, tap, recipe in picks:
+            config = FinetuneConfig(train=recipe, epochs=args.epochs, batch_size=args.batch_size, patience=args.epochs)
             if tap.name not in extraction:  # the head reuses the last cut's cache: one extraction serves both
                 start = time.perf_counter()
                 cnncodes.extract(source, out=f"{tmp}/{tap.name}", model=backbone, taps=[tap.name], poolings="none",
@@ -158,9 +164,9 @@ def main() -> None:
             speedup = live / cache
             overall = live * args.epochs / (extraction[tap.name] + cache * args.epochs)
             name = f"{label}: {tap.name}"
-            print(f"{name:<26} {below / 1e9:>9.3f} {above / 1e9:>7.3f} {live:>9.2f} {cache:>10.3f} {speedup:>7.1f}x "
+            print(f"{name:<32} {below / 1e9:>9.3f} {above / 1e9:>7.3f} {live:>9.2f} {cache:>10.3f} {speedup:>7.1f}x "
                   f"{bound:>6.1f}x {speedup / bound:>7.0%} {overall:>7.2f}x")  # fmt: skip
-            print(f"{'':<26} parts per epoch: decode+augment {p['decode']:.2f} s, frozen {p['frozen']:.2f} s, "
+            print(f"{'':<32} parts per epoch: decode+augment {p['decode']:.2f} s, frozen {p['frozen']:.2f} s, "
                   f"top fwd/bwd {p['top']:.3f} s, cache read {p['read']:.3f} s; extraction once "
                   f"{extraction[tap.name]:.1f} s")  # fmt: skip
 

@@ -23,7 +23,10 @@ def new_figure(width: float, height: float, ncols: int = 1):
 def shown(text: str) -> str:
     """``text`` as a figure can draw it: bytes of a name that is not UTF-8 (kept as surrogate escapes) shown as
     ``\\xNN``, as the CSVs' readers would see them."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate no file name holds (a JSON "\ud800"): escaped as it stands
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int, tight: bool = False) -> Path:

@@ -484,7 +484,8 @@ def _cmd_depth(args: argparse.Namespace) -> int:
 
     _output_dir(args.out)
     if args.head and args.train != "top":
-        raise ParameterError(f"--head and --train {args.train} disagree; give --train {args.train},head (nothing was "
+        wanted = args.train if "head" in args.train.split(",") else f"{args.train},head"
+        raise ParameterError(f"--head and --train {args.train} disagree; give --train {wanted} alone (nothing was "
                              "computed).")  # fmt: skip
     recipes = "head" if args.head else args.train
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
@@ -501,7 +502,11 @@ def _cmd_depth(args: argparse.Namespace) -> int:
                      input_size=args.input_size, views=args.views, seed=args.seed, augment=args.augment, config=config,
                      recipes=recipes, test_size=args.test_size, device=args.device, progress=not args.quiet)  # fmt: skip
     print(format_depth_table(rows))
-    print(f"wrote depth.csv, depth.json, depth.png to {args.out} (* = best cell by validation accuracy)")
+    best, pick = next(r for r in rows if r.best), next(r for r in rows if r.cheapest)
+    print(f"best: {best.cut} / {best.recipe} (validation {best.finetune_val_accuracy:.4f}); recommended: {pick.cut} / "
+          f"{pick.recipe}, the cheapest cell as good on validation ({pick.finetune_val_accuracy:.4f}, "
+          f"{(pick.finetune_flops or 0) / 1e9:.3f} GFLOPs, {pick.trainable_params} trained parameters)")  # fmt: skip
+    print(f"wrote depth.csv, depth.json, depth.png to {args.out}")
     return 0
 
 

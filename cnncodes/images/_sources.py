@@ -707,11 +707,14 @@ def _class_files(folder: str, class_dirs: list[str]) -> tuple[list[str], list[in
     real_roots = {name: os.path.realpath(os.path.join(folder, name)) for name in class_dirs}
     for name, real_root in real_roots.items():
         holds = [other for other, r in real_roots.items() if r != real_root and _inside(r, real_root)]
-        if _inside(real_top, real_root) or holds:
-            what = "the image folder itself" if _inside(real_top, real_root) else f"class folder {holds[0]!r}"
-            raise SourceError(f"{folder}: class folder {name!r} is a link to {real_root}, which holds {what}, so its "
-                              "class would take the images of other classes. Remove the link, or copy that class's "
-                              "images into a folder of their own.")  # fmt: skip
+        if _inside(real_top, real_root):
+            raise SourceError(f"{folder}: class folder {name!r} is a link to {real_root}, which holds the image folder "
+                              "itself, so its class would take the images of every class. Remove the link, or copy "
+                              "that class's images into a folder of their own.")  # fmt: skip
+        if holds:
+            raise SourceError(f"{folder}: class folder {holds[0]!r} lies inside class folder {name!r} ({real_root}) "
+                              "through a link, so one class would take the other's images. Remove the link, or copy "
+                              "the images into folders of their own.")  # fmt: skip
     for k, name in enumerate(class_dirs):
         root = os.path.join(folder, name)
         real_root = real_roots[name]
@@ -766,7 +769,7 @@ def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:
                 raise SourceError(f"{csv_path} is UTF-16 text; save the CSV as UTF-8.")
         # utf-8-sig: spreadsheet programs often prepend a byte-order mark that would glue onto the first path.
         # surrogateescape: a path that is not UTF-8 (as a Linux disk may hold, and as cnncodes writes them to its
-        # own CSVs) keeps its bytes and opens its file.
+        # own CSVs) keeps its bytes and opens its file; checked below, so a CSV in another encoding is still refused.
         with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
             reader = csv.reader(handle)
             first = True
@@ -800,6 +803,7 @@ def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:
 
     if not rows:
         raise SourceError(f"{csv_path} lists no images; expected one 'path,label' (or 'path') row per image.")
+    _check_raw_bytes(csv_path, rows)
     first_line, _, first_label = rows[0]
     labeled = first_label is not None
     for line, _, label in rows:
@@ -822,6 +826,22 @@ def _open_csv(csv_path: str, max_pixels: int | None) -> ImageSource:
         indicator, classes = _label_sets(name, rows)
         return FileSource(paths, indicator, classes, description=f"csv:{csv_path}", max_pixels=max_pixels)
     return FileSource(paths, labels, description=f"csv:{csv_path}", max_pixels=max_pixels)
+
+
+def _check_raw_bytes(csv_path: str, rows: list[tuple[int, str, str | None]]) -> None:
+    """Bytes that are not UTF-8 are accepted only in a path that names an existing file by those bytes (a name
+    written by an older tool); anywhere else (a label, a path that does not exist) the CSV is in another encoding."""
+    base = os.path.dirname(csv_path)
+    for line, path, label in rows:
+        raw_label = label is not None and _escaped(label)
+        if raw_label or (_escaped(path) and not os.path.isfile(os.path.join(base, path))):
+            where = "its label" if raw_label else "its path, which names no file"
+            raise SourceError(f"{csv_path} line {line} is not UTF-8 text ({where}); save the CSV as UTF-8.")
+
+
+def _escaped(text: str) -> bool:
+    """Whether ``text`` holds bytes that were not UTF-8 (surrogate escapes)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _label_sets(name: str, rows: list[tuple[int, str, str | None]]) -> tuple[np.ndarray, list[str]]:

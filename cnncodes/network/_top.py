@@ -19,7 +19,7 @@ from ._backbones import Backbone
 from ._graph import _fetch
 from ._taps import TapCatalogue, list_taps
 
-__all__ = ["Top", "top_above", "cut_points", "first_block"]
+__all__ = ["Top", "top_above", "cut_points", "first_block", "NORMS"]
 
 
 @dataclass
@@ -42,6 +42,9 @@ class Top:
     block : tuple of str
         Qualified names of the modules that make the first block above the cut (see :func:`first_block`): what
         surgical fine-tuning of one block trains. Empty when nothing with weights lies above the cut.
+    norms : tuple of str
+        Qualified names of the normalization layers above the cut (:data:`NORMS`, judged on the backbone's own
+        modules: the trace may read a norm's weights directly, as timm's ``LayerNorm2d``).
     """
 
     tap: str
@@ -50,6 +53,7 @@ class Top:
     classifier: str
     modules: list[str]
     block: tuple[str, ...] = ()
+    norms: tuple[str, ...] = ()
 
 
 def _trace_of(backbone: Backbone, catalogue: TapCatalogue) -> tuple[fx.GraphModule, dict[str, fx.Node]]:
@@ -149,10 +153,22 @@ def top_above(backbone: Backbone, tap: str, catalogue: TapCatalogue | None = Non
         p.requires_grad_(True)
     linear = gm.get_submodule(classifier.target)
     modules = sorted({n.target for n in body if n.op == "call_module"})
-    order = [str(n.target) for n in body if n.op == "call_module"]
-    return Top(
-        tap, module, int(linear.in_features), str(classifier.target), modules, first_block(backbone.model, order)
-    )
+    order = []  # the modules above the cut in execution order, those whose weights the trace reads directly included
+    for node in graph.nodes:
+        if node.op == "call_module":
+            order.append(str(node.target))
+        elif node.op == "get_attr" and isinstance(_fetch(gm, node.target), nn.Parameter):
+            order.append(str(node.target).rpartition(".")[0])
+    order = list(dict.fromkeys(order))
+    norms = tuple(name for name in order if name and isinstance(backbone.model.get_submodule(name), NORMS))
+    return Top(tap, module, int(linear.in_features), str(classifier.target), modules,
+               first_block(backbone.model, order), norms)  # fmt: skip
+
+
+#: Normalization layers (their affine parameters are what the ``norms`` recipe trains), timm's subclasses included.
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -164,22 +180,29 @@ def first_block(model: nn.Module, order: list[str]) -> tuple[str, ...]:
 
     A block is a module that is itself no container but an element of one (a ResNet ``layer3.0``, a timm EfficientNet
     ``blocks.2.0``, a torchvision ``features.2.0``, a ViT ``blocks.3``). The first block is the outermost such module
-    holding the first layer with weights above the cut (a block, not a gate inside it). Where that module holds a sequence of blocks of its own (a
-    ConvNeXt stage: its downsampling layers, then ``blocks.0``, ``blocks.1``...), the first block is what it holds up
-    to and including its first inner block (``stages.1.downsample``, ``stages.1.blocks.0``), less what lies below
-    the cut. Without any enclosing
-    block (a network of plain layers), the first layer with weights alone. When the cut lies inside a block, its
-    first block is that block's layers above the cut. Empty without a layer with weights.
+    holding the first layer with weights above the cut (a block, not a gate inside it). Where that module holds a
+    sequence of blocks of its own (a ConvNeXt stage: its downsampling layers, then ``blocks.0``, ``blocks.1``...),
+    the first block is what it holds above the cut up to and including its first inner block above the cut
+    (``stages.1.downsample``, ``stages.1.blocks.0``). Where no block encloses that layer, the outermost element of
+    a container that does (torchvision ConvNeXt's downsampling ``features.2``), else the layer alone (a network of
+    plain layers). When the cut lies inside a block, its first block is that block's layers above the cut. Empty
+    without a layer with weights.
     """
     first = next((t for t in order if next(model.get_submodule(t).parameters(), None) is not None), None)
     if first is None:
         return ()
     parts = first.split(".")
-    owner = next((".".join(parts[:k]) for k in range(1, len(parts)) if _is_block(model, ".".join(parts[:k]))), None)
-    if owner is None:
-        return (first,)
+    prefixes = [".".join(parts[:k]) for k in range(1, len(parts))]
+    owner = next((p for p in prefixes if _is_block(model, p)), None)
+    if owner is None:  # no block: the outermost element of a container holding the layer, else the layer
+        return (next((p for p in prefixes if isinstance(model.get_submodule(p.rpartition(".")[0]), _CONTAINERS)),
+                     first),)  # fmt: skip
+
+    def above(name: str) -> bool:
+        return any(t == name or t.startswith(name + ".") for t in order)
+
     inner = next((name for name, _ in model.get_submodule(owner).named_modules(prefix=owner)
-                  if name != owner and _is_block(model, name, repeated=True)), None)  # fmt: skip
+                  if name != owner and above(name) and _is_block(model, name, repeated=True)), None)  # fmt: skip
     if inner is None:
         return (owner,)
     before, path = [], owner  # the modules the owner holds before its first inner block, level by level
@@ -189,7 +212,7 @@ def first_block(model: nn.Module, order: list[str]) -> tuple[str, ...]:
                 break
             before.append(f"{path}.{name}")
         path = f"{path}.{part}"
-    return (*(b for b in before if any(t == b or t.startswith(b + ".") for t in order)), inner)
+    return (*(b for b in before if above(b)), inner)
 
 
 def _is_block(model: nn.Module, name: str, repeated: bool = False) -> bool:

@@ -794,11 +794,13 @@ def _score_task(codes: Any, y: np.ndarray, rows: np.ndarray, folds: list, key: H
     one item, as every task's). Under ``config.max_memory`` the scores read a sample of the training images that
     fits (each class in proportion): the ranking they give is checked against the measured sweep all the same."""
     size = rows_within(len(rows), int(codes.shape[1]), config.max_memory)
+    if size < 2 * len(np.unique(y if y.ndim == 1 else [0])):  # too few within the cap for two images a class
+        return [(key, (dict.fromkeys(config.scores, (None, 0.0)), int(size)))]
     if size < len(rows):
         keep, folds = subsample(y, folds, size, config.seed)
         rows, y = rows[keep], y[keep]
-    if len(rows) < 2 * len(np.unique(y if y.ndim == 1 else [0])) or min(len(f) for f, _ in folds) == 0:
-        return [(key, (dict.fromkeys(config.scores, (None, 0.0)), int(len(rows))))]  # too few within the cap
+    if min(len(f) for f, _ in folds) == 0:  # a fold left without fit images by the sample
+        return [(key, (dict.fromkeys(config.scores, (None, 0.0)), int(len(rows))))]
     with _torch_threads(config.threads):
         X = load_rows(codes, rows, what)
         return [(key, (array_scores(X, y, folds, config.scores, device=config.device, seed=config.seed),

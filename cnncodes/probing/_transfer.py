@@ -249,12 +249,12 @@ def rows_within(n: int, d: int, max_memory: int | None, queries: int = 1024) -> 
 
 def subsample(y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], size: int,
               seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:  # fmt: skip
-    """``size`` of the positions of ``y`` drawn with ``seed``, each class in proportion (every class kept at least
-    once), and ``folds`` restricted to them, as positions into the sample: ``(positions, folds)``."""
+    """At most ``size`` of the positions of ``y`` drawn with ``seed``, each class in proportion (every class kept at
+    least once), and ``folds`` restricted to them, as positions into the sample: ``(positions, folds)``."""
     rng = np.random.default_rng(seed)
     key = y if y.ndim == 1 else np.zeros(len(y), dtype=np.int64)  # multi-label: drawn evenly
     classes, counts = np.unique(key, return_counts=True)
-    share = np.maximum(1, np.floor(counts * size / len(key)).astype(np.int64))
+    share = np.floor(counts * max(0, size - len(classes)) / len(key)).astype(np.int64) + 1  # at most size in all
     picked = [rng.choice(np.flatnonzero(key == c), size=min(int(k), int(m)), replace=False)
               for c, k, m in zip(classes, share, counts)]  # fmt: skip
     keep = np.sort(np.concatenate(picked))

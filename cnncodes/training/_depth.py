@@ -65,7 +65,7 @@ class DepthRow:
     epochs: int | None = None  # epochs the fine-tuning ran (early stopping: at most FinetuneConfig.epochs)
     best_epoch: int | None = None  # the epoch whose weights were kept (-1: the starting weights)
     recipe: str = "top"  # what was trained above the cut (FinetuneConfig.train)
-    cheapest: bool = False  # the cheapest cell the validation images cannot tell from the best (Holm p >= 0.05)
+    cheapest: bool = False  # the recommendation: the cheapest cell as good as the best on validation (mark_cheapest)
 
 
 def depth(
@@ -95,8 +95,8 @@ def depth(
 
     Every cell (cut x recipe) is scored on the same held-out test images (the sweep's stratified split for
     ``test_size`` and ``seed``); each trained model is chosen on validation images only. The best cell is the one
-    with the highest validation accuracy; the cheapest cell whose validation hits the best's cannot be told from
-    (exact McNemar, Holm-adjusted, p >= 0.05) is marked too. Stores go to ``out/cuts/<cut>/``: a rerun reuses them (and
+    with the highest validation accuracy; the cheapest cell as good as it on validation (:func:`mark_cheapest`) is
+    marked too: the recommendation. Stores go to ``out/cuts/<cut>/``: a rerun reuses them (and
     :func:`depth_of_stores` runs the same comparison over stores extracted by hand).
     """
     config = config or FinetuneConfig(seed=seed)
@@ -225,13 +225,21 @@ def _measure(row: DepthRow, tuned: Any, backbone: Backbone, shape: tuple[int, ..
 
 
 def mark_cheapest(rows: list[DepthRow], alpha: float = 0.05) -> None:
-    """Mark the cheapest cell the validation images cannot tell from the best (Holm-adjusted McNemar p >= ``alpha``,
-    or the best itself): the fewest deployed FLOPs, then the fewest trained parameters, then the shortest training."""
+    """Mark the cheapest cell as good as the best on the validation images: the best itself, or a cell whose paired
+    test against it is not significant (exact McNemar, *unadjusted* p >= ``alpha``: the Holm adjustment would call
+    more cells equal, which a recommendation must not) and whose validation accuracy lies inside the best's 95 %
+    interval. Cheapest: the fewest deployed FLOPs, then the fewest trained parameters, then the shortest training."""
+    best = next(r for r in rows if r.best)
+    low = best.finetune_val_ci[0] if best.finetune_val_ci else best.finetune_val_accuracy
 
     def cost(r: DepthRow) -> tuple[float, float, float]:
-        return (r.finetune_flops or math.inf, r.trainable_params or math.inf, r.train_seconds)
+        def known(value: int | None) -> float:
+            return math.inf if value is None else value
 
-    equal = [r for r in rows if r.best or (r.p_val_holm is not None and r.p_val_holm >= alpha)]
+        return (known(r.finetune_flops), known(r.trainable_params), r.train_seconds)
+
+    equal = [r for r in rows if r is best or (r.p_val is not None and r.p_val >= alpha
+                                              and r.finetune_val_accuracy >= low)]  # fmt: skip
     min(equal, key=cost).cheapest = True
 
 
@@ -363,9 +371,10 @@ def format_depth_table(rows: list[DepthRow]) -> str:
                      f"{p(r.p_val):>6} {pct(r.finetune_test_accuracy):>10} {ci(r.finetune_test_ci):<13} "
                      f"{p(r.p_test):>7} {_giga(r.linear_flops):>11} {_giga(r.finetune_flops):>11} "
                      f"{r.cache_bytes / 2**20:>9.2f} {r.train_seconds:>8.1f}")  # fmt: skip
-    lines.append("* = best cell by validation accuracy; = the cheapest cell (deployed FLOPs, then trained parameters) "
-                 "not significantly worse on validation; p(val), p(test): exact McNemar test of each cell against the "
-                 "best on the same images (Holm-adjusted in depth.json).")  # fmt: skip
+    lines.append("* = best cell by validation accuracy; = the recommendation: the cheapest cell (deployed FLOPs, then "
+                 "trained parameters) as good as the best on validation (McNemar p >= 0.05 and inside its interval); "
+                 "p(val), p(test): exact McNemar test of each cell against the best on the same images (Holm-adjusted "
+                 "in depth.json).")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -42,10 +43,6 @@ RECIPES = ("top", "block", "norms", "head")
 #: Learning rate of the ``norms`` recipe's parameters relative to ``lr_pretrained``: BitFit trains biases and norm
 #: scales at a rate about ten times that of full fine-tuning, since so few parameters move.
 NORMS_LR_SCALE = 10.0
-#: Modules whose affine parameters the ``norms`` recipe trains.
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,9 @@ class FinetuneConfig:
         with ReLU and dropout, and a classifier: the classic recipe) instead of the pretrained layers. Frozen layers
         run in eval mode (batch norm on its running statistics, no dropout); trained ones in train mode.
     head : bool, default=False
-        The same as ``train="head"`` (kept for earlier callers).
+        The same as ``train="head"`` (kept for earlier callers). After construction ``head`` is
+        ``train == "head"``: to change the recipe of a config with :func:`dataclasses.replace`, give ``head=False``
+        with the new ``train``.
     epochs : int, default=10
     batch_size : int, default=64
     lr : float, default=3e-3
@@ -87,7 +86,6 @@ class FinetuneConfig:
         starts from a seeded random classifier. The head (``head=True``) always starts random.
     """
 
-    train: str = "top"
     head: bool = False
     epochs: int = 10
     batch_size: int = 64
@@ -100,6 +98,7 @@ class FinetuneConfig:
     dropout: float = 0.5
     seed: int = 0
     init: str = "probe"
+    train: str = "top"
 
     def __post_init__(self) -> None:
         if self.train not in RECIPES:
@@ -136,15 +135,15 @@ class FinetuneConfig:
 class TopModel(nn.Module):
     """The pretrained layers above the cut (``body``) and a new linear classifier; ``recipe`` (see
     :class:`FinetuneConfig` ``train``) says which of the body's parameters train, ``block`` names the modules of
-    the first block above the cut (for ``recipe="block"``). Frozen parameters do not require gradients, and :meth:`train` leaves the
+    the first block above the cut (for ``recipe="block"``), ``norms`` its normalization layers (``"norms"``). Frozen parameters do not require gradients, and :meth:`train` leaves the
     frozen modules in eval mode."""
 
     def __init__(self, body: nn.Module, features: int, n_classes: int, recipe: str = "top",
-                 block: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 block: tuple[str, ...] = (), norms: tuple[str, ...] = ()) -> None:  # fmt: skip
         super().__init__()
         self.body = body
         self.classifier = nn.Linear(features, n_classes)
-        self.recipe, self.block = recipe, block
+        self.recipe, self.block, self.norms = recipe, block, norms
         for name, param in self.body.named_parameters():
             param.requires_grad_(self._trains(name))
 
@@ -157,8 +156,8 @@ class TopModel(nn.Module):
             return True
         if self.recipe == "block":
             return self._in_block(name)
-        owner = name.rpartition(".")[0]
-        return name.rpartition(".")[2] == "bias" or isinstance(self.body.get_submodule(owner), _NORMS)
+        owner, _, leaf = name.rpartition(".")
+        return leaf == "bias" or owner in self.norms
 
     def _trained_modules(self) -> list[nn.Module]:
         """The body's modules that run in train mode: all for ``top``, the block's, or the normalization layers."""
@@ -166,7 +165,7 @@ class TopModel(nn.Module):
             return [self.body]
         if self.recipe == "block":
             return [m for name, m in self.body.named_modules() if self._in_block(name)]
-        return [m for m in self.body.modules() if isinstance(m, _NORMS)]
+        return [m for name, m in self.body.named_modules() if name in self.norms]
 
     def train(self, mode: bool = True) -> TopModel:
         super().train(mode)
@@ -219,7 +218,11 @@ def build_model(backbone: Backbone, cut: str, n_classes: int, config: FinetuneCo
             tap = (catalogue or list_taps(backbone))[cut]
             return HeadModel(tap.layout, tap.layout.channels(tap.shape), n_classes, config.hidden, config.dropout)
         top = top_above(backbone, cut, catalogue)
-        return TopModel(top.body, top.features, n_classes, config.train, top.block)
+        model = TopModel(top.body, top.features, n_classes, config.train, top.block, top.norms)
+        if config.train in ("block", "norms") and len(model.trained_parameters()) == 2 and any(top.body.parameters()):
+            warnings.warn(f"train={config.train!r} finds nothing to train above {cut!r} but the classifier; the "
+                          "row is a linear probe on the top's features.", UserWarning, stacklevel=2)  # fmt: skip
+        return model
 
 
 class Activations(Protocol):

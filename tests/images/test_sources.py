@@ -326,10 +326,16 @@ def test_csv_paths_and_labels_that_are_not_utf8_keep_their_bytes(tmp_path: Path)
     odd = tmp_path / os.fsdecode(b"caf\xe9.png")
     _rgb(3).save(os.fsencode(odd), format="PNG")
     listing = tmp_path / "list.csv"
-    listing.write_bytes(b"path,label\n" + os.fsencode(odd) + b",cl\xe9\n")  # as a Latin-1 tool writes it
+    listing.write_bytes(b"path,label\n" + os.fsencode(odd) + b",caf\xc3\xa9\n")  # a raw name, a UTF-8 label
     src = open_source(listing)
-    assert src.ids == [str(odd)] and os.fsencode(src.classes[0]) == b"cl\xe9"
+    assert src.ids == [str(odd)] and src.classes == ["caf\u00e9"]
     np.testing.assert_array_equal(_pixels(src.load(0)), np.asarray(_rgb(3)))
+    listing.write_bytes(b"path,label\n" + os.fsencode(odd) + b",cl\xe9\n")  # a Latin-1 label: another encoding
+    with pytest.raises(SourceError, match=r"list\.csv line 2 is not UTF-8 text \(its label\); save the CSV as UTF-8"):
+        open_source(listing)
+    listing.write_bytes(b"path,label\ncaf\xe8.png,a\n")  # bytes that name no file: not a raw name either
+    with pytest.raises(SourceError, match=r"line 2 is not UTF-8 text \(its path, which names no file\)"):
+        open_source(listing)
     listing.write_text("path,label\na.png,cat\n", encoding="utf-16")
     with pytest.raises(SourceError, match=r"list\.csv is UTF-16 text; save the CSV as UTF-8"):
         open_source(listing)
@@ -575,7 +581,7 @@ def test_links_never_put_one_file_in_two_classes(tmp_path):
     Image.new("RGB", (8, 8)).save(zoo / "birds" / "c.png")
     (tmp_path / "birds").symlink_to(zoo / "birds")
     (tmp_path / "zoo").symlink_to(zoo)  # holds the real birds/ folder: its class would take the birds
-    with pytest.raises(SourceError, match=r"class folder 'zoo' is a link to .*, which holds class folder 'birds'"):
+    with pytest.raises(SourceError, match=r"class folder 'birds' lies inside class folder 'zoo' .* through a link"):
         open_source(str(tmp_path))
 
 

@@ -122,7 +122,9 @@ def test_scores_under_a_memory_cap_read_a_stratified_sample_of_the_rows_that_fit
     y = np.repeat([0, 1, 2], [2000, 990, 10])
     folds = [(np.flatnonzero(np.arange(n) % 3 != f), np.flatnonzero(np.arange(n) % 3 == f)) for f in range(3)]
     keep, sub = subsample(y, folds, 300, seed=0)
-    assert np.array_equal(np.unique(y[keep], return_counts=True)[1], [200, 99, 1])  # in proportion, none lost
+    assert np.array_equal(np.unique(y[keep], return_counts=True)[1], [199, 99, 1])  # in proportion, none lost
+    many = np.repeat(np.arange(100), 3)  # more classes than a proportional share gives each
+    assert len(subsample(many, [(np.arange(300), np.arange(0))], 250, seed=0)[0]) <= 250  # never past the size
     for (fit, val), (f, v) in zip(folds, sub):  # the same images on the same side of each fold
         assert np.array_equal(keep[f], np.intersect1d(fit, keep)) and np.array_equal(keep[v], np.intersect1d(val, keep))
     X = np.random.default_rng(0).normal(size=(m, d))

@@ -249,7 +249,7 @@ def test_the_deprecated_config_keywords_still_work_and_warn():
 def test_a_figure_draws_names_that_are_not_utf8_as_escapes(tmp_path):
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    from cnncodes._figures import new_figure, save_figure
+    from cnncodes._figures import new_figure, save_figure, shown
 
     odd = os.fsdecode(b"cl\xe9")  # a class folder written by a Latin-1 tool
     fig, ax = new_figure(3, 3)
@@ -259,3 +259,4 @@ def test_a_figure_draws_names_that_are_not_utf8_as_escapes(tmp_path):
     assert save_figure(fig, tmp_path / "c.png", dpi=40).stat().st_size > 0
     drawn = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()] + [ax.get_title()]
     assert drawn == ["cl\\xe9", "b", "cl\\xe9", "b", "cl\\xe9 / avg"]
+    assert shown("\ud800x") == "\\ud800x"  # a lone surrogate no file name holds: escaped, not a crash

@@ -110,7 +110,8 @@ def test_the_matrix_trains_every_recipe_above_every_cut_and_marks_the_best_and_t
     assert len(best) == 1 and best[0].finetune_val_accuracy == max(r.finetune_val_accuracy for r in rows)
     cheapest = [r for r in rows if r.cheapest]
     assert len(cheapest) == 1
-    equal = [r for r in rows if r.best or (r.p_val_holm is not None and r.p_val_holm >= 0.05)]
+    low = best[0].finetune_val_ci[0]
+    equal = [r for r in rows if r.best or (r.p_val is not None and r.p_val >= 0.05 and r.finetune_val_accuracy >= low)]
     assert cheapest[0] in equal and all(cheapest[0].finetune_flops <= r.finetune_flops for r in equal)
     for cut in stages:  # one linear probe per cut, shown beside every recipe; fewer trained parameters than the top
         cells = {r.recipe: r for r in rows if r.cut == cut}
@@ -132,3 +133,25 @@ def test_the_matrix_trains_every_recipe_above_every_cut_and_marks_the_best_and_t
     assert main(["depth", "demo:digits", "--out", str(tmp_path / "x"), "--train", "top,layers"]) == 2
     assert main(["depth", "demo:digits", "--out", str(tmp_path / "x"), "--train", "block", "--head"]) == 2
     assert not (tmp_path / "x" / "cuts").exists()  # refused before any extraction
+
+
+def test_the_recommendation_is_never_a_cell_the_validation_images_call_worse():
+    from cnncodes.training import DepthRow
+    from cnncodes.training._depth import mark_cheapest
+
+    def cell(name, val, flops, p=None, ci=None):
+        return DepthRow(name, 0, 0.5, 0.5, val, val, 1, 0.0, 1.0, finetune_val_ci=ci, p_val=p, p_val_holm=1.0,
+                        finetune_flops=flops, trainable_params=10)  # fmt: skip
+
+    best = cell("deep", 0.90, 100, ci=[0.85, 0.94])
+    best.best = True
+    worse = cell("cheap-but-worse", 0.78, 10, p=0.0156)  # Holm over many cells would call it equal (1.0)
+    outside = cell("cheap-outside", 0.84, 20, p=0.08)  # not significant, but below the best's interval
+    equal = cell("cheap-equal", 0.89, 50, p=0.6)
+    rows = [best, worse, outside, equal]
+    mark_cheapest(rows)
+    assert [r.cut for r in rows if r.cheapest] == ["cheap-equal"]
+    for r in rows:
+        r.cheapest = False
+    mark_cheapest([best, worse])
+    assert best.cheapest  # nothing as good: the best itself

@@ -271,3 +271,51 @@ def test_the_first_block_of_real_networks():
         backbone = load_backbone(spec, input_size=64)
         for cut, block in cuts.items():
             assert top_above(backbone, cut).block == block, (spec, cut)
+
+
+class _LayerNorm2d(torch.nn.LayerNorm):
+    """A channel LayerNorm written as timm writes it: traced through, so the trace reads its weights directly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+class _Stage(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.downsample = torch.nn.Sequential(_LayerNorm2d(width), torch.nn.Conv2d(width, width, 2, stride=2))
+        self.blocks = torch.nn.Sequential(_Block(width), _Block(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class _StageNet(torch.nn.Module):
+    """ConvNeXt's nesting: stages that hold their downsampling and then a sequence of blocks."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.stages = torch.nn.Sequential(_Stage(width), _Stage(width))
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def test_a_stage_of_blocks_gives_the_blocks_above_the_cut_and_norms_read_through_the_trace_train():
+    from cnncodes.network import load_backbone
+    from helpers import TINY_PRE
+
+    backbone = load_backbone(_StageNet(), preprocessing=TINY_PRE)
+    cuts = cut_points(backbone)
+    between = next(c for c in cuts if c.startswith("stages.0.blocks.0"))  # between a stage's two blocks
+    assert top_above(backbone, between).block == ("stages.0.blocks.1",)  # the block above, never the one below
+    before = next(c for c in cuts if c.startswith("stages.0.blocks.1"))  # the end of the first stage
+    assert top_above(backbone, before).block == ("stages.1.downsample", "stages.1.blocks.0")
+    norms = build_model(backbone, before, 3, FinetuneConfig(train="norms"))
+    assert "body.stages.1.downsample.0.weight" in norms.trained_parameters()  # a scale read through the trace
+    assert "body.stages.1.downsample.1.weight" not in norms.trained_parameters()  # a conv weight
+    block = build_model(backbone, before, 3, FinetuneConfig(train="block"))
+    assert {n.split(".")[3] for n in block.trained_parameters() if n.startswith("body.")} == {"downsample", "blocks"}
