@@ -228,7 +228,8 @@ def mark_cheapest(rows: list[DepthRow], alpha: float = 0.05) -> None:
     """Mark the cheapest cell as good as the best on the validation images: the best itself, or a cell whose paired
     test against it is not significant (exact McNemar, *unadjusted* p >= ``alpha``: the Holm adjustment would call
     more cells equal, which a recommendation must not) and whose validation accuracy lies inside the best's 95 %
-    interval. Cheapest: the fewest deployed FLOPs, then the fewest trained parameters, then the shortest training."""
+    interval. Cheapest: the fewest deployed FLOPs; among equal FLOPs (every recipe that runs the whole network above
+    the cut deploys the same), the higher validation accuracy, then the fewest trained parameters."""
     best = next(r for r in rows if r.best)
     low = best.finetune_val_ci[0] if best.finetune_val_ci else best.finetune_val_accuracy
 
@@ -236,7 +237,7 @@ def mark_cheapest(rows: list[DepthRow], alpha: float = 0.05) -> None:
         def known(value: int | None) -> float:
             return math.inf if value is None else value
 
-        return (known(r.finetune_flops), known(r.trainable_params), r.train_seconds)
+        return (known(r.finetune_flops), -r.finetune_val_accuracy, known(r.trainable_params), r.train_seconds)
 
     equal = [r for r in rows if r is best or (r.p_val is not None and r.p_val >= alpha
                                               and r.finetune_val_accuracy >= low)]  # fmt: skip
@@ -371,8 +372,8 @@ def format_depth_table(rows: list[DepthRow]) -> str:
                      f"{p(r.p_val):>6} {pct(r.finetune_test_accuracy):>10} {ci(r.finetune_test_ci):<13} "
                      f"{p(r.p_test):>7} {_giga(r.linear_flops):>11} {_giga(r.finetune_flops):>11} "
                      f"{r.cache_bytes / 2**20:>9.2f} {r.train_seconds:>8.1f}")  # fmt: skip
-    lines.append("* = best cell by validation accuracy; = the recommendation: the cheapest cell (deployed FLOPs, then "
-                 "trained parameters) as good as the best on validation (McNemar p >= 0.05 and inside its interval); "
+    lines.append("* = best cell by validation accuracy; = the recommendation: the cheapest cell (deployed FLOPs; at equal "
+                 "FLOPs the higher validation accuracy) as good as the best on validation (McNemar p >= 0.05 and inside its interval); "
                  "p(val), p(test): exact McNemar test of each cell against the best on the same images (Holm-adjusted "
                  "in depth.json).")  # fmt: skip
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from cnncodes.training import FinetuneConfig, LiveActivations, finetune, load_fi
 from helpers import make_images, make_tiny_backbone
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["top", "head"])
+@pytest.fixture(scope="module", params=["top", "block", "norms", "head"])
 def trained(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
     backbone = make_tiny_backbone()
@@ -29,7 +29,7 @@ def trained(request, tmp_path_factory):
     store = cnncodes.extract(images, labels=labels, out=root / "s", model=backbone, taps=cut, poolings="none",
                              relu="never", views=1, dtype="float32", batch_size=6, workers=0, progress=False)  # fmt: skip
     result = finetune(store, cut, backbone=backbone, out=root / "ft", progress=False,
-                      config=FinetuneConfig(epochs=2, batch_size=6, head=request.param, hidden=8))  # fmt: skip
+                      config=FinetuneConfig(epochs=2, batch_size=6, train=request.param, hidden=8))  # fmt: skip
     return backbone, cut, images, result, root
 
 
@@ -43,6 +43,16 @@ def test_the_saved_model_predicts_what_the_trained_one_does(trained):
         expected = torch.softmax(result.model(live.rows(np.arange(len(images)), 0)), 1).numpy()
     np.testing.assert_allclose(deployed.predict_proba(images), expected, rtol=1e-5, atol=1e-6)
     assert list(deployed.predict(images)) == [result.classes[i] for i in expected.argmax(1)]
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(result.path) as zf:  # the recipe and what it trained, recorded with the weights
+        meta = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith(".json"))))
+    assert meta["config"]["train"] == result.recipe and meta["trained_parameters"] == result.trained
+    record = json.loads((result.path.parent / "finetune.json").read_text())
+    assert record["train"] == result.recipe and record["trainable_params"] == sum(
+        p.numel() for n, p in result.model.named_parameters() if n in result.trained
+    )
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
