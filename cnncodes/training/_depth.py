@@ -96,7 +96,8 @@ def depth(
     Every cell (cut x recipe) is scored on the same held-out test images (the sweep's stratified split for
     ``test_size`` and ``seed``); each trained model is chosen on validation images only. The best cell is the one
     with the highest validation accuracy; the cheapest cell as good as it on validation (:func:`mark_cheapest`) is
-    marked too: the recommendation. Stores go to ``out/cuts/<cut>/``: a rerun reuses them (and
+    marked too: the recommendation. One extraction pass writes every cut to the store ``out/cache/``: a rerun reuses
+    it (and
     :func:`depth_of_stores` runs the same comparison over stores extracted by hand).
     """
     config = config or FinetuneConfig(seed=seed)
@@ -113,18 +114,15 @@ def depth(
         raise ParameterError(f"{', '.join(not_cuts)} cannot be cut at (the layers above read around them); choose "
                              f"among: {', '.join(sorted(possible, key=catalogue.names.index))}.")  # fmt: skip
     recipes = _recipes(recipes, config)  # refused before any extraction
-    recover(out)  # cuts/ left in a report's staging folder by a crash are moved back, not extracted again
-    stores, seconds = [], []
-    for name in names:
-        if progress:
-            print(f"cut {name}:")
-        start = time.perf_counter()
-        stores.append(extract(source, out=Path(out) / "cuts" / name.replace("/", "_"), model=backbone, taps=[name],
-                              poolings="none,avg", relu="never", views=views, seed=seed, augment=augment, batch_size=batch_size,
-                              device=device, progress=progress))  # fmt: skip
-        seconds.append(time.perf_counter() - start)
-    return depth_of_stores(stores, out=out, backbone=backbone, config=config, recipes=recipes, test_size=test_size,
-                           val_size=val_size, device=device, progress=progress, extract_seconds=seconds)  # fmt: skip
+    recover(out)  # cache/ left in a report's staging folder by a crash is moved back, not extracted again
+    if progress:
+        print(f"extracting {len(names)} cuts in one pass: {', '.join(names)}")
+    start = time.perf_counter()
+    store = extract(source, out=Path(out) / "cache", model=backbone, taps=names, poolings="none,avg", relu="never",
+                    views=views, seed=seed, augment=augment, batch_size=batch_size, device=device, progress=progress)  # fmt: skip
+    return depth_of_stores([store], out=out, backbone=backbone, config=config, recipes=recipes, test_size=test_size,
+                           val_size=val_size, device=device, progress=progress,
+                           extract_seconds=[time.perf_counter() - start])  # fmt: skip
 
 
 def _recipes(recipes: Sequence[str] | str | None, config: FinetuneConfig) -> tuple[str, ...]:
@@ -153,9 +151,10 @@ def depth_of_stores(
     progress: bool = True,
     extract_seconds: Sequence[float] | None = None,
 ) -> list[DepthRow]:
-    """The freeze-depth sweep over stores already extracted: one cut per store, whose raw activations (``none``,
-    ``relu="never"``) are the cache and whose pooled arrays of the same tap feed the linear probe. The stores must hold
-    the same images (their sources are compared) from one backbone."""
+    """The freeze-depth sweep over stores already extracted: every unpooled array (``none``, ``relu="never"``) of
+    every store is a cut, its cache, and the pooled arrays of the same tap feed its linear probe. The stores must hold
+    the same images (their sources are compared) from one backbone; ``extract_seconds`` gives each store's
+    extraction time, which every cut of it reports."""
     opened = [s if isinstance(s, CodeStore) else CodeStore(s) for s in stores]
     config = config or FinetuneConfig()
     recipes = _recipes(recipes, config)
@@ -166,19 +165,20 @@ def depth_of_stores(
         if store.sources != opened[0].sources or store.manifest.get("model") != opened[0].manifest.get("model"):
             raise ParameterError(f"{store.path} holds other images or another model than {opened[0].path}; a depth "
                                  "sweep compares cuts of one backbone on one set of images.")  # fmt: skip
-    cut_of = [tuple(a["tap"] for a in store.arrays if a["pooling"] == "none") for store in opened]
-    repeated = sorted({c for c in cut_of if len(c) == 1 and cut_of.count(c) > 1})
+    cuts = [(i, a) for i, store in enumerate(opened) for a in store.arrays if a["pooling"] == "none"]
+    names = [a["tap"] for _, a in cuts]
+    repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ParameterError(f"several stores hold the cut {repeated[0][0]!r}; give one store per cut.")
+        raise ParameterError(f"several stores hold the cut {repeated[0]!r}; give each cut once.")
+    bare = next((store for store in opened if not any(a["pooling"] == "none" for a in store.arrays)), None)
+    if bare is not None:
+        raise ParameterError(f"{bare.path} holds no unpooled arrays; a depth store holds its cuts raw: extract it "
+                             "with --taps CUTS --poolings none,avg --relu never.")  # fmt: skip
     backbone = backbone or backbone_of(opened[0], weights)
     catalogue = list_taps(backbone)
     rows, hits = [], []
-    for i, store in enumerate(opened):
-        caches = [a for a in store.arrays if a["pooling"] == "none"]
-        if len(caches) != 1:
-            raise ParameterError(f"{store.path} holds {len(caches)} unpooled arrays; a depth store holds one cut: "
-                                 "extract it with --taps CUT --poolings none,avg --relu never.")  # fmt: skip
-        name = caches[0]["tap"]
+    for i, entry in cuts:
+        store, name = opened[i], entry["tap"]
         pooled = [p for t, p in store.keys() if t == name and p != "none"]
         if not pooled:
             raise ParameterError(f"{store.path} has no pooled codes of {name!r} for the linear probe; extract it with "
@@ -191,7 +191,7 @@ def depth_of_stores(
             tuned = finetune(store, name, backbone=backbone, config=replace(config, train=recipe, head=False),
                              val_size=val_size, test_size=test_size, device=device, progress=progress)  # fmt: skip
             row = DepthRow(name, catalogue[name].index, linear.best.cv_accuracy, linear.best.test_accuracy,
-                           tuned.val_accuracy, tuned.test_accuracy, (store.path / caches[0]["file"]).stat().st_size,
+                           tuned.val_accuracy, tuned.test_accuracy, (store.path / entry["file"]).stat().st_size,
                            float("nan") if extract_seconds is None else extract_seconds[i], tuned.seconds,
                            linear_cv_ci=linear.best.cv_ci, linear_test_ci=linear.best.test_accuracy_ci,
                            recipe=recipe)  # fmt: skip
@@ -261,7 +261,7 @@ def compare_cuts(rows: list[DepthRow], hits: list[tuple[Any, Any]]) -> None:
                     setattr(row, f"{which}_holm", float(p))
 
 
-#: The files of a depth report, published together (the cached cuts/ beside them stay).
+#: The files of a depth report, published together (the cache/ store beside them stays).
 DEPTH_FILES = ("depth.csv", "depth.json", "depth.png")
 
 

@@ -60,7 +60,7 @@ def test_depth_probes_and_fine_tunes_every_stage_and_marks_the_best_on_validatio
     assert [r.finetune_test_accuracy for r in again] == [r.finetune_test_accuracy for r in rows]
     from cnncodes.training import depth_of_stores
 
-    stores = sorted((tmp_path / "cuts").iterdir())  # the same comparison over stores extracted beforehand
+    stores = [tmp_path / "cache"]  # the same comparison over the store extracted beforehand
     by_hand = depth_of_stores(stores, out=tmp_path / "by_hand", backbone=backbone,
                               config=FinetuneConfig(epochs=2, batch_size=6), progress=False)  # fmt: skip
     assert [(r.cut, r.linear_test_accuracy, r.finetune_test_accuracy) for r in by_hand] == [
@@ -132,7 +132,7 @@ def test_the_matrix_trains_every_recipe_above_every_cut_and_marks_the_best_and_t
 
     assert main(["depth", "demo:digits", "--out", str(tmp_path / "x"), "--train", "top,layers"]) == 2
     assert main(["depth", "demo:digits", "--out", str(tmp_path / "x"), "--train", "block", "--head"]) == 2
-    assert not (tmp_path / "x" / "cuts").exists()  # refused before any extraction
+    assert not (tmp_path / "x" / "cache").exists()  # refused before any extraction
 
 
 def test_the_recommendation_is_never_a_cell_the_validation_images_call_worse():
