@@ -725,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "norms (norms and biases), head (a small head); several give a cuts x recipes matrix "
                    "(default: %(default)s)")  # fmt: skip
     p.add_argument("--head", action="store_true", help="the same as --train head")
-    p.add_argument("--epochs", type=_int_at_least(1), default=10)
+    p.add_argument("--epochs", type=_int_at_least(1), default=8, help="at most, per cell (default: %(default)s)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)
     p.add_argument("--test-size", type=float, default=0.25)
     p.add_argument("--seed", type=_int_at_least(0), default=0)
