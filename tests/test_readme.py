@@ -79,7 +79,7 @@ def test_every_readme_block_runs_in_order_in_a_fresh_folder(tmp_path, monkeypatc
     import subprocess
     import sys
 
-    write_image_folder(tmp_path / "photos", n=30, size=40)
+    write_image_folder(tmp_path / "photos", n=72, size=40)  # 24 a class: the few-shot example asks for 16 shots
     write_image_folder(tmp_path / "new_photos", n=4, size=40, seed=1)
     monkeypatch.chdir(tmp_path)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
