@@ -381,3 +381,66 @@ def test_recover_follows_a_linked_output_folder_as_publish_does(tmp_path):
     (left / "cuts" / "kept.bin").write_bytes(b"cached")
     _fsutil.recover(tmp_path / "link")
     assert (real / "cuts" / "kept.bin").read_bytes() == b"cached" and not left.exists()
+
+
+_SPAWNED = r"""
+import sys
+sys.path[:0] = [{tests!r}, {here!r}]
+import test_publish
+from cnncodes.cli import main
+at = int(sys.argv[1]) if sys.argv[1] != "none" else None
+counter = [0]
+test_publish._armed(at, counter)
+status = main(sys.argv[2:])
+print("POINTS", counter[0])
+sys.exit(status)
+"""
+
+
+@pytest.mark.slow
+def test_predict_out_and_export_killed_at_any_write_point_leave_the_old_file_or_the_new_one(tmp_path):
+    """In a fresh interpreter each time (a fork of a process that ran torch's thread pools can deadlock in torch)."""
+    import subprocess
+    import sys
+
+    from cnncodes.cli import main
+    from helpers import write_image_folder
+
+    images = write_image_folder(tmp_path / "imgs", n=18)
+    model = ["--model", "resnet18:none", "--input-size", "32", "--taps", "last:1", "--poolings", "avg", "--quiet"]
+    assert main(["extract", str(images), "--out", str(tmp_path / "codes"), *model]) == 0
+    assert main(["sweep", str(tmp_path / "codes"), "--out", str(tmp_path / "sweep"), "--probes", "logreg", "--folds",
+                 "2", "--no-latency", "--scores", "none", "--quiet"]) == 0  # fmt: skip
+    bundle = tmp_path / "sweep" / "best_probe.zip"
+    here = str(Path(__file__).parent)
+    script = _SPAWNED.format(tests=str(Path(here).parent), here=here)
+
+    def run(at, args):
+        return subprocess.run([sys.executable, "-c", script, str(at), *args], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+
+    for name, args in (("preds.csv", ["predict", str(bundle), str(images), "--quiet", "--out"]),
+                       ("m.pt2", ["export", str(bundle), "--out"])):  # fmt: skip
+        ref = tmp_path / f"ref-{name}"
+        done = run("none", [*args, str(ref)])
+        assert done.returncode == 0, done.stderr[-2000:]
+        points = int(done.stdout.split("POINTS")[-1])
+        assert points >= 2
+        for k in range(1, points + 1):
+            out = tmp_path / f"k{k}" / name
+            out.parent.mkdir()
+            out.write_bytes(b"the old file")
+            assert run(k, [*args, str(out)]).returncode == 137, f"{name}: write point {k} of {points} not reached"
+            now = out.read_bytes()
+            if now != b"the old file":  # the new file, whole
+                if name.endswith(".csv"):
+                    assert now == ref.read_bytes(), f"{name} half written after a kill at {k}"
+                else:
+                    import torch
+
+                    assert torch.export.load(str(out)) is not None
+            assert main([*args, str(out)]) == 0  # the rerun
+            if name.endswith(".csv"):
+                assert out.read_bytes() == ref.read_bytes()
+            assert [p.name for p in out.parent.iterdir()] == [name], f"{name}: a partial file left after a kill at {k}"
+            shutil.rmtree(out.parent)
