@@ -133,10 +133,10 @@ class FinetuneConfig:
 
 
 class TopModel(nn.Module):
-    """The pretrained layers above the cut (``body``) and a new linear classifier; ``recipe`` (see
-    :class:`FinetuneConfig` ``train``) says which of the body's parameters train, ``block`` names the modules of
-    the first block above the cut (for ``recipe="block"``), ``norms`` its normalization layers (``"norms"``). Frozen parameters do not require gradients, and :meth:`train` leaves the
-    frozen modules in eval mode."""
+    """The pretrained layers above the cut (``body``) and a new linear classifier. ``recipe`` (see
+    :class:`FinetuneConfig` ``train``) says which of the body's parameters train; ``block`` names the modules of the
+    first block above the cut (for ``"block"``), ``norms`` the normalization layers above it (for ``"norms"``).
+    Frozen parameters do not require gradients, and :meth:`train` leaves the frozen modules in eval mode."""
 
     def __init__(self, body: nn.Module, features: int, n_classes: int, recipe: str = "top",
                  block: tuple[str, ...] = (), norms: tuple[str, ...] = ()) -> None:  # fmt: skip
@@ -295,8 +295,8 @@ def train(
     label smoothing. ``steps`` stops after that many optimizer steps (for equivalence checks).
     """
     dev = resolve_device(device)
-    # channels_last on the CPU too: 1.5x faster training steps above EfficientNet-Lite0 cuts at 96 px
-    # (benchmarks/finetune_cache.py), the same numbers within float rounding
+    # channels_last on the CPU too: training steps above EfficientNet-Lite0 cuts at 96 px took 1.5x less time
+    # (measured by hand on one batch, docs/benchmarks.md; not yet by a benchmarks/ script)
     model = model.to(dev, memory_format=torch.channels_last)
     labels_t = torch.tensor(np.asarray(labels), dtype=torch.long)
     per_epoch = -(-len(fit) // config.batch_size)
