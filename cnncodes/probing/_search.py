@@ -40,7 +40,7 @@ import time
 import warnings
 from collections.abc import Callable, Container, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -556,7 +556,7 @@ def sweep_codes(
                {k: int((depths or {}).get(k, -1)) for k in keys}, views, test_views,
                None if test is None else len(y_test), jobs, progress)  # fmt: skip
     with joblib_backend(backend, scheduler):
-        split, results, scored, triage = _search_all(job, config)
+        split, results, (scored, scored_rows), triage = _search_all(job, config)
         searched = list(dict.fromkeys(job.key_of[(r.backbone, r.tap, r.pooling)] for r, _ in results))
         redrawn = [_sweep_split(job, replace(config, seed=config.seed + r), extras=False, keys=searched)
                    for r in range(1, config.repeats)]  # fmt: skip
@@ -582,7 +582,7 @@ def sweep_codes(
         data["stability"] = stability(rows, [[r for r, _ in res] for _, res in redrawn])
     if config.scores:
         data["transferability"] = transfer_record(rows, best_row, scored, {k: job.names[k] for k in keys}, config)
-        sampled = {job.what(k): n for k, n in job.scored_rows.items() if n < data["n_train_images"]}
+        sampled = {job.what(k): n for k, n in scored_rows.items() if n < data["n_train_images"]}
         if sampled:  # --max-memory: the scores read a sample of the training images
             data["transferability"]["sampled_rows"] = sampled
     if triage is not None:
@@ -634,7 +634,6 @@ class _Job:
     test_rows: int | None  # rows of a separate test set, or None when the test images are held out
     jobs: int
     progress: bool
-    scored_rows: dict[Hashable, int] = field(default_factory=dict)  # training images each array's scores read
 
     def where(self, k: Hashable) -> dict[str, Any]:
         backbone, tap, pooling = self.names[k]
@@ -748,17 +747,19 @@ def _in_order(job: _Job, results: list[tuple[SweepRow, Any]]) -> list[tuple[Swee
                                            rf[0].shots or 0))  # fmt: skip
 
 
-def _search_all(job: _Job, config: SweepConfig) -> tuple[Split, list[tuple[SweepRow, Any]], dict, dict | None]:
+def _search_all(job: _Job, config: SweepConfig) -> tuple[Split, list[tuple[SweepRow, Any]], tuple[dict, dict],
+                                                         dict | None]:  # fmt: skip
     """The first draw of the sweep: every array's scores, then every array searched (or, with ``config.triage``,
     those the scores rank highest), the test rows read last. Returns the split, the rows with their fitted probes,
-    every array's scores ``{key: {name: (value, seconds)}}`` and the triage record (None without triage)."""
+    every array's scores ``{key: {name: (value, seconds)}}`` with the training images each read (``{key: rows}``),
+    and the triage record (None without triage)."""
     keys = list(job.arrays)
     split = _split_checked(job, config, extras=True)
-    scored = _score_arrays(job, config, split, keys)
+    scored, scored_rows = _score_arrays(job, config, split, keys)
     if config.triage is None:
         results = _linear_results(job, config, split, keys, what="sweep")
         results += _extra_results(job, config, split, keys, results)
-        return split, _in_order(job, results), scored, None
+        return split, _in_order(job, results), (scored, scored_rows), None
     if job.y.ndim == 2:
         raise ParameterError("--triage ranks arrays by single-label scores (kNN, H-score); a multi-label sweep "
                              "searches every array: leave --triage out.")  # fmt: skip
@@ -771,21 +772,22 @@ def _search_all(job: _Job, config: SweepConfig) -> tuple[Split, list[tuple[Sweep
     score_on_test(results, job, split, config)
     searched = list(dict.fromkeys(job.key_of[(r.backbone, r.tap, r.pooling)] for r, _ in results))
     results += _extra_results(job, config, split, searched, results)
-    return split, _in_order(job, results), scored, triage
+    return split, _in_order(job, results), (scored, scored_rows), triage
 
 
-def _score_arrays(job: _Job, config: SweepConfig, split: Split, keys: Sequence[Hashable]) -> dict[Hashable, dict]:
+def _score_arrays(job: _Job, config: SweepConfig, split: Split,
+                  keys: Sequence[Hashable]) -> tuple[dict[Hashable, dict], dict[Hashable, int]]:  # fmt: skip
     """Every array's transferability scores on the plain views of the training images, the sweep's folds mapped
-    onto them: ``{key: {name: (value, seconds)}}`` (empty without ``config.scores``)."""
+    onto them: ``{key: {name: (value, seconds)}}``, and the training images each array's were measured on (both empty
+    without ``config.scores``)."""
     if not config.scores:
-        return {}
+        return {}, {}
     per = split.views + 1
     plain = split.train_rows[split.train_rows % per == 0]
     folds = [(np.searchsorted(plain, fit[fit % per == 0]), np.searchsorted(plain, val)) for fit, val in split.folds]
     tasks = [delayed(_score_task)(job.arrays[k], job.y[plain], plain, folds, k, job.what(k), config) for k in keys]
     done = dict(_run_tasks(tasks, job.jobs, job.progress, "scores"))
-    job.scored_rows = {k: used for k, (_, used) in done.items()}
-    return {k: scores for k, (scores, _) in done.items()}
+    return {k: scores for k, (scores, _) in done.items()}, {k: used for k, (_, used) in done.items()}
 
 
 def _score_task(codes: Any, y: np.ndarray, rows: np.ndarray, folds: list, key: Hashable, what: str,
