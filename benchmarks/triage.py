@@ -90,11 +90,12 @@ def run_task(task: str, root: Path, quick: bool) -> bool:
     print(f"  triage auto:   {tri_s:7.1f} s  best {describe(tri.best)}")
     print(f"  ratio triaged/full {tri_s / full_s:.3f}; CV gap {gap:.2f} points; scores took {score_s:.1f} s "
           f"({100 * score_s / full_s:.1f} % of the full sweep's wall time)")  # fmt: skip
-    rounds = ", ".join(f"tau {r['kendall_tau']:.2f} on {r['arrays_measured']} -> K {r['window']}"
-                       for r in record["rounds"])  # fmt: skip
+    rounds = ", ".join(f"{r['score']} sd {r['log_error_sd']:.2f} on {r['arrays_measured']} -> "
+                       f"{r['could_hold_the_best']} could hold the best" for r in record["rounds"])  # fmt: skip
     print(f"  triage: score {record['score']}, searched {len(record['searched'])} of {record['arrays']} arrays "
           f"({rounds}); skipped {len(record['skipped'])}, about {record['skipped_fit_seconds_estimate']:.0f} "
           "fit-seconds")  # fmt: skip
+    save_arrays(full, root / f"{task}-arrays.json")
     print("  score   tau    weighted tau  best array's rank  seconds")
     for name in scores["scores"]:
         s = scores[name]
@@ -108,6 +109,24 @@ def run_task(task: str, root: Path, quick: bool) -> bool:
     for what, ok in checks.items():
         print(f"  [{'ok' if ok else 'FAIL'}] {what}")
     return all(checks.values())
+
+
+def save_arrays(result, path: Path) -> None:
+    """Each array's measured CV accuracy (its best linear row), fit-seconds and scores, from the full sweep: what a
+    triage rule can be replayed on without refitting."""
+    import json
+
+    arrays: dict[str, dict] = {}
+    for r in result.rows:
+        a = arrays.setdefault(
+            f"{r.tap} / {r.pooling}",
+            {"dims": r.dims, "cv": -1.0, "fit_seconds": 0.0}
+            | {name: getattr(r, f"score_{name}") for name in result.data["transferability"]["scores"]},
+        )
+        a["fit_seconds"] += r.fit_seconds
+        if r.selectable and r.cv_accuracy is not None:
+            a["cv"] = max(a["cv"], r.cv_accuracy)
+    path.write_text(json.dumps({"n_train_images": result.data["n_train_images"], "arrays": arrays}, indent=1))
 
 
 def main() -> int:

@@ -561,12 +561,13 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=_int_at_least(1), default=1, metavar="R",
                    help="redraw the test split and folds R times (seeded) and report how stable the ranking is: test "
                         "accuracy mean and std, P(best), rank correlation (default: 1, no redraws)")  # fmt: skip
-    p.add_argument("--scores", default="knn,logme,hscore", metavar="NAMES",
+    p.add_argument("--scores", default="knn,logme,hscore,ridge", metavar="NAMES",
                    help="transferability scores measured on every array, checked against its CV accuracy: knn, logme, "
-                        "hscore, or none (default: %(default)s)")  # fmt: skip
+                        "hscore, ridge, or none (default: %(default)s)")  # fmt: skip
     p.add_argument("--triage", default=None, metavar="K|FRACTION|auto",
-                   help="search C only on the top K arrays (or that fraction of them) of the score that ranks a probe "
-                        "subset best; auto: K from its measured Kendall tau (default: search every array)")  # fmt: skip
+                   help="search C only on the top K arrays (or that fraction of them) of the score that predicts a "
+                        "probe subset's CV accuracy best; auto: every array whose 95 %% prediction bound reaches the "
+                        "best measured + 0.3 points (--tolerance) (default: search every array)")  # fmt: skip
     p.add_argument(
         "--no-latency",
         dest="latency",

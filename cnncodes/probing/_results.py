@@ -388,6 +388,7 @@ class SweepRow:
     score_knn: float | None = None
     score_logme: float | None = None
     score_hscore: float | None = None
+    score_ridge: float | None = None
 
     @property
     def score(self) -> float | None:

@@ -18,10 +18,17 @@ Scores (each on the plain views of the training images only; the test images are
   projection and a self-challenging step), it comes out of the same eigendecomposition as LogME, its shrinkage keeps
   it defined when codes are wider than there are images (the plain H-score inverts a singular covariance there), and
   its authors report it correlates with transfer accuracy far better than the plain H-score.
+* ``ridge``: the CV accuracy, on the sweep's folds, of a least-squares (ridge) one-vs-rest linear classifier on the
+  standardized codes (each feature scaled by its mean and standard deviation over the training images; each fold's
+  fit images centre it), at the best of :data:`RIDGE_GRID` penalties (times the mean eigenvalue of the fold's
+  scatter). It is the linear probe the sweep searches, fit in closed form: one eigendecomposition of size
+  min(n, d) per fold gives every penalty, so it costs about five LogMEs and is read in accuracy points, the unit
+  ``triage="auto"`` must bound (Rifkin and Klautau 2004 found one-vs-rest least squares as accurate as SVMs).
 
 Cost: one Gram matrix per array, the d x d matrix X'X when codes are narrower than the images and the n x n matrix
 XX' when they are wider, so O(n d min(n, d)), and two eigendecompositions of size min(n, d) (raw codes for LogME,
-centered for the H-score). The kNN score compares at most ``max_queries`` validation images with their fold's fit
+centered for the H-score); ridge takes the Gram matrix of the standardized codes and one eigendecomposition of size
+min(n_fit, d) per fold. The kNN score compares at most ``max_queries`` validation images with their fold's fit
 images: O(q n d). Everything runs in torch, in float64, on the sweep's device.
 """
 
@@ -30,16 +37,36 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import ParameterError
 
-__all__ = ["SCORES", "logme", "hscore", "knn_accuracy", "array_scores", "agreement", "probe_subset", "triage_window"]
+__all__ = [
+    "SCORES",
+    "logme",
+    "hscore",
+    "knn_accuracy",
+    "ridge_accuracy",
+    "array_scores",
+    "agreement",
+    "probe_subset",
+    "calibrate",
+    "Calibration",
+    "log_error",
+]
 
 #: The transferability scores a sweep measures, in the order they are reported.
-SCORES = ("knn", "logme", "hscore")
+SCORES = ("knn", "logme", "hscore", "ridge")
+
+#: Penalties of the ``ridge`` score, in units of the mean eigenvalue of each fold's scatter (half decades).
+RIDGE_GRID = tuple(10.0 ** (k / 2) for k in range(-10, 3))
+
+#: Scores that are accuracies on the folds (fractions of images right): ``triage="auto"`` reads them on the same
+#: log-error scale as the measured CV accuracy.
+ACCURACY_SCORES = frozenset({"knn", "ridge"})
 
 #: What each score is, for results.json.
 SCORE_TEXT = {
@@ -49,6 +76,8 @@ SCORE_TEXT = {
              "class on the raw codes, averaged over classes",
     "hscore": "shrinkage H-score (Bao et al. 2019; Ibrahim et al. 2022): tr(cov_a(f)^-1 (1 - a) cov(E[f|y])), a the "
               "Ledoit-Wolf shrinkage of the centered codes",
+    "ridge": "CV accuracy on the sweep's folds of a one-vs-rest least-squares (ridge) classifier on the standardized "
+             "codes, the best of 13 penalties from 1e-5 to 10 times the mean eigenvalue of each fold's scatter",
 }  # fmt: skip
 
 _KS = (10, 20, 50, 100)
@@ -229,6 +258,67 @@ def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries:
     return float((hits / asked).max())
 
 
+def ridge_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]], *,
+                   grid: Sequence[float] = RIDGE_GRID, device: Any = "cpu") -> float:  # fmt: skip
+    """The ``ridge`` score of codes ``X`` (n, d), integer labels ``y`` (n,), on ``folds`` (fit and validation
+    positions into X): pooled over the folds, the accuracy of the class whose least-squares one-vs-rest output is
+    highest, at the best penalty of ``grid`` (times the mean eigenvalue of each fold's scatter). The codes are
+    standardized over all of X (a feature that does not vary is left unscaled), then centred by each fold's fit
+    images, targets too (an unpenalized intercept)."""
+    Z = _standardized(_tensor(X, device))
+    return _ridge_of(Z, np.asarray(y), folds, _gram(Z), grid)
+
+
+def _standardized(X):
+    """X scaled to zero mean and unit variance per feature (1/n, as scikit-learn's ``StandardScaler``; a constant
+    feature only centred)."""
+    sd = X.std(0, correction=0)
+    return (X - X.mean(0)) / sd.masked_fill(sd <= 1e-12 * float(sd.max().clamp_min(1e-300)), 1.0)
+
+
+def _ridge_of(Z, y: np.ndarray, folds, gram, grid: Sequence[float] = RIDGE_GRID) -> float:
+    """:func:`ridge_accuracy` of standardized codes ``Z`` whose Gram matrix (:func:`_gram`) is ``gram``.
+
+    Per fold, with the fit side centred (Zc, Yc = Y_f - its mean), the penalty l and the eigendecomposition of the
+    fold's scatter: codes narrower than the fit images take Zc'Zc = V diag(e) V' (from ``gram`` less the validation
+    rows' own, O(n_val d^2)), the prediction (Z_v - m) V diag(1 / (e + l)) V' Zc'Yc; wider codes take the centred
+    kernel Zc Zc' = Q diag(e) Q' (a block of ``gram``), the prediction Kc_vf Q diag(1 / (e + l)) Q' Yc. The two
+    are the same linear map; every penalty reuses the one decomposition."""
+    import torch
+
+    n, d = Z.shape
+    wide = d > n
+    Y = _targets(y, Z.device)
+    labels = torch.as_tensor(y, device=Z.device)
+    hits = torch.zeros(len(grid), dtype=torch.float64, device=Z.device)
+    asked = 0
+    for fit, val in folds:
+        f = torch.as_tensor(np.asarray(fit), device=Z.device)
+        v = torch.as_tensor(np.asarray(val), device=Z.device)
+        ybar = Y[f].mean(0)
+        Yc = Y[f] - ybar
+        if wide:
+            K, Kv = gram[f][:, f], gram[v][:, f]
+            r = K.mean(1)
+            s = r.mean()
+            e, Q = torch.linalg.eigh(K - r[:, None] - r[None, :] + s)
+            P = (Kv - r[None, :] - Kv.mean(1, keepdim=True) + s) @ Q
+            B = Q.T @ Yc
+        else:
+            m = Z[f].mean(0)
+            Zv = Z[v]
+            e, V = torch.linalg.eigh(gram - Zv.T @ Zv - len(fit) * (m[:, None] * m[None, :]))
+            P = (Zv - m) @ V
+            B = V.T @ (Z[f].T @ Yc)  # Zc'Yc = Z_f'Yc: Yc sums to zero over the fit images
+        e = e.clamp_min(0)
+        unit = float(e.sum()) / min(len(fit), d)
+        for j, t in enumerate(grid):
+            out = (P / (e + t * unit).clamp_min(1e-300)) @ B + ybar
+            hits[j] += (out.argmax(1) == labels[v]).sum()
+        asked += len(val)
+    return float((hits / asked).max())
+
+
 def rows_within(n: int, d: int, max_memory: int | None, queries: int = 1024) -> int:
     """How many of ``n`` training images of width ``d`` the scores can hold within ``max_memory`` bytes: the rows
     read (float32) and their float64 copies (the codes, their centered and normalized copies, a fit side), the Gram
@@ -278,7 +368,7 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
     T = _tensor(X, device)
     G = _gram(T) if {"logme", "hscore"} & set(names) else None  # one Gram matrix for every score of the array
     shared = time.perf_counter() - start  # its time is split over the scores that use it
-    users = [n for n in names if n != "knn" or (G is not None and T.shape[1] > T.shape[0])]
+    users = [n for n in names if n in ("logme", "hscore") or (n == "knn" and G is not None and T.shape[1] > T.shape[0])]
     for name in names:
         start = time.perf_counter()
         if multilabel and name != "logme":
@@ -289,6 +379,9 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
             value = _knn_of(T, y, folds, wide_gram, max_queries=max_queries, seed=seed, device=device)
         elif name == "logme":
             value = _logme_of(T, _targets(y, device), G)
+        elif name == "ridge":
+            Z = _standardized(T)
+            value = _ridge_of(Z, y, folds, _gram(Z))
         else:
             value = _hscore(T - T.mean(0), y, device, None if G is None else _centered_gram(T, G))
         spent = time.perf_counter() - start + (shared / len(users) if name in users else 0.0)
@@ -337,32 +430,67 @@ def probe_subset(order: Sequence[Hashable], size: int, cost: Mapping[Hashable, f
     return [min(s, key=lambda k: cost[k]) if cost is not None else s[0] for s in strata]
 
 
-def triage_window(tau: float, n: int, *, accuracies: Sequence[float] | None = None, tolerance: float = 0.0,
-                  miss: float = 0.05, draws: int = 20000, seed: int = 0, measured: int | None = None) -> int:  # fmt: skip
-    """The smallest K such that the score's top K of ``n`` arrays hold one within ``tolerance`` of the best accuracy
-    with probability at least 1 - ``miss``, were score and accuracy linked by a Gaussian copula with the rank
-    correlation ``tau`` (Pearson rho = sin(pi tau / 2), Greiner's relation): ``draws`` seeded simulations of ``n``
-    arrays.
+def log_error(accuracy: Any, images: int) -> np.ndarray:
+    """-log(1 - accuracy + 1 / (2 images)): accuracy on the scale where a score's errors are about equal at every
+    level (halving the error rate adds log 2, at 60 % as at 99 %), floored at half an image of ``images`` so a
+    perfect accuracy stays finite."""
+    return -np.log(np.maximum(1.0 - np.asarray(accuracy, dtype=float), 0.0) + 0.5 / images)
 
-    ``tau`` measured on few arrays is uncertain (on 5 arrays far apart a noisy score easily ranks all right): with
-    ``measured`` (how many arrays it was measured on), the simulation uses its one-sided 95 % lower bound,
-    tau - 1.645 sqrt(2 (2m + 5) / (9 m (m - 1))) (Kendall's variance of tau for m pairs without ties, the largest
-    it has). Accuracies are drawn from a normal with the mean and standard deviation of the measured
-    ``accuracies`` (a distribution with a top, unlike their empirical quantiles, which tie every array drawn above
-    the highest one with it and so make the best too easy to find), or standard normal without them (then only the
-    best itself counts)."""
-    if n <= 1:
-        return n
-    if measured is not None and measured >= 2:
-        tau -= 1.645 * math.sqrt(2 * (2 * measured + 5) / (9 * measured * (measured - 1)))
-    rho = math.sin(math.pi * max(min(tau, 1.0), -1.0) / 2)
-    rng = np.random.default_rng(seed)
-    latent = rng.standard_normal((draws, n))
-    score = rho * latent + math.sqrt(max(0.0, 1 - rho**2)) * rng.standard_normal((draws, n))
-    if accuracies is not None and len(accuracies) >= 2 and np.std(accuracies) > 0:
-        acc = float(np.mean(accuracies)) + float(np.std(accuracies, ddof=1)) * latent
-    else:
-        acc, tolerance = latent, 0.0
-    by_score = np.take_along_axis(acc, np.argsort(-score, axis=1), axis=1)
-    found = np.maximum.accumulate(by_score, axis=1) >= acc.max(1, keepdims=True) - tolerance - 1e-12
-    return int(np.argmax(found.mean(0) >= 1 - miss) + 1)
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one score says of the measured CV accuracy, fitted on the arrays searched so far: the least-squares line
+    log_error(accuracy) = intercept + slope x, with x the score (its :func:`log_error` when the score is itself an
+    accuracy), the residual standard deviation ``sd`` on ``dof`` degrees of freedom (floored at the binomial
+    standard error of the best accuracy measured, which no score can beat), the mean and spread of x it was fitted
+    on, and ``images`` (the log-error floor's)."""
+
+    score: str
+    intercept: float
+    slope: float
+    sd: float
+    dof: int
+    mean_x: float
+    sxx: float
+    arrays: int
+    images: int
+
+    def x(self, value: float) -> float:
+        return float(log_error(value, self.images)) if self.score in ACCURACY_SCORES else float(value)
+
+    def predict(self, value: float) -> float:
+        return self.intercept + self.slope * self.x(value)
+
+    def upper(self, value: float, level: float) -> float:
+        """The one-sided ``level`` prediction bound of an unsearched array's log-error accuracy: Student's t on
+        ``dof``, widened by the array's distance from the scores fitted on (an array scored beyond them is known
+        less well)."""
+        from scipy.stats import t
+
+        spread = (self.x(value) - self.mean_x) ** 2 / self.sxx if self.sxx > 0 else 0.0
+        return self.predict(value) + float(t.ppf(level, self.dof)) * self.sd * math.sqrt(1 + 1 / self.arrays + spread)
+
+
+def calibrate(name: str, values: Mapping[Hashable, float | None], measured: Mapping[Hashable, float],
+              images: int) -> Calibration | None:  # fmt: skip
+    """The :class:`Calibration` of score ``name`` (``values`` per array) against the ``measured`` CV accuracies, or
+    None with fewer than three arrays that have both. A score that ranks backwards (a negative slope) predicts
+    nothing: its line is flat, the measured mean, on one more degree of freedom."""
+    keys = [
+        k for k in measured if values.get(k) is not None and math.isfinite(values[k]) and math.isfinite(measured[k])
+    ]
+    if len(keys) < 3:
+        return None
+    raw = np.array([values[k] for k in keys], dtype=float)
+    x = log_error(raw, images) if name in ACCURACY_SCORES else raw
+    u = log_error([measured[k] for k in keys], images)
+    sxx = float(((x - x.mean()) ** 2).sum())
+    slope = float(((x - x.mean()) * (u - u.mean())).sum() / sxx) if sxx > 0 else 0.0
+    dof = len(keys) - 2
+    if slope <= 0:
+        slope, dof = 0.0, len(keys) - 1
+    intercept = float(u.mean() - slope * x.mean())
+    sd = math.sqrt(float(((u - intercept - slope * x) ** 2).sum()) / dof)
+    top = max(measured[k] for k in keys)
+    noise = math.sqrt(max(top * (1 - top), 0.25 / images) / images) / (1 - top + 0.5 / images)
+    return Calibration(name, intercept, slope, max(sd, noise), dof, float(x.mean()), sxx, len(keys), images)

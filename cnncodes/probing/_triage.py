@@ -1,5 +1,5 @@
-"""Triage: search C only on the arrays a transferability score ranks highest, after measuring, on the sweep's own
-data, how far that score can be trusted; and the record of how well every score ranked the arrays.
+"""Triage: search C only on the arrays the scores say could hold the best, after measuring, on the sweep's own data,
+how far each score can be trusted; and the record of how well every score ranked the arrays.
 
 Rule (``SweepConfig.triage``)
 -----------------------------
@@ -8,16 +8,17 @@ Rule (``SweepConfig.triage``)
    ranked by their consensus (mean rank over the scores) are cut into m equal strata, top to bottom, and each
    stratum gives its narrowest array. Trust is so measured over the scores' whole range, where measuring is cheapest
    (a search costs about dims + 256, see ``_NARROW_DIMS`` in :mod:`cnncodes.probing._search`).
-3. On it, each score's Kendall tau against the measured CV accuracy (the best row of each array) says how well it
-   ranks; the score with the highest tau (ties: the higher weighted tau, then the order of ``scores``) is trusted.
-4. The window: the top K arrays by that score are searched in full too. K is given (an int, or a fraction of the
-   arrays), or with ``"auto"`` it is the smallest K whose top K hold an array within ``TRIAGE_TOLERANCE`` points
-   (0.3; the sweep's ``tolerance`` when set) of the best CV accuracy with probability >= 95 %, were score and accuracy
-   linked by a Gaussian copula with the measured tau and the accuracies distributed as those measured
-   (:func:`~cnncodes.probing._transfer.triage_window`, a seeded simulation). With ``"auto"`` the window is then
-   recomputed from every array searched so far (tau and the accuracies, the window's top now among them) and
-   searched again until it holds no array left unsearched: a top that turns out less well ranked, or further apart,
-   than the probe subset said widens the window.
+3. Each score is calibrated on the arrays searched (:func:`~cnncodes.probing._transfer.calibrate`): a least-squares
+   line from the score to the measured CV accuracy on the log-error scale, -log(1 - accuracy), where a score's
+   errors are about the same size at every level. The score that predicts the measured accuracies best (the
+   smallest residual standard deviation) is trusted. Kendall's tau is reported too, but a rank correlation cannot
+   say how many points an unsearched array might be worth; the residuals can.
+4. ``"auto"``: an unsearched array could hold the best when its one-sided 95 % prediction bound (Student's t on the
+   residuals, widened for scores beyond those fitted on) reaches the best CV accuracy measured so far plus
+   ``TRIAGE_TOLERANCE`` (0.3 points; the sweep's ``tolerance`` when set). Half of those arrays (at least two), the
+   highest predicted first, are searched; the calibration, the trusted score and the best are then refitted on
+   every array searched, and so on until no unsearched array can reach it. An int K or a fraction instead searches
+   the top K arrays of the trusted score, after the probe subset.
 5. The best row is picked among the arrays searched, never from a score alone; the test images are read only after
    all of that, for the final numbers of the rows searched.
 """
@@ -31,20 +32,21 @@ from typing import Any
 import numpy as np
 
 from ._results import SweepConfig, SweepRow
-from ._transfer import SCORE_TEXT, agreement, consensus_order, probe_subset, triage_window
+from ._transfer import SCORE_TEXT, Calibration, agreement, calibrate, consensus_order, probe_subset
 
 __all__ = ["triaged_search", "transfer_record", "TRIAGE_RULE"]
 
 #: How the window is chosen, for results.json and the README.
 TRIAGE_RULE = (
     "Scores first, on the training images only. A probe subset of max(4, ceil(0.2 N)) of the N arrays, the narrowest "
-    "of each of that many equal strata of their consensus ranking (mean rank over the scores), is searched in full; "
-    "the score with the highest Kendall tau against the measured CV accuracy on it is trusted, and its top K arrays "
-    "are searched in full too. auto: K is the smallest window whose top K would hold an array within the tolerance "
-    "(0.3 points, or the sweep's tolerance) of the best with probability >= 0.95, were score and accuracy linked by "
-    "a Gaussian copula with that tau (rho = sin(pi tau / 2)) and the accuracies distributed as those measured "
-    "(seeded simulation); it is recomputed from every array searched so far until the window holds none left to "
-    "search. The best row is one searched in full; the test images are read only for the final numbers."
+    "of each of that many equal strata of their consensus ranking (mean rank over the scores), is searched in full. "
+    "Each score is calibrated on the arrays searched: a least-squares line from the score to the measured CV "
+    "accuracy on the log-error scale -log(1 - accuracy); the score with the smallest residual standard deviation is "
+    "trusted. auto: an unsearched array could hold the best when its one-sided 95 % prediction bound (Student's t on "
+    "the residuals) reaches the best CV accuracy measured so far plus the tolerance (0.3 points, or the sweep's "
+    "tolerance); half of those, the highest predicted first, are searched, everything is refitted, and so on until "
+    "none is left. K or a fraction: the trusted score's top K arrays are searched. The best row is one searched in "
+    "full; the test images are read only for the final numbers."
 )
 
 _MISS = 0.05  # the chance of the auto window holding no array within the tolerance of the best, that the rule accepts
@@ -73,11 +75,12 @@ def _values(scored: Mapping[Hashable, Mapping[str, tuple]], name: str) -> dict[H
 
 def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str, str, str]],
                    dims: Mapping[Hashable, int], scored: Mapping[Hashable, Mapping[str, tuple]],
-                   search: Callable[[list[Hashable]], list],
-                   config: SweepConfig) -> tuple[list[tuple[SweepRow, Any]], dict[str, Any]]:  # fmt: skip
+                   search: Callable[[list[Hashable]], list], config: SweepConfig,
+                   images: int) -> tuple[list[tuple[SweepRow, Any]], dict[str, Any]]:  # fmt: skip
     """The arrays of ``keys`` searched by the triage rule (module docstring): ``search(keys)`` runs the full C search
-    of those arrays (their test rows unread) and returns their rows with fitted probes. Returns every row searched
-    and the triage record for results.json."""
+    of those arrays (their test rows unread) and returns their rows with fitted probes; ``images`` is the number of
+    training images the CV accuracies are measured on. Returns every row searched and the triage record for
+    results.json."""
     n = len(keys)
     by_score = {name: _values(scored, name) for name in config.scores}
     order = consensus_order(by_score, keys)
@@ -90,37 +93,43 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
         accuracy = array_accuracy([r for r, _ in results])
         return {k: accuracy[names[k]] for k in keys if k in done and names[k] in accuracy}
 
+    def trusted() -> tuple[str, dict[str, Calibration | None]]:
+        seen = measured()
+        fits = {name: calibrate(name, by_score[name], seen, images) for name in config.scores}
+        tau = {name: agreement(by_score[name], seen, None).get("kendall_tau", -1.0) for name in config.scores}
+        return min(config.scores, key=lambda name: (fits[name].sd if fits[name] else math.inf, -tau[name],
+                                                    config.scores.index(name))), fits  # fmt: skip
+
     trust = {name: agreement(values, measured(), None) for name, values in by_score.items()}
-
-    def strength(name: str) -> tuple[float, float, int]:
-        t = trust[name]
-        return (t.get("kendall_tau", -1.0), t.get("weighted_tau", -1.0), -config.scores.index(name))
-
-    chosen = max(config.scores, key=strength)
-    position = {k: i for i, k in enumerate(order)}  # ties of the trusted score go to the scores' consensus
-    ranked = sorted(keys, key=lambda k: (-(by_score[chosen][k] if by_score[chosen][k] is not None else -math.inf),
-                                         position[k]))  # fmt: skip
+    chosen, fits = trusted()
+    for name, fit in fits.items():
+        trust[name]["log_error_sd"] = fit.sd if fit else None
     tolerance = (config.tolerance if config.tolerance is not None else TRIAGE_TOLERANCE) / 100
-    rounds = []
-    while True:
-        if config.triage == "auto":
-            seen = measured()
-            tau = agreement(by_score[chosen], seen, None).get("kendall_tau", 0.0)
-            window = triage_window(tau, n, accuracies=list(seen.values()), tolerance=tolerance, miss=_MISS,
-                                   seed=config.seed, measured=len(seen))  # fmt: skip
-            rounds.append({"arrays_measured": len(seen), "kendall_tau": tau, "window": window})
-        elif isinstance(config.triage, float):
-            window = math.ceil(config.triage * n)
-        else:
-            window = int(config.triage)
-        window = min(n, max(1, window))
+    rounds: list[dict[str, Any]] = []
+    window = None
+    if config.triage == "auto":
+        while True:
+            chosen, fits = trusted()
+            best = max(measured().values(), default=-math.inf)
+            todo = _could_hold_the_best([k for k in keys if k not in done], by_score[chosen], fits[chosen],
+                                        best + tolerance)  # fmt: skip
+            rounds.append({"arrays_measured": len(done), "score": chosen,
+                           "log_error_sd": fits[chosen].sd if fits[chosen] else None, "best_cv": best,
+                           "could_hold_the_best": len(todo)})  # fmt: skip
+            if not todo:
+                break
+            part = todo[: max(2, math.ceil(len(todo) / 2))]
+            results += search(part)
+            done.update(part)
+    else:
+        window = min(
+            n, max(1, math.ceil(config.triage * n) if isinstance(config.triage, float) else int(config.triage))
+        )
+        ranked = _ranked(keys, by_score[chosen], order)
         todo = [k for k in ranked[:window] if k not in done]
-        if not todo:
-            break
-        results += search(todo)
-        done.update(todo)
-        if config.triage != "auto":
-            break
+        if todo:
+            results += search(todo)
+            done.update(todo)
     searched = [k for k in keys if k in done]
     seconds = dict.fromkeys(searched, 0.0)
     key_of = {names[k]: k for k in searched}
@@ -133,7 +142,7 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
         "score": chosen,
         "probe_subset": [_named(names[k]) for k in probe],
         "probe_trust": {
-            name: {k: v for k, v in t.items() if k in ("kendall_tau", "weighted_tau", "arrays")}
+            name: {k: v for k, v in t.items() if k in ("kendall_tau", "weighted_tau", "arrays", "log_error_sd")}
             for name, t in trust.items()
         },  # fmt: skip
         "tolerance_points": 100 * tolerance if config.triage == "auto" else None,
@@ -141,12 +150,48 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
         "window": window,
         "arrays": n,
         "searched": [_named(names[k]) | {chosen: by_score[chosen][k]} for k in searched],
-        "skipped": [_named(names[k]) | {name: by_score[name][k] for name in config.scores} for k in skipped],
+        "skipped": [
+            _named(names[k])
+            | {name: by_score[name][k] for name in config.scores}
+            | ({"predicted_cv": _predicted(fits[chosen], by_score[chosen][k])} if fits[chosen] else {})
+            for k in skipped
+        ],  # fmt: skip
         "score_seconds": float(sum(t for v in scored.values() for _, t in v.values())),
         "searched_fit_seconds": float(sum(seconds.values())),
         "skipped_fit_seconds_estimate": _estimated_seconds(seconds, dims, skipped),
     }
     return results, record
+
+
+def _ranked(keys: Sequence[Hashable], values: Mapping[Hashable, float | None], order: Sequence[Hashable]) -> list:
+    """``keys`` by ``values``, highest first; ties, and arrays without a value (last), by the scores' consensus."""
+    position = {k: i for i, k in enumerate(order)}
+    return sorted(keys, key=lambda k: (-(values[k] if values[k] is not None else -math.inf), position[k]))
+
+
+def _could_hold_the_best(unsearched: Sequence[Hashable], values: Mapping[Hashable, float | None],
+                         fit: Calibration | None, target: float) -> list[Hashable]:  # fmt: skip
+    """The arrays of ``unsearched`` whose CV accuracy could reach ``target`` (the best measured plus the
+    tolerance): the calibration's one-sided 1 - ``_MISS`` prediction bound reaches it, or there is no calibration or
+    no score to bound the array by. Highest predicted first (those without a score first of all). None can when
+    ``target`` is past a perfect accuracy."""
+    from ._transfer import log_error
+
+    if target > 1:
+        return []
+    if fit is None:
+        return list(unsearched)
+    bound = float(log_error(target, fit.images))
+    open_ = [k for k in unsearched if values[k] is None or not math.isfinite(values[k])]
+    scored = [k for k in unsearched if k not in open_ and fit.upper(values[k], 1 - _MISS) >= bound]
+    return open_ + sorted(scored, key=lambda k: -fit.predict(values[k]))
+
+
+def _predicted(fit: Calibration, value: float | None) -> float | None:
+    """The CV accuracy the calibration predicts for a score ``value``."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(1 - math.exp(-fit.predict(value)) + 0.5 / fit.images)
 
 
 def _estimated_seconds(seconds: Mapping[Hashable, float], dims: Mapping[Hashable, int],

@@ -39,7 +39,8 @@ _COLUMNS = ["backbone", "tap", "depth", "pooling", "dims", "normalizer", "probe"
             "test_balanced_accuracy", "test_balanced_accuracy_ci", "test_macro_f1", "test_macro_f1_ci",
             "test_tta_accuracy", "test_tta_accuracy_ci", "test_top5_accuracy", "test_top5_accuracy_ci", "flops",
             "params", "latency_ms_batch1", "latency_ms_batch64", "code_bytes", "probe_bytes", "test_accuracy_mean",
-            "test_accuracy_repeat_std", "p_best", "score_knn", "score_logme", "score_hscore", "fit_seconds", "C_at_edge",
+            "test_accuracy_repeat_std", "p_best", "score_knn", "score_logme", "score_hscore", "score_ridge",
+            "fit_seconds", "C_at_edge",
             "n_fits", "solver"]  # fmt: skip
 
 
@@ -260,11 +261,18 @@ def _score_lines(result: SweepResult | Comparison) -> list[str]:
     triage = result.data.get("triage")
     if triage:
         searched, skipped = len(triage["searched"]), len(triage["skipped"])
-        tau = triage["probe_trust"][triage["score"]].get("kendall_tau")
-        lines.append(f"triage ({triage['requested']}): searched {searched} of {triage['arrays']} arrays, the top "
-                     f"{triage['window']} by {triage['score']} (tau {tau if tau is None else round(tau, 2)} on "
-                     f"{len(triage['probe_subset'])} probe arrays) and the probe arrays; scores took "
-                     f"{triage['score_seconds']:.1f} s, the searches {triage['searched_fit_seconds']:.1f} fit-seconds")  # fmt: skip
+        trust = triage["probe_trust"][triage["score"]]
+        tau, sd = trust.get("kendall_tau"), trust.get("log_error_sd")
+        how = (
+            f"every array that could reach the best CV + {triage['tolerance_points']:g} points by {triage['score']}"
+            if triage["requested"] == "auto"
+            else f"the top {triage['window']} by {triage['score']}"
+        )
+        lines.append(f"triage ({triage['requested']}): searched {searched} of {triage['arrays']} arrays: the "
+                     f"{len(triage['probe_subset'])} probe arrays and {how} (on the probe arrays: tau "
+                     f"{tau if tau is None else round(tau, 2)}, log-error sd {sd if sd is None else round(sd, 2)}); "
+                     f"scores took {triage['score_seconds']:.1f} s, the searches "
+                     f"{triage['searched_fit_seconds']:.1f} fit-seconds")  # fmt: skip
         if skipped:
             names = ", ".join(f"{a['backbone'] + ' ' if a.get('backbone') else ''}{a['tap']} {a['pooling']}"
                               for a in triage["skipped"][:6])  # fmt: skip

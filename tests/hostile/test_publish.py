@@ -383,23 +383,47 @@ def test_recover_follows_a_linked_output_folder_as_publish_does(tmp_path):
     assert (real / "cuts" / "kept.bin").read_bytes() == b"cached" and not left.exists()
 
 
-_SPAWNED = r"""
-import sys
+_FORK_SERVER = r"""
+import os, sys
 sys.path[:0] = [{tests!r}, {here!r}]
 import test_publish
 from cnncodes.cli import main
-at = int(sys.argv[1]) if sys.argv[1] != "none" else None
-counter = [0]
-test_publish._armed(at, counter)
-status = main(sys.argv[2:])
-print("POINTS", counter[0])
-sys.exit(status)
+# imported once here for every child (not run: no torch thread pool starts in this process, so forks of it are safe)
+import cnncodes, cnncodes.deploy, torch, torch.export, torchvision.models  # noqa: E401, F401
+
+
+def run(at, out):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: counts the write points it passes, dies at the at-th
+        os.close(read)
+        counter = [0]
+        test_publish._armed(at, counter)
+        status = main([*sys.argv[3:], out])
+        os.write(write, str(counter[0]).encode())
+        os._exit(status)
+    os.close(write)
+    passed = os.read(read, 64).decode()
+    os.close(read)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), passed
+
+
+root, name = sys.argv[1], sys.argv[2]
+status, points = run(None, os.path.join(root, "ref-" + name))
+assert status == 0, status
+print("POINTS", points, flush=True)
+for k in range(1, int(points) + 1):
+    os.mkdir(os.path.join(root, "k%d" % k))
+    with open(os.path.join(root, "k%d" % k, name), "wb") as f:
+        f.write(b"the old file")
+    print("KILLED", k, run(k, os.path.join(root, "k%d" % k, name))[0], flush=True)
 """
 
 
 @pytest.mark.slow
 def test_predict_out_and_export_killed_at_any_write_point_leave_the_old_file_or_the_new_one(tmp_path):
-    """In a fresh interpreter each time (a fork of a process that ran torch's thread pools can deadlock in torch)."""
+    """Each run in a fork of one fresh interpreter that imported torch but ran nothing in it (a fork of a process
+    that ran torch's thread pools, as the test process has, can deadlock in torch)."""
     import subprocess
     import sys
 
@@ -413,24 +437,24 @@ def test_predict_out_and_export_killed_at_any_write_point_leave_the_old_file_or_
                  "2", "--no-latency", "--scores", "none", "--quiet"]) == 0  # fmt: skip
     bundle = tmp_path / "sweep" / "best_probe.zip"
     here = str(Path(__file__).parent)
-    script = _SPAWNED.format(tests=str(Path(here).parent), here=here)
-
-    def run(at, args):
-        return subprocess.run([sys.executable, "-c", script, str(at), *args], capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+    script = _FORK_SERVER.format(tests=str(Path(here).parent), here=here)
 
     for name, args in (("preds.csv", ["predict", str(bundle), str(images), "--quiet", "--out"]),
                        ("m.pt2", ["export", str(bundle), "--out"])):  # fmt: skip
-        ref = tmp_path / f"ref-{name}"
-        done = run("none", [*args, str(ref)])
+        root = tmp_path / name.replace(".", "-")
+        root.mkdir()
+        done = subprocess.run([sys.executable, "-c", script, str(root), name, *args], capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
-        points = int(done.stdout.split("POINTS")[-1])
+        ref = root / f"ref-{name}"
+        points = int(done.stdout.split("POINTS")[1].split()[0])
         assert points >= 2
+        status = {int(k): int(v) for k, v in (line.split()[1:] for line in done.stdout.splitlines()
+                                              if line.startswith("KILLED"))}  # fmt: skip
+        assert sorted(status) == list(range(1, points + 1))
         for k in range(1, points + 1):
-            out = tmp_path / f"k{k}" / name
-            out.parent.mkdir()
-            out.write_bytes(b"the old file")
-            assert run(k, [*args, str(out)]).returncode == 137, f"{name}: write point {k} of {points} not reached"
+            out = root / f"k{k}" / name
+            assert status[k] == 137, f"{name}: write point {k} of {points} not reached"
             now = out.read_bytes()
             if now != b"the old file":  # the new file, whole
                 if name.endswith(".csv"):

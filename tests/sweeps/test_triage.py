@@ -15,7 +15,7 @@ from cnncodes import SweepConfig
 from cnncodes.cli import main
 from cnncodes.errors import ParameterError
 from cnncodes.probing import split_images
-from cnncodes.probing._transfer import array_scores
+from cnncodes.probing._transfer import array_scores, calibrate, log_error
 from cnncodes.sweeps import write_report
 from cnncodes.sweeps._report import summary_lines
 from helpers import make_code_store, row_facts
@@ -57,7 +57,7 @@ def test_every_row_carries_its_arrays_scores_and_the_sweep_says_how_well_each_ra
             assert getattr(row, f"score_{name}") == pytest.approx(value, rel=1e-9)
     record = full.data["transferability"]
     measured = {t: max(r.cv_accuracy for r in full.rows if r.tap == t) for t in arrays}
-    for name in ("knn", "logme", "hscore"):
+    for name in ("knn", "logme", "hscore", "ridge"):
         score = {t: next(getattr(r, f"score_{name}") for r in full.rows if r.tap == t) for t in arrays}
         keys = list(arrays)
         tau = kendalltau([score[t] for t in keys], [measured[t] for t in keys]).statistic
@@ -77,18 +77,27 @@ def test_triage_searches_the_top_of_the_trusted_score_and_reports_the_rest(array
     skipped = [a["tap"] for a in record["skipped"]]
     assert sorted(searched + skipped) == sorted(arrays) and not set(searched) & set(skipped)
     assert {r.tap for r in result.rows} == set(searched), "only searched arrays have rows"
-    # auto, on 10 arrays: tau measured on 4 probe arrays has a 95 % lower bound near 0.2, too weak to skip much
     assert skipped or triage == "auto"
     probe = [a["tap"] for a in record["probe_subset"]]
     assert set(probe) <= set(searched) and len(probe) == max(4, math.ceil(0.2 * ARRAYS))
     chosen = record["score"]
-    tau = {n: t.get("kendall_tau", -1) for n, t in record["probe_trust"].items()}
-    assert tau[chosen] == max(tau.values())
-    ranked = sorted(arrays, key=lambda t: -next(getattr(r, f"score_{chosen}") for r in full.rows if r.tap == t))
-    assert set(ranked[: record["window"]]) <= set(searched)
-    if triage != "auto":
+    measured = {t: max(r.cv_accuracy for r in full.rows if r.tap == t) for t in arrays}
+    score = {t: next(getattr(r, f"score_{chosen}") for r in full.rows if r.tap == t) for t in arrays}
+    ranked = sorted(arrays, key=lambda t: -score[t])
+    if triage != "auto":  # the score with the smallest residual on the probe arrays; its top K
+        sd = {n: t["log_error_sd"] for n, t in record["probe_trust"].items()}
+        assert sd[chosen] == min(sd.values())
         assert record["window"] == (3 if triage == 3 else math.ceil(0.3 * ARRAYS))
         assert set(searched) == set(probe) | set(ranked[: record["window"]])
+    else:  # auto stops when no skipped array's 95 % bound reaches the best + 0.3 points, by the score of its last round
+        last = record["rounds"][-1]
+        assert last["could_hold_the_best"] == 0 and last["score"] == chosen
+        assert last["best_cv"] == max(measured[t] for t in searched) == result.best.cv_accuracy
+        fit = calibrate(chosen, score, {t: measured[t] for t in searched}, len(split_images(Y, 0, CONFIG).train_rows))
+        target = log_error(last["best_cv"] + 0.003, fit.images)
+        assert all(fit.upper(score[t], 0.95) < target for t in skipped)
+        for a in record["skipped"]:
+            assert a["predicted_cv"] == pytest.approx(1 - math.exp(-fit.predict(score[a["tap"]])) + 0.5 / fit.images)
     # the rows searched are the full sweep's rows, their test numbers read afterwards equal to those read at once
     by_key = {r.key: r for r in full.rows}
     for row in result.rows:
@@ -184,7 +193,7 @@ def test_store_sweep_writes_the_scores_plot_and_the_triage_through_the_cli(tmp_p
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["data"]["triage"]["rule"].startswith("Scores first") and "knn" in data["data"]["transferability"]
     header = (tmp_path / "out" / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"score_knn", "score_logme", "score_hscore"} <= set(header)
+    assert {"score_knn", "score_logme", "score_hscore", "score_ridge"} <= set(header)
     assert main(["sweep", str(store.path), "--out", str(tmp_path / "o2"), "--triage", "lots"]) == 2
     assert "--triage" in capsys.readouterr().err
 
