@@ -73,16 +73,18 @@ class SweepConfig:
         first draw (``seed``), whose test images the other draws' folds would otherwise touch. 1 costs nothing.
     resamples : int, default=2000
         Bootstrap resamples of the test images, for the intervals that are not proportions (seeded by ``seed``).
-    scores : tuple of str, default=("knn", "logme", "hscore")
+    scores : tuple of str, default=("knn", "logme", "hscore", "ridge")
         Transferability scores measured on every array before its probes are searched (training images only; see
         :mod:`cnncodes.probing._transfer`): every row carries them, and ``results.json`` says how well each ranked
         the arrays against their measured CV accuracy. ``()`` measures none.
     triage : int, float or "auto", optional
-        Search C only on the arrays the most trustworthy score ranks highest: an int K (the top K arrays), a float
-        in (0, 1) (that fraction of them), or ``"auto"`` (K from the score's Kendall tau on a probe subset, so that
-        missing the best is unlikely). Trust is measured first on a probe subset of arrays spread over the scores'
-        range, searched in full. The best row is always a fully searched one; the test images are read only for
-        the final numbers of the rows searched. Default: search every array.
+        Search C only on the arrays the scores say could hold the best: an int K (the top K arrays of the most
+        trustworthy score), a float in (0, 1) (that fraction of them), or ``"auto"`` (every array whose 95 %
+        prediction bound, from the score calibrated on the arrays searched so far, reaches the best CV accuracy
+        measured plus 0.3 points, or ``tolerance``). Trust is measured first on a probe subset of arrays spread over
+        the scores' range, searched in full (:mod:`cnncodes.probing._triage`). The best row is always a fully
+        searched one; the test images are read only for the final numbers of the rows searched. Default: search
+        every array.
     """
 
     probes: tuple[str, ...] = ("logreg", "linsvc")

@@ -19,16 +19,16 @@ Scores (each on the plain views of the training images only; the test images are
   it defined when codes are wider than there are images (the plain H-score inverts a singular covariance there), and
   its authors report it correlates with transfer accuracy far better than the plain H-score.
 * ``ridge``: the CV accuracy, on the sweep's folds, of a least-squares (ridge) one-vs-rest linear classifier on the
-  standardized codes (each feature scaled by its mean and standard deviation over the training images; each fold's
-  fit images centre it), at the best of :data:`RIDGE_GRID` penalties (times the mean eigenvalue of the fold's
-  scatter). It is the linear probe the sweep searches, fit in closed form: one eigendecomposition of size
-  min(n, d) per fold gives every penalty, so it costs about five LogMEs and is read in accuracy points, the unit
-  ``triage="auto"`` must bound (Rifkin and Klautau 2004 found one-vs-rest least squares as accurate as SVMs).
+  codes with an intercept, each fold fit on its fit images, at the best of :data:`RIDGE_GRID` penalties (times the
+  mean eigenvalue of the centred codes' scatter). It is a linear probe like those the sweep searches, fit in closed
+  form from the H-score's own eigendecomposition (the block leave-fold-out identity of the hat matrix gives every
+  fold and every penalty exactly, no further decomposition), and it is read in accuracy points, the unit
+  ``triage="auto"`` bounds. (Rifkin and Klautau 2004 found one-vs-rest least squares as accurate as SVMs.)
 
 Cost: one Gram matrix per array, the d x d matrix X'X when codes are narrower than the images and the n x n matrix
 XX' when they are wider, so O(n d min(n, d)), and two eigendecompositions of size min(n, d) (raw codes for LogME,
-centered for the H-score); ridge takes the Gram matrix of the standardized codes and one eigendecomposition of size
-min(n_fit, d) per fold. The kNN score compares at most ``max_queries`` validation images with their fold's fit
+centered for the H-score and ridge); ridge then costs O(n n_val min(n, d)) per penalty, or, for codes much narrower
+than there are images, one eigendecomposition of size d per fold. The kNN score compares at most ``max_queries`` validation images with their fold's fit
 images: O(q n d). Everything runs in torch, in float64, on the sweep's device.
 """
 
@@ -61,8 +61,9 @@ __all__ = [
 #: The transferability scores a sweep measures, in the order they are reported.
 SCORES = ("knn", "logme", "hscore", "ridge")
 
-#: Penalties of the ``ridge`` score, in units of the mean eigenvalue of each fold's scatter (half decades).
-RIDGE_GRID = tuple(10.0 ** (k / 2) for k in range(-10, 3))
+#: Penalties of the ``ridge`` score, in units of the mean eigenvalue of the centred codes' scatter (decades; half
+#: decades cost twice as much and moved no array's score on the digits store by more than 3 of its 1,347 images).
+RIDGE_GRID = tuple(10.0**k for k in range(-5, 2))
 
 #: Scores that are accuracies on the folds (fractions of images right): ``triage="auto"`` reads them on the same
 #: log-error scale as the measured CV accuracy.
@@ -76,8 +77,8 @@ SCORE_TEXT = {
              "class on the raw codes, averaged over classes",
     "hscore": "shrinkage H-score (Bao et al. 2019; Ibrahim et al. 2022): tr(cov_a(f)^-1 (1 - a) cov(E[f|y])), a the "
               "Ledoit-Wolf shrinkage of the centered codes",
-    "ridge": "CV accuracy on the sweep's folds of a one-vs-rest least-squares (ridge) classifier on the standardized "
-             "codes, the best of 13 penalties from 1e-5 to 10 times the mean eigenvalue of each fold's scatter",
+    "ridge": "CV accuracy on the sweep's folds of a one-vs-rest least-squares (ridge) classifier with an intercept on "
+             "the codes, the best of 7 penalties from 1e-5 to 10 times the mean eigenvalue of their centred scatter",
 }  # fmt: skip
 
 _KS = (10, 20, 50, 100)
@@ -196,12 +197,12 @@ def hscore(X: Any, y: Any, *, device: Any = "cpu") -> float:
     return _hscore(X - X.mean(0), np.asarray(y), device)
 
 
-def _hscore(Xc, y: np.ndarray, device: Any, gram=None) -> float:
-    """``gram``: the centered codes' Gram matrix (:func:`_gram` of ``Xc``), when it is already known."""
+def _hscore(Xc, y: np.ndarray, device: Any, eig=None) -> float:
+    """``eig``: the centered codes' :func:`_eig`, when it is already known."""
     import torch
 
     n, d = Xc.shape
-    lam, Q, wide = _eig(Xc, gram)
+    lam, Q, wide = eig if eig is not None else _eig(Xc)
     E = _targets(y, device)
     counts = E.sum(0)
     E = E[:, counts > 0] / counts[counts > 0].sqrt()  # E D^-1/2: X'PX = (X'E D^-1/2)(...)', P the class-mean projection
@@ -259,64 +260,71 @@ def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries:
 
 
 def ridge_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]], *,
-                   grid: Sequence[float] = RIDGE_GRID, device: Any = "cpu") -> float:  # fmt: skip
+                   grid: Sequence[float] = RIDGE_GRID, device: Any = "cpu", route: str | None = None) -> float:  # fmt: skip
     """The ``ridge`` score of codes ``X`` (n, d), integer labels ``y`` (n,), on ``folds`` (fit and validation
     positions into X): pooled over the folds, the accuracy of the class whose least-squares one-vs-rest output is
-    highest, at the best penalty of ``grid`` (times the mean eigenvalue of each fold's scatter). The codes are
-    standardized over all of X (a feature that does not vary is left unscaled), then centred by each fold's fit
-    images, targets too (an unpenalized intercept)."""
-    Z = _standardized(_tensor(X, device))
-    return _ridge_of(Z, np.asarray(y), folds, _gram(Z), grid)
+    highest, each fold fit on its fit images with an unpenalized intercept (scikit-learn's ``RidgeClassifier``,
+    up to its -1/1 targets, which pick the same class), at the best penalty of ``grid`` times the mean eigenvalue
+    of the centred codes' scatter. ``route`` ("hat" or "folds") forces one of the two exact computations (see
+    :func:`_ridge_of`); by default the cheaper."""
+    X = _tensor(X, device)
+    Xc = X - X.mean(0)
+    return _ridge_of(Xc, np.asarray(y), folds, _eig(Xc), grid, route)
 
 
-def _standardized(X):
-    """X scaled to zero mean and unit variance per feature (1/n, as scikit-learn's ``StandardScaler``; a constant
-    feature only centred)."""
-    sd = X.std(0, correction=0)
-    return (X - X.mean(0)) / sd.masked_fill(sd <= 1e-12 * float(sd.max().clamp_min(1e-300)), 1.0)
+def _ridge_of(Xc, y: np.ndarray, folds, eig, grid: Sequence[float] = RIDGE_GRID, route: str | None = None) -> float:
+    """:func:`ridge_accuracy` of the centred codes ``Xc`` whose :func:`_eig` is ``eig`` (the H-score's own).
 
-
-def _ridge_of(Z, y: np.ndarray, folds, gram, grid: Sequence[float] = RIDGE_GRID) -> float:
-    """:func:`ridge_accuracy` of standardized codes ``Z`` whose Gram matrix (:func:`_gram`) is ``gram``.
-
-    Per fold, with the fit side centred (Zc, Yc = Y_f - its mean), the penalty l and the eigendecomposition of the
-    fold's scatter: codes narrower than the fit images take Zc'Zc = V diag(e) V' (from ``gram`` less the validation
-    rows' own, O(n_val d^2)), the prediction (Z_v - m) V diag(1 / (e + l)) V' Zc'Yc; wider codes take the centred
-    kernel Zc Zc' = Q diag(e) Q' (a block of ``gram``), the prediction Kc_vf Q diag(1 / (e + l)) Q' Yc. The two
-    are the same linear map; every penalty reuses the one decomposition."""
+    Two exact routes to the same numbers. ``hat``: with Xc'Xc = V diag(e) V' (or Xc Xc' = U diag(e) U'), the ridge
+    fit with an intercept on every training image has the hat matrix H = 11'/n + P diag(w) P' (P = Xc V and
+    w = 1 / (e + p), or P = U and w = e / (e + p), p the penalty), and deleting a fold's rows leaves its residuals
+    (I - H_vv)^-1 r_v (the block form of the leave-one-out identity, exact for any quadratic penalty): O(n n_v r)
+    per penalty, no further decomposition. ``folds`` (codes narrower than the images, where that is dearer):
+    each fold's own scatter, the full one less the validation rows' and the shift of the mean, decomposed once for
+    every penalty: O(k d^3 + n d^2)."""
     import torch
 
-    n, d = Z.shape
-    wide = d > n
-    Y = _targets(y, Z.device)
-    labels = torch.as_tensor(y, device=Z.device)
-    hits = torch.zeros(len(grid), dtype=torch.float64, device=Z.device)
-    asked = 0
-    for fit, val in folds:
-        f = torch.as_tensor(np.asarray(fit), device=Z.device)
-        v = torch.as_tensor(np.asarray(val), device=Z.device)
-        ybar = Y[f].mean(0)
-        Yc = Y[f] - ybar
-        if wide:
-            K, Kv = gram[f][:, f], gram[v][:, f]
-            r = K.mean(1)
-            s = r.mean()
-            e, Q = torch.linalg.eigh(K - r[:, None] - r[None, :] + s)
-            P = (Kv - r[None, :] - Kv.mean(1, keepdim=True) + s) @ Q
-            B = Q.T @ Yc
-        else:
-            m = Z[f].mean(0)
-            Zv = Z[v]
-            e, V = torch.linalg.eigh(gram - Zv.T @ Zv - len(fit) * (m[:, None] * m[None, :]))
-            P = (Zv - m) @ V
-            B = V.T @ (Z[f].T @ Yc)  # Zc'Yc = Z_f'Yc: Yc sums to zero over the fit images
-        e = e.clamp_min(0)
-        unit = float(e.sum()) / min(len(fit), d)
-        for j, t in enumerate(grid):
-            out = (P / (e + t * unit).clamp_min(1e-300)) @ B + ybar
-            hits[j] += (out.argmax(1) == labels[v]).sum()
-        asked += len(val)
-    return float((hits / asked).max())
+    n, d = Xc.shape
+    lam, Q, wide = eig
+    Y = _targets(y, Xc.device)
+    labels = torch.as_tensor(y, device=Xc.device)
+    units = float(lam.sum()) / min(n, d)
+    penalties = [t * units for t in grid]
+    n_val = max(len(v) for _, v in folds)
+    r = n if wide else d
+    hat_cost = len(grid) * (n * n_val * r + len(folds) * n_val**3)
+    folds_cost = len(folds) * (10 * d**3 + n_val * d * d)
+    if route is None:
+        route = "hat" if wide or hat_cost <= folds_cost else "folds"
+    hits = torch.zeros(len(grid), dtype=torch.float64, device=Xc.device)
+    if route == "hat":
+        P = Q if wide else Xc @ Q
+        PY = P.T @ (Y - Y.mean(0))
+        blocks = [(v, P[v]) for v in (torch.as_tensor(np.asarray(val), device=Xc.device) for _, val in folds)]
+        for j, pen in enumerate(penalties):
+            w = lam / (lam + pen) if wide else 1 / (lam + pen).clamp_min(1e-300)
+            R = Y - Y.mean(0) - P @ (w[:, None] * PY)  # residuals of the fit on every training image
+            for v, Pv in blocks:
+                H = (Pv * w) @ Pv.T + 1.0 / n
+                try:
+                    out = Y[v] - torch.linalg.solve(torch.eye(len(v), dtype=H.dtype, device=H.device) - H, R[v])
+                except RuntimeError:  # I - H_vv singular: the fold interpolated at this penalty; it scores nothing
+                    continue
+                hits[j] += (out.argmax(1) == labels[v]).sum()
+    else:
+        S = Xc.T @ Xc
+        for fit, val in folds:
+            f = torch.as_tensor(np.asarray(fit), device=Xc.device)
+            v = torch.as_tensor(np.asarray(val), device=Xc.device)
+            m = Xc[f].mean(0)
+            e, V = torch.linalg.eigh(S - Xc[v].T @ Xc[v] - len(fit) * (m[:, None] * m[None, :]))
+            ybar = Y[f].mean(0)
+            B = V.T @ (Xc[f].T @ (Y[f] - ybar))  # the fit side's centred Xc'Y: Y - ybar sums to zero over it
+            Pv = (Xc[v] - m) @ V
+            for j, pen in enumerate(penalties):
+                out = (Pv / (e.clamp_min(0) + pen).clamp_min(1e-300)) @ B + ybar
+                hits[j] += (out.argmax(1) == labels[v]).sum()
+    return float((hits / sum(len(v) for _, v in folds)).max())
 
 
 def rows_within(n: int, d: int, max_memory: int | None, queries: int = 1024) -> int:
@@ -366,25 +374,34 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
         raise ParameterError(f"unknown score {unknown[0]!r}; use any of {list(SCORES)}.")
     start = time.perf_counter()
     T = _tensor(X, device)
-    G = _gram(T) if {"logme", "hscore"} & set(names) else None  # one Gram matrix for every score of the array
-    shared = time.perf_counter() - start  # its time is split over the scores that use it
-    users = [n for n in names if n in ("logme", "hscore") or (n == "knn" and G is not None and T.shape[1] > T.shape[0])]
+    G = _gram(T) if {"logme", "hscore", "ridge"} & set(names) else None  # one Gram matrix for every score
+    wide = T.shape[1] > T.shape[0]
+    gram_users = [n for n in names if n != "knn" or (G is not None and wide)]
+    shared = dict.fromkeys(names, 0.0)  # the shared work's time, split over the scores that use it
+    for name in gram_users:
+        shared[name] += (time.perf_counter() - start) / len(gram_users)
+    centred = None
+    if {"hscore", "ridge"} & set(names) and not multilabel:  # one eigendecomposition of the centred codes for both
+        start = time.perf_counter()
+        Tc = T - T.mean(0)
+        centred = (Tc, _eig(Tc, _centered_gram(T, G)))
+        users = [n for n in names if n in ("hscore", "ridge")]
+        for name in users:
+            shared[name] += (time.perf_counter() - start) / len(users)
     for name in names:
         start = time.perf_counter()
         if multilabel and name != "logme":
             out[name] = (None, 0.0)
             continue
         if name == "knn":  # XX' (the wide arrays' Gram) holds every similarity the folds need
-            wide_gram = G if G is not None and T.shape[1] > T.shape[0] else None
-            value = _knn_of(T, y, folds, wide_gram, max_queries=max_queries, seed=seed, device=device)
+            value = _knn_of(T, y, folds, G if wide else None, max_queries=max_queries, seed=seed, device=device)
         elif name == "logme":
             value = _logme_of(T, _targets(y, device), G)
         elif name == "ridge":
-            Z = _standardized(T)
-            value = _ridge_of(Z, y, folds, _gram(Z))
+            value = _ridge_of(centred[0], y, folds, centred[1])
         else:
-            value = _hscore(T - T.mean(0), y, device, None if G is None else _centered_gram(T, G))
-        spent = time.perf_counter() - start + (shared / len(users) if name in users else 0.0)
+            value = _hscore(centred[0], y, device, centred[1])
+        spent = time.perf_counter() - start + shared[name]
         out[name] = (value if math.isfinite(value) else None, spent)
     return out
 
