@@ -18,17 +18,18 @@ Scores (each on the plain views of the training images only; the test images are
   projection and a self-challenging step), it comes out of the same eigendecomposition as LogME, its shrinkage keeps
   it defined when codes are wider than there are images (the plain H-score inverts a singular covariance there), and
   its authors report it correlates with transfer accuracy far better than the plain H-score.
-* ``ridge``: the CV accuracy, on the sweep's folds, of a least-squares (ridge) one-vs-rest linear classifier on the
-  codes with an intercept, each fold fit on its fit images, at the best of :data:`RIDGE_GRID` penalties (times the
-  mean eigenvalue of the centred codes' scatter). It is a linear probe like those the sweep searches, fit in closed
-  form from the H-score's own eigendecomposition (the block leave-fold-out identity of the hat matrix gives every
-  fold and every penalty exactly, no further decomposition), and it is read in accuracy points, the unit
-  ``triage="auto"`` bounds. (Rifkin and Klautau 2004 found one-vs-rest least squares as accurate as SVMs.)
+* ``ridge``: the CV accuracy, on the sweep's folds, of a least-squares (ridge) one-vs-rest linear classifier with an
+  intercept on the standardized codes (as the sweep's ``standard`` normalizer gives them to its probes), each fold
+  fit on its fit images, at the best of :data:`RIDGE_GRID` penalties (times the mean eigenvalue of the codes'
+  scatter). It is a linear probe like those the sweep searches, fit in closed form from one eigendecomposition (the
+  block leave-fold-out identity of the hat matrix gives every fold and every penalty exactly), and it is read in
+  accuracy points, the unit ``triage="auto"`` bounds. (Rifkin and Klautau 2004 found one-vs-rest least squares as accurate as SVMs.)
 
 Cost: one Gram matrix per array, the d x d matrix X'X when codes are narrower than the images and the n x n matrix
 XX' when they are wider, so O(n d min(n, d)), and two eigendecompositions of size min(n, d) (raw codes for LogME,
-centered for the H-score and ridge); ridge then costs O(n n_val min(n, d)) per penalty, or, for codes much narrower
-than there are images, one eigendecomposition of size d per fold. The kNN score compares at most ``max_queries`` validation images with their fold's fit
+centered for the H-score); ridge takes the Gram matrix and eigendecomposition of the standardized codes, then
+O(n n_val min(n, d)) per penalty, or, for codes much narrower than there are images, one eigendecomposition of size
+d per fold. The kNN score compares at most ``max_queries`` validation images with their fold's fit
 images: O(q n d). Everything runs in torch, in float64, on the sweep's device.
 """
 
@@ -78,7 +79,8 @@ SCORE_TEXT = {
     "hscore": "shrinkage H-score (Bao et al. 2019; Ibrahim et al. 2022): tr(cov_a(f)^-1 (1 - a) cov(E[f|y])), a the "
               "Ledoit-Wolf shrinkage of the centered codes",
     "ridge": "CV accuracy on the sweep's folds of a one-vs-rest least-squares (ridge) classifier with an intercept on "
-             "the codes, the best of 7 penalties from 1e-5 to 10 times the mean eigenvalue of their centred scatter",
+             "the standardized codes, the best of 7 penalties from 1e-5 to 10 times the mean eigenvalue of their "
+             "scatter",
 }  # fmt: skip
 
 _KS = (10, 20, 50, 100)
@@ -263,17 +265,24 @@ def ridge_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]
                    grid: Sequence[float] = RIDGE_GRID, device: Any = "cpu", route: str | None = None) -> float:  # fmt: skip
     """The ``ridge`` score of codes ``X`` (n, d), integer labels ``y`` (n,), on ``folds`` (fit and validation
     positions into X): pooled over the folds, the accuracy of the class whose least-squares one-vs-rest output is
-    highest, each fold fit on its fit images with an unpenalized intercept (scikit-learn's ``RidgeClassifier``,
-    up to its -1/1 targets, which pick the same class), at the best penalty of ``grid`` times the mean eigenvalue
-    of the centred codes' scatter. ``route`` ("hat" or "folds") forces one of the two exact computations (see
+    highest, on the codes standardized over all of X (the sweep's ``standard`` normalizer, its statistics taken
+    over every training image, labels unused), each fold fit on its fit images with an unpenalized intercept
+    (scikit-learn's ``RidgeClassifier``, up to its -1/1 targets, which pick the same class), at the best penalty of
+    ``grid`` times the mean eigenvalue of the standardized codes' scatter. ``route`` ("hat" or "folds") forces one of the two exact computations (see
     :func:`_ridge_of`); by default the cheaper."""
-    X = _tensor(X, device)
-    Xc = X - X.mean(0)
-    return _ridge_of(Xc, np.asarray(y), folds, _eig(Xc), grid, route)
+    Z = _standardized(_tensor(X, device))
+    return _ridge_of(Z, np.asarray(y), folds, _eig(Z), grid, route)
+
+
+def _standardized(X):
+    """X scaled to zero mean and unit variance per feature over its rows (1/n, as scikit-learn's
+    ``StandardScaler``, the sweep's default normalizer; a feature that does not vary is only centred)."""
+    sd = X.std(0, correction=0)
+    return (X - X.mean(0)) / sd.masked_fill(sd <= 1e-12 * float(sd.max().clamp_min(1e-300)), 1.0)
 
 
 def _ridge_of(Xc, y: np.ndarray, folds, eig, grid: Sequence[float] = RIDGE_GRID, route: str | None = None) -> float:
-    """:func:`ridge_accuracy` of the centred codes ``Xc`` whose :func:`_eig` is ``eig`` (the H-score's own).
+    """:func:`ridge_accuracy` of the centred (standardized) codes ``Xc`` whose :func:`_eig` is ``eig``.
 
     Two exact routes to the same numbers. ``hat``: with Xc'Xc = V diag(e) V' (or Xc Xc' = U diag(e) U'), the ridge
     fit with an intercept on every training image has the hat matrix H = 11'/n + P diag(w) P' (P = Xc V and
@@ -329,14 +338,14 @@ def _ridge_of(Xc, y: np.ndarray, folds, eig, grid: Sequence[float] = RIDGE_GRID,
 
 def rows_within(n: int, d: int, max_memory: int | None, queries: int = 1024) -> int:
     """How many of ``n`` training images of width ``d`` the scores can hold within ``max_memory`` bytes: the rows
-    read (float32) and their float64 copies (the codes, their centered and normalized copies, a fit side), the Gram
-    matrix with its centered copy and eigenvectors, and a block of ``queries`` kNN similarities. All ``n`` without
-    a bound."""
+    read (float32) and their float64 copies (the codes, their centered and normalized copies, a fit side, and
+    ridge's projections P and their fold blocks), the Gram matrix with its centered copy, eigenvectors and their
+    fold blocks, and a block of ``queries`` kNN similarities. All ``n`` without a bound."""
     if max_memory is None:
         return n
 
     def need(m: int) -> int:
-        return 4 * m * d + 8 * (4 * m * d + 3 * min(m, d) ** 2 + queries * m)
+        return 4 * m * d + 8 * (6 * m * d + 4 * min(m, d) ** 2 + queries * m)
 
     lo, hi = 0, n  # the largest m in [0, n] with need(m) <= max_memory (need grows with m)
     while lo < hi:
@@ -374,20 +383,12 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
         raise ParameterError(f"unknown score {unknown[0]!r}; use any of {list(SCORES)}.")
     start = time.perf_counter()
     T = _tensor(X, device)
-    G = _gram(T) if {"logme", "hscore", "ridge"} & set(names) else None  # one Gram matrix for every score
+    G = _gram(T) if {"logme", "hscore"} & set(names) else None  # one Gram matrix for LogME, the H-score, kNN
     wide = T.shape[1] > T.shape[0]
-    gram_users = [n for n in names if n != "knn" or (G is not None and wide)]
+    gram_users = [n for n in names if n in ("logme", "hscore") or (n == "knn" and G is not None and wide)]
     shared = dict.fromkeys(names, 0.0)  # the shared work's time, split over the scores that use it
     for name in gram_users:
         shared[name] += (time.perf_counter() - start) / len(gram_users)
-    centred = None
-    if {"hscore", "ridge"} & set(names) and not multilabel:  # one eigendecomposition of the centred codes for both
-        start = time.perf_counter()
-        Tc = T - T.mean(0)
-        centred = (Tc, _eig(Tc, _centered_gram(T, G)))
-        users = [n for n in names if n in ("hscore", "ridge")]
-        for name in users:
-            shared[name] += (time.perf_counter() - start) / len(users)
     for name in names:
         start = time.perf_counter()
         if multilabel and name != "logme":
@@ -397,10 +398,11 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
             value = _knn_of(T, y, folds, G if wide else None, max_queries=max_queries, seed=seed, device=device)
         elif name == "logme":
             value = _logme_of(T, _targets(y, device), G)
-        elif name == "ridge":
-            value = _ridge_of(centred[0], y, folds, centred[1])
+        elif name == "ridge":  # on the codes as the sweep's standard normalizer gives them to its probes
+            Z = _standardized(T)
+            value = _ridge_of(Z, y, folds, _eig(Z))
         else:
-            value = _hscore(centred[0], y, device, centred[1])
+            value = _hscore(T - T.mean(0), y, device, _eig(T, _centered_gram(T, G)))
         spent = time.perf_counter() - start + shared[name]
         out[name] = (value if math.isfinite(value) else None, spent)
     return out

@@ -49,6 +49,10 @@ TRIAGE_RULE = (
     "full; the test images are read only for the final numbers."
 )
 
+#: Arrays searched per round of ``"auto"``, the most promising first: each round refits the calibration, so fewer
+#: per round search fewer in all (two keep two cores busy with one probe each).
+_ROUND = 2
+
 _MISS = 0.05  # the chance of the auto window holding no array within the tolerance of the best, that the rule accepts
 
 #: Points of CV accuracy within which an array found counts as the best, for ``triage="auto"`` (``tolerance`` when
@@ -118,7 +122,7 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
                            "could_hold_the_best": len(todo)})  # fmt: skip
             if not todo:
                 break
-            part = todo[: max(2, math.ceil(len(todo) / 2))]
+            part = todo[:_ROUND]
             results += search(part)
             done.update(part)
     else:

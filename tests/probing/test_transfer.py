@@ -169,15 +169,16 @@ def test_probe_subset_spans_the_ranking():
 @pytest.mark.parametrize("n,d", [(90, 7), (40, 120)], ids=["narrow", "wide"])
 def test_ridge_accuracy_equals_sklearns_ridge_classifier_on_each_fold(n, d):
     """Both closed forms (the hat matrix's leave-fold-out identity, and one eigendecomposition per fold) against
-    scikit-learn's RidgeClassifier fit on each fold's fit images, pooled, the best penalty of the grid; a constant
+    scikit-learn's RidgeClassifier fit on each fold's fit images of the standardized codes, pooled, the best penalty of the grid; a constant
     feature and an offset included."""
     X, y = _data(n, d, seed=6)
     X = X + 5.0
     X[:, 1] = 3.0
     folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
-    Xc = X - X.mean(0)
-    unit = np.linalg.eigvalsh(Xc.T @ Xc).clip(0).sum() / min(n, d)
-    per_penalty = [sum(int((RidgeClassifier(alpha=t * unit).fit(X[f], y[f]).predict(X[v]) == y[v]).sum())
+    sd = X.std(0)
+    Z = (X - X.mean(0)) / np.where(sd > 1e-9, sd, 1.0)  # standardized over every image, as the score reads them
+    unit = np.linalg.eigvalsh(Z.T @ Z).clip(0).sum() / min(n, d)
+    per_penalty = [sum(int((RidgeClassifier(alpha=t * unit).fit(Z[f], y[f]).predict(Z[v]) == y[v]).sum())
                        for f, v in folds) / n for t in RIDGE_GRID]  # fmt: skip
     assert len(set(per_penalty)) > 1  # the penalty matters here: the best of the grid is a real choice
     for route in ("hat", "folds"):
