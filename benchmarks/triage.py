@@ -90,7 +90,7 @@ def run_task(task: str, root: Path, quick: bool) -> bool:
     print(f"  triage auto:   {tri_s:7.1f} s  best {describe(tri.best)}")
     print(f"  ratio triaged/full {tri_s / full_s:.3f}; CV gap {gap:.2f} points; scores took {score_s:.1f} s "
           f"({100 * score_s / full_s:.1f} % of the full sweep's wall time)")  # fmt: skip
-    rounds = ", ".join(f"{r['score']} sd {r['log_error_sd']:.2f} on {r['arrays_measured']} -> "
+    rounds = ", ".join(f"{r['score']} sd {r['log_error_sd']:.2f} on {r['arrays_searched']} -> "
                        f"{r['could_hold_the_best']} could hold the best" for r in record["rounds"])  # fmt: skip
     print(f"  triage: score {record['score']}, searched {len(record['searched'])} of {record['arrays']} arrays "
           f"({rounds}); skipped {len(record['skipped'])}, about {record['skipped_fit_seconds_estimate']:.0f} "

@@ -768,7 +768,7 @@ def _search_all(job: _Job, config: SweepConfig) -> tuple[Split, list[tuple[Sweep
     def search(part: list[Hashable]) -> list[tuple[SweepRow, Any]]:
         return _linear_results(job, config, split, part, test_now=False, what=f"triage: {len(part)} arrays")
 
-    images = int(len(split.train_rows) // (split.views + 1))
+    images = len({int(r) for _, val in split.folds for r in val})  # the images CV accuracy is measured on
     results, triage = triaged_search(keys, job.names, dims, scored, search, config, images)
     score_on_test(results, job, split, config)
     searched = list(dict.fromkeys(job.key_of[(r.backbone, r.tap, r.pooling)] for r, _ in results))

@@ -19,9 +19,10 @@ Scores (each on the plain views of the training images only; the test images are
   it defined when codes are wider than there are images (the plain H-score inverts a singular covariance there), and
   its authors report it correlates with transfer accuracy far better than the plain H-score.
 * ``ridge``: the CV accuracy, on the sweep's folds, of a least-squares (ridge) one-vs-rest linear classifier with an
-  intercept on the standardized codes (as the sweep's ``standard`` normalizer gives them to its probes), each fold
-  fit on its fit images, at the best of :data:`RIDGE_GRID` penalties (times the mean eigenvalue of the codes'
-  scatter). It is a linear probe like those the sweep searches, fit in closed form from one eigendecomposition (the
+  intercept on the codes standardized over the training images (labels unused; the sweep's ``standard``
+  normalizer fits its statistics per fold), each fold
+  fit on its fit images, at the best of :data:`RIDGE_GRID` penalties (times the mean of the min(n, d) eigenvalues of
+  the codes' scatter that can be nonzero). It is a linear probe like those the sweep searches, fit in closed form from one eigendecomposition (the
   block leave-fold-out identity of the hat matrix gives every fold and every penalty exactly), and it is read in
   accuracy points, the unit ``triage="auto"`` bounds. (Rifkin and Klautau 2004 found one-vs-rest least squares as accurate as SVMs.)
 
@@ -62,7 +63,8 @@ __all__ = [
 #: The transferability scores a sweep measures, in the order they are reported.
 SCORES = ("knn", "logme", "hscore", "ridge")
 
-#: Penalties of the ``ridge`` score, in units of the mean eigenvalue of the centred codes' scatter (decades; half
+#: Penalties of the ``ridge`` score, in units of the mean of the min(n, d) eigenvalues of the standardized codes'
+#: scatter that can be nonzero (decades; half
 #: decades cost twice as much and moved no array's score on the digits store by more than 3 of its 1,347 images).
 RIDGE_GRID = tuple(10.0**k for k in range(-5, 2))
 
@@ -79,8 +81,8 @@ SCORE_TEXT = {
     "hscore": "shrinkage H-score (Bao et al. 2019; Ibrahim et al. 2022): tr(cov_a(f)^-1 (1 - a) cov(E[f|y])), a the "
               "Ledoit-Wolf shrinkage of the centered codes",
     "ridge": "CV accuracy on the sweep's folds of a one-vs-rest least-squares (ridge) classifier with an intercept on "
-             "the standardized codes, the best of 7 penalties from 1e-5 to 10 times the mean eigenvalue of their "
-             "scatter",
+             "the codes standardized over the training images, the best of 7 penalties from 1e-5 to 10 times the mean "
+             "of the min(n, d) eigenvalues of their scatter",
 }  # fmt: skip
 
 _KS = (10, 20, 50, 100)
@@ -265,13 +267,17 @@ def ridge_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]
                    grid: Sequence[float] = RIDGE_GRID, device: Any = "cpu", route: str | None = None) -> float:  # fmt: skip
     """The ``ridge`` score of codes ``X`` (n, d), integer labels ``y`` (n,), on ``folds`` (fit and validation
     positions into X): pooled over the folds, the accuracy of the class whose least-squares one-vs-rest output is
-    highest, on the codes standardized over all of X (the sweep's ``standard`` normalizer, its statistics taken
-    over every training image, labels unused), each fold fit on its fit images with an unpenalized intercept
+    highest, on the codes standardized over all of X (labels unused; the sweep's ``standard`` normalizer takes its
+    statistics per fold instead), each fold fit on its fit images with an unpenalized intercept
     (scikit-learn's ``RidgeClassifier``, up to its -1/1 targets, which pick the same class), at the best penalty of
-    ``grid`` times the mean eigenvalue of the standardized codes' scatter. ``route`` ("hat" or "folds") forces one of the two exact computations (see
+    ``grid`` times the mean of the min(n, d) eigenvalues of their scatter that can be nonzero. ``route`` ("hat" or "folds") forces one of the two exact computations (see
     :func:`_ridge_of`); by default the cheaper."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ParameterError(f"ridge_accuracy takes one integer label per row, got labels of shape {y.shape}; a "
+                             "multi-label store has LogME only.")  # fmt: skip
     Z = _standardized(_tensor(X, device))
-    return _ridge_of(Z, np.asarray(y), folds, _eig(Z), grid, route)
+    return _ridge_of(Z, y, folds, _eig(Z), grid, route)
 
 
 def _standardized(X):
@@ -297,7 +303,10 @@ def _ridge_of(Xc, y: np.ndarray, folds, eig, grid: Sequence[float] = RIDGE_GRID,
     lam, Q, wide = eig
     Y = _targets(y, Xc.device)
     labels = torch.as_tensor(y, device=Xc.device)
-    units = float(lam.sum()) / min(n, d)
+    units = float(lam.sum()) / min(n, d)  # the mean of the min(n, d) eigenvalues that can be nonzero
+    if not units > 0:  # constant codes: no direction to fit, every fold predicts its fit images' commonest class
+        return sum(int((labels[torch.as_tensor(np.asarray(v))] == int(np.bincount(y[f]).argmax())).sum())
+                   for f, v in folds) / sum(len(v) for _, v in folds)  # fmt: skip
     penalties = [t * units for t in grid]
     n_val = max(len(v) for _, v in folds)
     r = n if wide else d
@@ -311,15 +320,13 @@ def _ridge_of(Xc, y: np.ndarray, folds, eig, grid: Sequence[float] = RIDGE_GRID,
         PY = P.T @ (Y - Y.mean(0))
         blocks = [(v, P[v]) for v in (torch.as_tensor(np.asarray(val), device=Xc.device) for _, val in folds)]
         for j, pen in enumerate(penalties):
-            w = lam / (lam + pen) if wide else 1 / (lam + pen).clamp_min(1e-300)
+            w = lam / (lam + pen) if wide else 1 / (lam + pen)
             R = Y - Y.mean(0) - P @ (w[:, None] * PY)  # residuals of the fit on every training image
             for v, Pv in blocks:
-                H = (Pv * w) @ Pv.T + 1.0 / n
-                try:
-                    out = Y[v] - torch.linalg.solve(torch.eye(len(v), dtype=H.dtype, device=H.device) - H, R[v])
-                except RuntimeError:  # I - H_vv singular: the fold interpolated at this penalty; it scores nothing
-                    continue
-                hits[j] += (out.argmax(1) == labels[v]).sum()
+                H = (Pv * w) @ Pv.T + 1.0 / n  # I - H_vv is positive definite for a positive penalty
+                out = Y[v] - torch.linalg.solve(torch.eye(len(v), dtype=H.dtype, device=H.device) - H, R[v])
+                if bool(torch.isfinite(out).all()):  # an ill-conditioned fold scores nothing at this penalty
+                    hits[j] += (out.argmax(1) == labels[v]).sum()
     else:
         S = Xc.T @ Xc
         for fit, val in folds:
@@ -331,7 +338,7 @@ def _ridge_of(Xc, y: np.ndarray, folds, eig, grid: Sequence[float] = RIDGE_GRID,
             B = V.T @ (Xc[f].T @ (Y[f] - ybar))  # the fit side's centred Xc'Y: Y - ybar sums to zero over it
             Pv = (Xc[v] - m) @ V
             for j, pen in enumerate(penalties):
-                out = (Pv / (e.clamp_min(0) + pen).clamp_min(1e-300)) @ B + ybar
+                out = (Pv / (e.clamp_min(0) + pen)) @ B + ybar
                 hits[j] += (out.argmax(1) == labels[v]).sum()
     return float((hits / sum(len(v) for _, v in folds)).max())
 
@@ -398,7 +405,7 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
             value = _knn_of(T, y, folds, G if wide else None, max_queries=max_queries, seed=seed, device=device)
         elif name == "logme":
             value = _logme_of(T, _targets(y, device), G)
-        elif name == "ridge":  # on the codes as the sweep's standard normalizer gives them to its probes
+        elif name == "ridge":  # standardized as the sweep's default normalizer does (here over every training image)
             Z = _standardized(T)
             value = _ridge_of(Z, y, folds, _eig(Z))
         else:
@@ -462,7 +469,7 @@ class Calibration:
     log_error(accuracy) = intercept + slope x, with x the score (its :func:`log_error` when the score is itself an
     accuracy), the residual standard deviation ``sd`` on ``dof`` degrees of freedom (floored at the binomial
     standard error of the best accuracy measured, which no score can beat), the mean and spread of x it was fitted
-    on, and ``images`` (the log-error floor's)."""
+    on, ``images`` (the log-error floor's), and the leave-one-out prediction error by which scores are compared."""
 
     score: str
     intercept: float
@@ -473,6 +480,7 @@ class Calibration:
     sxx: float
     arrays: int
     images: int
+    loo_rmse: float  # the root mean squared leave-one-out prediction error of the line (how the score is trusted)
 
     def x(self, value: float) -> float:
         return float(log_error(value, self.images)) if self.score in ACCURACY_SCORES else float(value)
@@ -509,7 +517,10 @@ def calibrate(name: str, values: Mapping[Hashable, float | None], measured: Mapp
     if slope <= 0:
         slope, dof = 0.0, len(keys) - 1
     intercept = float(u.mean() - slope * x.mean())
-    sd = math.sqrt(float(((u - intercept - slope * x) ** 2).sum()) / dof)
+    residuals = u - intercept - slope * x
+    sd = math.sqrt(float((residuals**2).sum()) / dof)
+    leverage = 1 / len(keys) + ((x - x.mean()) ** 2 / sxx if sxx > 0 and slope > 0 else 0.0)
+    loo_rmse = math.sqrt(float(np.mean((residuals / np.maximum(1 - leverage, 1e-12)) ** 2)))
     top = max(measured[k] for k in keys)
     noise = math.sqrt(max(top * (1 - top), 0.25 / images) / images) / (1 - top + 0.5 / images)
-    return Calibration(name, intercept, slope, max(sd, noise), dof, float(x.mean()), sxx, len(keys), images)
+    return Calibration(name, intercept, slope, max(sd, noise), dof, float(x.mean()), sxx, len(keys), images, loo_rmse)

@@ -8,16 +8,19 @@ Rule (``SweepConfig.triage``)
    ranked by their consensus (mean rank over the scores) are cut into m equal strata, top to bottom, and each
    stratum gives its narrowest array. Trust is so measured over the scores' whole range, where measuring is cheapest
    (a search costs about dims + 256, see ``_NARROW_DIMS`` in :mod:`cnncodes.probing._search`).
-3. Each score is calibrated on the arrays searched (:func:`~cnncodes.probing._transfer.calibrate`): a least-squares
+3. Each score is calibrated on the probe arrays (:func:`~cnncodes.probing._transfer.calibrate`): a least-squares
    line from the score to the measured CV accuracy on the log-error scale, -log(1 - accuracy), where a score's
-   errors are about the same size at every level. The score that predicts the measured accuracies best (the
-   smallest residual standard deviation) is trusted. Kendall's tau is reported too, but a rank correlation cannot
+   errors are about the same size at every level. The score that predicts the probe arrays best (the smallest
+   leave-one-out prediction error of its line) is trusted for the rest of the triage; its line is refitted on
+   every array searched. Kendall's tau is reported too, but a rank correlation cannot
    say how many points an unsearched array might be worth; the residuals can.
 4. ``"auto"``: an unsearched array could hold the best when its one-sided 95 % prediction bound (Student's t on the
    residuals, widened for scores beyond those fitted on) reaches the best CV accuracy measured so far plus
-   ``TRIAGE_TOLERANCE`` (0.3 points; the sweep's ``tolerance`` when set). Half of those arrays (at least two), the
-   highest predicted first, are searched; the calibration, the trusted score and the best are then refitted on
-   every array searched, and so on until no unsearched array can reach it. An int K or a fraction instead searches
+   ``TRIAGE_TOLERANCE`` (0.3 points; the sweep's ``tolerance`` when set). Two of those arrays (``_ROUND``), the
+   highest predicted first, are searched; the trusted score's line and the best are then refitted on every array
+   searched, and so on until no unsearched array can reach it. The 95 % is per array, not for the
+   sweep as a whole: several skipped arrays each just below their bound could together miss the best more often
+   (docs/benchmarks.md has the rule's miss rate measured by replay and by simulation). An int K or a fraction instead searches
    the top K arrays of the trusted score, after the probe subset.
 5. The best row is picked among the arrays searched, never from a score alone; the test images are read only after
    all of that, for the final numbers of the rows searched.
@@ -36,16 +39,16 @@ from ._transfer import SCORE_TEXT, Calibration, agreement, calibrate, consensus_
 
 __all__ = ["triaged_search", "transfer_record", "TRIAGE_RULE"]
 
-#: How the window is chosen, for results.json and the README.
+#: How the arrays to search are chosen, for results.json and the README.
 TRIAGE_RULE = (
     "Scores first, on the training images only. A probe subset of max(4, ceil(0.2 N)) of the N arrays, the narrowest "
     "of each of that many equal strata of their consensus ranking (mean rank over the scores), is searched in full. "
-    "Each score is calibrated on the arrays searched: a least-squares line from the score to the measured CV "
-    "accuracy on the log-error scale -log(1 - accuracy); the score with the smallest residual standard deviation is "
-    "trusted. auto: an unsearched array could hold the best when its one-sided 95 % prediction bound (Student's t on "
-    "the residuals) reaches the best CV accuracy measured so far plus the tolerance (0.3 points, or the sweep's "
-    "tolerance); half of those, the highest predicted first, are searched, everything is refitted, and so on until "
-    "none is left. K or a fraction: the trusted score's top K arrays are searched. The best row is one searched in "
+    "Each score is calibrated on them: a least-squares line from the score to the measured CV accuracy on the "
+    "log-error scale -log(1 - accuracy); the score with the smallest leave-one-out prediction error is trusted, its "
+    "line refitted on every array searched. auto: an unsearched array could hold the best when its one-sided 95 % prediction bound (Student's t on "
+    "the residuals; per array) reaches the best CV accuracy measured so far plus the tolerance (0.3 points, or the "
+    "sweep's tolerance); two of those, the highest predicted first, are searched, everything is refitted, and so on "
+    "until none is left. K or a fraction: the trusted score's top K arrays are searched. The best row is one searched in "
     "full; the test images are read only for the final numbers."
 )
 
@@ -53,7 +56,7 @@ TRIAGE_RULE = (
 #: per round search fewer in all (two keep two cores busy with one probe each).
 _ROUND = 2
 
-_MISS = 0.05  # the chance of the auto window holding no array within the tolerance of the best, that the rule accepts
+_MISS = 0.05  # one-sided: the chance, per skipped array, that it would have reached the best plus the tolerance
 
 #: Points of CV accuracy within which an array found counts as the best, for ``triage="auto"`` (``tolerance`` when
 #: the sweep sets one).
@@ -97,27 +100,29 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
         accuracy = array_accuracy([r for r, _ in results])
         return {k: accuracy[names[k]] for k in keys if k in done and names[k] in accuracy}
 
-    def trusted() -> tuple[str, dict[str, Calibration | None]]:
+    def calibrations() -> dict[str, Calibration | None]:
         seen = measured()
-        fits = {name: calibrate(name, by_score[name], seen, images) for name in config.scores}
-        tau = {name: agreement(by_score[name], seen, None).get("kendall_tau", -1.0) for name in config.scores}
-        return min(config.scores, key=lambda name: (fits[name].sd if fits[name] else math.inf, -tau[name],
-                                                    config.scores.index(name))), fits  # fmt: skip
+        return {name: calibrate(name, by_score[name], seen, images) for name in config.scores}
 
     trust = {name: agreement(values, measured(), None) for name, values in by_score.items()}
-    chosen, fits = trusted()
+    fits = calibrations()
     for name, fit in fits.items():
         trust[name]["log_error_sd"] = fit.sd if fit else None
+        trust[name]["loo_rmse"] = fit.loo_rmse if fit else None
+    # trusted once, on the probe subset, by the leave-one-out error of its line (an in-sample residual re-picked
+    # every round favours whichever score happens to fit the arrays searched last)
+    chosen = min(config.scores, key=lambda name: (fits[name].loo_rmse if fits[name] else math.inf,
+                                                  -trust[name].get("kendall_tau", -1.0), config.scores.index(name)))  # fmt: skip
     tolerance = (config.tolerance if config.tolerance is not None else TRIAGE_TOLERANCE) / 100
     rounds: list[dict[str, Any]] = []
     window = None
     if config.triage == "auto":
         while True:
-            chosen, fits = trusted()
+            fits = calibrations()
             best = max(measured().values(), default=-math.inf)
             todo = _could_hold_the_best([k for k in keys if k not in done], by_score[chosen], fits[chosen],
                                         best + tolerance)  # fmt: skip
-            rounds.append({"arrays_measured": len(done), "score": chosen,
+            rounds.append({"arrays_searched": len(done), "score": chosen,
                            "log_error_sd": fits[chosen].sd if fits[chosen] else None, "best_cv": best,
                            "could_hold_the_best": len(todo)})  # fmt: skip
             if not todo:
@@ -146,7 +151,9 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
         "score": chosen,
         "probe_subset": [_named(names[k]) for k in probe],
         "probe_trust": {
-            name: {k: v for k, v in t.items() if k in ("kendall_tau", "weighted_tau", "arrays", "log_error_sd")}
+            name: {
+                k: v for k, v in t.items() if k in ("kendall_tau", "weighted_tau", "arrays", "log_error_sd", "loo_rmse")
+            }
             for name, t in trust.items()
         },  # fmt: skip
         "tolerance_points": 100 * tolerance if config.triage == "auto" else None,
@@ -178,10 +185,10 @@ def _could_hold_the_best(unsearched: Sequence[Hashable], values: Mapping[Hashabl
     """The arrays of ``unsearched`` whose CV accuracy could reach ``target`` (the best measured plus the
     tolerance): the calibration's one-sided 1 - ``_MISS`` prediction bound reaches it, or there is no calibration or
     no score to bound the array by. Highest predicted first (those without a score first of all). None can when
-    ``target`` is past a perfect accuracy."""
+    ``target`` is a perfect accuracy or past it."""
     from ._transfer import log_error
 
-    if target > 1:
+    if target >= 1:  # no accuracy is past a perfect one: nothing unsearched can beat the best by the tolerance
         return []
     if fit is None:
         return list(unsearched)
@@ -195,7 +202,7 @@ def _predicted(fit: Calibration, value: float | None) -> float | None:
     """The CV accuracy the calibration predicts for a score ``value``."""
     if value is None or not math.isfinite(value):
         return None
-    return float(1 - math.exp(-fit.predict(value)) + 0.5 / fit.images)
+    return float(min(1.0, max(0.0, 1 - math.exp(-fit.predict(value)) + 0.5 / fit.images)))
 
 
 def _estimated_seconds(seconds: Mapping[Hashable, float], dims: Mapping[Hashable, int],

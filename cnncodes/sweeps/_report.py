@@ -262,17 +262,18 @@ def _score_lines(result: SweepResult | Comparison) -> list[str]:
     if triage:
         searched, skipped = len(triage["searched"]), len(triage["skipped"])
         trust = triage["probe_trust"][triage["score"]]
-        tau, sd = trust.get("kendall_tau"), trust.get("log_error_sd")
-        how = (
-            f"every array that could reach the best CV + {triage['tolerance_points']:g} points by {triage['score']}"
-            if triage["requested"] == "auto"
-            else f"the top {triage['window']} by {triage['score']}"
-        )
+        tau = trust.get("kendall_tau")
+        last = (triage.get("rounds") or [{}])[-1]
+        sd = last.get("log_error_sd", trust.get("log_error_sd"))
+        how = (f"every array that could reach the best CV + {triage['tolerance_points']:g} points by {triage['score']}"
+               f" (log-error sd {sd if sd is None else round(sd, 2)} on the {last.get('arrays_searched', '?')} "
+               "arrays searched)" if triage["requested"] == "auto"
+               else f"the top {triage['window']} by {triage['score']} (log-error sd "
+                    f"{sd if sd is None else round(sd, 2)} on the probe arrays)")  # fmt: skip
         lines.append(f"triage ({triage['requested']}): searched {searched} of {triage['arrays']} arrays: the "
-                     f"{len(triage['probe_subset'])} probe arrays and {how} (on the probe arrays: tau "
-                     f"{tau if tau is None else round(tau, 2)}, log-error sd {sd if sd is None else round(sd, 2)}); "
-                     f"scores took {triage['score_seconds']:.1f} s, the searches "
-                     f"{triage['searched_fit_seconds']:.1f} fit-seconds")  # fmt: skip
+                     f"{len(triage['probe_subset'])} probe arrays and {how}; tau of {triage['score']} on the probe "
+                     f"arrays {tau if tau is None else round(tau, 2)}; scores took {triage['score_seconds']:.1f} s, "
+                     f"the searches {triage['searched_fit_seconds']:.1f} fit-seconds")  # fmt: skip
         if skipped:
             names = ", ".join(f"{a['backbone'] + ' ' if a.get('backbone') else ''}{a['tap']} {a['pooling']}"
                               for a in triage["skipped"][:6])  # fmt: skip

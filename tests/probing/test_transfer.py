@@ -13,6 +13,7 @@ from sklearn.linear_model import RidgeClassifier
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
+from cnncodes.errors import ParameterError
 from cnncodes.probing._transfer import (
     RIDGE_GRID,
     agreement,
@@ -210,3 +211,14 @@ def test_calibration_is_the_least_squares_line_and_its_bound_covers_95_percent()
         f = calibrate("logme", values, measured, 10**6)  # a million images: the noise floor is negligible
         covered += u[6] <= f.upper(x[6], 0.95)
     assert 0.94 <= covered / draws <= 0.96
+
+
+def test_ridge_of_constant_codes_is_the_commonest_class_and_multilabel_is_refused():
+    y = np.array([0, 0, 1, 2] * 10)
+    folds = list(StratifiedKFold(2, shuffle=True, random_state=0).split(y, y))
+    for d in (3, 60):  # narrow and wide: no direction to fit, so each fold predicts its commonest fit class
+        expected = sum(int((y[v] == np.bincount(y[f]).argmax()).sum()) for f, v in folds) / len(y)
+        for route in ("hat", "folds"):
+            assert ridge_accuracy(np.full((40, d), 2.5), y, folds, route=route) == expected
+    with pytest.raises(ParameterError, match="multi-label store has LogME only"):
+        ridge_accuracy(np.ones((40, 3)), np.stack([y == 0, y == 1], 1), folds)
