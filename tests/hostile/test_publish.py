@@ -384,7 +384,7 @@ def test_recover_follows_a_linked_output_folder_as_publish_does(tmp_path):
 
 
 _FORK_SERVER = r"""
-import os, sys
+import os, signal, sys
 sys.path[:0] = [{tests!r}, {here!r}]
 import test_publish
 from cnncodes.cli import main
@@ -395,13 +395,17 @@ import cnncodes, cnncodes.deploy, torch, torch.export, torchvision.models  # noq
 def run(at, out):
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: counts the write points it passes, dies at the at-th
-        os.close(read)
-        counter = [0]
-        test_publish._armed(at, counter)
-        status = main([*sys.argv[3:], out])
-        os.write(write, str(counter[0]).encode())
-        os._exit(status)
+    if pid == 0:  # the child: counts the write points it passes, dies at the at-th; never returns into this script
+        status = 1
+        try:
+            os.close(read)
+            signal.alarm(120)  # a hung child dies of SIGALRM (exit -14), named by its k below
+            counter = [0]
+            test_publish._armed(at, counter)
+            status = main([*sys.argv[3:], out])
+            os.write(write, str(counter[0]).encode())
+        finally:
+            os._exit(status)
     os.close(write)
     passed = os.read(read, 64).decode()
     os.close(read)
@@ -412,11 +416,12 @@ root, name = sys.argv[1], sys.argv[2]
 status, points = run(None, os.path.join(root, "ref-" + name))
 assert status == 0, status
 print("POINTS", points, flush=True)
-for k in range(1, int(points) + 1):
+for k in range(1, int(points) + 2):  # one past the last: the same path, the same points, and no kill
     os.mkdir(os.path.join(root, "k%d" % k))
     with open(os.path.join(root, "k%d" % k, name), "wb") as f:
         f.write(b"the old file")
-    print("KILLED", k, run(k, os.path.join(root, "k%d" % k, name))[0], flush=True)
+    status, passed = run(k, os.path.join(root, "k%d" % k, name))
+    print("KILLED", k, status, passed or "-", flush=True)
 """
 
 
@@ -449,9 +454,11 @@ def test_predict_out_and_export_killed_at_any_write_point_leave_the_old_file_or_
         ref = root / f"ref-{name}"
         points = int(done.stdout.split("POINTS")[1].split()[0])
         assert points >= 2
-        status = {int(k): int(v) for k, v in (line.split()[1:] for line in done.stdout.splitlines()
-                                              if line.startswith("KILLED"))}  # fmt: skip
-        assert sorted(status) == list(range(1, points + 1))
+        killed = {int(k): (int(v), passed) for k, v, passed in (line.split()[1:] for line in done.stdout.splitlines()
+                                                               if line.startswith("KILLED"))}  # fmt: skip
+        assert sorted(killed) == list(range(1, points + 2))
+        assert killed.pop(points + 1) == (0, str(points)), "an unkilled run passed other write points than the first"
+        status = {k: v for k, (v, _) in killed.items()}
         for k in range(1, points + 1):
             out = root / f"k{k}" / name
             assert status[k] == 137, f"{name}: write point {k} of {points} not reached"
