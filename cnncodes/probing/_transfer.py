@@ -20,11 +20,11 @@ Scores (each on the plain views of the training images only; the test images are
   its authors report it correlates with transfer accuracy far better than the plain H-score.
 * ``ridge``: the CV accuracy, on the sweep's folds, of a least-squares (ridge) one-vs-rest linear classifier with an
   intercept on the codes standardized over the training images (labels unused; the sweep's ``standard``
-  normalizer fits its statistics per fold), each fold
-  fit on its fit images, at the best of :data:`RIDGE_GRID` penalties (times the mean of the min(n, d) eigenvalues of
-  the codes' scatter that can be nonzero). It is a linear probe like those the sweep searches, fit in closed form from one eigendecomposition (the
-  block leave-fold-out identity of the hat matrix gives every fold and every penalty exactly), and it is read in
-  accuracy points, the unit ``triage="auto"`` bounds. (Rifkin and Klautau 2004 found one-vs-rest least squares as accurate as SVMs.)
+  normalizer fits its statistics per fold), each fold fit on its fit images, at the best of :data:`RIDGE_GRID`
+  penalties (times the mean of the min(n, d) eigenvalues of the codes' scatter that can be nonzero). It is a linear
+  probe like those the sweep searches, fit in closed form from one eigendecomposition (the block leave-fold-out
+  identity of the hat matrix gives every fold and every penalty exactly), and it is read in accuracy points, the
+  unit ``triage="auto"`` bounds. (Rifkin and Klautau 2004 found one-vs-rest least squares as accurate as SVMs.)
 
 Cost: one Gram matrix per array, the d x d matrix X'X when codes are narrower than the images and the n x n matrix
 XX' when they are wider, so O(n d min(n, d)), and two eigendecompositions of size min(n, d) (raw codes for LogME,
@@ -64,8 +64,8 @@ __all__ = [
 SCORES = ("knn", "logme", "hscore", "ridge")
 
 #: Penalties of the ``ridge`` score, in units of the mean of the min(n, d) eigenvalues of the standardized codes'
-#: scatter that can be nonzero (decades; half
-#: decades cost twice as much and moved no array's score on the digits store by more than 3 of its 1,347 images).
+#: scatter that can be nonzero (decades; half decades cost twice as much and moved no array's score on the digits
+#: store by more than 3 of its 1,347 images).
 RIDGE_GRID = tuple(10.0**k for k in range(-5, 2))
 
 #: Scores that are accuracies on the folds (fractions of images right): ``triage="auto"`` reads them on the same
@@ -270,8 +270,8 @@ def ridge_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]
     highest, on the codes standardized over all of X (labels unused; the sweep's ``standard`` normalizer takes its
     statistics per fold instead), each fold fit on its fit images with an unpenalized intercept
     (scikit-learn's ``RidgeClassifier``, up to its -1/1 targets, which pick the same class), at the best penalty of
-    ``grid`` times the mean of the min(n, d) eigenvalues of their scatter that can be nonzero. ``route`` ("hat" or "folds") forces one of the two exact computations (see
-    :func:`_ridge_of`); by default the cheaper."""
+    ``grid`` times the mean of the min(n, d) eigenvalues of their scatter that can be nonzero. ``route`` ("hat" or
+    "folds") forces one of the two exact computations (see :func:`_ridge_of`); by default the cheaper."""
     y = np.asarray(y)
     if y.ndim != 1:
         raise ParameterError(f"ridge_accuracy takes one integer label per row, got labels of shape {y.shape}; a "
@@ -317,11 +317,12 @@ def _ridge_of(Xc, y: np.ndarray, folds, eig, grid: Sequence[float] = RIDGE_GRID,
     hits = torch.zeros(len(grid), dtype=torch.float64, device=Xc.device)
     if route == "hat":
         P = Q if wide else Xc @ Q
-        PY = P.T @ (Y - Y.mean(0))
+        Yc = Y - Y.mean(0)
+        PY = P.T @ Yc
         blocks = [(v, P[v]) for v in (torch.as_tensor(np.asarray(val), device=Xc.device) for _, val in folds)]
         for j, pen in enumerate(penalties):
             w = lam / (lam + pen) if wide else 1 / (lam + pen)
-            R = Y - Y.mean(0) - P @ (w[:, None] * PY)  # residuals of the fit on every training image
+            R = Yc - P @ (w[:, None] * PY)  # residuals of the fit on every training image
             for v, Pv in blocks:
                 H = (Pv * w) @ Pv.T + 1.0 / n  # I - H_vv is positive definite for a positive penalty
                 out = Y[v] - torch.linalg.solve(torch.eye(len(v), dtype=H.dtype, device=H.device) - H, R[v])
@@ -494,7 +495,7 @@ class Calibration:
         less well)."""
         from scipy.stats import t
 
-        spread = (self.x(value) - self.mean_x) ** 2 / self.sxx if self.sxx > 0 else 0.0
+        spread = (self.x(value) - self.mean_x) ** 2 / self.sxx if self.sxx > 0 and self.slope > 0 else 0.0  # flat: none
         return self.predict(value) + float(t.ppf(level, self.dof)) * self.sd * math.sqrt(1 + 1 / self.arrays + spread)
 
 

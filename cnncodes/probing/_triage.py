@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ._results import SweepConfig, SweepRow
-from ._transfer import SCORE_TEXT, Calibration, agreement, calibrate, consensus_order, probe_subset
+from ._transfer import SCORE_TEXT, Calibration, agreement, calibrate, consensus_order, log_error, probe_subset
 
 __all__ = ["triaged_search", "transfer_record", "TRIAGE_RULE"]
 
@@ -118,7 +118,6 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
     window = None
     if config.triage == "auto":
         while True:
-            fits = calibrations()
             best = max(measured().values(), default=-math.inf)
             todo = _could_hold_the_best([k for k in keys if k not in done], by_score[chosen], fits[chosen],
                                         best + tolerance)  # fmt: skip
@@ -130,6 +129,7 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
             part = todo[:_ROUND]
             results += search(part)
             done.update(part)
+            fits = calibrations()
     else:
         window = min(
             n, max(1, math.ceil(config.triage * n) if isinstance(config.triage, float) else int(config.triage))
@@ -186,8 +186,6 @@ def _could_hold_the_best(unsearched: Sequence[Hashable], values: Mapping[Hashabl
     tolerance): the calibration's one-sided 1 - ``_MISS`` prediction bound reaches it, or there is no calibration or
     no score to bound the array by. Highest predicted first (those without a score first of all). None can when
     ``target`` is a perfect accuracy or past it."""
-    from ._transfer import log_error
-
     if target >= 1:  # no accuracy is past a perfect one: nothing unsearched can beat the best by the tolerance
         return []
     if fit is None:
