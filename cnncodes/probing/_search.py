@@ -769,7 +769,8 @@ def _search_all(job: _Job, config: SweepConfig) -> tuple[Split, list[tuple[Sweep
         return _linear_results(job, config, split, part, test_now=False, what=f"triage: {len(part)} arrays")
 
     images = len({int(r) for _, val in split.folds for r in val})  # the images CV accuracy is measured on
-    results, triage = triaged_search(keys, job.names, dims, scored, search, config, images)
+    workers = job.jobs if job.jobs != -1 else (os.cpu_count() or 1)
+    results, triage = triaged_search(keys, job.names, dims, scored, search, config, images, workers)
     score_on_test(results, job, split, config)
     searched = list(dict.fromkeys(job.key_of[(r.backbone, r.tap, r.pooling)] for r, _ in results))
     results += _extra_results(job, config, split, searched, results)

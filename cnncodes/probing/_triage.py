@@ -16,9 +16,14 @@ Rule (``SweepConfig.triage``)
    say how many points an unsearched array might be worth; the residuals can.
 4. ``"auto"``: an unsearched array could hold the best when its one-sided 95 % prediction bound (Student's t on the
    residuals, widened for scores beyond those fitted on) reaches the best CV accuracy measured so far plus
-   ``TRIAGE_TOLERANCE`` (0.3 points; the sweep's ``tolerance`` when set). Two of those arrays (``_ROUND``), the
-   highest predicted first, are searched; the trusted score's line and the best are then refitted on every array
-   searched, and so on until no unsearched array can reach it. The 95 % is per array, not for the
+   ``TRIAGE_TOLERANCE`` (0.3 points; the sweep's ``tolerance`` when set). Of those, the one with the highest
+   chance of reaching it per unit of search cost (the predictive probability over dims + 256, the cost model the
+   search packs its tasks by) is searched next, as many at once as the sweep has workers; the trusted score's line
+   and the best are then refitted on every array searched, and so on until no unsearched array can reach it.
+   Searching in order of probability per cost is the order that minimizes the expected cost of finding one
+   success among independent trials (the index rule of Weitzman's "Pandora's box", 1979, with known prizes): a
+   cheap array that may well raise the best is searched before a dear one that may, and a raised best often rules
+   the dear one out. The 95 % is per array, not for the
    sweep as a whole: several skipped arrays each just below their bound could together miss the best more often
    (docs/benchmarks.md has the rule's miss rate measured by replay and by simulation). An int K or a fraction instead searches
    the top K arrays of the trusted score, after the probe subset.
@@ -45,16 +50,13 @@ TRIAGE_RULE = (
     "of each of that many equal strata of their consensus ranking (mean rank over the scores), is searched in full. "
     "Each score is calibrated on them: a least-squares line from the score to the measured CV accuracy on the "
     "log-error scale -log(1 - accuracy); the score with the smallest leave-one-out prediction error is trusted, its "
-    "line refitted on every array searched. auto: an unsearched array could hold the best when its one-sided 95 % prediction bound (Student's t on "
-    "the residuals; per array) reaches the best CV accuracy measured so far plus the tolerance (0.3 points, or the "
-    "sweep's tolerance); two of those, the highest predicted first, are searched, everything is refitted, and so on "
-    "until none is left. K or a fraction: the trusted score's top K arrays are searched. The best row is one searched in "
+    "line refitted on every array searched. auto: an unsearched array could hold the best when its one-sided 95 % "
+    "prediction bound (Student's t on the residuals; per array) reaches the best CV accuracy measured so far plus the "
+    "tolerance (0.3 points, or the sweep's tolerance); the one with the highest predictive chance of reaching it per "
+    "unit of search cost (dims + 256) is searched next (as many at once as the sweep has workers), everything is "
+    "refitted, and so on until none is left. K or a fraction: the trusted score's top K arrays are searched. The best row is one searched in "
     "full; the test images are read only for the final numbers."
 )
-
-#: Arrays searched per round of ``"auto"``, the most promising first: each round refits the calibration, so fewer
-#: per round search fewer in all (two keep two cores busy with one probe each).
-_ROUND = 2
 
 _MISS = 0.05  # one-sided: the chance, per skipped array, that it would have reached the best plus the tolerance
 
@@ -82,17 +84,19 @@ def _values(scored: Mapping[Hashable, Mapping[str, tuple]], name: str) -> dict[H
 
 def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str, str, str]],
                    dims: Mapping[Hashable, int], scored: Mapping[Hashable, Mapping[str, tuple]],
-                   search: Callable[[list[Hashable]], list], config: SweepConfig,
-                   images: int) -> tuple[list[tuple[SweepRow, Any]], dict[str, Any]]:  # fmt: skip
+                   search: Callable[[list[Hashable]], list], config: SweepConfig, images: int,
+                   workers: int = 1) -> tuple[list[tuple[SweepRow, Any]], dict[str, Any]]:  # fmt: skip
     """The arrays of ``keys`` searched by the triage rule (module docstring): ``search(keys)`` runs the full C search
     of those arrays (their test rows unread) and returns their rows with fitted probes; ``images`` is the number of
-    training images the CV accuracies are measured on. Returns every row searched and the triage record for
-    results.json."""
+    training images the CV accuracies are measured on; ``workers`` the arrays searched at once in each round of
+    ``"auto"`` (the sweep's workers: each round refits the calibration, so fewer at once search fewer in all).
+    Returns every row searched and the triage record for results.json."""
     n = len(keys)
     by_score = {name: _values(scored, name) for name in config.scores}
     order = consensus_order(by_score, keys)
     m = min(n, max(4, math.ceil(0.2 * n)))
-    probe = probe_subset(order, m, cost={k: dims[k] + 256 for k in keys})
+    cost = {k: dims[k] + 256 for k in keys}
+    probe = probe_subset(order, m, cost=cost)
     results = list(search(probe))
     done = set(probe)
 
@@ -120,13 +124,13 @@ def triaged_search(keys: Sequence[Hashable], names: Mapping[Hashable, tuple[str,
         while True:
             best = max(measured().values(), default=-math.inf)
             todo = _could_hold_the_best([k for k in keys if k not in done], by_score[chosen], fits[chosen],
-                                        best + tolerance)  # fmt: skip
+                                        best + tolerance, cost)  # fmt: skip
             rounds.append({"arrays_searched": len(done), "score": chosen,
                            "log_error_sd": fits[chosen].sd if fits[chosen] else None, "best_cv": best,
                            "could_hold_the_best": len(todo)})  # fmt: skip
             if not todo:
                 break
-            part = todo[:_ROUND]
+            part = todo[: max(1, workers)]
             results += search(part)
             done.update(part)
             fits = calibrations()
@@ -181,19 +185,21 @@ def _ranked(keys: Sequence[Hashable], values: Mapping[Hashable, float | None], o
 
 
 def _could_hold_the_best(unsearched: Sequence[Hashable], values: Mapping[Hashable, float | None],
-                         fit: Calibration | None, target: float) -> list[Hashable]:  # fmt: skip
+                         fit: Calibration | None, target: float,
+                         cost: Mapping[Hashable, float]) -> list[Hashable]:  # fmt: skip
     """The arrays of ``unsearched`` whose CV accuracy could reach ``target`` (the best measured plus the
     tolerance): the calibration's one-sided 1 - ``_MISS`` prediction bound reaches it, or there is no calibration or
-    no score to bound the array by. Highest predicted first (those without a score first of all). None can when
-    ``target`` is a perfect accuracy or past it."""
+    no score to bound the array by. Those without a score first (cheapest first), then by the predictive chance of
+    reaching ``target`` per unit of ``cost``, highest first. None can when ``target`` is a perfect accuracy or past
+    it."""
     if target >= 1:  # no accuracy is past a perfect one: nothing unsearched can beat the best by the tolerance
         return []
     if fit is None:
-        return list(unsearched)
+        return sorted(unsearched, key=lambda k: cost[k])
     bound = float(log_error(target, fit.images))
-    open_ = [k for k in unsearched if values[k] is None or not math.isfinite(values[k])]
+    open_ = sorted((k for k in unsearched if values[k] is None or not math.isfinite(values[k])), key=lambda k: cost[k])
     scored = [k for k in unsearched if k not in open_ and fit.upper(values[k], 1 - _MISS) >= bound]
-    return open_ + sorted(scored, key=lambda k: -fit.predict(values[k]))
+    return open_ + sorted(scored, key=lambda k: (-fit.chance(values[k], bound) / cost[k], -fit.predict(values[k])))
 
 
 def _predicted(fit: Calibration, value: float | None) -> float | None:

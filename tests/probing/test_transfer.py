@@ -81,10 +81,12 @@ def test_hscore_equals_the_formula_with_sklearns_ledoit_wolf(n, d):
     lam = np.linalg.eigvalsh(Xc.T @ Xc if d <= n else Xc @ Xc.T)
     import torch
 
-    assert ledoit_wolf_shrinkage(torch.tensor((Xc**2).sum(1)), torch.tensor(lam), n, d) == pytest.approx(
+    assert ledoit_wolf_shrinkage(torch.tensor((Xc**2).sum(1)), float((lam**2).sum()), n, d) == pytest.approx(
         shrink, rel=1e-9
     )
     assert hscore(X, y) == pytest.approx(expected, rel=1e-8)
+    # the factorization and the eigendecomposition are the same number
+    assert hscore(X, y, route="solve") == pytest.approx(hscore(X, y, route="eig"), rel=1e-10)
 
 
 def test_knn_accuracy_equals_sklearns_cosine_neighbours_pooled_over_the_folds():
