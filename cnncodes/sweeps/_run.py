@@ -178,9 +178,11 @@ def sweep(
     first, first_test = stores[0], None if test_stores is None else test_stores[0]
     # FLOPs (fast) of every array now, so a cheapest pick is refused before any work when they cannot be counted;
     # latency (a timed forward pass per tap) only of the arrays searched, which triage makes a few
-    measured = _measure_costs(stores, names, codes, latency=False) if costs else {}
+    built: dict[str, Any] = {}  # each store's rebuilt model, shared by the FLOPs and the later latency
+    measured = _measure_costs(stores, names, codes, latency=False, built=built) if costs else {}
     timed = costs and latency and any("flops" in c for c in measured.values())  # the model could be rebuilt
-    late = (lambda keys: _measure_costs(stores, names, {k: codes[k] for k in keys}, latency=True)) if timed else None
+    late = (lambda keys: _measure_costs(stores, names, {k: codes[k] for k in keys}, latency=True, built=built,
+                                        flops=measured)) if timed else None  # fmt: skip
 
     result = sweep_codes(
         codes,
@@ -212,11 +214,13 @@ def sweep(
     return result
 
 
-def _measure_costs(stores: Sequence[CodeStore], names: Sequence[str], codes: dict, *,
-                   latency: bool) -> dict[tuple[str, str, str], dict[str, Any]]:  # fmt: skip
+def _measure_costs(stores: Sequence[CodeStore], names: Sequence[str], codes: dict, *, latency: bool,
+                   built: dict[str, Any] | None = None,
+                   flops: dict | None = None) -> dict[tuple[str, str, str], dict[str, Any]]:  # fmt: skip
     """Every array's cost: forward FLOPs and running parameters up to its taps, the network's per-image latency at
     batch 1 and 64, and the bytes of one image's codes. A store whose model cannot be rebuilt (a Python module) gets
-    its code bytes only."""
+    its code bytes only. ``built`` keeps each store's rebuilt model between calls; ``flops`` holds costs already
+    counted (an earlier call's), which are copied instead of counted again."""
     from ..network import architecture_of
 
     out: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -230,10 +234,18 @@ def _measure_costs(stores: Sequence[CodeStore], names: Sequence[str], codes: dic
             parts = [(t, k[2]) for t in k[1].split(CONCAT_SEP)]
             out[k] = {"code_bytes": sum(itemsize[p] * dims[p] for p in parts)}
         try:
-            backbone = architecture_of(str(model.get("spec", "")), size)
+            if built is not None and name in built:
+                backbone = built[name]
+            else:
+                backbone = architecture_of(str(model.get("spec", "")), size)
+                if built is not None:
+                    built[name] = backbone
             if backbone is None:
                 continue
-            _tap_costs(out, st, keys, backbone, latency=latency)
+            known = {k: flops[k] for k in keys if flops and "flops" in flops.get(k, {})}
+            for k, c in known.items():
+                out[k].update(flops=c["flops"], params=c["params"])
+            _tap_costs(out, st, keys, backbone, latency=latency, count=len(known) < len(keys))
         except CnncodesError as exc:  # codes need no model: the sweep goes on, knowing only their bytes
             warnings.warn(f"{st.path}: the costs of its taps could not be measured on {model.get('spec')!r} "
                           f"({_one_line(exc)}); its rows have no FLOPs or latency, and --pick cheapest refuses them.",
@@ -245,8 +257,9 @@ def _one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _tap_costs(out: dict, st: CodeStore, keys: list, backbone: Any, *, latency: bool) -> None:
-    """FLOPs, parameters and (with ``latency``) per-image times of the taps of ``keys`` into ``out``."""
+def _tap_costs(out: dict, st: CodeStore, keys: list, backbone: Any, *, latency: bool, count: bool = True) -> None:
+    """FLOPs and parameters (with ``count``; otherwise already in ``out``) and (with ``latency``) per-image times of
+    the taps of ``keys`` into ``out``."""
     from ..network import measure_latency, resolve_device, tap_costs
 
     pooled: dict[str, list[tuple[str, ...]]] = {}  # each group of taps once, at a pooling it is stored at
@@ -256,12 +269,14 @@ def _tap_costs(out: dict, st: CodeStore, keys: list, backbone: Any, *, latency: 
     device = "cuda" if numerics.get("device") == "cuda" and resolve_device("auto").type == "cuda" else "cpu"
     counted, timed = {}, {}
     for pool, groups in pooled.items():
-        counted.update(tap_costs(backbone, groups, pooling=pool))
+        if count:
+            counted.update(tap_costs(backbone, groups, pooling=pool))
         if latency:
             timed.update(measure_latency(backbone, groups, pooling=pool, batch_sizes=(1, 64), device=device))
     for k in keys:
         group = tuple(k[1].split(CONCAT_SEP))
-        out[k].update(flops=counted[group].flops, params=counted[group].params)
+        if count:
+            out[k].update(flops=counted[group].flops, params=counted[group].params)
         if group in timed:
             out[k].update(latency_ms_batch1=timed[group].get(1), latency_ms_batch64=timed[group].get(64))
 
