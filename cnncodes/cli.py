@@ -153,6 +153,19 @@ def _parse_c_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _count_or_all(text: str) -> int | str | None:
+    """An argparse type: a number of images >= 2, ``auto``, or ``all`` (None)."""
+    if text.strip().lower() in ("all", "auto"):
+        return None if text.strip().lower() == "all" else "auto"
+    try:
+        return _int_at_least(2)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; give auto, all or a number of images (1000)") from None
+
+
+_count_or_all.__name__ = "auto, all or a number of images"
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` (argparse then names the flag in its error)."""
 
@@ -328,6 +341,7 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
         tolerance=args.tolerance,
         repeats=args.repeats,
         scores=() if args.scores.strip().lower() == "none" else tuple(t.strip() for t in args.scores.split(",")),
+        score_images=args.score_images,
         triage=args.triage,
     )
 
@@ -564,6 +578,10 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", default="knn,logme,hscore,ridge", metavar="NAMES",
                    help="transferability scores measured on every array, checked against its CV accuracy: knn, logme, "
                         "hscore, ridge, or none (default: %(default)s)")  # fmt: skip
+    p.add_argument("--score-images", type=_count_or_all, default="auto", metavar="auto|all|N",
+                   help="training images the scores read per array: auto, a class-stratified sample where an "
+                        "array's scores would cost more than a fixed share of its search (at least 10 a class); "
+                        "all; or at most N (default: %(default)s)")  # fmt: skip
     p.add_argument("--triage", default=None, metavar="K|FRACTION|auto",
                    help="search C only on the top K arrays (or that fraction of them) of the score that predicts a "
                         "probe subset's CV accuracy best; auto: every array whose 95 %% prediction bound reaches the "

@@ -18,6 +18,7 @@ from ._probes import (
 from ._results import PROTOCOLS, Split, SweepConfig, SweepResult, SweepRow, best_of
 from ._scoring import c_grid, check_finite, metrics_from_scores
 from ._search import evaluate_codes, joblib_backend, split_images, sweep_codes
+from ._transfer import SCORE_BUDGET
 
 __all__ = [
     "CONCAT_SEP",
@@ -28,6 +29,7 @@ __all__ = [
     "NORMALIZERS",
     "PATH_LOSS",
     "PROTOCOLS",
+    "SCORE_BUDGET",
     "ProblemStack",
     "Split",
     "SweepConfig",

@@ -77,6 +77,14 @@ class SweepConfig:
         Transferability scores measured on every array before its probes are searched (training images only; see
         :mod:`cnncodes.probing._transfer`): every row carries them, and ``results.json`` says how well each ranked
         the arrays against their measured CV accuracy. ``()`` measures none.
+    score_images : int, "auto" or None, default="auto"
+        How many training images the scores read, per array. An array's scores cost O(m d min(m, d)) for m images of
+        d dims, its probes' search O(r d) for the r training rows (views included) they fit on, so where m min(m, d)
+        would pass :data:`~cnncodes.probing.SCORE_BUDGET` times r, ``"auto"`` reads a class-stratified sample (drawn
+        with ``seed``) of the largest m within it: the scores then stay a small, fixed share of the sweep at any
+        size (at 50,000 images, about 4,500 for the widest arrays). An int caps every array at that many instead;
+        ``None`` reads every training image. Either way, at least 10 images a class, and how far the sample's
+        ranking can be trusted is measured against the sweep all the same.
     triage : int, float or "auto", optional
         Search C only on the arrays the scores say could hold the best: an int K (the top K arrays of the most
         trustworthy score), a float in (0, 1) (that fraction of them), or ``"auto"`` (every array whose 95 %
@@ -109,6 +117,7 @@ class SweepConfig:
     repeats: int = 1
     resamples: int = 2000
     scores: tuple[str, ...] = SCORES
+    score_images: int | str | None = "auto"
     triage: int | float | str | None = None
 
     def __post_init__(self) -> None:
@@ -175,6 +184,11 @@ class SweepConfig:
         if bad:
             raise ParameterError(f"unknown score {bad[0]!r}; use any of {list(SCORES)} (--scores knn,logme), or none.")
         object.__setattr__(self, "scores", tuple(dict.fromkeys(scores)))
+        if self.score_images not in (None, "auto") and (
+            isinstance(self.score_images, str) or _integer("score_images", self.score_images) < 2
+        ):
+            raise ParameterError(f"score_images must be 'auto', None (all) or at least 2 training images, got "
+                                 f"{self.score_images!r} (--score-images auto|all|1000).")  # fmt: skip
         object.__setattr__(self, "triage", _triage(self.triage, self.scores))
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from ._results import COSTS, Split, SweepConfig, SweepResult, SweepRow, best_of
 from ._scoring import PENDING_TEST, Fitted, c_grid, load_rows, metrics_from_scores, normalized_folds, pack_hits
 from ._stats import annotate_rows, fold_sizes, pick_cheapest, probe_bytes, row_evidence, stability
 from ._streaming import chunk_rows_for, decision_in_chunks, evaluate_streaming
-from ._transfer import array_scores, rows_within, subsample
+from ._transfer import array_scores, images_within, rows_within, subsample
 from ._triage import transfer_record, triaged_search
 
 __all__ = ["sweep_codes", "split_images", "evaluate_codes", "joblib_backend", "config_from"]
@@ -583,7 +583,7 @@ def sweep_codes(
     if config.scores:
         data["transferability"] = transfer_record(rows, best_row, scored, {k: job.names[k] for k in keys}, config)
         sampled = {job.what(k): n for k, n in scored_rows.items() if n < data["n_train_images"]}
-        if sampled:  # --max-memory: the scores read a sample of the training images
+        if sampled:  # --score-images or --max-memory: the scores read a sample of the training images
             data["transferability"]["sampled_rows"] = sampled
     if triage is not None:
         data["triage"] = triage
@@ -787,17 +787,24 @@ def _score_arrays(job: _Job, config: SweepConfig, split: Split,
     per = split.views + 1
     plain = split.train_rows[split.train_rows % per == 0]
     folds = [(np.searchsorted(plain, fit[fit % per == 0]), np.searchsorted(plain, val)) for fit, val in split.folds]
-    tasks = [delayed(_score_task)(job.arrays[k], job.y[plain], plain, folds, k, job.what(k), config) for k in keys]
+    tasks = [delayed(_score_task)(job.arrays[k], job.y[plain], plain, folds, k, job.what(k), config,
+                                  len(split.train_rows)) for k in keys]  # fmt: skip
     done = dict(_run_tasks(tasks, job.jobs, job.progress, "scores"))
     return {k: scores for k, (scores, _) in done.items()}, {k: used for k, (_, used) in done.items()}
 
 
 def _score_task(codes: Any, y: np.ndarray, rows: np.ndarray, folds: list, key: Hashable, what: str,
-                config: SweepConfig) -> list[tuple[Hashable, tuple[dict, int]]]:  # fmt: skip
+                config: SweepConfig, sweep_rows: int) -> list[tuple[Hashable, tuple[dict, int]]]:  # fmt: skip
     """One array's scores and the number of training images they were measured on, in a joblib worker (a list of
     one item, as every task's). Under ``config.max_memory`` the scores read a sample of the training images that
-    fits (each class in proportion): the ranking they give is checked against the measured sweep all the same."""
-    size = rows_within(len(rows), int(codes.shape[1]), config.max_memory)
+    fits (each class in proportion), and at most ``config.score_images`` of them (``"auto"``: the most whose cost
+    stays within :data:`SCORE_BUDGET` times the ``sweep_rows`` the probes fit on; at least 10 a class): the ranking
+    they give is checked against the measured sweep all the same."""
+    d = int(codes.shape[1])
+    size = rows_within(len(rows), d, config.max_memory)
+    cap = images_within(len(rows), d, sweep_rows) if config.score_images == "auto" else config.score_images
+    if cap is not None:
+        size = min(size, max(cap, 10 * len(np.unique(y if y.ndim == 1 else [0]))))
     if size < 2 * len(np.unique(y if y.ndim == 1 else [0])):  # too few within the cap for two images a class
         return [(key, (dict.fromkeys(config.scores, (None, 0.0)), int(size)))]
     if size < len(rows):

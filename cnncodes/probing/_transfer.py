@@ -32,7 +32,8 @@ XX' when they are wider, so O(n d min(n, d)), one eigendecomposition of size min
 Cholesky factorization (centered codes, for the H-score); ridge takes the Gram matrix and eigendecomposition of the standardized codes, then
 O(n n_val min(n, d)) per penalty, or, for codes much narrower than there are images, one eigendecomposition of size
 d per fold. The kNN score compares at most ``max_queries`` validation images with their fold's fit
-images: O(q n d). Everything runs in torch, in float64, on the sweep's device.
+images: O(q n d). Everything runs in torch on the sweep's device, in float64 but for the Gram products of a store's
+float16 or float32 codes, which run in float32 (no coarser than the codes themselves).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from ..errors import ParameterError
 
 __all__ = [
     "SCORES",
+    "SCORE_BUDGET",
+    "images_within",
     "logme",
     "hscore",
     "knn_accuracy",
@@ -95,6 +98,14 @@ def _tensor(X: Any, device: Any):
     return torch.as_tensor(np.asarray(X), dtype=torch.float64, device=device)
 
 
+def _single(X: Any) -> bool:
+    """Whether codes ``X`` carry single precision or less (a store's float16 or float32 codes): their Gram products
+    then run in float32 (half the time of float64, and no coarser than the codes: float32 sums of d products err
+    by about 1e-7 sqrt(d) relative, float16 codes by 5e-4 each), and everything after them in float64."""
+    dtype = np.asarray(X).dtype
+    return dtype.kind == "f" and dtype.itemsize < 8
+
+
 def _eig(X, gram=None):
     """Eigenvalues (clamped at 0) and eigenvectors of X'X (codes no wider than the rows) or of XX' (wider); ``gram``
     is that matrix when it is already computed."""
@@ -105,9 +116,11 @@ def _eig(X, gram=None):
     return lam.clamp_min(0), Q, wide
 
 
-def _gram(X):
-    """X'X (codes no wider than the rows) or XX' (wider): the one O(n d min(n, d)) product every score shares."""
-    return X @ X.T if X.shape[1] > X.shape[0] else X.T @ X
+def _gram(X, single: bool = False):
+    """X'X (codes no wider than the rows) or XX' (wider): the one O(n d min(n, d)) product every score shares;
+    in float32 for ``single`` codes (see :func:`_single`), returned in float64."""
+    A = X.float() if single else X
+    return (A @ A.T if X.shape[1] > X.shape[0] else A.T @ A).to(X.dtype)
 
 
 def _centered_gram(X, G):
@@ -144,8 +157,9 @@ def logme(X: Any, y: Any, *, device: Any = "cpu", tol: float = 1e-10, max_iter: 
     The evidence of y = F w + e, w ~ N(0, I / alpha), e ~ N(0, I / beta), at the alpha and beta that maximize it,
     divided by n and averaged over the one-hot class targets. Raw codes, as published (no centering, no intercept).
     """
+    single = _single(X)
     X = _tensor(X, device)
-    return _logme_of(X, _targets(y, device), None, tol, max_iter)
+    return _logme_of(X, _targets(y, device), _gram(X, single), tol, max_iter)
 
 
 def _logme_of(X, Y, gram, tol: float = 1e-10, max_iter: int = 1000) -> float:
@@ -200,8 +214,10 @@ def ledoit_wolf_shrinkage(sq_norms, scatter_sq: float, n: int, d: int) -> float:
 def hscore(X: Any, y: Any, *, device: Any = "cpu", route: str | None = None) -> float:
     """The shrinkage H-score of codes ``X`` (n, d) for integer labels ``y`` (n,); see the module docstring.
     ``route`` ("solve" or "eig") forces one of the two exact computations of :func:`_hscore`."""
+    single = _single(X)
     X = _tensor(X, device)
-    return _hscore(X - X.mean(0), np.asarray(y), device, route=route)
+    Xc = X - X.mean(0)
+    return _hscore(Xc, np.asarray(y), device, _gram(Xc, single), route=route)
 
 
 def _hscore(Xc, y: np.ndarray, device: Any, gram=None, route: str | None = None) -> float:
@@ -251,18 +267,20 @@ def knn_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]],
     scikit-learn's ``KNeighborsClassifier``), pooled over the folds, the best of ``ks`` (those the smallest fold can
     hold). At most ``max_queries`` validation images, drawn evenly from the folds with ``seed``."""
 
+    single = _single(X)
     X = _tensor(X, device)
-    return _knn_of(X, np.asarray(y), folds, None, ks, max_queries, seed, device)
+    return _knn_of(X, np.asarray(y), folds, None, ks, max_queries, seed, device, single)
 
 
 def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries: int = 4096, seed: int = 0,
-            device: Any = "cpu") -> float:  # fmt: skip
+            device: Any = "cpu", single: bool = False) -> float:  # fmt: skip
     """:func:`knn_accuracy` of the tensor ``X``; ``gram`` (XX', when known) gives the similarities without another
-    product: cos(i, j) = G_ij / (|x_i| |x_j|)."""
+    product: cos(i, j) = G_ij / (|x_i| |x_j|); otherwise they are products in float32 for ``single`` codes."""
     import torch
 
     norms = X.norm(dim=1).clamp_min(1e-300)
     X = X / norms[:, None]
+    X = X.float() if single else X
     cosine = None if gram is None else gram / (norms[:, None] * norms[None, :])
     labels = torch.as_tensor(y, device=device)
     n_classes = int(y.max()) + 1
@@ -278,7 +296,7 @@ def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries:
         fit_t = torch.as_tensor(np.asarray(fit), device=device)
         for start in range(0, len(val), 1024):
             q = torch.as_tensor(np.asarray(val[start : start + 1024]), device=device)
-            sims = cosine[q][:, fit_t] if cosine is not None else X[q] @ X[fit_t].T
+            sims = cosine[q][:, fit_t] if cosine is not None else (X[q] @ X[fit_t].T).double()
             near = sims.topk(max(usable), dim=1).indices
             votes = labels[fit_t][near]  # (queries, k_max), nearest first
             for j, k in enumerate(usable):
@@ -301,8 +319,9 @@ def ridge_accuracy(X: Any, y: Any, folds: Sequence[tuple[np.ndarray, np.ndarray]
     if y.ndim != 1:
         raise ParameterError(f"ridge_accuracy takes one integer label per row, got labels of shape {y.shape}; a "
                              "multi-label store has LogME only.")  # fmt: skip
+    single = _single(X)
     Z = _standardized(_tensor(X, device))
-    return _ridge_of(Z, y, folds, _eig(Z), grid, route)
+    return _ridge_of(Z, y, folds, _eig(Z, _gram(Z, single)), grid, route)
 
 
 def _standardized(X):
@@ -369,6 +388,22 @@ def _ridge_of(Xc, y: np.ndarray, folds, eig, grid: Sequence[float] = RIDGE_GRID,
     return float((hits / sum(len(v) for _, v in folds)).max())
 
 
+#: ``score_images="auto"``: an array's scores read the most training images m whose cost m d min(m, d) stays within
+#: this many times r d, r the training rows its probes fit on (views included), whose search passes over them some
+#: hundreds of times (5 folds x about 10 C values x 2 probes x tens of iterations). Measured on the digits benchmark
+#: (docs/benchmarks.md): every image there is within it, and the scores take about 5 % of the full sweep.
+SCORE_BUDGET = 400
+
+
+def images_within(n: int, d: int, rows: int) -> int:
+    """The most of ``n`` training images of width ``d`` the scores read under ``score_images="auto"``: the largest m
+    <= n with m min(m, d) <= :data:`SCORE_BUDGET` ``rows`` (all ``n`` when the array is that narrow)."""
+    budget = int(SCORE_BUDGET * max(1, rows))
+    if n * min(n, d) <= budget:
+        return n
+    return max(1, min(n, budget // d if budget // d >= d else math.isqrt(budget)))
+
+
 def rows_within(n: int, d: int, max_memory: int | None, queries: int = 1024) -> int:
     """How many of ``n`` training images of width ``d`` the scores can hold within ``max_memory`` bytes: the rows
     read (float32) and their float64 copies (the codes, their centered and normalized copies, a fit side, and
@@ -415,8 +450,9 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
     if unknown:
         raise ParameterError(f"unknown score {unknown[0]!r}; use any of {list(SCORES)}.")
     start = time.perf_counter()
+    single = _single(X)
     T = _tensor(X, device)
-    G = _gram(T) if {"logme", "hscore"} & set(names) else None  # one Gram matrix for LogME, the H-score, kNN
+    G = _gram(T, single) if {"logme", "hscore"} & set(names) else None  # one Gram matrix: LogME, the H-score, kNN
     wide = T.shape[1] > T.shape[0]
     gram_users = [n for n in names if n in ("logme", "hscore") or (n == "knn" and G is not None and wide)]
     shared = dict.fromkeys(names, 0.0)  # the shared work's time, split over the scores that use it
@@ -428,12 +464,13 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
             out[name] = (None, 0.0)
             continue
         if name == "knn":  # XX' (the wide arrays' Gram) holds every similarity the folds need
-            value = _knn_of(T, y, folds, G if wide else None, max_queries=max_queries, seed=seed, device=device)
+            value = _knn_of(T, y, folds, G if wide else None, max_queries=max_queries, seed=seed, device=device,
+                            single=single)  # fmt: skip
         elif name == "logme":
             value = _logme_of(T, _targets(y, device), G)
         elif name == "ridge":  # standardized as the sweep's default normalizer does (here over every training image)
             Z = _standardized(T)
-            value = _ridge_of(Z, y, folds, _eig(Z))
+            value = _ridge_of(Z, y, folds, _eig(Z, _gram(Z, single)))
         else:
             value = _hscore(T - T.mean(0), y, device, _centered_gram(T, G))
         spent = time.perf_counter() - start + shared[name]

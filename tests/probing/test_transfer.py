@@ -14,6 +14,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
 from cnncodes.errors import ParameterError
+from cnncodes.probing import _transfer
 from cnncodes.probing._transfer import (
     RIDGE_GRID,
     agreement,
@@ -115,7 +116,23 @@ def test_array_scores_rank_informative_codes_above_noise_and_time_themselves():
     assert multi["logme"][0] is not None
 
 
-def test_scores_under_a_memory_cap_read_a_stratified_sample_of_the_rows_that_fits(tmp_path):
+@pytest.mark.parametrize("n,d", [(300, 40), (120, 700)], ids=["narrow", "wide"])
+def test_float32_codes_score_as_their_float64_copies(n, d):
+    """A store's float16/float32 codes take their Gram products in float32: every score equals the float64 route's
+    on the same (float16-rounded) values, the accuracies to an image, LogME and the H-score to 1e-5 relative."""
+    rng = np.random.default_rng(7)
+    y = np.arange(n) % 4
+    X = (rng.normal(size=(n, d)) + 1.5 * rng.normal(size=(4, d))[y] + 3).astype(np.float16)  # offset: ReLU-like mean
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
+    low, high = array_scores(X.astype(np.float32), y, folds), array_scores(X.astype(np.float64), y, folds)
+    for name in ("knn", "ridge"):
+        assert abs(low[name][0] - high[name][0]) <= 1.5 / n
+    for name in ("logme", "hscore"):
+        assert low[name][0] == pytest.approx(high[name][0], rel=1e-5)
+    assert logme(X, y) == pytest.approx(logme(X.astype(np.float64), y), rel=1e-5)
+
+
+def test_scores_under_a_memory_cap_read_a_stratified_sample_of_the_rows_that_fits(tmp_path, monkeypatch):
     import tracemalloc
 
     import torch
@@ -148,6 +165,26 @@ def test_scores_under_a_memory_cap_read_a_stratified_sample_of_the_rows_that_fit
     sampled = result.data["transferability"]["sampled_rows"]
     assert list(sampled) == ["mid/avg"] and 0 < sampled["mid/avg"] < result.data["n_train_images"]
     assert all(r.score_logme is not None for r in result.rows)
+    classes = len(np.unique(store.labels))
+    for cap, read in ((120, 120), (2, 10 * classes)):  # --score-images, with its floor of 10 images a class
+        capped = sweep(store, SweepConfig(probes=("logreg",), folds=2, score_images=cap), taps=["late"], progress=False)
+        assert capped.data["transferability"]["sampled_rows"] == {"late/avg": read}
+        assert all(r.score_knn is not None for r in capped.rows)
+    monkeypatch.setattr(_transfer, "SCORE_BUDGET", 100)  # "auto" on a budget small enough to bind at 300 images
+    auto = sweep(store, SweepConfig(probes=("logreg",), folds=2), taps=["mid", "late"], progress=False)
+    train = auto.data["n_train_images"]
+    sampled, cap = auto.data["transferability"]["sampled_rows"], _transfer.images_within(train, 256, train)
+    assert list(sampled) == ["mid/avg"] and cap < train  # the 4-dim array reads every image
+    assert cap - classes <= sampled["mid/avg"] <= cap  # each class's share rounded down (subsample: never past it)
+
+
+def test_images_within_is_the_largest_sample_whose_cost_fits_the_budget():
+    for n, d, rows in ((1347, 20480, 6735), (2250, 20480, 2250), (2250, 640, 2250), (2250, 96, 2250), (500, 2000, 500),
+                       (37_500, 20_480, 37_500), (300, 700, 300)):  # fmt: skip
+        budget = _transfer.SCORE_BUDGET * rows
+        m = _transfer.images_within(n, d, rows)
+        assert 1 <= m <= n and (m == n or (m * min(m, d) <= budget < (m + 1) * min(m + 1, d)))
+    assert _transfer.images_within(1347, 20480, 6735) == 1347  # the digits benchmark: every image
 
 
 def test_agreement_is_scipys_taus_and_counts_ties_against_the_best():
