@@ -88,9 +88,9 @@ def run_task(task: str, root: Path, quick: bool) -> bool:
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}")  # fmt: skip
     print(f"  full sweep:    {full_s:7.1f} s  best {describe(full.best)}")
     print(f"  triage auto:   {tri_s:7.1f} s  best {describe(tri.best)}")
-    read = max(scores.get("sampled_rows", {}).values(), default=full.data["n_train_images"])
-    print(f"  the scores read {read} of the {full.data['n_train_images']} training images (score_images "
-          f"{full.config.score_images})")  # fmt: skip
+    sample = scores["sample"]
+    print(f"  the scores read {sample['images']} of the {sample['of']} training images, the same for every array "
+          f"(score_images {sample['score_images']})")  # fmt: skip
     print(f"  ratio triaged/full {tri_s / full_s:.3f}; CV gap {gap:.2f} points; scores took {score_s:.1f} s "
           f"({100 * score_s / full_s:.1f} % of the full sweep's wall time)")  # fmt: skip
     rounds = ", ".join(f"{r['score']} sd {r['log_error_sd']:.2f} on {r['arrays_searched']} -> "

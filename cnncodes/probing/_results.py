@@ -77,14 +77,16 @@ class SweepConfig:
         Transferability scores measured on every array before its probes are searched (training images only; see
         :mod:`cnncodes.probing._transfer`): every row carries them, and ``results.json`` says how well each ranked
         the arrays against their measured CV accuracy. ``()`` measures none.
-    score_images : int, "auto" or None, default="auto"
-        How many training images the scores read, per array. An array's scores cost O(m d min(m, d)) for m images of
+    score_images : int, "auto", "all" or None, default="auto"
+        How many training images the scores read. An array's scores cost O(m d min(m, d)) for m images of
         d dims, its probes' search O(r d) for the r training rows (views included) they fit on, so where m min(m, d)
         would pass :data:`~cnncodes.probing.SCORE_BUDGET` times r, ``"auto"`` reads a class-stratified sample (drawn
         with ``seed``) of the largest m within it: the scores then stay a small, fixed share of the sweep at any
-        size (at 50,000 images, about 4,500 for the widest arrays). An int caps every array at that many instead;
-        ``None`` reads every training image. Either way, at least 10 images a class, and how far the sample's
-        ranking can be trusted is measured against the sweep all the same.
+        size (at 37,500 training images and 20,480 dims, about 3,900). Every array reads the same sample, the size
+        its widest allows, so their scores compare. An int caps it at that many instead; ``"all"`` or ``None``
+        reads every training image. Either way at least 10 images a class (more than a fixed share where there
+        are thousands of classes), and how far the sample's ranking can be trusted is measured against the sweep
+        all the same; results.json ``transferability.sample`` says how many were read.
     triage : int, float or "auto", optional
         Search C only on the arrays the scores say could hold the best: an int K (the top K arrays of the most
         trustworthy score), a float in (0, 1) (that fraction of them), or ``"auto"`` (every array whose 95 %
@@ -184,11 +186,7 @@ class SweepConfig:
         if bad:
             raise ParameterError(f"unknown score {bad[0]!r}; use any of {list(SCORES)} (--scores knn,logme), or none.")
         object.__setattr__(self, "scores", tuple(dict.fromkeys(scores)))
-        if self.score_images not in (None, "auto") and (
-            isinstance(self.score_images, str) or _integer("score_images", self.score_images) < 2
-        ):
-            raise ParameterError(f"score_images must be 'auto', None (all) or at least 2 training images, got "
-                                 f"{self.score_images!r} (--score-images auto|all|1000).")  # fmt: skip
+        object.__setattr__(self, "score_images", _score_images(self.score_images))
         object.__setattr__(self, "triage", _triage(self.triage, self.scores))
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,6 +202,18 @@ def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not math.isfinite(out):
         raise ParameterError(f"{name} must be a finite number, got {value!r}.")
     return out
+
+
+def _score_images(value: Any) -> int | str | None:
+    """``score_images`` checked: "auto", None or "all" (every image), or a whole number of images >= 2."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "all"):
+        return None if value.strip().lower() == "all" else "auto"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
+        raise ParameterError(f"score_images={value!r}: give 'auto', 'all' (None) or a whole number of training "
+                             "images >= 2 (--score-images auto|all|1000).")  # fmt: skip
+    return int(value)
 
 
 def _triage(value: Any, scores: tuple[str, ...]) -> int | float | str | None:

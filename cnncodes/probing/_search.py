@@ -556,7 +556,7 @@ def sweep_codes(
                {k: int((depths or {}).get(k, -1)) for k in keys}, views, test_views,
                None if test is None else len(y_test), jobs, progress)  # fmt: skip
     with joblib_backend(backend, scheduler):
-        split, results, (scored, scored_rows), triage = _search_all(job, config)
+        split, results, (scored, score_sample), triage = _search_all(job, config)
         searched = list(dict.fromkeys(job.key_of[(r.backbone, r.tap, r.pooling)] for r, _ in results))
         redrawn = [_sweep_split(job, replace(config, seed=config.seed + r), extras=False, keys=searched)
                    for r in range(1, config.repeats)]  # fmt: skip
@@ -582,9 +582,7 @@ def sweep_codes(
         data["stability"] = stability(rows, [[r for r, _ in res] for _, res in redrawn])
     if config.scores:
         data["transferability"] = transfer_record(rows, best_row, scored, {k: job.names[k] for k in keys}, config)
-        sampled = {job.what(k): n for k, n in scored_rows.items() if n < data["n_train_images"]}
-        if sampled:  # --score-images or --max-memory: the scores read a sample of the training images
-            data["transferability"]["sampled_rows"] = sampled
+        data["transferability"]["sample"] = score_sample  # the training images the scores read, one set for all
     if triage is not None:
         data["triage"] = triage
     chosen = cheapest if config.pick == "cheapest" and cheapest is not None else best_row
@@ -751,15 +749,15 @@ def _search_all(job: _Job, config: SweepConfig) -> tuple[Split, list[tuple[Sweep
                                                          dict | None]:  # fmt: skip
     """The first draw of the sweep: every array's scores, then every array searched (or, with ``config.triage``,
     those the scores rank highest), the test rows read last. Returns the split, the rows with their fitted probes,
-    every array's scores ``{key: {name: (value, seconds)}}`` with the training images each read (``{key: rows}``),
-    and the triage record (None without triage)."""
+    every array's scores ``{key: {name: (value, seconds)}}`` with the sample of training images they read, and the
+    triage record (None without triage)."""
     keys = list(job.arrays)
     split = _split_checked(job, config, extras=True)
-    scored, scored_rows = _score_arrays(job, config, split, keys)
+    scored, score_sample = _score_arrays(job, config, split, keys)
     if config.triage is None:
         results = _linear_results(job, config, split, keys, what="sweep")
         results += _extra_results(job, config, split, keys, results)
-        return split, _in_order(job, results), (scored, scored_rows), None
+        return split, _in_order(job, results), (scored, score_sample), None
     if job.y.ndim == 2:
         raise ParameterError("--triage ranks arrays by single-label scores (kNN, H-score); a multi-label sweep "
                              "searches every array: leave --triage out.")  # fmt: skip
@@ -774,48 +772,55 @@ def _search_all(job: _Job, config: SweepConfig) -> tuple[Split, list[tuple[Sweep
     score_on_test(results, job, split, config)
     searched = list(dict.fromkeys(job.key_of[(r.backbone, r.tap, r.pooling)] for r, _ in results))
     results += _extra_results(job, config, split, searched, results)
-    return split, _in_order(job, results), (scored, scored_rows), triage
+    return split, _in_order(job, results), (scored, score_sample), triage
 
 
 def _score_arrays(job: _Job, config: SweepConfig, split: Split,
-                  keys: Sequence[Hashable]) -> tuple[dict[Hashable, dict], dict[Hashable, int]]:  # fmt: skip
+                  keys: Sequence[Hashable]) -> tuple[dict[Hashable, dict], dict[str, Any]]:  # fmt: skip
     """Every array's transferability scores on the plain views of the training images, the sweep's folds mapped
-    onto them: ``{key: {name: (value, seconds)}}``, and the training images each array's were measured on (both empty
-    without ``config.scores``)."""
+    onto them: ``{key: {name: (value, seconds)}}``, and what they read (both empty without ``config.scores``).
+
+    Every array is scored on the same images, so their scores compare: all of them, or one class-stratified sample
+    drawn with ``config.seed``, the size the widest array allows (:func:`score_sample_size`)."""
     if not config.scores:
         return {}, {}
     per = split.views + 1
     plain = split.train_rows[split.train_rows % per == 0]
     folds = [(np.searchsorted(plain, fit[fit % per == 0]), np.searchsorted(plain, val)) for fit, val in split.folds]
-    tasks = [delayed(_score_task)(job.arrays[k], job.y[plain], plain, folds, k, job.what(k), config,
-                                  len(split.train_rows)) for k in keys]  # fmt: skip
-    done = dict(_run_tasks(tasks, job.jobs, job.progress, "scores"))
-    return {k: scores for k, (scores, _) in done.items()}, {k: used for k, (_, used) in done.items()}
+    y = job.y[plain]
+    classes = len(np.unique(y if y.ndim == 1 else [0]))
+    size = score_sample_size(len(plain), [int(job.arrays[k].shape[1]) for k in keys], len(split.train_rows),
+                             classes, config)  # fmt: skip
+    read = {"images": int(min(size, len(plain))), "of": int(len(plain)), "score_images": config.score_images}
+    if size < 2 * classes:  # too few within --max-memory for two images a class
+        return {k: dict.fromkeys(config.scores, (None, 0.0)) for k in keys}, read | {"scored": False}
+    if size < len(plain):
+        keep, folds = subsample(y, folds, size, config.seed)
+        plain, y = plain[keep], y[keep]
+        read["images"] = int(len(plain))
+    if min(len(f) for f, _ in folds) == 0:  # a fold left without fit images by the sample
+        return {k: dict.fromkeys(config.scores, (None, 0.0)) for k in keys}, read | {"scored": False}
+    tasks = [delayed(_score_task)(job.arrays[k], y, plain, folds, k, job.what(k), config) for k in keys]
+    return dict(_run_tasks(tasks, job.jobs, job.progress, "scores")), read
+
+
+def score_sample_size(n: int, dims: Sequence[int], sweep_rows: int, classes: int, config: SweepConfig) -> int:
+    """How many of the ``n`` plain training images every array's scores read: within ``config.max_memory`` for the
+    widest array (:func:`~cnncodes.probing._transfer.rows_within`), and at most ``config.score_images`` (``"auto"``:
+    the most whose cost the widest array's budget allows, :func:`~cnncodes.probing._transfer.images_within`, for the
+    ``sweep_rows`` its probes fit on; at least 10 a class); ``n`` when nothing binds."""
+    widest = max(dims, default=1)
+    size = rows_within(n, widest, config.max_memory)
+    cap = images_within(n, widest, sweep_rows) if config.score_images == "auto" else config.score_images
+    return min(size, max(cap, 10 * classes)) if cap is not None else size
 
 
 def _score_task(codes: Any, y: np.ndarray, rows: np.ndarray, folds: list, key: Hashable, what: str,
-                config: SweepConfig, sweep_rows: int) -> list[tuple[Hashable, tuple[dict, int]]]:  # fmt: skip
-    """One array's scores and the number of training images they were measured on, in a joblib worker (a list of
-    one item, as every task's). Under ``config.max_memory`` the scores read a sample of the training images that
-    fits (each class in proportion), and at most ``config.score_images`` of them (``"auto"``: the most whose cost
-    stays within :data:`SCORE_BUDGET` times the ``sweep_rows`` the probes fit on; at least 10 a class): the ranking
-    they give is checked against the measured sweep all the same."""
-    d = int(codes.shape[1])
-    size = rows_within(len(rows), d, config.max_memory)
-    cap = images_within(len(rows), d, sweep_rows) if config.score_images == "auto" else config.score_images
-    if cap is not None:
-        size = min(size, max(cap, 10 * len(np.unique(y if y.ndim == 1 else [0]))))
-    if size < 2 * len(np.unique(y if y.ndim == 1 else [0])):  # too few within the cap for two images a class
-        return [(key, (dict.fromkeys(config.scores, (None, 0.0)), int(size)))]
-    if size < len(rows):
-        keep, folds = subsample(y, folds, size, config.seed)
-        rows, y = rows[keep], y[keep]
-    if min(len(f) for f, _ in folds) == 0:  # a fold left without fit images by the sample
-        return [(key, (dict.fromkeys(config.scores, (None, 0.0)), int(len(rows))))]
+                config: SweepConfig) -> list[tuple[Hashable, dict]]:  # fmt: skip
+    """One array's scores on the training ``rows`` (a list of one item, as every joblib task's)."""
     with _torch_threads(config.threads):
         X = load_rows(codes, rows, what)
-        return [(key, (array_scores(X, y, folds, config.scores, device=config.device, seed=config.seed),
-                       int(len(rows))))]  # fmt: skip
+        return [(key, array_scores(X, y, folds, config.scores, device=config.device, seed=config.seed))]
 
 
 def score_on_test(results: list[tuple[SweepRow, Any]], job: _Job, split: Split, config: SweepConfig) -> None:

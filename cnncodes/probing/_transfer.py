@@ -118,20 +118,27 @@ def _eig(X, gram=None):
 
 def _gram(X, single: bool = False):
     """X'X (codes no wider than the rows) or XX' (wider): the one O(n d min(n, d)) product every score shares;
-    in float32 for ``single`` codes (see :func:`_single`), returned in float64."""
-    A = X.float() if single else X
-    return (A @ A.T if X.shape[1] > X.shape[0] else A.T @ A).to(X.dtype)
+    in IEEE float32 for ``single`` codes (see :func:`_single`; never TF32 on CUDA), returned in float64."""
+    if not single:
+        return X @ X.T if X.shape[1] > X.shape[0] else X.T @ X
+    from ..network import precision
+
+    A = X.float()
+    with precision(A.device, None):
+        return (A @ A.T if X.shape[1] > X.shape[0] else A.T @ A).to(X.dtype)
 
 
-def _centered_gram(X, G):
-    """The Gram matrix of the centered codes X - mean, from X's own in O(min(n, d)^2): H G H for XX' (H the
-    centering projection), X'X - n m m' for X'X."""
+def _uncentered_gram(X, Gc):
+    """The Gram matrix of X from ``Gc``, that of the centered codes X - 1m', in float64: X'X = Gc + n m m',
+    XX' = Gc + a1' + 1a' + |m|^2 11' with a = (X - 1m') m. Exact algebra, so a float32 ``Gc`` is as good as float32
+    products of codes centred in float64 (a float32 X'X of codes whose mean is large against their spread buries
+    the spread's small eigenvalues under the rounding of the mean's one large one)."""
     n = X.shape[0]
-    if X.shape[1] > n:
-        r = G.mean(1)
-        return G - r[:, None] - r[None, :] + G.mean()
     m = X.mean(0)
-    return G - n * (m[:, None] * m[None, :])
+    if X.shape[1] > n:
+        a = (X - m) @ m
+        return Gc + a[:, None] + a[None, :] + (m @ m)
+    return Gc + n * (m[:, None] * m[None, :])
 
 
 def _targets(y: np.ndarray, device: Any):
@@ -159,7 +166,7 @@ def logme(X: Any, y: Any, *, device: Any = "cpu", tol: float = 1e-10, max_iter: 
     """
     single = _single(X)
     X = _tensor(X, device)
-    return _logme_of(X, _targets(y, device), _gram(X, single), tol, max_iter)
+    return _logme_of(X, _targets(y, device), _uncentered_gram(X, _gram(X - X.mean(0), single)), tol, max_iter)
 
 
 def _logme_of(X, Y, gram, tol: float = 1e-10, max_iter: int = 1000) -> float:
@@ -217,10 +224,10 @@ def hscore(X: Any, y: Any, *, device: Any = "cpu", route: str | None = None) -> 
     single = _single(X)
     X = _tensor(X, device)
     Xc = X - X.mean(0)
-    return _hscore(Xc, np.asarray(y), device, _gram(Xc, single), route=route)
+    return _hscore(Xc, np.asarray(y), device, _gram(Xc, single), route=route, single=single)
 
 
-def _hscore(Xc, y: np.ndarray, device: Any, gram=None, route: str | None = None) -> float:
+def _hscore(Xc, y: np.ndarray, device: Any, gram=None, route: str | None = None, single: bool = False) -> float:
     """The shrinkage H-score of the centered codes ``Xc``, whose Gram matrix (:func:`_gram`) is ``gram`` when it is
     already known.
 
@@ -230,7 +237,8 @@ def _hscore(Xc, y: np.ndarray, device: Any, gram=None, route: str | None = None)
     for codes wider than the images, of t XcXc' + s I (n x n), since M' cov_a^-1 M = B' K (t K + s I)^-1 B with
     K = XcXc' and M = Xc'B: O(min(n, d)^3 / 3). ``eig``: an eigendecomposition, whose directions of zero variance
     a pseudo-inverse drops; taken where s is too small for a well-conditioned factorization (the shrinkage is 0
-    or nearly: cov_a is then singular or nearly) or the factorization fails."""
+    or nearly: cov_a is then singular or nearly) or the factorization fails. A ``single`` (float32) ``gram`` is
+    trusted to 1e-6 of its scale, not 1e-10: both cuts widen to match."""
     import torch
 
     n, d = Xc.shape
@@ -243,19 +251,23 @@ def _hscore(Xc, y: np.ndarray, device: Any, gram=None, route: str | None = None)
     mu = float(sq_norms.sum()) / (n * d)
     t, s = (1 - shrink) / n, shrink * mu
     wide = d > n
+    floor = 1e-6 if single else 1e-10  # the relative error of the Gram matrix's entries, with a margin
     if route is None:
-        route = "solve" if s > 1e-10 * (t * n * d * mu + s) else "eig"  # cond(t C + s I) <= (t tr C + s) / s
+        route = "solve" if s > floor * (t * n * d * mu + s) else "eig"  # cond(t C + s I) <= (t tr C + s) / s
     if route == "solve":
         A = t * G + s * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
-            rhs = G @ E if wide else Xc.T @ E  # K B, or M = Xc'B
-            value = (torch.cholesky_solve(rhs, L) * (E if wide else rhs)).sum()
+            # M = Xc'B = Xc'(B - 1 b') for any b: with B centred, the constant direction, which K annihilates
+            # exactly but a rounded K only nearly, adds nothing (uncentred, it adds |B'1|^2 e / (t e + s))
+            B = E - E.mean(0) if wide else E
+            rhs = G @ B if wide else Xc.T @ B  # K B, or M = Xc'B
+            value = (torch.cholesky_solve(rhs, L) * (B if wide else rhs)).sum()
             return float((1 - shrink) * value / n) if torch.isfinite(value) else float("nan")
     lam, Q, _ = _eig(Xc, G)
     W2 = (lam[:, None] * (Q.T @ E) ** 2) if wide else (Q.T @ (Xc.T @ E)) ** 2
     denom = (1 - shrink) * lam / n + shrink * mu  # eigenvalues of cov_a along the directions the class means span
-    keep = denom > 1e-12 * float(denom.max().clamp_min(1e-300))  # pseudo-inverse of a singular covariance (a = 0)
+    keep = denom > floor * 1e-2 * float(denom.max().clamp_min(1e-300))  # pseudo-inverse of a singular covariance
     value = (W2.sum(1)[keep] / (n * denom[keep])).sum()
     return float((1 - shrink) * value) if torch.isfinite(value) else float("nan")
 
@@ -278,6 +290,8 @@ def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries:
     product: cos(i, j) = G_ij / (|x_i| |x_j|); otherwise they are products in float32 for ``single`` codes."""
     import torch
 
+    from ..network import precision
+
     norms = X.norm(dim=1).clamp_min(1e-300)
     X = X / norms[:, None]
     X = X.float() if single else X
@@ -296,7 +310,11 @@ def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries:
         fit_t = torch.as_tensor(np.asarray(fit), device=device)
         for start in range(0, len(val), 1024):
             q = torch.as_tensor(np.asarray(val[start : start + 1024]), device=device)
-            sims = cosine[q][:, fit_t] if cosine is not None else (X[q] @ X[fit_t].T).double()
+            if cosine is not None:
+                sims = cosine[q][:, fit_t]
+            else:
+                with precision(X.device, None):  # IEEE float32 for single codes (never TF32 on CUDA)
+                    sims = (X[q] @ X[fit_t].T).double()
             near = sims.topk(max(usable), dim=1).indices
             votes = labels[fit_t][near]  # (queries, k_max), nearest first
             for j, k in enumerate(usable):
@@ -407,13 +425,14 @@ def images_within(n: int, d: int, rows: int) -> int:
 def rows_within(n: int, d: int, max_memory: int | None, queries: int = 1024) -> int:
     """How many of ``n`` training images of width ``d`` the scores can hold within ``max_memory`` bytes: the rows
     read (float32) and their float64 copies (the codes, their centered and normalized copies, a fit side, and
-    ridge's projections P and their fold blocks), the Gram matrix with its centered copy, eigenvectors and their
-    fold blocks, and a block of ``queries`` kNN similarities. All ``n`` without a bound."""
+    ridge's projections P and their fold blocks), a float32 copy of the codes for the Gram products and its float32
+    result, the Gram matrix with its centered copy, eigenvectors and their fold blocks, and a block of ``queries``
+    kNN similarities. All ``n`` without a bound."""
     if max_memory is None:
         return n
 
     def need(m: int) -> int:
-        return 4 * m * d + 8 * (6 * m * d + 4 * min(m, d) ** 2 + queries * m)
+        return 4 * (2 * m * d + min(m, d) ** 2) + 8 * (6 * m * d + 4 * min(m, d) ** 2 + queries * m)
 
     lo, hi = 0, n  # the largest m in [0, n] with need(m) <= max_memory (need grows with m)
     while lo < hi:
@@ -452,7 +471,9 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
     start = time.perf_counter()
     single = _single(X)
     T = _tensor(X, device)
-    G = _gram(T, single) if {"logme", "hscore"} & set(names) else None  # one Gram matrix: LogME, the H-score, kNN
+    Tc = T - T.mean(0)  # centred in float64, before any float32 product
+    Gc = _gram(Tc, single) if {"logme", "hscore"} & set(names) else None  # one product: the H-score's, LogME's, kNN's
+    G = _uncentered_gram(T, Gc) if Gc is not None else None
     wide = T.shape[1] > T.shape[0]
     gram_users = [n for n in names if n in ("logme", "hscore") or (n == "knn" and G is not None and wide)]
     shared = dict.fromkeys(names, 0.0)  # the shared work's time, split over the scores that use it
@@ -472,7 +493,7 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
             Z = _standardized(T)
             value = _ridge_of(Z, y, folds, _eig(Z, _gram(Z, single)))
         else:
-            value = _hscore(T - T.mean(0), y, device, _centered_gram(T, G))
+            value = _hscore(Tc, y, device, Gc, single=single)
         spent = time.perf_counter() - start + shared[name]
         out[name] = (value if math.isfinite(value) else None, spent)
     return out

@@ -206,7 +206,8 @@ def _predicted(fit: Calibration, value: float | None) -> float | None:
     """The CV accuracy the calibration predicts for a score ``value``."""
     if value is None or not math.isfinite(value):
         return None
-    return float(min(1.0, max(0.0, 1 - math.exp(-fit.predict(value)) + 0.5 / fit.images)))
+    u = min(max(fit.predict(value), 0.0), 700.0)  # a line extrapolated far below the arrays fitted on: accuracy 0
+    return float(min(1.0, max(0.0, 1 - math.exp(-u) + 0.5 / fit.images)))
 
 
 def _estimated_seconds(seconds: Mapping[Hashable, float], dims: Mapping[Hashable, int],

@@ -116,13 +116,15 @@ def test_array_scores_rank_informative_codes_above_noise_and_time_themselves():
     assert multi["logme"][0] is not None
 
 
-@pytest.mark.parametrize("n,d", [(300, 40), (120, 700)], ids=["narrow", "wide"])
-def test_float32_codes_score_as_their_float64_copies(n, d):
+@pytest.mark.parametrize("n,d,offset", [(300, 40, 3), (120, 700, 3), (300, 40, 60), (120, 700, 60)],
+                         ids=["narrow", "wide", "narrow-far", "wide-far"])  # fmt: skip
+def test_float32_codes_score_as_their_float64_copies(n, d, offset):
     """A store's float16/float32 codes take their Gram products in float32: every score equals the float64 route's
-    on the same (float16-rounded) values, the accuracies to an image, LogME and the H-score to 1e-5 relative."""
+    on the same (float16-rounded) values, the accuracies to an image, LogME and the H-score to 1e-5 relative, also
+    where the codes' mean is far from zero against their spread (a float32 X'X less n m m' would cancel there)."""
     rng = np.random.default_rng(7)
     y = np.arange(n) % 4
-    X = (rng.normal(size=(n, d)) + 1.5 * rng.normal(size=(4, d))[y] + 3).astype(np.float16)  # offset: ReLU-like mean
+    X = (rng.normal(size=(n, d)) + 1.5 * rng.normal(size=(4, d))[y] + offset).astype(np.float16)
     folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
     low, high = array_scores(X.astype(np.float32), y, folds), array_scores(X.astype(np.float64), y, folds)
     for name in ("knn", "ridge"):
@@ -130,6 +132,8 @@ def test_float32_codes_score_as_their_float64_copies(n, d):
     for name in ("logme", "hscore"):
         assert low[name][0] == pytest.approx(high[name][0], rel=1e-5)
     assert logme(X, y) == pytest.approx(logme(X.astype(np.float64), y), rel=1e-5)
+    for route in ("solve", "eig"):
+        assert hscore(X, y, route=route) == pytest.approx(hscore(X.astype(np.float64), y, route=route), rel=1e-5)
 
 
 def test_scores_under_a_memory_cap_read_a_stratified_sample_of_the_rows_that_fits(tmp_path, monkeypatch):
@@ -162,20 +166,21 @@ def test_scores_under_a_memory_cap_read_a_stratified_sample_of_the_rows_that_fit
     store = make_code_store(tmp_path / "codes", n_images=400, dims={"early": 4, "mid": 256, "late": 4})
     result = sweep(store, SweepConfig(probes=("logreg",), folds=2, max_memory=4 * 2**20), taps=["mid", "late"],
                    progress=False)  # fmt: skip
-    sampled = result.data["transferability"]["sampled_rows"]
-    assert list(sampled) == ["mid/avg"] and 0 < sampled["mid/avg"] < result.data["n_train_images"]
+    train, classes = result.data["n_train_images"], len(np.unique(store.labels))
+    sample = result.data["transferability"]["sample"]  # one sample for every array, the widest's under the cap
+    assert 0 < sample["images"] <= rows_within(train, 256, 4 * 2**20) < train and sample["of"] == train
     assert all(r.score_logme is not None for r in result.rows)
-    classes = len(np.unique(store.labels))
     for cap, read in ((120, 120), (2, 10 * classes)):  # --score-images, with its floor of 10 images a class
         capped = sweep(store, SweepConfig(probes=("logreg",), folds=2, score_images=cap), taps=["late"], progress=False)
-        assert capped.data["transferability"]["sampled_rows"] == {"late/avg": read}
+        assert capped.data["transferability"]["sample"] == {"images": read, "of": train, "score_images": cap}
         assert all(r.score_knn is not None for r in capped.rows)
     monkeypatch.setattr(_transfer, "SCORE_BUDGET", 100)  # "auto" on a budget small enough to bind at 300 images
     auto = sweep(store, SweepConfig(probes=("logreg",), folds=2), taps=["mid", "late"], progress=False)
-    train = auto.data["n_train_images"]
-    sampled, cap = auto.data["transferability"]["sampled_rows"], _transfer.images_within(train, 256, train)
-    assert list(sampled) == ["mid/avg"] and cap < train  # the 4-dim array reads every image
-    assert cap - classes <= sampled["mid/avg"] <= cap  # each class's share rounded down (subsample: never past it)
+    cap = _transfer.images_within(train, 256, train)  # the widest array's: both arrays read the same images
+    assert cap < train and cap - classes <= auto.data["transferability"]["sample"]["images"] <= cap
+    assert _transfer.images_within(train, 4, train) == train  # the 4-dim array alone would read every image
+    whole = sweep(store, SweepConfig(probes=("logreg",), folds=2, score_images=None), taps=["mid"], progress=False)
+    assert whole.data["transferability"]["sample"]["images"] == train
 
 
 def test_images_within_is_the_largest_sample_whose_cost_fits_the_budget():
@@ -183,7 +188,7 @@ def test_images_within_is_the_largest_sample_whose_cost_fits_the_budget():
                        (37_500, 20_480, 37_500), (300, 700, 300)):  # fmt: skip
         budget = _transfer.SCORE_BUDGET * rows
         m = _transfer.images_within(n, d, rows)
-        assert 1 <= m <= n and (m == n or (m * min(m, d) <= budget < (m + 1) * min(m + 1, d)))
+        assert 1 <= m <= n and m * min(m, d) <= budget and (m == n or (m + 1) * min(m + 1, d) > budget)
     assert _transfer.images_within(1347, 20480, 6735) == 1347  # the digits benchmark: every image
 
 

@@ -262,3 +262,15 @@ def test_auto_stops_at_a_perfect_best_and_searches_everything_without_a_calibrat
     unscored = {"knn": dict.fromkeys(keys)}  # no score to calibrate: every array is searched
     _, record, _ = _replay(dict(zip(keys, np.linspace(0.5, 0.9, 10))), unscored, 500)
     assert not record["skipped"]
+
+
+def test_a_predicted_accuracy_far_outside_the_calibration_stays_an_accuracy():
+    """A skipped array's predicted CV accuracy (results.json) from a line extrapolated far past the arrays it was
+    fitted on: at the floor or 1, never an overflow (found on the patches benchmark, where the H-score's line was steep)."""
+    from cnncodes.probing._transfer import calibrate
+    from cnncodes.probing._triage import _predicted
+
+    fit = calibrate("hscore", {"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 0.5, "b": 0.9, "c": 0.99}, 1000)
+    assert fit is not None and fit.slope > 0
+    assert _predicted(fit, -1e4) == pytest.approx(0.5 / 1000) and _predicted(fit, 1e4) == 1.0  # half an image: the floor
+    assert 0.5 < _predicted(fit, 2.0) < 0.99 and _predicted(fit, None) is None
