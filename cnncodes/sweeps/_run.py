@@ -203,6 +203,7 @@ def sweep(
         backend=backend,
         scheduler=scheduler,
     )
+    built.clear()  # the rebuilt models are not kept past the sweep
     chosen = result.chosen
     at = names.index(chosen.backbone)
     result.data.update(
@@ -235,8 +236,10 @@ def _measure_costs(stores: Sequence[CodeStore], names: Sequence[str], codes: dic
             out[k] = {"code_bytes": sum(itemsize[p] * dims[p] for p in parts)}
         try:
             if built is not None and name in built:
-                backbone = built[name]
+                backbone = built[name]  # None: not rebuildable, or it failed (and was warned about) before
             else:
+                if built is not None:
+                    built[name] = None
                 backbone = architecture_of(str(model.get("spec", "")), size)
                 if built is not None:
                     built[name] = backbone
