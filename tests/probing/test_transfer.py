@@ -277,6 +277,5 @@ def test_score_images_is_checked_by_name_in_the_config_and_on_the_command_line(c
     for bad in (1, 1.5, True, "some"):
         with pytest.raises(ParameterError, match=r"score_images=.*--score-images auto\|all\|1000"):
             SweepConfig(score_images=bad)
-    with pytest.raises(SystemExit):
-        main(["sweep", "codes", "--score-images", "few"])
+    assert main(["sweep", "codes", "--score-images", "few"]) == 2
     assert "--score-images: 'few' is not an integer; give auto, all or a number of images" in capsys.readouterr().err
