@@ -58,7 +58,12 @@ class FinetuneConfig:
         parameters and every bias above the cut (BitFit, Ben Zaken et al. 2022), at ``NORMS_LR_SCALE`` times
         ``lr_pretrained``; ``head``: a small head on the cut's activation (global average pooling, a dense layer
         with ReLU and dropout, and a classifier: the classic recipe) instead of the pretrained layers. Frozen layers
-        run in eval mode (batch norm on its running statistics, no dropout); trained ones in train mode.
+        run in eval mode (batch norm on its running statistics, no dropout); trained ones in train mode, but for
+        ``block`` and ``norms`` every batch norm keeps its running statistics (frozen batch norm, its affine
+        parameters still trained by ``norms``): re-estimating the statistics of a few layers shifts the input of
+        every frozen layer above them and of the probe-started classifier, which the few trained parameters could
+        not follow (measured on digits at ``blocks.1.1.add``: ``norms`` reached validation 0.967 with frozen
+        statistics, 0.867 without; its start was 0.956; docs/benchmarks.md).
     head : bool, default=False
         The same as ``train="head"`` (kept for earlier callers). After construction ``head`` is
         ``train == "head"``: to change the recipe of a config with :func:`dataclasses.replace`, give ``head=False``
@@ -173,6 +178,9 @@ class TopModel(nn.Module):
             self.body.eval()
             for module in self._trained_modules():
                 module.train()
+            for module in self.body.modules():  # every batch norm on its running statistics (see FinetuneConfig)
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def trained_parameters(self) -> list[str]:

@@ -116,12 +116,13 @@ def test_each_recipe_trains_its_parameters_and_freezes_the_rest_in_eval_mode(blo
         if recipe == "block":
             assert {n.rsplit(".", 1)[0] for n in trained[recipe]} == {"body.blocks.0.1.conv", "body.blocks.0.1.bn",
                                                                      "classifier"}  # fmt: skip
-            assert modes["body.blocks.0.1.bn"] and modes["body.blocks.0.1.drop"]
+            assert modes["body.blocks.0.1.conv"] and modes["body.blocks.0.1.drop"]  # the block trains, dropout on
+            assert not modes["body.blocks.0.1.bn"]  # but its batch norm keeps its running statistics
             assert not modes["body.blocks.1.0.bn"] and not modes["body.blocks.1.0.drop"]  # frozen but run
         if recipe == "norms":  # BatchNorm and LayerNorm affine parameters, biases, the classifier; no conv weight
             assert trained[recipe] == {n for n in trained["top"] if ".bn." in n or ".norm." in n or
                                        n.startswith("classifier")}  # fmt: skip
-            assert modes["body.blocks.1.0.bn"] and not modes["body.blocks.1.0.drop"]
+            assert not modes["body.blocks.1.0.bn"] and not modes["body.blocks.1.0.drop"]  # affine trained, stats kept
         x = torch.randn(8, *list_taps(backbone)[cut].shape)
         before = {n: t.clone() for n, t in model.state_dict().items()}
         optimizer = torch.optim.AdamW(model.param_groups(FinetuneConfig(train=recipe)))
