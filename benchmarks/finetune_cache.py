@@ -130,7 +130,8 @@ def main() -> None:
     picks = [(f"{label} {recipe}", tap, recipe) for label, tap in cuts for recipe in args.recipes.split(",")]
     picks.append(("last head", stages[-1], "head"))
     print(f"{args.model} at {args.size} px, {args.n} PNG files, {args.views} views, {args.epochs} epochs, batch "
-          f"{args.batch_size}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")  # fmt: skip
+          f"{args.batch_size}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; 1-minute load "
+          f"{os.getloadavg()[0]:.2f} before")  # fmt: skip
     header = f"{'cut':<32} {'frozen GF':>9} {'top GF':>7} {'live s/ep':>9} {'cache s/ep':>10} {'speed-up':>8} {'bound':>7} {'of bound':>8} {'overall':>8}"
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +169,7 @@ def main() -> None:
                   f"{bound:>6.1f}x {speedup / bound:>7.0%} {overall:>7.2f}x")  # fmt: skip
             print(f"{'':<32} parts per epoch: decode+augment {p['decode']:.2f} s, frozen {p['frozen']:.2f} s, "
                   f"top fwd/bwd {p['top']:.3f} s, cache read {p['read']:.3f} s; extraction once "
-                  f"{extraction[tap.name]:.1f} s")  # fmt: skip
+                  f"{extraction[tap.name]:.1f} s; load {os.getloadavg()[0]:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

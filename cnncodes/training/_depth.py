@@ -66,6 +66,7 @@ class DepthRow:
     best_epoch: int | None = None  # the epoch whose weights were kept (-1: the starting weights)
     recipe: str = "top"  # what was trained above the cut (FinetuneConfig.train)
     cheapest: bool = False  # the recommendation: the cheapest cell as good as the best on validation (mark_cheapest)
+    finetune_val_loss: float | None = None  # mean validation cross-entropy: breaks ties of validation accuracy
 
 
 def depth(
@@ -95,7 +96,7 @@ def depth(
 
     Every cell (cut x recipe) is scored on the same held-out test images (the sweep's stratified split for
     ``test_size`` and ``seed``); each trained model is chosen on validation images only. The best cell is the one
-    with the highest validation accuracy; the cheapest cell as good as it on validation (:func:`mark_cheapest`) is
+    with the highest validation accuracy (ties: the lower validation cross-entropy, :func:`best_cell`); the cheapest cell as good as it on validation (:func:`mark_cheapest`) is
     marked too: the recommendation. One extraction pass writes every cut to the store ``out/cache/``: a rerun reuses
     it (and
     :func:`depth_of_stores` runs the same comparison over stores extracted by hand).
@@ -200,11 +201,19 @@ def depth_of_stores(
             hits.append((tuned.val_hits, tuned.test_hits))
     order = sorted(range(len(rows)), key=lambda i: (rows[i].depth, recipes.index(rows[i].recipe)))
     rows, hits = [rows[i] for i in order], [hits[i] for i in order]
-    max(rows, key=lambda r: r.finetune_val_accuracy).best = True
+    best_cell(rows).best = True
     compare_cuts(rows, hits)
     mark_cheapest(rows)
     write_depth_report(rows, out)
     return rows
+
+
+def best_cell(rows: Sequence[DepthRow]) -> DepthRow:
+    """The cell with the highest validation accuracy; of cells equal on it (a few hundred validation images often
+    tie), the one with the lowest validation cross-entropy, a proper score that sees how sure each right answer is;
+    then the first in forward order."""
+    return max(rows, key=lambda r: (r.finetune_val_accuracy, -(r.finetune_val_loss if r.finetune_val_loss is not None
+                                                                else math.inf)))  # fmt: skip
 
 
 def _measure(row: DepthRow, tuned: Any, backbone: Backbone, shape: tuple[int, ...]) -> None:
@@ -222,6 +231,7 @@ def _measure(row: DepthRow, tuned: Any, backbone: Backbone, shape: tuple[int, ..
     row.finetune_flops = int(prefix + forward_flops(model, torch.zeros((1, *shape))))
     row.trainable_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
     row.epochs, row.best_epoch = len(tuned.history), int(tuned.best_epoch)
+    row.finetune_val_loss = getattr(tuned, "val_loss", None)
 
 
 def mark_cheapest(rows: list[DepthRow], alpha: float = 0.05) -> None:
@@ -376,7 +386,7 @@ def format_depth_table(rows: list[DepthRow]) -> str:
                      f"{p(r.p_val):>6} {pct(r.finetune_test_accuracy):>10} {ci(r.finetune_test_ci):<13} "
                      f"{p(r.p_test):>7} {_giga(r.linear_flops):>11} {_giga(r.finetune_flops):>11} "
                      f"{r.cache_bytes / 2**20:>9.2f} {r.train_seconds:>8.1f}")  # fmt: skip
-    lines.append("* = best cell by validation accuracy; = the recommendation: the cheapest cell (deployed FLOPs; at equal "
+    lines.append("* = best cell by validation accuracy (ties: lower validation cross-entropy); = the recommendation: the cheapest cell (deployed FLOPs; at equal "
                  "FLOPs the higher validation accuracy) as good as the best on validation (McNemar p >= 0.05 and inside its interval); "
                  "p(val), p(test): exact McNemar test of each cell against the best on the same images (Holm-adjusted "
                  "in depth.json).")  # fmt: skip

@@ -178,8 +178,8 @@ class TopModel(nn.Module):
             self.body.eval()
             for module in self._trained_modules():
                 module.train()
-            for module in self.body.modules():  # every batch norm on its running statistics (see FinetuneConfig)
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for module in self.body.modules():  # every norm that keeps running statistics on them (FinetuneConfig)
+                if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
                     module.eval()
         return self
 
@@ -280,6 +280,7 @@ class TrainResult:
     seconds: float = 0.0
     val_hits: np.ndarray | None = None  # per validation image, right or not (paired tests across cuts)
     test_hits: np.ndarray | None = None  # per test image, right or not
+    val_loss: float | None = None  # mean cross-entropy of the kept weights on the validation images (plain views)
 
 
 def train(
@@ -358,24 +359,34 @@ def train(
             break
     model.load_state_dict(best[2])
     seconds = time.perf_counter() - start
-    val_hits = hits(model, feed, labels, val, config.batch_size, dev)
+    val_hits, val_loss = scored(model, feed, labels, val, config.batch_size, dev)
     test_hits = None if test is None or not len(test) else hits(model, feed, labels, test, config.batch_size, dev)
     test_acc = None if test_hits is None else float(test_hits.mean())
-    return TrainResult(model, best[1], best[0], test_acc, history, seconds, val_hits, test_hits)
+    return TrainResult(model, best[1], best[0], test_acc, history, seconds, val_hits, test_hits, val_loss)
 
 
-def hits(model: nn.Module, feed: Activations, labels: np.ndarray, images: np.ndarray, batch: int, dev) -> np.ndarray:
-    """Per image of ``images``, whether the model classifies its plain view (view 0) right, in eval mode."""
+def scored(model: nn.Module, feed: Activations, labels: np.ndarray, images: np.ndarray, batch: int,
+           dev) -> tuple[np.ndarray, float | None]:  # fmt: skip
+    """Per image of ``images``, whether the model classifies its plain view (view 0) right, in eval mode, and the
+    mean cross-entropy of those predictions (no label smoothing; None without images)."""
     model.eval()
-    out = []
+    out, nll = [], 0.0
     with torch.inference_mode():
         for lo in range(0, len(images), batch):
             part = images[lo : lo + batch]
             x = feed.rows(part, 0).to(dev)
             x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-            pred = model(x).argmax(1).cpu().numpy()
-            out.append(pred == np.asarray(labels)[part])
-    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+            logits = model(x).float()
+            truth = torch.as_tensor(np.asarray(labels)[part], dtype=torch.long, device=logits.device)
+            nll += float(nn.functional.cross_entropy(logits, truth, reduction="sum"))
+            out.append(logits.argmax(1).cpu().numpy() == np.asarray(labels)[part])
+    right = np.concatenate(out) if out else np.zeros(0, dtype=bool)
+    return right, (nll / len(right) if len(right) else None)
+
+
+def hits(model: nn.Module, feed: Activations, labels: np.ndarray, images: np.ndarray, batch: int, dev) -> np.ndarray:
+    """Per image of ``images``, whether the model classifies its plain view (view 0) right, in eval mode."""
+    return scored(model, feed, labels, images, batch, dev)[0]
 
 
 def accuracy(model: nn.Module, feed: Activations, labels: np.ndarray, images: np.ndarray, batch: int, dev) -> float:

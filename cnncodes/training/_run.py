@@ -47,10 +47,12 @@ class FinetuneResult:
     test_hits: np.ndarray | None = None  # per test image
     recipe: str = "top"  # what was trained above the cut (FinetuneConfig.train)
     trained: list[str] = field(default_factory=list)  # the names of the parameters it trained
+    val_loss: float | None = None  # mean cross-entropy on the validation images (plain views)
 
     def to_dict(self) -> dict[str, Any]:
         return {"cut": self.cut, "train": self.recipe, "head": self.head, "classes": self.classes,
-                "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy, "best_epoch": self.best_epoch,
+                "val_accuracy": self.val_accuracy, "val_loss": self.val_loss, "test_accuracy": self.test_accuracy,
+                "best_epoch": self.best_epoch,
                 "history": self.history, "seconds": self.seconds, "config": self.config,
                 "trainable_params": int(sum(p.numel() for n, p in self.model.named_parameters() if n in self.trained)),
                 "trained_parameters": self.trained}  # fmt: skip
@@ -149,6 +151,7 @@ def finetune(
                           result.best_epoch, result.history, result.seconds,
                           {**config.to_dict(), "val_size": val_size, "test_size": test_size, "store": str(store.path)},
                           val_hits=result.val_hits, test_hits=result.test_hits, recipe=config.train,
+                          val_loss=result.val_loss,
                           trained=model.trained_parameters())  # fmt: skip
     if out is not None:
         done.path = publish_finetuned(done, backbone, out, (store.manifest.get("config") or {}).get("numerics"))
