@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,11 +122,26 @@ def _gram(X, single: bool = False):
     in IEEE float32 for ``single`` codes (see :func:`_single`; never TF32 on CUDA), returned in float64."""
     if not single:
         return X @ X.T if X.shape[1] > X.shape[0] else X.T @ X
-    from ..network import precision
-
     A = X.float()
-    with precision(A.device, None):
+    with _ieee_float32(A.device):
         return (A @ A.T if X.shape[1] > X.shape[0] else A.T @ A).to(X.dtype)
+
+
+@contextmanager
+def _ieee_float32(device) -> Iterator[None]:
+    """float32 matmuls in IEEE precision for a block: on CUDA they may otherwise run in TF32 (a 10-bit mantissa),
+    as ``torch.set_float32_matmul_precision("high")`` allows (``network.precision`` does the same for extraction)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    saved, matmul.fp32_precision = matmul.fp32_precision, "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
 
 
 def _uncentered_gram(X, Gc):
@@ -290,8 +306,6 @@ def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries:
     product: cos(i, j) = G_ij / (|x_i| |x_j|); otherwise they are products in float32 for ``single`` codes."""
     import torch
 
-    from ..network import precision
-
     norms = X.norm(dim=1).clamp_min(1e-300)
     X = X / norms[:, None]
     X = X.float() if single else X
@@ -313,7 +327,7 @@ def _knn_of(X, y: np.ndarray, folds, gram, ks: Sequence[int] = _KS, max_queries:
             if cosine is not None:
                 sims = cosine[q][:, fit_t]
             else:
-                with precision(X.device, None):  # IEEE float32 for single codes (never TF32 on CUDA)
+                with _ieee_float32(X.device):  # for single codes: never TF32 on CUDA
                     sims = (X[q] @ X[fit_t].T).double()
             near = sims.topk(max(usable), dim=1).indices
             votes = labels[fit_t][near]  # (queries, k_max), nearest first

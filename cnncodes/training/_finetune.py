@@ -141,7 +141,10 @@ class TopModel(nn.Module):
     """The pretrained layers above the cut (``body``) and a new linear classifier. ``recipe`` (see
     :class:`FinetuneConfig` ``train``) says which of the body's parameters train; ``block`` names the modules of the
     first block above the cut (for ``"block"``), ``norms`` the normalization layers above it (for ``"norms"``).
-    Frozen parameters do not require gradients, and :meth:`train` leaves the frozen modules in eval mode."""
+    Frozen parameters do not require gradients, and :meth:`train` leaves the frozen modules in eval mode, and, for
+    ``block`` and ``norms``, every normalization layer that keeps running statistics (they are used, not updated;
+    ``norms`` still trains their affine parameters). Layers a trace turned into functions (not modules) keep the
+    mode they were traced in, eval, under every recipe."""
 
     def __init__(self, body: nn.Module, features: int, n_classes: int, recipe: str = "top",
                  block: tuple[str, ...] = (), norms: tuple[str, ...] = ()) -> None:  # fmt: skip
@@ -165,7 +168,8 @@ class TopModel(nn.Module):
         return leaf == "bias" or owner in self.norms
 
     def _trained_modules(self) -> list[nn.Module]:
-        """The body's modules that run in train mode: all for ``top``, the block's, or the normalization layers."""
+        """The body's modules put in train mode: all for ``top``, the block's, or the normalization layers (whose
+        running statistics :meth:`train` then puts back in eval mode for ``block`` and ``norms``)."""
         if self.recipe == "top":
             return [self.body]
         if self.recipe == "block":

@@ -55,7 +55,9 @@ class FinetuneResult:
                 "best_epoch": self.best_epoch,
                 "history": self.history, "seconds": self.seconds, "config": self.config,
                 "trainable_params": int(sum(p.numel() for n, p in self.model.named_parameters() if n in self.trained)),
-                "trained_parameters": self.trained}  # fmt: skip
+                "trained_parameters": self.trained,
+                "batch_norm": {"top": "batch statistics in training, running ones updated",
+                               "head": None}.get(self.recipe, "running statistics, not updated")}  # fmt: skip
 
 
 def backbone_of(store: CodeStore, weights: str | os.PathLike | None = None) -> Backbone:

@@ -272,5 +272,7 @@ def test_a_predicted_accuracy_far_outside_the_calibration_stays_an_accuracy():
 
     fit = calibrate("hscore", {"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 0.5, "b": 0.9, "c": 0.99}, 1000)
     assert fit is not None and fit.slope > 0
-    assert _predicted(fit, -1e4) == pytest.approx(0.5 / 1000) and _predicted(fit, 1e4) == 1.0  # half an image: the floor
+    assert (
+        _predicted(fit, -1e4) == pytest.approx(0.5 / 1000) and _predicted(fit, 1e4) == 1.0
+    )  # half an image: the floor
     assert 0.5 < _predicted(fit, 2.0) < 0.99 and _predicted(fit, None) is None

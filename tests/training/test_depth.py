@@ -142,7 +142,12 @@ def test_the_best_cell_breaks_ties_of_validation_accuracy_by_validation_cross_en
     def cell(name, val, loss):
         return DepthRow(name, 0, 0.5, 0.5, val, val, 1, 0.0, 1.0, finetune_val_loss=loss)
 
-    first, sure, unsure, better = cell("a", 0.98, None), cell("b", 0.98, 0.10), cell("c", 0.98, 0.30), cell("d", 0.99, 2)
+    first, sure, unsure, better = (
+        cell("a", 0.98, None),
+        cell("b", 0.98, 0.10),
+        cell("c", 0.98, 0.30),
+        cell("d", 0.99, 2),
+    )
     assert best_cell([first, unsure, sure]) is sure  # equal accuracy: the lower loss, wherever it stands
     assert best_cell([first, unsure, sure, better]) is better  # accuracy first, the loss only among equals
     assert best_cell([cell("x", 0.9, None), cell("y", 0.9, None)]).cut == "x"  # no losses: the first
