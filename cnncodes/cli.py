@@ -579,8 +579,8 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="transferability scores measured on every array, checked against its CV accuracy: knn, logme, "
                         "hscore, ridge, or none (default: %(default)s)")  # fmt: skip
     p.add_argument("--score-images", type=_count_or_all, default="auto", metavar="auto|all|N",
-                   help="training images the scores read per array: auto, a class-stratified sample where an "
-                        "array's scores would cost more than a fixed share of its search (at least 10 a class); "
+                   help="training images the scores read, one class-stratified sample for every array: auto, as "
+                        "many as keep the widest array's scores a small share of its search (at least 10 a class); "
                         "all; or at most N (default: %(default)s)")  # fmt: skip
     p.add_argument("--triage", default=None, metavar="K|FRACTION|auto",
                    help="search C only on the top K arrays (or that fraction of them) of the score that predicts a "

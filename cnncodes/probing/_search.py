@@ -793,7 +793,7 @@ def _score_arrays(job: _Job, config: SweepConfig, split: Split,
                              classes, config)  # fmt: skip
     read = {"images": int(min(size, len(plain))), "of": int(len(plain)), "score_images": config.score_images}
     if size < 2 * classes:  # too few within --max-memory for two images a class
-        return {k: dict.fromkeys(config.scores, (None, 0.0)) for k in keys}, read | {"scored": False}
+        return {k: dict.fromkeys(config.scores, (None, 0.0)) for k in keys}, read | {"images": 0, "scored": False}
     if size < len(plain):
         keep, folds = subsample(y, folds, size, config.seed)
         plain, y = plain[keep], y[keep]

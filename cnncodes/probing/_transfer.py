@@ -39,6 +39,7 @@ float16 or float32 codes, which run in float32 (no coarser than the codes themse
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -127,32 +128,43 @@ def _gram(X, single: bool = False):
         return (A @ A.T if X.shape[1] > X.shape[0] else A.T @ A).to(X.dtype)
 
 
+_IEEE_LOCK = threading.Lock()
+_ieee_users: list = [0, None]  # blocks inside _ieee_float32 (score tasks may run in threads), the setting they found
+
+
 @contextmanager
 def _ieee_float32(device) -> Iterator[None]:
     """float32 matmuls in IEEE precision for a block: on CUDA they may otherwise run in TF32 (a 10-bit mantissa),
-    as ``torch.set_float32_matmul_precision("high")`` allows (``network.precision`` does the same for extraction)."""
+    as ``torch.set_float32_matmul_precision("high")`` allows (``network.precision`` does the same for extraction).
+    The setting is the process's: counted across threads, set by the first block in and restored by the last out."""
     import torch
 
     if torch.device(device).type != "cuda":
         yield
         return
     matmul = torch.backends.cuda.matmul
-    saved, matmul.fp32_precision = matmul.fp32_precision, "ieee"
+    with _IEEE_LOCK:
+        if _ieee_users[0] == 0:
+            _ieee_users[1], matmul.fp32_precision = matmul.fp32_precision, "ieee"
+        _ieee_users[0] += 1
     try:
         yield
     finally:
-        matmul.fp32_precision = saved
+        with _IEEE_LOCK:
+            _ieee_users[0] -= 1
+            if _ieee_users[0] == 0:
+                matmul.fp32_precision = _ieee_users[1]
 
 
-def _uncentered_gram(X, Gc):
+def _uncentered_gram(X, Gc, Xc=None):
     """The Gram matrix of X from ``Gc``, that of the centered codes X - 1m', in float64: X'X = Gc + n m m',
-    XX' = Gc + a1' + 1a' + |m|^2 11' with a = (X - 1m') m. Exact algebra, so a float32 ``Gc`` is as good as float32
+    XX' = Gc + a1' + 1a' + |m|^2 11' with a = (X - 1m') m (``Xc`` when given). Exact algebra, so a float32 ``Gc`` is as good as float32
     products of codes centred in float64 (a float32 X'X of codes whose mean is large against their spread buries
     the spread's small eigenvalues under the rounding of the mean's one large one)."""
     n = X.shape[0]
     m = X.mean(0)
     if X.shape[1] > n:
-        a = (X - m) @ m
+        a = (Xc if Xc is not None else X - m) @ m
         return Gc + a[:, None] + a[None, :] + (m @ m)
     return Gc + n * (m[:, None] * m[None, :])
 
@@ -281,7 +293,8 @@ def _hscore(Xc, y: np.ndarray, device: Any, gram=None, route: str | None = None,
             value = (torch.cholesky_solve(rhs, L) * (B if wide else rhs)).sum()
             return float((1 - shrink) * value / n) if torch.isfinite(value) else float("nan")
     lam, Q, _ = _eig(Xc, G)
-    W2 = (lam[:, None] * (Q.T @ E) ** 2) if wide else (Q.T @ (Xc.T @ E)) ** 2
+    B = E - E.mean(0) if wide else E  # as in the solve route: a rounded K's near-null constant direction adds nothing
+    W2 = (lam[:, None] * (Q.T @ B) ** 2) if wide else (Q.T @ (Xc.T @ B)) ** 2
     denom = (1 - shrink) * lam / n + shrink * mu  # eigenvalues of cov_a along the directions the class means span
     keep = denom > floor * 1e-2 * float(denom.max().clamp_min(1e-300))  # pseudo-inverse of a singular covariance
     value = (W2.sum(1)[keep] / (n * denom[keep])).sum()
@@ -440,13 +453,14 @@ def rows_within(n: int, d: int, max_memory: int | None, queries: int = 1024) -> 
     """How many of ``n`` training images of width ``d`` the scores can hold within ``max_memory`` bytes: the rows
     read (float32) and their float64 copies (the codes, their centered and normalized copies, a fit side, and
     ridge's projections P and their fold blocks), a float32 copy of the codes for the Gram products and its float32
-    result, the Gram matrix with its centered copy, eigenvectors and their fold blocks, and a block of ``queries``
-    kNN similarities. All ``n`` without a bound."""
+    result, the Gram matrix with its centered copy, the cosines, ridge's Gram matrix and the two eigenvector matrices
+    with their fold blocks and temporaries (seven min(m, d)^2 matrices in all), and a block of ``queries`` kNN
+    similarities. All ``n`` without a bound."""
     if max_memory is None:
         return n
 
     def need(m: int) -> int:
-        return 4 * (2 * m * d + min(m, d) ** 2) + 8 * (6 * m * d + 4 * min(m, d) ** 2 + queries * m)
+        return 4 * (2 * m * d + min(m, d) ** 2) + 8 * (7 * m * d + 7 * min(m, d) ** 2 + queries * m)
 
     lo, hi = 0, n  # the largest m in [0, n] with need(m) <= max_memory (need grows with m)
     while lo < hi:
@@ -487,7 +501,7 @@ def array_scores(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray,
     T = _tensor(X, device)
     Tc = T - T.mean(0)  # centred in float64, before any float32 product
     Gc = _gram(Tc, single) if {"logme", "hscore"} & set(names) else None  # one product: the H-score's, LogME's, kNN's
-    G = _uncentered_gram(T, Gc) if Gc is not None else None
+    G = _uncentered_gram(T, Gc, Tc) if Gc is not None and {"logme", "knn"} & set(names) else None
     wide = T.shape[1] > T.shape[0]
     gram_users = [n for n in names if n in ("logme", "hscore") or (n == "knn" and G is not None and wide)]
     shared = dict.fromkeys(names, 0.0)  # the shared work's time, split over the scores that use it

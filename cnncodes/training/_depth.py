@@ -212,8 +212,13 @@ def best_cell(rows: Sequence[DepthRow]) -> DepthRow:
     """The cell with the highest validation accuracy; of cells equal on it (a few hundred validation images often
     tie), the one with the lowest validation cross-entropy, a proper score that sees how sure each right answer is;
     then the first in forward order."""
-    return max(rows, key=lambda r: (r.finetune_val_accuracy, -(r.finetune_val_loss if r.finetune_val_loss is not None
-                                                                else math.inf)))  # fmt: skip
+
+    def loss(r: DepthRow) -> float:
+        return (
+            r.finetune_val_loss if r.finetune_val_loss is not None and math.isfinite(r.finetune_val_loss) else math.inf
+        )
+
+    return max(rows, key=lambda r: (r.finetune_val_accuracy, -loss(r)))
 
 
 def _measure(row: DepthRow, tuned: Any, backbone: Backbone, shape: tuple[int, ...]) -> None:
