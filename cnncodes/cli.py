@@ -154,13 +154,15 @@ def _parse_c_range(text: str) -> tuple[float, float]:
 
 
 def _count_or_all(text: str) -> int | str | None:
-    """An argparse type: a number of images >= 2, ``auto``, or ``all`` (None)."""
-    if text.strip().lower() in ("all", "auto"):
-        return None if text.strip().lower() == "all" else "auto"
+    """An argparse type: ``--score-images`` as :class:`~cnncodes.SweepConfig` reads it (auto, all, or a number of
+    images >= 2), checked there."""
+    from .errors import ParameterError
+    from .probing import SweepConfig
+
     try:
-        return _int_at_least(2)(text)
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"{e}; give auto, all or a number of images (1000)") from None
+        return SweepConfig(score_images=int(text) if text.strip().lstrip("-").isdigit() else text).score_images
+    except ParameterError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, all or a number of images >= 2 (1000)") from None
 
 
 _count_or_all.__name__ = "auto, all or a number of images"

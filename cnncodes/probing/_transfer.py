@@ -194,7 +194,8 @@ def logme(X: Any, y: Any, *, device: Any = "cpu", tol: float = 1e-10, max_iter: 
     """
     single = _single(X)
     X = _tensor(X, device)
-    return _logme_of(X, _targets(y, device), _uncentered_gram(X, _gram(X - X.mean(0), single)), tol, max_iter)
+    Xc = X - X.mean(0)
+    return _logme_of(X, _targets(y, device), _uncentered_gram(X, _gram(Xc, single), Xc), tol, max_iter)
 
 
 def _logme_of(X, Y, gram, tol: float = 1e-10, max_iter: int = 1000) -> float:
@@ -279,6 +280,9 @@ def _hscore(Xc, y: np.ndarray, device: Any, gram=None, route: str | None = None,
     mu = float(sq_norms.sum()) / (n * d)
     t, s = (1 - shrink) / n, shrink * mu
     wide = d > n
+    # M = Xc'B = Xc'(B - 1 b') for any b: with B centred, the constant direction, which K annihilates exactly but a
+    # rounded K only nearly, adds nothing to either route (uncentred, it adds |B'1|^2 e / (t e + s))
+    B = E - E.mean(0) if wide else E
     floor = 1e-6 if single else 1e-10  # the relative error of the Gram matrix's entries, with a margin
     if route is None:
         route = "solve" if s > floor * (t * n * d * mu + s) else "eig"  # cond(t C + s I) <= (t tr C + s) / s
@@ -286,14 +290,10 @@ def _hscore(Xc, y: np.ndarray, device: Any, gram=None, route: str | None = None,
         A = t * G + s * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
-            # M = Xc'B = Xc'(B - 1 b') for any b: with B centred, the constant direction, which K annihilates
-            # exactly but a rounded K only nearly, adds nothing (uncentred, it adds |B'1|^2 e / (t e + s))
-            B = E - E.mean(0) if wide else E
             rhs = G @ B if wide else Xc.T @ B  # K B, or M = Xc'B
             value = (torch.cholesky_solve(rhs, L) * (B if wide else rhs)).sum()
             return float((1 - shrink) * value / n) if torch.isfinite(value) else float("nan")
     lam, Q, _ = _eig(Xc, G)
-    B = E - E.mean(0) if wide else E  # as in the solve route: a rounded K's near-null constant direction adds nothing
     W2 = (lam[:, None] * (Q.T @ B) ** 2) if wide else (Q.T @ (Xc.T @ B)) ** 2
     denom = (1 - shrink) * lam / n + shrink * mu  # eigenvalues of cov_a along the directions the class means span
     keep = denom > floor * 1e-2 * float(denom.max().clamp_min(1e-300))  # pseudo-inverse of a singular covariance

@@ -96,8 +96,8 @@ def depth(
 
     Every cell (cut x recipe) is scored on the same held-out test images (the sweep's stratified split for
     ``test_size`` and ``seed``); each trained model is chosen on validation images only. The best cell is the one
-    with the highest validation accuracy (ties: the lower validation cross-entropy, :func:`best_cell`); the cheapest cell as good as it on validation (:func:`mark_cheapest`) is
-    marked too: the recommendation. One extraction pass writes every cut to the store ``out/cache/``: a rerun reuses
+    with the highest validation accuracy (ties: the lower validation cross-entropy, :func:`best_cell`); the cheapest
+    cell as good as it on validation (:func:`mark_cheapest`) is marked too: the recommendation. One extraction pass writes every cut to the store ``out/cache/``: a rerun reuses
     it (and
     :func:`depth_of_stores` runs the same comparison over stores extracted by hand).
     """
@@ -236,7 +236,7 @@ def _measure(row: DepthRow, tuned: Any, backbone: Backbone, shape: tuple[int, ..
     row.finetune_flops = int(prefix + forward_flops(model, torch.zeros((1, *shape))))
     row.trainable_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
     row.epochs, row.best_epoch = len(tuned.history), int(tuned.best_epoch)
-    row.finetune_val_loss = getattr(tuned, "val_loss", None)
+    row.finetune_val_loss = tuned.val_loss
 
 
 def mark_cheapest(rows: list[DepthRow], alpha: float = 0.05) -> None:

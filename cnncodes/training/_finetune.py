@@ -380,10 +380,10 @@ def scored(model: nn.Module, feed: Activations, labels: np.ndarray, images: np.n
             part = images[lo : lo + batch]
             x = feed.rows(part, 0).to(dev)
             x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-            logits = model(x).float()
-            truth = torch.as_tensor(np.asarray(labels)[part], dtype=torch.long, device=logits.device)
-            nll += float(nn.functional.cross_entropy(logits, truth, reduction="sum"))
-            out.append(logits.argmax(1).cpu().numpy() == np.asarray(labels)[part])
+            logits, truth = model(x).float(), np.asarray(labels)[part]
+            nll += float(nn.functional.cross_entropy(logits, torch.as_tensor(truth, device=logits.device),
+                                                     reduction="sum"))  # fmt: skip
+            out.append(logits.argmax(1).cpu().numpy() == truth)
     right = np.concatenate(out) if out else np.zeros(0, dtype=bool)
     return right, (nll / len(right) if len(right) else None)
 

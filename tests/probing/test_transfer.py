@@ -278,4 +278,6 @@ def test_score_images_is_checked_by_name_in_the_config_and_on_the_command_line(c
         with pytest.raises(ParameterError, match=r"score_images=.*--score-images auto\|all\|1000"):
             SweepConfig(score_images=bad)
     assert main(["sweep", "codes", "--score-images", "few"]) == 2
-    assert "--score-images: 'few' is not an integer; give auto, all or a number of images" in capsys.readouterr().err
+    assert "--score-images: 'few' is not auto, all or a number of images >= 2" in capsys.readouterr().err
+    assert main(["sweep", "codes", "--score-images", "1"]) == 2
+    assert "--score-images: '1' is not auto" in capsys.readouterr().err
